@@ -1,0 +1,5 @@
+import sys
+
+from safetrain.cli import main
+
+sys.exit(main())

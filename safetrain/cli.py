@@ -1,0 +1,117 @@
+"""`python -m safetrain recipe=NAME [overrides]`: Hydra entry point.
+
+A recipe is a primary config in recipes/ (or in the user's `--config-dir`) whose defaults
+list starts from conf/config.yaml. The config is composed and validated before Hydra starts
+the job, so a bad key or value fails in a second with a message, before any data is read.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from safetrain.errors import SafetrainError
+
+PKG = Path(__file__).resolve().parent
+
+
+def _bundled(name: str) -> Path:
+    """conf/ and recipes/ sit inside the package in a wheel and beside it in a checkout."""
+    for base in (PKG / name, PKG.parent / name):
+        if base.is_dir():
+            return base
+    raise FileNotFoundError(f"safetrain's {name}/ folder is missing from {PKG} and {PKG.parent}")
+
+
+CONF_DIR, RECIPES_DIR = _bundled("conf"), _bundled("recipes")
+
+
+def list_recipes(extra_dir: str | None = None) -> str:
+    lines = ["usage: python -m safetrain recipe=NAME [key=value ...]", "", "recipes:"]
+    for d in filter(None, [RECIPES_DIR, extra_dir and Path(extra_dir)]):
+        for f in sorted(Path(d).glob("*.yaml")):
+            first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+            lines.append(f"  {f.stem:<16} {first}")
+    lines += ["", "e.g. python -m safetrain recipe=smoke", "     python -m safetrain recipe=cifar10 trainer.max_epochs=5",
+              "Your own recipe: python -m safetrain --config-dir my_recipes recipe=mine"]
+    return "\n".join(lines)
+
+
+def compose(recipe: str, overrides: list[str], config_dir: str | None = None):
+    """Compose a recipe with overrides (without running it) and validate it -> (Config, raw)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from safetrain.config import validate
+
+    # The recipe folder is Hydra's primary config dir and conf/ joins through hydra.searchpath
+    # (a primary config found only through hydra.searchpath is not seen: Hydra caches the miss).
+    main_dir = Path(config_dir).resolve() if config_dir else RECIPES_DIR
+    try:
+        with initialize_config_dir(str(main_dir), version_base="1.3"):
+            raw = hydra_compose(recipe, overrides=[*overrides, _searchpath()])
+    except HydraException as e:
+        raise _explain(e, recipe, overrides, config_dir) from None
+    return validate(raw), raw
+
+
+def _searchpath() -> str:
+    return f"hydra.searchpath=[file://{CONF_DIR},file://{RECIPES_DIR}]"
+
+
+def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | None):
+    """Hydra's composition errors, restated with the key, the problem and the fix."""
+    from safetrain.config import ConfigError, nearest_key
+
+    msg = str(e)
+    if "Cannot find primary config" in msg:
+        return ConfigError(f"[config] no recipe named '{recipe}'.\n\n{list_recipes(config_dir)}")
+    if "Could not find '" in msg:  # a group option: data=cifar1
+        group = msg.split("Could not find '")[1].split("/")[0]
+        options = sorted(p.stem for p in (CONF_DIR / group.strip()).glob("*.yaml"))
+        return ConfigError(f"[config] {group}: no such option. Choose one of {options}.")
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if f"'{key}'" in msg or f"Key '{key.split('.')[-1]}'" in msg:
+            return ConfigError(f"[config] unknown setting '{key}' in `{ov}`.{nearest_key(key)}")
+    return ConfigError(f"[config] {msg.splitlines()[0]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
+    rest = [a for a in argv if not a.startswith("recipe=")]
+    args = get_args_parser().parse_args(rest)
+    if recipe is None:
+        print(list_recipes(args.config_dir))
+        return 0 if not rest else 2
+    task_overrides = [o for o in args.overrides if not o.startswith("hydra.")]
+    try:
+        if not (args.help or args.hydra_help or args.multirun):
+            compose(recipe, task_overrides, args.config_dir)  # fail fast, before Hydra makes a run dir
+    except SafetrainError as e:
+        print(f"ConfigError: {e}", file=sys.stderr)
+        return 2
+    flags = [a for a in rest if a not in args.overrides]  # argparse wants the overrides together
+    sys.argv = [sys.argv[0], *args.overrides, _searchpath(), *flags, f"--config-name={recipe}"]
+    import hydra
+
+    hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_job)()
+    return 0
+
+
+def _job(raw) -> None:
+    """One Hydra job: validate, then run in Hydra's run directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from safetrain.config import validate
+    from safetrain.run import run
+
+    hc = HydraConfig.get()
+    log = logging.getLogger("safetrain")
+    try:
+        cfg = validate(raw)
+        run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+    except SafetrainError as e:
+        log.error("%s: %s", type(e).__name__, e)
+        sys.exit(2)

@@ -1,0 +1,238 @@
+"""The config schema and its validation: the only module besides the spine that knows the tree.
+
+Hydra composes YAML from conf/ and recipes/; `validate` merges the result onto the
+dataclass schema below (catching unknown keys and wrong types, with the nearest valid
+key suggested), then checks values against their allowed choices and ranges.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Optional, get_type_hints
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from safetrain.errors import ConfigError
+
+TASKS = ("multiclass",)  # "multilabel" has a place in the schema, not yet an implementation
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+AUGMENTS = ("none", "flip", "crop", "crop_flip")
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "silu")
+NORMS = ("batch", "group")
+SCHEDULES = ("plateau", "onecycle", "cosine")
+LOSSES = {"multiclass": ("cross_entropy",)}
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+LOADERS = ("auto", "memory", "stream")
+# Sane learning-rate ranges per optimizer [M16]; outside them only with optim.allow_unusual_lr.
+LR_RANGE = {"adamw": (1e-5, 1e-2), "sgd": (1e-4, 1.0)}
+
+
+@dataclass
+class SyntheticConfig:
+    classes: int = 4
+    samples_per_class: int = 120
+    channels: int = 3
+    size: int = 16
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: Optional[str] = None
+    batch_size: int = 128
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1  # only used when the source has no test split
+    augment: str = "crop_flip"
+    hflip_keeps_label: bool = True  # a recipe fact: False for digits and text [M05]
+    image_size: Optional[int] = None  # resize folder images to this square size
+    loader: str = "auto"
+    num_workers: int = 4
+    cache_dir: Optional[str] = None  # default: $SAFETRAIN_CACHE or ~/.cache/safetrain
+    download: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    blocks: int = 1  # conv-norm-act layers per stage, after the stage's first conv
+    activation: str = "relu"
+    norm: str = "batch"
+    dropout: float = 0.0
+
+
+@dataclass
+class ResNetConfig:
+    name: str = "resnet"
+    depth: int = 18  # 18 (ResNet-18, small-image stem) or 6n+2 (CIFAR ResNet-20/32/56/110)
+    width: int = 64  # channels of the first stage; doubled at each later stage
+    activation: str = "relu"
+    norm: str = "batch"
+    dropout: float = 0.0
+
+
+MODELS = {"cnn": CNNConfig, "resnet": ResNetConfig}
+
+
+@dataclass
+class LossConfig:
+    name: str = "auto"  # auto: the loss of the task
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # never applied to norm or bias parameters [M15]
+    momentum: float = 0.9  # SGD momentum, or AdamW's beta1
+    nesterov: bool = True  # SGD only
+    allow_unusual_lr: bool = False
+
+
+@dataclass
+class SchedConfig:
+    name: str = "plateau"
+    factor: float = 0.5  # plateau: lr multiplier on a plateau
+    patience: int = 2  # plateau: epochs without improvement before the lr drops
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.2  # onecycle: share of the steps spent warming up
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 30
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    grad_clip: float = 5.0  # max global grad norm; 0 turns clipping off
+    early_stop_patience: int = 10  # epochs without a better val metric; 0 turns it off
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    task: str = "multiclass"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING  # checked against MODELS[model.name]
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def schema_keys(schema=Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts (all model variants included)."""
+    keys = []
+    for name, tp in get_type_hints(schema).items():
+        keys.append(prefix + name)
+        subs = MODELS.values() if (schema is Config and name == "model") else [tp] if is_dataclass(tp) else []
+        for sub in subs:
+            keys += schema_keys(sub, f"{prefix}{name}.")
+    return sorted(set(keys))
+
+
+def nearest_key(key: str, candidates=None) -> str:
+    match = difflib.get_close_matches(key, candidates or schema_keys(), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _merge(schema, node, where: str):
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as e:
+        key = ".".join(k for k in (where, str(getattr(e, "full_key", "") or "")) if k)
+        if "not in" in str(e) or "ConfigKeyError" in type(e).__name__:
+            near = nearest_key(key, schema_keys(schema, f"{where}." if where else ""))
+            raise ConfigError(f"[config] unknown setting '{key}'.{near}"
+                              f" Valid keys: `python -m safetrain recipe=NAME --cfg job`.") from None
+        raise ConfigError(f"[config] {key}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]
+                          + f" (expected {_field_type(key)}).") from None
+
+
+def _field_type(key: str) -> str:
+    node: Any = Config
+    for part in key.split("."):
+        node = get_type_hints(node).get(part) if is_dataclass(node) else None
+    return getattr(node, "__name__", str(node)) if node else "a value of the schema's type"
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"[config] {key}={value!r} is not one of {list(allowed)}.{hint}")
+
+
+def _range(key: str, value, lo, hi, row: str = "config", fix: str = "") -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"[{row}] {key}={value} is outside [{lo}, {hi}].{fix}")
+
+
+def validate(cfg: DictConfig | dict) -> Config:
+    """Check a composed config and return it as typed dataclasses; raise ConfigError otherwise."""
+    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    model_raw = raw.get("model") if "model" in raw else None
+    if model_raw is None or "name" not in model_raw:
+        raise ConfigError(f"[config] model is not chosen. Add model=NAME, one of {list(MODELS)}.")
+    _choice("model", model_raw.name, MODELS)
+    out: Config = _merge(Config, raw, "")  # model is Any here: a plain dict ...
+    out.model = _merge(MODELS[model_raw.name], model_raw, "model")  # ... checked by its own schema
+    _check_values(out)
+    return out
+
+
+def _check_values(c: Config) -> None:
+    _choice("task", c.task, TASKS)
+    _choice("data", c.data.name, DATASETS)
+    _choice("data.augment", c.data.augment, AUGMENTS)
+    _choice("data.loader", c.data.loader, LOADERS)
+    _choice("model.activation", c.model.activation, ACTIVATIONS)
+    _choice("model.norm", c.model.norm, NORMS)
+    _choice("optim", c.optim.name, LR_RANGE)
+    _choice("sched.name", c.sched.name, SCHEDULES)
+    _choice("trainer.device", c.trainer.device, DEVICES)
+    _choice("trainer.precision", c.trainer.precision, PRECISIONS)
+    if c.loss.name != "auto":
+        _choice("loss.name", c.loss.name, LOSSES[c.task])
+    if c.data.name == "imagefolder" and not c.data.root:
+        raise ConfigError("[config] data=imagefolder needs data.root=<folder with train/ or class "
+                          "subfolders>. Add data.root=/path/to/images to the command.")
+    if "flip" in c.data.augment and not c.data.hflip_keeps_label:
+        raise ConfigError(f"[M05] data.augment={c.data.augment} flips images horizontally, but this "
+                          "recipe declares data.hflip_keeps_label=false (a mirrored digit or letter is "
+                          "another symbol). Use data.augment=crop or data.augment=none.")
+    if c.optim.name == "sgd" and c.optim.momentum <= 0:
+        raise ConfigError("[M15] optim=sgd with optim.momentum=0 is plain SGD, which trains CNNs "
+                          "slowly or not at all. Set optim.momentum=0.9 (or use optim=adamw).")
+    lo, hi = LR_RANGE[c.optim.name]
+    if not c.optim.allow_unusual_lr:
+        _range("optim.lr", c.optim.lr, lo, hi, "M16",
+               f" That is not a sane learning rate for {c.optim.name}: pick a value in range, or "
+               "add optim.allow_unusual_lr=true if you really mean it.")
+    _range("data.batch_size", c.data.batch_size, 1, 65536)
+    _range("data.val_fraction", c.data.val_fraction, 0.01, 0.5)
+    _range("data.test_fraction", c.data.test_fraction, 0.01, 0.5)
+    _range("optim.weight_decay", c.optim.weight_decay, 0.0, 0.5, "M21")
+    _range("optim.momentum", c.optim.momentum, 0.0, 0.999)
+    _range("model.dropout", c.model.dropout, 0.0, 0.7, "M21")
+    _range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 0.4)
+    _range("trainer.max_epochs", c.trainer.max_epochs, 1, 100000)
+    _range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
+    _range("sched.factor", c.sched.factor, 0.01, 0.99)
+    _range("sched.warmup_fraction", c.sched.warmup_fraction, 0.0, 0.9)
+    if isinstance(c.model, CNNConfig):
+        if not c.model.widths or min(c.model.widths) < 1:
+            raise ConfigError(f"[config] model.widths={c.model.widths} needs at least one positive width.")
+        _range("model.blocks", c.model.blocks, 0, 16)
+    elif c.model.depth != 18 and (c.model.depth - 2) % 6:
+        raise ConfigError(f"[config] model.depth={c.model.depth}: resnet depths are 18 or 6n+2 "
+                          "(20, 32, 44, 56, 110). Pick one of those.")
+
+
+def to_container(c: Config) -> dict:
+    """Plain dict of a validated config (for config.yaml, checkpoints and hparams)."""
+    return OmegaConf.to_container(OmegaConf.structured(c), resolve=True)

@@ -1,0 +1,157 @@
+"""Normalization, batch augmentation and the two loaders (in-memory tensor, streamed files).
+
+Both loaders yield uint8 batches to one `BatchPipeline`, which normalizes with the single
+`Normalize` built from the data facts and, for training only, augments whole batches on
+the training device (random crop with reflect padding, horizontal flip), as airbench does.
+Eval pipelines have no augmentation by construction [M04].
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from safetrain.data.sources import ImageSet, _FileDataset
+from safetrain.errors import DataError
+
+
+class Normalize(nn.Module):
+    """uint8 (B, C, H, W) -> float32 standardized with the training split's mean/std [M01, M02]."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.float() / 255 - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return (x * self.std + self.mean).clamp(0, 1)
+
+
+def batch_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
+    """Random translation by up to `pad` pixels with reflect padding, per sample, in 2*(2*pad+1)
+    masked copies instead of a Python loop over the batch (airbench's batch_crop)."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    shifts = torch.randint(0, 2 * pad + 1, (2, b), device=x.device, generator=g)
+    rows = torch.empty((b, c, h, w + 2 * pad), device=x.device, dtype=x.dtype)
+    for s in range(2 * pad + 1):
+        m = shifts[0] == s
+        rows[m] = xp[m, :, s:s + h, :]
+    out = torch.empty_like(x)
+    for s in range(2 * pad + 1):
+        m = shifts[1] == s
+        out[m] = rows[m, :, :, s:s + w]
+    return out
+
+
+def batch_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    flip = torch.rand(x.shape[0], device=x.device, generator=g) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+class BatchPipeline:
+    """uint8 batch on any device -> normalized float batch on `device`, augmented if training."""
+
+    def __init__(self, normalize: Normalize, device: torch.device, augment: str = "none", seed: int = 0):
+        self.normalize = normalize.to(device)
+        self.device, self.augment = device, augment
+        self.g = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = self.normalize(x.to(self.device, non_blocking=True))
+        if "crop" in self.augment:
+            x = batch_crop(x, max(1, round(x.shape[-1] / 8)), self.g)  # 4 px at 32x32
+        if "flip" in self.augment:
+            x = batch_flip(x, self.g)
+        return x
+
+
+class TensorLoader:
+    """Batches from uint8 images held in memory on the training device (the fast path)."""
+
+    def __init__(self, data: ImageSet, pipeline: BatchPipeline, batch_size: int, shuffle: bool,
+                 drop_last: bool, seed: int = 0):
+        device = pipeline.device
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.pipeline, self.batch_size, self.shuffle, self.drop_last = pipeline, batch_size, shuffle, drop_last
+        self.g = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        order = (torch.randperm(n, device=self.images.device, generator=self.g) if self.shuffle
+                 else torch.arange(n, device=self.images.device))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.pipeline(self.images[idx]), self.labels[idx]
+
+
+class StreamLoader:
+    """Batches decoded from files by DataLoader workers (folders too large for memory)."""
+
+    def __init__(self, data: ImageSet, pipeline: Optional[BatchPipeline], batch_size: int, shuffle: bool,
+                 drop_last: bool, seed: int = 0, shape: tuple = (3, 32, 32), resize: Optional[int] = None,
+                 num_workers: int = 4):
+        self.data, self.pipeline, self.shape = data, pipeline, shape
+        g = torch.Generator().manual_seed(seed)
+        self.loader = torch.utils.data.DataLoader(
+            _LabelledFiles(data, shape[0], resize), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            generator=g, num_workers=min(num_workers, os.cpu_count() or 1), collate_fn=self._collate,
+            pin_memory=pipeline is not None and pipeline.device.type == "cuda", persistent_workers=False)
+
+    def _collate(self, items):
+        for img, _, path in items:
+            if tuple(img.shape) != tuple(self.shape):
+                raise DataError(f"[data] {path} decodes to {tuple(img.shape)} but the dataset's images are "
+                                f"{tuple(self.shape)}. Set data.image_size=N to resize every image to NxN.")
+        return torch.stack([i for i, _, _ in items]), torch.tensor([y for _, y, _ in items])
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            if self.pipeline is None:  # raw uint8 batches (statistics)
+                yield x, y
+                continue
+            yield self.pipeline(x), y.to(self.pipeline.device, non_blocking=True)
+
+
+class _LabelledFiles(_FileDataset):
+    def __init__(self, data: ImageSet, channels: int, resize: Optional[int]):
+        super().__init__(data.files, channels, resize)
+        self.labels = data.labels.tolist()
+
+    def __getitem__(self, i):
+        return super().__getitem__(i), self.labels[i], self.files[i]
+
+
+def make_loader(data: ImageSet, pipeline: Optional[BatchPipeline], *, batch_size: int, train: bool, seed: int,
+                shape: tuple, resize: Optional[int], num_workers: int):
+    """Train: shuffled, augmented, last partial batch dropped [M22]. Eval: in order, whole, plain."""
+    kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed)
+    if data.images is not None:
+        return TensorLoader(data, pipeline, **kw)
+    return StreamLoader(data, pipeline, shape=shape, resize=resize, num_workers=num_workers, **kw)
+
+
+def uint8_batches(data: ImageSet, *, shape: tuple, resize: Optional[int], num_workers: int,
+                  batch_size: int = 1024) -> Iterator[Tensor]:
+    """The split's images as plain uint8 batches, in order, from memory or decoded from files."""
+    if data.images is not None:
+        for i in range(0, len(data), batch_size):
+            yield data.images[i:i + batch_size]
+        return
+    loader = StreamLoader(data, None, batch_size, shuffle=False, drop_last=False, shape=shape, resize=resize,
+                          num_workers=num_workers)
+    for x, _ in loader:
+        yield x

@@ -1,0 +1,246 @@
+"""Dataset sources -> `Source`: class names plus splits of uint8 images (fast path) or files (stream).
+
+Every source returns the same shape of thing, so splitting, statistics and loading never
+need to know where the pixels came from.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from safetrain.errors import DataError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+MEMORY_LIMIT_BYTES = 4 * 2**30  # folders whose decoded pixels exceed this stream from disk
+
+
+@dataclass
+class ImageSet:
+    """The samples of one split: labels, stable ids, and decoded images or image files."""
+
+    labels: Tensor  # (N,) int64
+    ids: list[str]
+    images: Optional[Tensor] = None  # (N, C, H, W) uint8: the in-memory fast path
+    files: Optional[list[str]] = None  # absolute paths: the streaming path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: Tensor) -> "ImageSet":
+        pick = idx.tolist()
+        return ImageSet(self.labels[idx], [self.ids[i] for i in pick],
+                        None if self.images is None else self.images[idx],
+                        None if self.files is None else [self.files[i] for i in pick])
+
+
+@dataclass
+class Source:
+    classes: list[str]
+    parts: dict[str, ImageSet]  # "train" always; "val"/"test" when the source defines them
+    fingerprint: str  # identifies the pixels and labels, for caches
+    shape: tuple[int, int, int]  # (C, H, W) every image has after decoding
+    resize: Optional[int] = None  # streaming decode resizes to this square size
+    notes: list[str] = field(default_factory=list)
+
+
+def digest(*chunks) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c if isinstance(c, bytes) else str(c).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- torchvision datasets
+TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+def load_torchvision(name: str, root: str, download: bool = True) -> Source:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, TORCHVISION[name])
+    parts, classes = {}, None
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(root=root, train=train, download=download)
+        except Exception as e:  # network down, checksum mismatch, files missing
+            raise DataError(
+                f"[data] could not load {TORCHVISION[name]} from data.root={root!r} ({type(e).__name__}: {e}). "
+                f"Either let it download (needs internet, data.download=true), put torchvision's files "
+                f"for {TORCHVISION[name]} under that folder and set data.root to it, or train on an image "
+                f"folder: data=imagefolder data.root=<folder with train/<class>/*.png>.") from None
+        images = torch.as_tensor(ds.data)
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # (N,C,H,W)
+        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+        parts[split] = ImageSet(labels, [f"{split}/{i}" for i in range(len(labels))], images.contiguous())
+        classes = list(ds.classes)
+    fp = digest(name, *(p.images.numpy().tobytes() for p in parts.values()))
+    return Source(classes, parts, fp, tuple(parts["train"].images.shape[1:]))
+
+
+# ---------------------------------------------------------------- synthetic
+def load_synthetic(classes: int, samples_per_class: int, channels: int, size: int, seed: int) -> Source:
+    """A small learnable dataset made from the seed: each class is a smooth random pattern,
+    each sample that pattern shifted, with noise. Learnable in a few epochs on a CPU."""
+    g = torch.Generator().manual_seed(seed)
+    protos = F.interpolate(torch.rand(classes, channels, 4, 4, generator=g), size=(size, size),
+                           mode="bilinear", align_corners=False)  # (K, C, S, S) in [0, 1]
+    labels = torch.arange(classes).repeat_interleave(samples_per_class)
+    shifts = torch.randint(-2, 3, (len(labels), 2), generator=g)
+    x = torch.stack([protos[y].roll(tuple(s.tolist()), dims=(1, 2)) for y, s in zip(labels, shifts)])
+    x = x + 0.15 * torch.randn(x.shape, generator=g)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    all_ = ImageSet(labels, [f"synthetic/{i}" for i in range(len(labels))], images)
+    fp = digest("synthetic", classes, samples_per_class, channels, size, seed)
+    return Source([f"class_{k}" for k in range(classes)], {"all": all_}, fp, (channels, size, size))
+
+
+# ---------------------------------------------------------------- image folders
+def _list_classes(folder: Path) -> dict[str, list[Path]]:
+    classes = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"[data] class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                            f"Remove it or put its images in it.")
+        classes[d.name] = files
+    return classes
+
+
+def decode_image(path: str, channels: int, resize: Optional[int]) -> Tensor:
+    """One file -> (C, H, W) uint8 with the dataset's channel count (and size, if resizing)."""
+    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    try:
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        img = tv_decode(path, mode=mode)
+    except Exception:  # formats torchvision.io cannot read (bmp, tiff, ...): PIL
+        try:
+            from PIL import Image
+            import numpy as np
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+        except Exception as e:
+            raise DataError(f"[data] cannot decode image {path} ({e}). Remove or replace the file.") from None
+        img = torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
+    if resize:
+        img = F.interpolate(img[None].float(), size=(resize, resize), mode="bilinear", antialias=True,
+                            align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    return img
+
+
+def _probe(files: list[Path]) -> tuple[int, int, int]:
+    """(channels, H, W) of a folder, from a spread-out sample of its files."""
+    from PIL import Image
+    sample = files[:: max(1, len(files) // 64)]
+    modes, sizes = set(), set()
+    for f in sample:
+        with Image.open(f) as im:
+            modes.add(im.mode)
+            sizes.add(im.size[::-1])
+    channels = 1 if modes <= {"L", "1", "I", "I;16", "LA"} else 3
+    h, w = max(sizes)
+    return channels, h, w
+
+
+def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path,
+                num_workers: int) -> Source:
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"[data] data.root={root!r} is not a folder. Point data.root at a folder with "
+                        "train/<class>/ images (and optional val/, test/), or with one folder per class.")
+    layout = {s: folder / s for s in ("train", "val", "test") if (folder / s).is_dir()}
+    if layout and "train" not in layout:
+        raise DataError(f"[data] {folder} has {sorted(layout)} but no train/ folder. Rename the training "
+                        "split to train/, or use one folder per class at the top.")
+    layout = layout or {"all": folder}
+    per_part = {part: _list_classes(d) for part, d in layout.items()}
+    first = "train" if "train" in per_part else "all"
+    classes = list(per_part[first])
+    if len(classes) < 2:
+        raise DataError(f"[M08] {layout[first]} has {len(classes)} class folder(s) {classes}; a classifier "
+                        "needs at least 2. Put each class's images in its own subfolder.")
+    for part, found in per_part.items():
+        extra = set(found) - set(classes)
+        if extra:
+            raise DataError(f"[data] {layout[part]} has class folders {sorted(extra)} that {layout[first]} "
+                            f"lacks. Every split must use the training split's classes.")
+    files, labels, parts_files = [], [], {}
+    for part, found in per_part.items():
+        pf = [(str(f), classes.index(c)) for c, fs in found.items() for f in fs]
+        parts_files[part] = pf
+    all_files = [Path(f) for pf in parts_files.values() for f, _ in pf]
+    channels, h, w = _probe(all_files)
+    if image_size:
+        h = w = image_size
+    stat = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in all_files]
+    fp = digest("folder", str(folder.resolve()), image_size, channels, *stat)
+    est_bytes = len(all_files) * channels * h * w
+    stream = loader == "stream" or (loader == "auto" and est_bytes > MEMORY_LIMIT_BYTES)
+    parts = {}
+    for part, pf in parts_files.items():
+        ids = [str(Path(f).relative_to(folder)) for f, _ in pf]
+        parts[part] = ImageSet(torch.tensor([y for _, y in pf], dtype=torch.int64), ids,
+                               files=[f for f, _ in pf])
+    src = Source(classes, parts, fp, (channels, h, w), resize=image_size)
+    if not stream:
+        _decode_all(src, cache_dir, num_workers)
+    log.info("image folder %s: %d images, %d classes, %s, %s path", folder, len(all_files), len(classes),
+             f"{channels}x{h}x{w}", "streaming" if stream else "in-memory")
+    return src
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, files, channels, resize):
+        self.files, self.channels, self.resize = files, channels, resize
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return decode_image(self.files[i], self.channels, self.resize)
+
+
+def _decode_all(src: Source, cache_dir: Path, num_workers: int) -> None:
+    """Decode every file once into uint8 tensors (cached on disk by the source fingerprint)."""
+    cache = cache_dir / "decoded" / f"{src.fingerprint}.pt"
+    if cache.exists():
+        cached = torch.load(cache, weights_only=True)
+        for part, s in src.parts.items():
+            s.images = cached[part]
+        log.info("decoded images loaded from cache %s", cache)
+        return
+    c, h, w = src.shape
+    for part, s in src.parts.items():
+        ds = _FileDataset(s.files, c, src.resize)
+        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(num_workers, os.cpu_count() or 1),
+                                         collate_fn=list)
+        out = torch.empty((len(ds), c, h, w), dtype=torch.uint8)
+        i = 0
+        for batch in dl:
+            for img in batch:
+                if img.shape != out.shape[1:]:
+                    raise DataError(f"[data] {s.files[i]} is {tuple(img.shape[1:])} (HxW) but the folder's "
+                                    f"images are {(h, w)}. Set data.image_size=N to resize every image to NxN.")
+                out[i] = img
+                i += 1
+        s.images = out
+    from safetrain.checkpoint import atomic_save
+    atomic_save({p: s.images for p, s in src.parts.items()}, cache)
+    log.info("decoded %d images to %s", sum(len(s) for s in src.parts.values()), cache)
+
+
+def load_source(name: str, *, root: Optional[str], download: bool, image_size: Optional[int], loader: str,
+                num_workers: int, cache_dir: Path, seed: int, synthetic: dict) -> Source:
+    if name == "synthetic":
+        return load_synthetic(seed=seed, **synthetic)
+    if name == "imagefolder":
+        return load_folder(root, image_size, loader, cache_dir, num_workers)
+    return load_torchvision(name, root or str(cache_dir / "datasets"), download)

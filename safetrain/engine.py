@@ -1,0 +1,133 @@
+"""The loop: train epochs, validation, checkpoints, scheduler, early stopping, final test.
+
+The loop owns zero_grad, train/eval modes and no-grad evaluation, so they cannot be
+forgotten [M12, M18]."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from safetrain.metrics import to_plain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Precision:
+    """bf16 autocast and channels_last on CUDA; plain fp32 on CPU."""
+    device: torch.device
+    bf16: bool
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+
+def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Precision, grad_clip: float,
+                progress: bool, desc: str) -> dict:
+    model.train()
+    total_loss = torch.zeros((), device=prec.device)
+    correct = torch.zeros((), device=prec.device)
+    seen, t0, grad_norm = 0, time.perf_counter(), torch.zeros(())
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress or None, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        with prec.autocast():
+            logits = model(prec.prepare(x))
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        schedule.after_step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    if prec.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"loss": total_loss.item() / seen, "acc": correct.item() / seen, "grad_norm": float(grad_norm),
+            "images_per_s": seen / dt, "seconds": dt}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, loss_fn, metrics, prec: Precision) -> dict:
+    model.eval()
+    metrics.reset()
+    total_loss, seen = torch.zeros((), device=prec.device), 0
+    for x, y in loader:
+        with prec.autocast():
+            logits = model(prec.prepare(x)).float()
+        total_loss += loss_fn(logits, y) * len(y)
+        seen += len(y)
+        metrics.update(logits, y)
+    return {"loss": total_loss.item() / seen, **metrics.compute()}
+
+
+@dataclass
+class FitResult:
+    best: dict  # {"metric", "value", "epoch"}
+    epochs_run: int
+    stopped_early: bool
+    history: list
+
+
+def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, *, prec: Precision,
+        max_epochs: int, grad_clip: float, early_stop_patience: int, selection: tuple[str, str],
+        checkpoint_dir: Path, save: Callable, track: Callable, progress: bool) -> FitResult:
+    """Train up to max_epochs; after each epoch validate, step the schedule on the selection
+    metric, keep best.pt (by that metric) and last.pt, and stop early on no improvement."""
+    metric, mode = selection
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
+    history, since_best = [], 0
+    for epoch in range(1, max_epochs + 1):
+        tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
+                         f"epoch {epoch}/{max_epochs}")
+        val = evaluate(model, val_loader, loss_fn, metrics, prec)
+        value = float(val[metric])
+        schedule.after_validation(value)
+        improved = better(value, best["value"])
+        if improved:
+            best, since_best = {"metric": metric, "value": value, "epoch": epoch}, 0
+        else:
+            since_best += 1
+        scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/grad_norm": tr["grad_norm"],
+                   "train/images_per_s": tr["images_per_s"], "val/loss": val["loss"], "val/acc": float(val["acc"]),
+                   "val/balanced_acc": float(val["balanced_acc"]), "val/macro_f1": float(val["macro_f1"]),
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": tr["seconds"]}
+        history.append(scalars)
+        track(epoch, scalars)
+        state = dict(epoch=epoch, metrics=scalars, best=best)
+        save(checkpoint_dir / "last.pt", **state)
+        if improved:
+            save(checkpoint_dir / "best.pt", **state)
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | lr %.2e | "
+                 "%.0f img/s%s", epoch, max_epochs, tr["loss"], tr["acc"], val["loss"], val["acc"],
+                 val["macro_f1"], scalars["lr"], tr["images_per_s"], "  * best" if improved else "")
+        if early_stop_patience and since_best >= early_stop_patience:
+            log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
+                     metric, since_best, best["value"], best["epoch"])
+            return FitResult(best, epoch, True, history)
+    return FitResult(best, max_epochs, False, history)
+
+
+def test(model, test_loader, loss_fn, metrics, prec: Precision) -> dict:
+    """The single evaluation on the test split, with the checkpoint chosen on validation [M07]."""
+    out = evaluate(model, test_loader, loss_fn, metrics, prec)
+    return {"loss": out["loss"], **to_plain({k: v for k, v in out.items() if k != "loss"})}

@@ -1,0 +1,59 @@
+"""Building blocks shared by the builders: norm and activation by name, init, shape plans."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from safetrain.errors import ConfigError
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "prelu": nn.PReLU,
+               "gelu": nn.GELU, "silu": nn.SiLU}
+# (nonlinearity, negative slope) for Kaiming init, matched to the activation [M19]
+KAIMING = {"relu": ("relu", 0.0), "leaky_relu": ("leaky_relu", 0.01), "prelu": ("leaky_relu", 0.25),
+           "gelu": ("relu", 0.0), "silu": ("relu", 0.0)}
+
+
+def activation(name: str) -> nn.Module:
+    return ACTIVATIONS[name]()
+
+
+def norm(name: str, channels: int) -> nn.Module:
+    if name == "group":  # batch-size independent [M12]
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+def conv_norm_act(cin: int, cout: int, norm_name: str, act: str, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(norm_name, cout), activation(act)]
+
+
+def init_weights(model: nn.Module, act: str) -> None:
+    """Kaiming for convs (matching the activation and its slope), Xavier for linear layers,
+    zero biases, norm weights 1 and biases 0."""
+    nonlinearity, slope = KAIMING[act]
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def plan_sizes(height: int, width: int, halvings: int, what: str) -> list[tuple[int, int]]:
+    """Spatial size after each of `halvings` stride-2 stages; refuse a plan that pools below 1x1 [M10]."""
+    sizes = [(height, width)]
+    for _ in range(halvings):
+        h, w = sizes[-1]
+        sizes.append((h // 2, w // 2))
+    if min(sizes[-1]) < 1:
+        trail = " -> ".join(f"{h}x{w}" for h, w in sizes)
+        ok = max(i for i, (h, w) in enumerate(sizes) if min(h, w) >= 1)
+        raise ConfigError(f"[M10] {what} halves the image {halvings} times: {trail}, below 1x1 for "
+                          f"{height}x{width} inputs. Use at most {ok} downsampling stages for this image size "
+                          "(or data.image_size=N to resize the images).")
+    return sizes

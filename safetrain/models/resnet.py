@@ -1,0 +1,45 @@
+"""`resnet`: CIFAR-style ResNets (depth 6n+2: 20, 32, 56, 110) and ResNet-18 with a small-image
+stem (3x3 conv, no max-pool). Shapes come from the data facts; the head emits logits."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from safetrain.models.layers import activation, conv_norm_act, norm, plan_sizes
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm_name: str, act: str):
+        super().__init__()
+        self.body = nn.Sequential(*conv_norm_act(cin, cout, norm_name, act, stride),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), norm(norm_name, cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(norm_name, cout)))
+        self.act = activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, height: int, width: int, depth: int = 18,
+                 base_width: int = 64, activation_name: str = "relu", norm_name: str = "batch",
+                 dropout: float = 0.0):
+        super().__init__()
+        if depth == 18:
+            stages = [2, 2, 2, 2]
+        else:
+            stages = [(depth - 2) // 6] * 3
+        widths = [base_width * 2 ** i for i in range(len(stages))]
+        self.sizes = plan_sizes(height, width, len(stages) - 1, f"model=resnet model.depth={depth}")
+        layers = conv_norm_act(in_channels, base_width, norm_name, activation_name)
+        cin = base_width
+        for i, (n, w) in enumerate(zip(stages, widths)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, norm_name, activation_name))
+                cin = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(cin, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes) logits
+        return self.head(self.features(x))

@@ -1,0 +1,101 @@
+"""What a run leaves behind: config and environment snapshot, JSON files, metrics.jsonl and
+TensorBoard scalars, images, text and hparams [M30, M31]."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def environment(device: torch.device) -> dict:
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "git_sha": sha, "argv": sys.argv,
+        **{pkg: version(pkg) for pkg in ("safetrain", "torch", "torchvision", "hydra-core", "omegaconf",
+                                         "torchmetrics", "tensorboard")},
+    }
+
+
+def snapshot(run_dir: Path, config: dict, overrides: list[str], env: dict) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    write_json(run_dir / "env.json", env)
+
+
+class Tracker:
+    """TensorBoard event files plus one JSON line per epoch in metrics.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.jsonl = run_dir / "metrics.jsonl"
+
+    def epoch(self, epoch: int, scalars: dict) -> None:
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, epoch)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps({"epoch": epoch, **scalars}) + "\n")
+        self.tb.flush()
+
+    def images(self, tag: str, images: torch.Tensor) -> None:
+        """(B, C, H, W) in [0, 1]."""
+        self.tb.add_image(tag, make_grid(images[:64].float().cpu(), nrow=8, padding=1))
+
+    def text(self, tag: str, text: str) -> None:
+        self.tb.add_text(tag, text)
+
+    def confusion(self, matrix: torch.Tensor, classes: list[str]) -> None:
+        """Row-normalized confusion matrix as an image (rows: true class) and a markdown table."""
+        m = matrix.float().cpu()
+        rows = m / m.sum(1, keepdim=True).clamp_min(1)
+        cell = max(1, 256 // len(classes))
+        img = rows.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None]
+        self.tb.add_image("test/confusion_matrix", img)
+        head = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
+        body = "".join(f"| {c} | " + " | ".join(str(int(v)) for v in m[i]) + " |\n" for i, c in enumerate(classes))
+        self.text("test/confusion_matrix", head + body)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.tb.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
