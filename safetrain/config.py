@@ -68,7 +68,7 @@ class CNNConfig:
 class ResNetConfig:
     name: str = "resnet"
     depth: int = 18  # 18 (ResNet-18, small-image stem) or 6n+2 (CIFAR ResNet-20/32/56/110)
-    width: int = 64  # channels of the first stage; doubled at each later stage
+    base_width: int = 64  # channels of the first stage; doubled at each later stage
     activation: str = "relu"
     norm: str = "batch"
     dropout: float = 0.0

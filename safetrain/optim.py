@@ -36,7 +36,7 @@ class LRSchedule:
                 optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr)
         elif name == "onecycle":  # linear warmup to lr, then linear decay to ~0
             self.sched = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 1,
                 pct_start=warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
                 div_factor=10.0, final_div_factor=100.0)
         else:  # cosine with linear warmup

@@ -86,9 +86,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = ()) -> dict:
     arch = {k: v for k, v in vars(m).items() if k not in ("name", "activation", "norm", "dropout")}
     model = build_model(m.name, channels=facts.channels, height=facts.height, width=facts.width,
                         num_classes=facts.num_classes, activation=m.activation, norm=m.norm,
-                        dropout=m.dropout, **arch).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+                        dropout=m.dropout, **arch).to(device, memory_format=torch.channels_last)
     n_params = count_parameters(model)
     log.info("[5/7] model %s: %s parameters for %d training images, stage sizes %s", m.name, f"{n_params:,}",
              len(splits["train"]), model.sizes)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from safetrain.errors import DataError
@@ -117,28 +119,20 @@ def _list_classes(folder: Path) -> dict[str, list[Path]]:
 
 def decode_image(path: str, channels: int, resize: Optional[int]) -> Tensor:
     """One file -> (C, H, W) uint8 with the dataset's channel count (and size, if resizing)."""
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
     try:
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-        img = tv_decode(path, mode=mode)
-    except Exception:  # formats torchvision.io cannot read (bmp, tiff, ...): PIL
-        try:
-            from PIL import Image
-            import numpy as np
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-        except Exception as e:
-            raise DataError(f"[data] cannot decode image {path} ({e}). Remove or replace the file.") from None
-        img = torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
-    if resize:
-        img = F.interpolate(img[None].float(), size=(resize, resize), mode="bilinear", antialias=True,
-                            align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-    return img
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if resize and im.size != (resize, resize):
+                im = im.resize((resize, resize), Image.BILINEAR)  # antialiased when shrinking
+            arr = np.array(im)
+    except (OSError, ValueError) as e:
+        raise DataError(f"[data] cannot decode image {path} ({e}). Remove or replace the file.") from None
+    t = torch.from_numpy(arr)
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
 def _probe(files: list[Path]) -> tuple[int, int, int]:
     """(channels, H, W) of a folder, from a spread-out sample of its files."""
-    from PIL import Image
     sample = files[:: max(1, len(files) // 64)]
     modes, sizes = set(), set()
     for f in sample:

@@ -30,7 +30,7 @@ def conv_norm_act(cin: int, cout: int, norm_name: str, act: str, stride: int = 1
 
 def init_weights(model: nn.Module, act: str) -> None:
     """Kaiming for convs (matching the activation and its slope), Xavier for linear layers,
-    zero biases, norm weights 1 and biases 0."""
+    zero biases, norm weights 1 and biases 0 (residual blocks then zero their last norm)."""
     nonlinearity, slope = KAIMING[act]
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

@@ -16,6 +16,11 @@ class BasicBlock(nn.Module):
                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(norm_name, cout)))
         self.act = activation(act)
 
+    def zero_init_residual(self) -> None:
+        """The branch's last norm starts at 0, so the block starts as the identity and the
+        initial logits stay small at any depth (Goyal et al. 2017): loss at step 0 ~ ln(C)."""
+        nn.init.zeros_(self.body[-1].weight)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.body(x) + self.skip(x))
 

@@ -1,0 +1,98 @@
+"""Config schema: every recipe composes; unknown keys, wrong types and bad choices fail fast."""
+import pytest
+
+from safetrain.cli import RECIPES_DIR, compose
+from safetrain.config import CNNConfig, Config, ResNetConfig, validate
+from safetrain.errors import ConfigError
+from tests.conftest import run_cli
+
+RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def test_the_required_recipes_exist():
+    assert {"cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "smoke"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe):
+    extra = ["data.root=/some/folder"] if recipe == "imagefolder" else []
+    cfg, _ = compose(recipe, extra)
+    assert isinstance(cfg, Config)
+    assert isinstance(cfg.model, (CNNConfig, ResNetConfig))
+    assert cfg.data.name in ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashion_mnist")
+
+
+@pytest.mark.parametrize("group,option", [("data", d) for d in
+                                          ("cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")]
+                         + [("model", "cnn"), ("model", "resnet"), ("optim", "adamw"), ("optim", "sgd")])
+def test_every_group_option_is_selectable_by_name(group, option):
+    cfg, _ = compose("smoke", [f"{group}={option}"])
+    assert getattr(cfg, group).name == option
+
+
+def test_unknown_key_is_refused_with_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*Did you mean 'optim\.lr'"):
+        compose("smoke", ["optim.lrr=0.01"])
+
+
+def test_unknown_key_added_with_plus_is_refused_too():
+    with pytest.raises(ConfigError, match=r"trainer\.max_epoch.*trainer\.max_epochs"):
+        compose("smoke", ["+trainer.max_epoch=3"])
+
+
+def test_key_of_another_model_is_refused_naming_the_model_keys():
+    with pytest.raises(ConfigError, match=r"model\.depth"):
+        compose("smoke", ["+model.depth=20"])  # smoke uses model=cnn, which has no depth
+
+
+def test_wrong_type_is_refused_with_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"data\.batch_size.*'many'.*int"):
+        compose("smoke", ["data.batch_size=many"])
+
+
+def test_bad_choice_is_refused_with_the_valid_choices():
+    with pytest.raises(ConfigError, match=r"model\.activation='relux'.*Did you mean 'relu'"):
+        compose("smoke", ["model.activation=relux"])
+
+
+def test_unknown_group_option_lists_the_options():
+    with pytest.raises(ConfigError, match=r"data: no such option.*cifar10"):
+        compose("smoke", ["data=cifar1"])
+
+
+def test_unknown_recipe_lists_the_recipes():
+    with pytest.raises(ConfigError, match=r"(?s)no recipe named 'cifar11'.*smoke"):
+        compose("cifar11", [])
+
+
+def test_imagefolder_without_root_says_how_to_set_it():
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        compose("imagefolder", [])
+
+
+def test_python_api_validates_a_plain_dict():
+    cfg = validate({"data": {"name": "synthetic"}, "model": {"name": "resnet", "depth": 20}})
+    assert cfg.model.depth == 20 and cfg.optim.name == "adamw"
+    with pytest.raises(ConfigError, match="resnet depths"):
+        validate({"data": {"name": "synthetic"}, "model": {"name": "resnet", "depth": 19}})
+
+
+def test_cli_refuses_bad_key_before_any_run_dir_is_made(tmp_path):
+    out = run_cli("recipe=smoke", "optim.lrr=0.1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2
+    assert "optim.lrr" in out.stderr and "optim.lr" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_without_recipe_lists_recipes():
+    out = run_cli()
+    assert out.returncode == 0
+    for name in ("cifar10", "smoke", "imagefolder"):
+        assert name in out.stdout
+
+
+def test_user_recipe_in_own_folder_via_config_dir(tmp_path):
+    (tmp_path / "mine.yaml").write_text(
+        "defaults:\n  - config\n  - override data: synthetic\n  - _self_\nmodel:\n  widths: [8]\n")
+    cfg, _ = compose("mine", [], config_dir=str(tmp_path))
+    assert cfg.model.widths == [8]

@@ -1,0 +1,149 @@
+"""Sources, splits, statistics and pipelines."""
+import numpy as np
+import pytest
+import torch
+
+from safetrain import data as D
+from safetrain.data.sources import load_folder
+from safetrain.errors import DataError
+from tests.conftest import write_images
+
+
+def test_stratified_split_is_stratified_disjoint_and_seeded():
+    labels = torch.tensor([0] * 100 + [1] * 50 + [2] * 10)
+    kept, cut = D.stratified_split(labels, 0.2, seed=3)
+    assert set(kept.tolist()).isdisjoint(cut.tolist())
+    assert sorted(kept.tolist() + cut.tolist()) == list(range(160))
+    assert torch.bincount(labels[cut]).tolist() == [20, 10, 2]
+    again, _ = D.stratified_split(labels, 0.2, seed=3)
+    other, _ = D.stratified_split(labels, 0.2, seed=4)
+    assert torch.equal(kept, again) and not torch.equal(kept, other)
+
+
+def test_make_splits_carves_val_and_test_without_overlap(tmp_path):
+    src = D.load_source("synthetic", root=None, download=False, image_size=None, loader="auto", num_workers=0,
+                        cache_dir=tmp_path, seed=0,
+                        synthetic=dict(classes=3, samples_per_class=50, channels=1, size=8))
+    splits = D.make_splits(src, val_fraction=0.2, test_fraction=0.1, seed=0)
+    ids = {k: set(v.ids) for k, v in splits.items()}
+    assert ids["train"].isdisjoint(ids["val"]) and ids["train"].isdisjoint(ids["test"])
+    assert ids["val"].isdisjoint(ids["test"])
+    assert sum(len(v) for v in ids.values()) == 150
+    for s in splits.values():  # every class in every split
+        assert set(s.labels.tolist()) == {0, 1, 2}
+
+
+def test_folder_with_train_and_test_keeps_the_given_test_split(tmp_path):
+    write_images(tmp_path / "train", 2, 20)
+    write_images(tmp_path / "test", 2, 5, seed=1)
+    src = load_folder(str(tmp_path), None, "auto", tmp_path / "cache", 0)
+    splits = D.make_splits(src, 0.1, 0.1, 0)
+    assert len(splits["test"]) == 10 and all(i.startswith("test/") for i in splits["test"].ids)
+    assert all(i.startswith("train/") for i in splits["val"].ids) and len(splits["val"]) == 4
+
+
+def test_channel_stats_match_numpy_reference():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (37, 3, 9, 7), dtype=np.uint8)
+    mean, std = D.channel_stats(torch.from_numpy(imgs).split(5))  # streamed in uneven batches
+    ref = imgs.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-9)
+
+
+def test_stats_come_from_the_train_split_only_and_are_cached(tmp_path):
+    write_images(tmp_path / "train", 2, 10)
+    (tmp_path / "test" / "class_0").mkdir(parents=True)
+    (tmp_path / "test" / "class_1").mkdir(parents=True)
+    from PIL import Image
+    for k in (0, 1):  # white test images would move the mean a lot if they leaked in
+        Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(tmp_path / f"test/class_{k}/w.png")
+    src = load_folder(str(tmp_path), None, "auto", tmp_path / "cache", 0)
+    splits = D.make_splits(src, 0.2, 0.1, 0)
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return D.uint8_batches(splits["train"], shape=src.shape, resize=None, num_workers=0)
+
+    facts = D.measure_facts(src.classes, splits, src.shape, src.fingerprint, batches, tmp_path / "cache")
+    ref = splits["train"].images.double().div(255).mean(dim=(0, 2, 3))
+    np.testing.assert_allclose(facts.mean, ref.numpy(), rtol=1e-9)
+    again = D.measure_facts(src.classes, splits, src.shape, src.fingerprint, batches, tmp_path / "cache")
+    assert again.mean == facts.mean and len(calls) == 1  # second time from the cache
+
+
+def test_streaming_and_memory_paths_give_identical_splits_and_stats(tmp_path):
+    write_images(tmp_path / "imgs", 3, 12, size=(10, 6))
+    results = []
+    for loader in ("memory", "stream"):
+        src = load_folder(str(tmp_path / "imgs"), None, loader, tmp_path / f"cache_{loader}", 0)
+        splits = D.make_splits(src, 0.2, 0.2, seed=5)
+        mean, std = D.channel_stats(D.uint8_batches(splits["train"], shape=src.shape, resize=None,
+                                                    num_workers=0, batch_size=7))
+        results.append(({k: v.ids for k, v in splits.items()}, mean, std, src.parts["all"].images is None))
+    (ids_m, mean_m, std_m, streamed_m), (ids_s, mean_s, std_s, streamed_s) = results
+    assert not streamed_m and streamed_s
+    assert ids_m == ids_s
+    np.testing.assert_allclose(mean_m, mean_s, rtol=1e-12)
+    np.testing.assert_allclose(std_m, std_s, rtol=1e-12)
+
+
+def test_folder_with_mixed_sizes_asks_for_image_size(tmp_path):
+    write_images(tmp_path / "a", 1, 3, size=(8, 8))
+    write_images(tmp_path / "b", 1, 3, size=(12, 12))
+    (tmp_path / "a" / "class_0").rename(tmp_path / "cat")
+    (tmp_path / "b" / "class_0").rename(tmp_path / "dog")
+    (tmp_path / "a").rmdir(), (tmp_path / "b").rmdir()
+    with pytest.raises(DataError, match=r"data\.image_size"):
+        load_folder(str(tmp_path), None, "memory", tmp_path / "cache", 0)
+    src = load_folder(str(tmp_path), 10, "memory", tmp_path / "cache", 0)
+    assert src.parts["all"].images.shape == (6, 3, 10, 10)
+
+
+def test_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(DataError, match="is not a folder"):
+        load_folder(str(tmp_path / "nope"), None, "auto", tmp_path, 0)
+    write_images(tmp_path / "one", 1, 3)
+    with pytest.raises(DataError, match=r"\[M08\].*at least 2"):
+        load_folder(str(tmp_path / "one"), None, "auto", tmp_path, 0)
+
+
+def test_download_failure_gives_one_clear_error(monkeypatch, tmp_path):
+    import torchvision.datasets as tvd
+
+    def offline(*a, **k):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(DataError) as e:
+        D.load_source("cifar10", root=str(tmp_path), download=True, image_size=None, loader="auto",
+                      num_workers=0, cache_dir=tmp_path, seed=0, synthetic={})
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "data.root" in msg and "data=imagefolder" in msg
+
+
+def test_eval_pipeline_is_deterministic_and_train_pipeline_augments():
+    norm = D.Normalize([0.5] * 3, [0.25] * 3)
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    ev = D.BatchPipeline(norm, torch.device("cpu"))
+    assert torch.equal(ev(x), ev(x))
+    torch.testing.assert_close(ev(x), (x.float() / 255 - 0.5) / 0.25)
+    tr = D.BatchPipeline(norm, torch.device("cpu"), "crop_flip", seed=0)
+    a, b = tr(x), tr(x)
+    assert a.shape == x.shape and not torch.equal(a, b)
+    torch.testing.assert_close(norm.denormalize(ev(x)), x.float() / 255)
+
+
+def test_train_loader_shuffles_and_drops_last_eval_loader_keeps_order():
+    s = D.ImageSet(torch.arange(10) % 2, [str(i) for i in range(10)],
+                   torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous())
+    pipe = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"))
+    kw = dict(shape=(1, 4, 4), resize=None, num_workers=0, seed=0)
+    train = D.make_loader(s, pipe, batch_size=4, train=True, **kw)
+    ev = D.make_loader(s, pipe, batch_size=4, train=False, **kw)
+    assert len(train) == 2 and len(ev) == 3
+    order = torch.cat([(x[:, 0, 0, 0] * 255).round() for x, _ in ev]).long().tolist()
+    assert order == list(range(10))
+    epochs = [torch.cat([(x[:, 0, 0, 0] * 255).round() for x, _ in train]).long().tolist() for _ in range(2)]
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(8))

@@ -1,0 +1,58 @@
+"""Builders infer shapes from the data, emit logits, and are initialized by the rules."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from safetrain.errors import ConfigError
+from safetrain.models import build_model
+
+
+@pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[8, 16], blocks=1)), ("resnet", dict(depth=20, base_width=8)),
+                                       ("resnet", dict(depth=18, base_width=8))])
+@pytest.mark.parametrize("c,h,w,k", [(1, 8, 8, 3), (3, 28, 28, 10), (3, 40, 56, 7)])
+def test_builders_take_every_shape_from_the_data(name, arch, c, h, w, k):
+    model = build_model(name, channels=c, height=h, width=w, num_classes=k, **arch)
+    out = model(torch.randn(2, c, h, w))
+    assert out.shape == (2, k)
+    assert isinstance(list(model.modules())[-1], nn.Linear)  # raw logits: no activation after the head
+
+
+def test_plan_that_pools_below_1x1_is_refused_with_sizes_per_stage():
+    with pytest.raises(ConfigError, match=r"\[M10\].*8x8 -> 4x4 -> 2x2 -> 1x1 -> 0x0.*at most 3"):
+        build_model("cnn", channels=1, height=8, width=8, num_classes=2, widths=[4, 4, 4, 4], blocks=0)
+
+
+@pytest.mark.parametrize("act,gain", [("relu", math.sqrt(2)), ("leaky_relu", math.sqrt(2 / (1 + 0.01 ** 2))),
+                                      ("prelu", math.sqrt(2 / (1 + 0.25 ** 2)))])
+def test_kaiming_init_matches_the_activation(act, gain):
+    torch.manual_seed(0)
+    model = build_model("cnn", channels=3, height=16, width=16, num_classes=5, widths=[64, 128], blocks=1,
+                        activation=act)
+    conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(fan_out), rel=0.05)
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)][0]
+    bound = math.sqrt(6 / (lin.in_features + lin.out_features))  # Xavier uniform
+    assert lin.weight.abs().max().item() <= bound and lin.weight.abs().max().item() > 0.8 * bound
+    assert torch.all(lin.bias == 0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+
+def test_group_norm_option_replaces_batch_norm():
+    model = build_model("cnn", channels=3, height=8, width=8, num_classes=2, widths=[8], blocks=1, norm="group")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[24, 48, 96], blocks=1)),
+                                       ("resnet", dict(depth=20, base_width=16)), ("resnet", dict(depth=56, base_width=16)),
+                                       ("resnet", dict(depth=18, base_width=32))])
+def test_initial_loss_is_near_chance(name, arch):
+    torch.manual_seed(0)
+    model = build_model(name, channels=3, height=32, width=32, num_classes=10, **arch)
+    loss = nn.functional.cross_entropy(model(torch.randn(64, 3, 32, 32)), torch.randint(0, 10, (64,)))
+    assert abs(loss.item() - math.log(10)) < 0.25

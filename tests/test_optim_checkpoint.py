@@ -1,0 +1,84 @@
+"""Optimizer groups, schedule stepping, and checkpoints that load with weights_only=True."""
+import pytest
+import torch
+from torch import nn
+
+from safetrain.checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from safetrain.models import build_model
+from safetrain.optim import LRSchedule, build_optimizer, param_groups
+
+
+def _model():
+    return build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8], blocks=1)
+
+
+def test_no_weight_decay_on_norm_and_bias_parameters():
+    model = _model()
+    decay, exempt = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and exempt["weight_decay"] == 0.0
+    norm_and_bias = {id(p) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.Linear))
+                     for n, p in m.named_parameters() if n == "bias" or isinstance(m, nn.BatchNorm2d)}
+    assert norm_and_bias <= {id(p) for p in exempt["params"]}
+    assert not norm_and_bias & {id(p) for p in decay["params"]}
+
+
+def test_plateau_steps_on_validation_metric_only_and_in_its_direction():
+    opt = build_optimizer(_model(), "adamw", 1e-3, 0.05, 0.9)
+    s = LRSchedule(opt, "plateau", mode="max", total_steps=100, factor=0.5, patience=0)
+    for _ in range(50):
+        s.after_step()  # per-batch hook: must not move a plateau schedule
+    assert opt.param_groups[0]["lr"] == 1e-3
+    s.after_validation(0.5)
+    s.after_validation(0.6)  # improving accuracy (mode max): no drop
+    assert opt.param_groups[0]["lr"] == 1e-3
+    s.after_validation(0.4)  # worse: drop
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_onecycle_warms_up_then_decays_to_near_zero():
+    opt = build_optimizer(_model(), "adamw", 1e-3, 0.05, 0.9)
+    s = LRSchedule(opt, "onecycle", mode="max", total_steps=100, warmup_fraction=0.2)
+    lrs = []
+    for _ in range(100):
+        opt.step()
+        s.after_step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(1e-3, rel=0.02) and lrs.index(max(lrs)) in range(18, 22)
+    assert 0 < lrs[-1] < 2e-5
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    model = _model()
+    opt = build_optimizer(model, "adamw", 1e-3, 0.05, 0.9)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    opt.step()
+    sched = LRSchedule(opt, "onecycle", mode="max", total_steps=10)
+    path = tmp_path / "c" / "best.pt"
+    save_checkpoint(path, model=model, optimizer=opt, schedule=sched, epoch=3, metrics={"val/acc": 0.5},
+                    best={"metric": "acc", "value": 0.5, "epoch": 3}, normalization={"mean": [0.1], "std": [0.2]},
+                    data_facts={"classes": ["a", "b", "c"]}, config={"seed": 0})
+    ckpt = load_checkpoint(path)  # torch.load(..., weights_only=True) inside
+    ckpt2 = torch.load(path, weights_only=True)
+    assert ckpt2["epoch"] == 3 and ckpt["normalization"]["std"] == [0.2]
+    fresh = _model()
+    fresh.load_state_dict(ckpt["model"])
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    opt2 = build_optimizer(fresh, "adamw", 1e-3, 0.05, 0.9)
+    opt2.load_state_dict(ckpt["optimizer"])
+    LRSchedule(opt2, "onecycle", mode="max", total_steps=10).load_state_dict(ckpt["schedule"])
+    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp file left behind
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"v": torch.tensor(1)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"v": Boom()}, path)
+    assert torch.load(path, weights_only=True)["v"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
