@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from safetrain.cli import compose
-from safetrain.run import run
+from safetrain.run import resolve_device, run
 from tests.conftest import SHARED_CIFAR, run_cli, write_images
 
 RUN_FILES = ["config.yaml", "overrides.yaml", "env.json", "data_facts.json", "splits.json", "metrics.jsonl",
@@ -26,7 +26,7 @@ def test_smoke_recipe_end_to_end_in_a_subprocess(tmp_path):
     assert cfg["data"]["name"] == "synthetic" and cfg["seed"] == 0
     assert "seed=0" in yaml.safe_load((run_dir / "overrides.yaml").read_text())
     env = json.loads((run_dir / "env.json").read_text())
-    assert env["torch"] and env["device"] == "cpu"
+    assert env["torch"] and env["device"] == str(resolve_device("auto"))
     facts = json.loads((run_dir / "data_facts.json").read_text())
     assert facts["channels"] == 3 and facts["height"] == 16 and len(facts["mean"]) == 3
     assert set(facts["counts"]) == {"train", "val", "test"}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safetrain.data.sources import ImageSet, _FileDataset
+from safetrain.data.sources import ImageSet, FileDataset
 from safetrain.errors import DataError
 
 
@@ -126,7 +126,7 @@ class StreamLoader:
             yield self.pipeline(x), y.to(self.pipeline.device, non_blocking=True)
 
 
-class _LabelledFiles(_FileDataset):
+class _LabelledFiles(FileDataset):
     def __init__(self, data: ImageSet, channels: int, resize: Optional[int]):
         super().__init__(data.files, channels, resize)
         self.labels = data.labels.tolist()

@@ -166,10 +166,8 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
         if extra:
             raise DataError(f"[data] {layout[part]} has class folders {sorted(extra)} that {layout[first]} "
                             f"lacks. Every split must use the training split's classes.")
-    files, labels, parts_files = [], [], {}
-    for part, found in per_part.items():
-        pf = [(str(f), classes.index(c)) for c, fs in found.items() for f in fs]
-        parts_files[part] = pf
+    parts_files = {part: [(str(f), classes.index(c)) for c, fs in found.items() for f in fs]
+                   for part, found in per_part.items()}
     all_files = [Path(f) for pf in parts_files.values() for f, _ in pf]
     channels, h, w = _probe(all_files)
     if image_size:
@@ -191,7 +189,7 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
     return src
 
 
-class _FileDataset(torch.utils.data.Dataset):
+class FileDataset(torch.utils.data.Dataset):
     def __init__(self, files, channels, resize):
         self.files, self.channels, self.resize = files, channels, resize
 
@@ -213,7 +211,7 @@ def _decode_all(src: Source, cache_dir: Path, num_workers: int) -> None:
         return
     c, h, w = src.shape
     for part, s in src.parts.items():
-        ds = _FileDataset(s.files, c, src.resize)
+        ds = FileDataset(s.files, c, src.resize)
         dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(num_workers, os.cpu_count() or 1),
                                          collate_fn=list)
         out = torch.empty((len(ds), c, h, w), dtype=torch.uint8)

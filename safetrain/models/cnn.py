@@ -3,27 +3,21 @@
 Shapes come from the data facts; the head emits raw logits [M11]."""
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from safetrain.models.layers import activation, conv_norm_act, norm, plan_sizes
+from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
 
 
-class CNN(nn.Module):
+class CNN(Classifier):
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int, widths: list[int],
                  blocks: int = 1, activation_name: str = "relu", norm_name: str = "batch", dropout: float = 0.0):
-        super().__init__()
-        self.sizes = plan_sizes(height, width, len(widths), f"model.widths={list(widths)}")
+        sizes = plan_sizes(height, width, len(widths), f"model.widths={list(widths)}")
         layers = conv_norm_act(in_channels, widths[0], norm_name, activation_name)  # stem, full resolution
         cin = widths[0]
-        for w in widths:  # (B, cin, H, W) -> (B, w, H/2, W/2)
+        for w in widths:  # (B, cin, H, W) -> (B, w, H/2, W/2): conv, then pool (as airbench)
             layers += [nn.Conv2d(cin, w, 3, 1, 1, bias=False), nn.MaxPool2d(2), norm(norm_name, w),
                        activation(activation_name)]
             for _ in range(blocks):
                 layers += conv_norm_act(w, w, norm_name, activation_name)
             cin = w
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(cin, num_classes))
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes) logits
-        return self.head(self.features(x))
+        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes)

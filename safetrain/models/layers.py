@@ -28,6 +28,21 @@ def conv_norm_act(cin: int, cout: int, norm_name: str, act: str, stride: int = 1
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(norm_name, cout), activation(act)]
 
 
+class Classifier(nn.Module):
+    """`features` (B, C, H, W) -> (B, F, h, w), then global average pooling and one linear layer:
+    (B, num_classes) raw logits, no activation after it [M11]; the loss owns the link function."""
+
+    def __init__(self, features: nn.Module, feature_channels: int, num_classes: int, dropout: float,
+                 sizes: list[tuple[int, int]]):
+        super().__init__()
+        self.features, self.sizes = features, sizes
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(feature_channels, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 def init_weights(model: nn.Module, act: str) -> None:
     """Kaiming for convs (matching the activation and its slope), Xavier for linear layers,
     zero biases, norm weights 1 and biases 0 (residual blocks then zero their last norm)."""

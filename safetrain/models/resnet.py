@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from safetrain.models.layers import activation, conv_norm_act, norm, plan_sizes
+from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
 
 
 class BasicBlock(nn.Module):
@@ -25,26 +25,17 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.skip(x))
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int, depth: int = 18,
                  base_width: int = 64, activation_name: str = "relu", norm_name: str = "batch",
                  dropout: float = 0.0):
-        super().__init__()
-        if depth == 18:
-            stages = [2, 2, 2, 2]
-        else:
-            stages = [(depth - 2) // 6] * 3
-        widths = [base_width * 2 ** i for i in range(len(stages))]
-        self.sizes = plan_sizes(height, width, len(stages) - 1, f"model=resnet model.depth={depth}")
-        layers = conv_norm_act(in_channels, base_width, norm_name, activation_name)
+        stages = [2, 2, 2, 2] if depth == 18 else [(depth - 2) // 6] * 3  # basic blocks per stage
+        sizes = plan_sizes(height, width, len(stages) - 1, f"model=resnet model.depth={depth}")
+        layers = conv_norm_act(in_channels, base_width, norm_name, activation_name)  # small-image stem
         cin = base_width
-        for i, (n, w) in enumerate(zip(stages, widths)):
+        for i, n in enumerate(stages):  # stage i: base_width * 2**i channels, stride 2 from stage 1 on
             for j in range(n):
+                w = base_width * 2 ** i
                 layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, norm_name, activation_name))
                 cin = w
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(cin, num_classes))
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes) logits
-        return self.head(self.features(x))
+        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes)
