@@ -60,15 +60,16 @@ def _searchpath() -> str:
 
 def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | None):
     """Hydra's composition errors, restated with the key, the problem and the fix."""
-    from safetrain.config import ConfigError, nearest_key
+    from safetrain.config import ConfigError, did_you_mean, nearest_key
 
     msg = str(e)
     if "Cannot find primary config" in msg:
         return ConfigError(f"[config] no recipe named '{recipe}'.\n\n{list_recipes(config_dir)}")
     if "Could not find '" in msg:  # a group option: data=cifar1
-        group = msg.split("Could not find '")[1].split("/")[0]
+        group, value = msg.split("Could not find '")[1].split("'")[0].split("/", 1)
         options = sorted(p.stem for p in (CONF_DIR / group.strip()).glob("*.yaml"))
-        return ConfigError(f"[config] {group}: no such option. Choose one of {options}.")
+        return ConfigError(f"[config] {group}={value}: no such option. Choose one of {options}."
+                           + did_you_mean(value, options))
     for ov in overrides:
         key = ov.split("=", 1)[0].lstrip("+~")
         if f"'{key}'" in msg or f"Key '{key.split('.')[-1]}'" in msg:

@@ -135,9 +135,13 @@ def schema_keys(schema=Config, prefix: str = "") -> list[str]:
     return sorted(set(keys))
 
 
-def nearest_key(key: str, candidates=None) -> str:
-    match = difflib.get_close_matches(key, candidates or schema_keys(), n=1, cutoff=0.5)
+def did_you_mean(value, options, cutoff: float = 0.6) -> str:
+    match = difflib.get_close_matches(str(value), [str(o) for o in options], n=1, cutoff=cutoff)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def nearest_key(key: str, candidates=None) -> str:
+    return did_you_mean(key, candidates or schema_keys(), cutoff=0.5)
 
 
 def _merge(schema, node, where: str):
@@ -162,9 +166,7 @@ def _field_type(key: str) -> str:
 
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
-        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"[config] {key}={value!r} is not one of {list(allowed)}.{hint}")
+        raise ConfigError(f"[config] {key}={value!r} is not one of {list(allowed)}.{did_you_mean(value, allowed)}")
 
 
 def _range(key: str, value, lo, hi, row: str = "config", fix: str = "") -> None:

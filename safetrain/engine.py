@@ -57,7 +57,8 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     if prec.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0

@@ -56,7 +56,7 @@ def test_bad_choice_is_refused_with_the_valid_choices():
 
 
 def test_unknown_group_option_lists_the_options():
-    with pytest.raises(ConfigError, match=r"data: no such option.*cifar10"):
+    with pytest.raises(ConfigError, match=r"data=cifar1: no such option.*'cifar100'.*Did you mean 'cifar10'"):
         compose("smoke", ["data=cifar1"])
 
 
@@ -96,3 +96,15 @@ def test_user_recipe_in_own_folder_via_config_dir(tmp_path):
         "defaults:\n  - config\n  - override data: synthetic\n  - _self_\nmodel:\n  widths: [8]\n")
     cfg, _ = compose("mine", [], config_dir=str(tmp_path))
     assert cfg.model.widths == [8]
+
+
+def test_cli_runs_a_user_recipe_from_config_dir(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text(
+        "# my recipe\ndefaults:\n  - config\n  - override model: cnn_tiny\n  - _self_\ntrainer:\n  max_epochs: 1\n")
+    listing = run_cli("--config-dir", str(tmp_path / "recipes"))
+    assert "mine" in listing.stdout and "my recipe" in listing.stdout
+    out = run_cli("--config-dir", str(tmp_path / "recipes"), "recipe=mine", f"hydra.run.dir={tmp_path / 'run'}",
+                  "trainer.progress=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "max_epochs: 1" in (tmp_path / "run" / "config.yaml").read_text()
