@@ -50,3 +50,21 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise ValueError(f"{path}: checkpoint format {ckpt.get('format_version')} is not {FORMAT_VERSION}; "
                          "it was written by another safetrain version.")
     return ckpt
+
+
+def load_classifier(path: Path, model=None):
+    """A trained classifier from a checkpoint, with its normalization in front: it takes uint8
+    (B, C, H, W) images as they come from disk and returns logits, so train and inference cannot
+    normalize differently [M02]. Pass `model` (same architecture) for a model safetrain did not build."""
+    from torch import nn
+
+    from safetrain.data.pipelines import Normalize
+    from safetrain.models import build_model
+
+    ckpt = load_checkpoint(path)
+    f = ckpt["data_facts"]
+    if model is None:
+        model = build_model(**ckpt["config"]["model"], channels=f["channels"], height=f["height"],
+                            width=f["width"], num_classes=len(f["classes"]))
+    model.load_state_dict(ckpt["model"])
+    return nn.Sequential(Normalize(**ckpt["normalization"]), model).eval()

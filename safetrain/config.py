@@ -27,6 +27,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "memory", "stream")
 # Sane learning-rate ranges per optimizer [M16]; outside them only with optim.allow_unusual_lr.
 LR_RANGE = {"adamw": (1e-5, 1e-2), "sgd": (1e-4, 1.0)}
+MAX_ROTATION = 30.0  # degrees, beyond which digits, text and most objects change meaning [M05]
+BN_MIN_BATCH = 8  # BatchNorm statistics of fewer samples are too noisy to train with [M12]
 
 
 @dataclass
@@ -46,6 +48,10 @@ class DataConfig:
     test_fraction: float = 0.1  # only used when the source has no test split
     augment: str = "crop_flip"
     hflip_keeps_label: bool = True  # a recipe fact: False for digits and text [M05]
+    rotate_degrees: float = 0.0  # random rotation in [-d, d]; at most 30 unless allow_large_rotation [M05]
+    allow_large_rotation: bool = False
+    allow_duplicates_across_splits: bool = False  # exact copies across train/val/test are refused [M06]
+    min_samples_per_class: int = 5  # in the training split [M08]
     image_size: Optional[int] = None  # resize folder images to this square size
     loader: str = "auto"
     num_workers: int = 4
@@ -86,7 +92,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: Any = 1e-3  # a float, or "auto": a learning-rate range test picks it [M16]
     weight_decay: float = 0.05  # never applied to norm or bias parameters [M15]
     momentum: float = 0.9  # SGD momentum, or AdamW's beta1
     nesterov: bool = True  # SGD only
@@ -198,8 +204,10 @@ def _check_values(c: Config) -> None:
     _choice("sched.name", c.sched.name, SCHEDULES)
     _choice("trainer.device", c.trainer.device, DEVICES)
     _choice("trainer.precision", c.trainer.precision, PRECISIONS)
-    if c.loss.name != "auto":
-        _choice("loss.name", c.loss.name, LOSSES[c.task])
+    if c.loss.name not in ("auto", *LOSSES[c.task]):
+        raise ConfigError(f"[M13] loss.name={c.loss.name!r} does not fit task {c.task!r}: {c.task} "
+                          f"classification needs {' or '.join(LOSSES[c.task])} (softmax over one logit per class). "
+                          f"Use loss.name=auto; safetrain derives the loss from the task.")
     if c.data.name == "imagefolder" and not c.data.root:
         raise ConfigError("[config] data=imagefolder needs data.root=<folder with train/ or class "
                           "subfolders>. Add data.root=/path/to/images to the command.")
@@ -211,11 +219,29 @@ def _check_values(c: Config) -> None:
         raise ConfigError("[M15] optim=sgd with optim.momentum=0 is plain SGD, which trains CNNs "
                           "slowly or not at all. Set optim.momentum=0.9 (or use optim=adamw).")
     lo, hi = LR_RANGE[c.optim.name]
-    if not c.optim.allow_unusual_lr:
+    if isinstance(c.optim.lr, str):
+        if c.optim.lr != "auto":
+            raise ConfigError(f"[M16] optim.lr={c.optim.lr!r} is neither a number nor 'auto'. "
+                              "Write e.g. optim.lr=1e-3, or optim.lr=auto for a range test.")
+    elif not isinstance(c.optim.lr, (int, float)) or isinstance(c.optim.lr, bool):
+        raise ConfigError(f"[M16] optim.lr={c.optim.lr!r} is not a number. Write e.g. optim.lr=1e-3.")
+    elif not c.optim.allow_unusual_lr:
         _range("optim.lr", c.optim.lr, lo, hi, "M16",
                f" That is not a sane learning rate for {c.optim.name}: pick a value in range, or "
                "add optim.allow_unusual_lr=true if you really mean it.")
-    _range("data.batch_size", c.data.batch_size, 1, 65536)
+    if c.data.rotate_degrees < 0:
+        raise ConfigError(f"[M05] data.rotate_degrees={c.data.rotate_degrees} must be >= 0 (rotations are "
+                          "drawn from [-d, d]).")
+    if not c.data.allow_large_rotation:
+        _range("data.rotate_degrees", c.data.rotate_degrees, 0.0, MAX_ROTATION, "M05",
+               " Rotations that large turn a 6 into a 9 and make most objects unnatural. Use at most "
+               f"{MAX_ROTATION:.0f}, or add data.allow_large_rotation=true if the classes are rotation-invariant.")
+    _range("data.min_samples_per_class", c.data.min_samples_per_class, 1, 10**6, "M08")
+    if c.model.norm == "batch" and c.data.batch_size < BN_MIN_BATCH:
+        raise ConfigError(f"[M12] data.batch_size={c.data.batch_size} is too small for BatchNorm (statistics of "
+                          f"fewer than {BN_MIN_BATCH} samples are noise, and 1 fails outright). Use model.norm=group, "
+                          f"or data.batch_size={BN_MIN_BATCH * 4} or more.")
+    _range("data.batch_size", c.data.batch_size, 1, 65536, "M23")
     _range("data.val_fraction", c.data.val_fraction, 0.01, 0.5)
     _range("data.test_fraction", c.data.test_fraction, 0.01, 0.5)
     _range("optim.weight_decay", c.optim.weight_decay, 0.0, 0.5, "M21")
@@ -233,6 +259,19 @@ def _check_values(c: Config) -> None:
     elif c.model.depth != 18 and (c.model.depth - 2) % 6:
         raise ConfigError(f"[config] model.depth={c.model.depth}: resnet depths are 18 or 6n+2 "
                           "(20, 32, 44, 56, 110). Pick one of those.")
+
+
+def unlocks(c: Config) -> list[str]:
+    """Warnings for every safety bound the config unlocks (logged at the start of a run)."""
+    out = []
+    if c.optim.allow_unusual_lr:
+        out.append(f"[M16] optim.allow_unusual_lr=true: optim.lr={c.optim.lr} is not range-checked")
+    if c.data.allow_large_rotation:
+        out.append(f"[M05] data.allow_large_rotation=true: rotations up to {c.data.rotate_degrees} degrees")
+    if c.data.allow_duplicates_across_splits:
+        out.append("[M06] data.allow_duplicates_across_splits=true: exact copies across train/val/test are "
+                   "allowed, so validation and test scores may be optimistic")
+    return out
 
 
 def to_container(c: Config) -> dict:

@@ -55,12 +55,23 @@ def batch_flip(x: Tensor, g: torch.Generator) -> Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
+def batch_rotate(x: Tensor, degrees: float, g: torch.Generator) -> Tensor:
+    """Rotate each sample by its own angle in [-degrees, degrees] (reflection at the borders)."""
+    b = x.shape[0]
+    a = (torch.rand(b, device=x.device, generator=g) * 2 - 1) * degrees * torch.pi / 180
+    cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 class BatchPipeline:
     """uint8 batch on any device -> normalized float batch on `device`, augmented if training."""
 
-    def __init__(self, normalize: Normalize, device: torch.device, augment: str = "none", seed: int = 0):
+    def __init__(self, normalize: Normalize, device: torch.device, augment: str = "none", seed: int = 0,
+                 rotate_degrees: float = 0.0):
         self.normalize = normalize.to(device)
-        self.device, self.augment = device, augment
+        self.device, self.augment, self.rotate_degrees = device, augment, rotate_degrees
         self.g = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -69,7 +80,22 @@ class BatchPipeline:
             x = batch_crop(x, max(1, round(x.shape[-1] / 8)), self.g)  # 4 px at 32x32
         if "flip" in self.augment:
             x = batch_flip(x, self.g)
+        if self.rotate_degrees:
+            x = batch_rotate(x, self.rotate_degrees, self.g)
         return x
+
+
+def check_batch(x: Tensor) -> None:
+    """What the model is fed: finite floats, per channel roughly standardized [M01, M33]."""
+    if not x.is_floating_point() or not torch.isfinite(x).all():
+        raise DataError(f"[M33] the training pipeline produced {x.dtype} inputs with non-finite values; the "
+                        "model needs finite floats. Check the images for corruption.")
+    mean = x.float().mean(dim=(0, 2, 3))
+    std = x.float().std(dim=(0, 2, 3))
+    if (mean.abs() > 1.5).any() or (std < 0.2).any() or (std > 5).any():
+        raise DataError(f"[M33] inputs after normalization are far from standardized (per-channel mean "
+                        f"{[round(v, 2) for v in mean.tolist()]}, std {[round(v, 2) for v in std.tolist()]}). "
+                        "The statistics do not match the images: clear the cache ($SAFETRAIN_CACHE) and rerun.")
 
 
 class TensorLoader:

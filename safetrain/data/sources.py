@@ -236,3 +236,65 @@ def load_source(name: str, *, root: Optional[str], download: bool, image_size: O
     if name == "imagefolder":
         return load_folder(root, image_size, loader, cache_dir, num_workers)
     return load_torchvision(name, root or str(cache_dir / "datasets"), download)
+
+
+# ---------------------------------------------------------------- a user's own Dataset
+def load_dataset(ds, classes: Optional[list[str]] = None) -> Source:
+    """A torch `Dataset` of (image, label) -> Source, decoded once into memory.
+
+    Images: PIL images, uint8 tensors (C, H, W) or arrays (H, W[, C]), or float tensors in [0, 1]
+    (not normalized: safetrain normalizes). Labels: class indices (int) [M14, M33]."""
+    images, labels = [], []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        images.append(_to_uint8(x, i))
+        labels.append(_to_index(y, i))
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) > 1:
+        raise DataError(f"[data] the dataset's images have different shapes {sorted(shapes)[:3]}; they must "
+                        "all have one (C, H, W). Resize them in the dataset.")
+    labels_t = torch.tensor(labels, dtype=torch.int64)
+    classes = list(classes or getattr(ds, "classes", None) or [str(k) for k in range(int(labels_t.max()) + 1)])
+    all_ = ImageSet(labels_t, [f"dataset/{i}" for i in range(len(labels))], torch.stack(images))
+    fp = digest("dataset", type(ds).__name__, all_.images.numpy().tobytes(), labels_t.numpy().tobytes())
+    return Source(classes, {"all": all_}, fp, tuple(images[0].shape))
+
+
+def _to_uint8(x, i: int) -> Tensor:
+    if isinstance(x, Image.Image):
+        arr = np.array(x.convert("L" if x.mode in ("L", "1", "I", "I;16") else "RGB"))
+        x = torch.from_numpy(arr)
+        return x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # numpy images are (H, W, C)
+    if not isinstance(x, Tensor):
+        raise DataError(f"[M33] dataset item {i}: the image is a {type(x).__name__}; return a PIL image, a uint8 "
+                        "tensor (C, H, W) or a float tensor in [0, 1].")
+    x = x[None] if x.ndim == 2 else x
+    if x.dtype == torch.uint8:
+        return x.contiguous()
+    if x.is_floating_point():
+        lo, hi = float(x.min()), float(x.max())
+        if not (torch.isfinite(x).all() and lo >= 0 and hi <= 1):
+            raise DataError(f"[M33] dataset item {i}: float pixels span [{lo:.3g}, {hi:.3g}]; safetrain expects "
+                            "uint8 (0-255) or floats in [0, 1] before normalization (it normalizes with the "
+                            "training split's statistics itself). Return ToTensor() output without Normalize, "
+                            "or divide 0-255 floats by 255.")
+        return (x * 255).round().to(torch.uint8).contiguous()
+    raise DataError(f"[M33] dataset item {i}: pixels of dtype {x.dtype}; return uint8 or float in [0, 1].")
+
+
+def _to_index(y, i: int) -> int:
+    if isinstance(y, Tensor) and y.ndim == 1 and y.numel() > 1:
+        kind = "a one-hot vector" if bool(((y == 0) | (y == 1)).all() and y.sum() == 1) else "a vector"
+        raise DataError(f"[M14] dataset item {i}: the label is {kind} of length {y.numel()}; multiclass "
+                        f"labels are class indices (an int 0..C-1). Return int(label.argmax()) instead.")
+    if isinstance(y, Tensor):
+        if y.numel() != 1:
+            raise DataError(f"[M14] dataset item {i}: label of shape {tuple(y.shape)}; expected one class index.")
+        y = y.item()
+    if isinstance(y, (bool, np.bool_)) or not isinstance(y, (int, np.integer)):
+        raise DataError(f"[M14] dataset item {i}: label {y!r} is a {type(y).__name__}; multiclass labels are "
+                        "class indices (int 0..C-1), not floats or strings. Map each class to its index.")
+    return int(y)

@@ -1,6 +1,8 @@
 """Seeded, stratified splits: val (and test, when the source has none) carved from train."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,8 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
     return torch.cat(kept).sort().values, torch.cat(carved).sort().values
 
 
-def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: int) -> dict[str, ImageSet]:
+def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: int,
+                min_per_class: int = 1) -> dict[str, ImageSet]:
     """train/val/test. A source's own splits are kept; what is missing is carved from train
     (test first, then val from the rest), stratified and seeded, so the splits never overlap."""
     parts = dict(src.parts)
@@ -35,11 +38,12 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
         keep, cut = stratified_split(train.labels, val_fraction, seed + 1)
         train, parts["val"] = train.subset(keep), train.subset(cut)
     splits = {"train": train, "val": parts["val"], "test": parts["test"]}
-    _check_labels(splits, len(src.classes))
+    _check_labels(splits, src.classes, min_per_class)
     return splits
 
 
-def _check_labels(splits: dict[str, ImageSet], num_classes: int) -> None:
+def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int) -> None:
+    num_classes = len(classes)
     for name, s in splits.items():
         if len(s) == 0:
             raise DataError(f"[M07] the {name} split is empty. Add images, or raise data.val_fraction / "
@@ -49,10 +53,39 @@ def _check_labels(splits: dict[str, ImageSet], num_classes: int) -> None:
             i = int(bad.nonzero()[0])
             raise DataError(f"[M08] {name} sample {s.ids[i]} has label {int(s.labels[i])}, outside "
                             f"[0, {num_classes}). Labels must be class indices 0..{num_classes - 1}.")
-    missing = set(range(num_classes)) - set(splits["train"].labels.unique().tolist())
-    if missing:
-        raise DataError(f"[M08] classes {sorted(missing)} have no training sample. Add images for them "
-                        "or remove their folders.")
+    counts = torch.bincount(splits["train"].labels, minlength=num_classes).tolist()
+    few = {classes[k]: n for k, n in enumerate(counts) if n < min_per_class}
+    if few:
+        raise DataError(f"[M08] classes with fewer than {min_per_class} training samples: {few}. A class needs "
+                        "examples to be learned: add images, merge or remove those classes, or lower "
+                        "data.min_samples_per_class.")
+
+
+def exact_duplicates(splits: dict[str, ImageSet]) -> list[tuple[str, str]]:
+    """(id, id) pairs of byte-identical images in different splits, found by a hash of the decoded
+    pixels (or of the file, on the streaming path) [M06]."""
+    first: dict[bytes, tuple[str, str]] = {}
+    pairs = []
+    for name, s in splits.items():
+        for i, sid in enumerate(s.ids):
+            h = _hash(s, i)
+            if h in first and first[h][0] != name:
+                pairs.append((first[h][1], f"{name}:{sid}"))
+            first.setdefault(h, (name, f"{name}:{sid}"))
+    return pairs
+
+
+def _hash(s: ImageSet, i: int) -> bytes:
+    data = s.images[i].numpy().tobytes() if s.images is not None else open(s.files[i], "rb").read()
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def refuse_duplicates(pairs: list[tuple[str, str]], allowed: bool) -> None:
+    if pairs and not allowed:
+        shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3])
+        raise DataError(f"[M06] {len(pairs)} images appear in two splits as exact copies ({shown}"
+                        f"{' ...' if len(pairs) > 3 else ''}): scores on val/test would be inflated. Remove the "
+                        "copies, or set data.allow_duplicates_across_splits=true to train anyway.")
 
 
 def describe(splits: dict[str, ImageSet]) -> dict[str, list[str]]:
