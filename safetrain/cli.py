@@ -26,6 +26,18 @@ def _bundled(name: str) -> Path:
 CONF_DIR, RECIPES_DIR = _bundled("conf"), _bundled("recipes")
 
 
+def _register_schema() -> None:
+    """conf/config.yaml starts from `schema`: every key exists, typed, whatever the YAML mentions."""
+    from hydra.core.config_store import ConfigStore
+
+    from safetrain.config import Config
+
+    ConfigStore.instance().store(name="safetrain_schema", node=Config)
+
+
+_register_schema()
+
+
 def list_recipes(extra_dir: str | None = None) -> str:
     lines = ["usage: python -m safetrain recipe=NAME [key=value ...]", "", "recipes:"]
     for d in filter(None, [RECIPES_DIR, extra_dir and Path(extra_dir)]):
@@ -62,7 +74,7 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
     """Hydra's composition errors, restated with the key, the problem and the fix."""
     from safetrain.config import ConfigError, did_you_mean, nearest_key
 
-    msg = str(e)
+    msg = f"{e}\n{e.__cause__ or ''}"
     if "Cannot find primary config" in msg:
         return ConfigError(f"[config] no recipe named '{recipe}'.\n\n{list_recipes(config_dir)}")
     if "Could not find '" in msg:  # a group option: data=cifar1
@@ -72,8 +84,11 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
                            + did_you_mean(value, options))
     for ov in overrides:
         key = ov.split("=", 1)[0].lstrip("+~")
-        if f"'{key}'" in msg or f"Key '{key.split('.')[-1]}'" in msg:
-            return ConfigError(f"[config] unknown setting '{key}' in `{ov}`.{nearest_key(key)}")
+        if key in msg or f"'{key.split('.')[-1]}'" in msg:
+            if "not in" in msg or "Could not override" in msg or "Could not append" in msg:
+                return ConfigError(f"[config] unknown setting '{key}' in `{ov}`.{nearest_key(key)}")
+            value_line = next((ln.strip() for ln in msg.splitlines() if ln.strip().startswith("Value")), msg)
+            return ConfigError(f"[config] {key}: {value_line} (in `{ov}`).")
     return ConfigError(f"[config] {msg.splitlines()[0]}")
 
 

@@ -147,7 +147,12 @@ def did_you_mean(value, options, cutoff: float = 0.6) -> str:
 
 
 def nearest_key(key: str, candidates=None) -> str:
-    return did_you_mean(key, candidates or schema_keys(), cutoff=0.5)
+    """' Did you mean ...?' for an unknown key; for model keys, what each model takes."""
+    if key.startswith("model."):
+        per_model = "; ".join(f"model={n} takes {', '.join(k for k in get_type_hints(c) if k != 'name')}"
+                              for n, c in MODELS.items())
+        return f" The chosen model has no such setting ({per_model})."
+    return did_you_mean(key, [k for k in (candidates or schema_keys()) if k != key], cutoff=0.5)
 
 
 def _merge(schema, node, where: str):
@@ -161,6 +166,19 @@ def _merge(schema, node, where: str):
                               f" Valid keys: `python -m safetrain recipe=NAME --cfg job`.") from None
         raise ConfigError(f"[config] {key}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]
                           + f" (expected {_field_type(key)}).") from None
+
+
+def _refuse_unknown(node, schema, prefix: str) -> None:
+    """Keys the schema does not have (`+key=value` slips past Hydra's struct mode)."""
+    hints = get_type_hints(schema)
+    for key in node:
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"[config] unknown setting '{full}'.{nearest_key(full)}"
+                              " Valid keys: `python -m safetrain recipe=NAME --cfg job`.")
+        sub = MODELS.get(node[key].get("name")) if (schema is Config and key == "model") else hints[key]
+        if is_dataclass(sub) and node[key] is not None:
+            _refuse_unknown(node[key], sub, f"{full}.")
 
 
 def _field_type(key: str) -> str:
@@ -187,6 +205,7 @@ def validate(cfg: DictConfig | dict) -> Config:
     if model_raw is None or "name" not in model_raw:
         raise ConfigError(f"[config] model is not chosen. Add model=NAME, one of {list(MODELS)}.")
     _choice("model", model_raw.name, MODELS)
+    _refuse_unknown(raw, Config, "")
     out: Config = _merge(Config, raw, "")  # model is Any here: a plain dict ...
     out.model = _merge(MODELS[model_raw.name], model_raw, "model")  # ... checked by its own schema
     _check_values(out)

@@ -46,7 +46,7 @@ def test_key_of_another_model_is_refused_naming_the_model_keys():
 
 
 def test_wrong_type_is_refused_with_key_and_expected_type():
-    with pytest.raises(ConfigError, match=r"data\.batch_size.*'many'.*int"):
+    with pytest.raises(ConfigError, match=r"(?i)data\.batch_size.*'many'.*int"):
         compose("smoke", ["data.batch_size=many"])
 
 
