@@ -128,6 +128,6 @@ def _job(raw) -> None:
     try:
         cfg = validate(raw)
         run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
-    except SafetrainError as e:
+    except SafetrainError as e:  # a refusal (2), or training stopped on purpose (1)
         log.error("%s: %s", type(e).__name__, e)
-        sys.exit(2)
+        sys.exit(1 if type(e).__name__ == "TrainingStopped" else 2)

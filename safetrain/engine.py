@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetrain.metrics import to_plain
+from safetrain.monitors import epoch_findings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Precision:
 
 
 def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Precision, grad_clip: float,
-                progress: bool, desc: str) -> dict:
+                progress: bool, desc: str, guard=None) -> dict:
     model.train()
     total_loss = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device)
@@ -49,16 +50,21 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        if guard is not None:
+            guard.update(loss, grad_norm)
         optimizer.step()
         schedule.after_step()
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        if step % 20 == 0:
+        if step % 20 == 0:  # the loop syncs with the device here anyway
+            if guard is not None:
+                guard.check(f"in {desc}, step {step + 1}")
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    if guard is not None:
+        guard.check(f"in {desc}")
     if prec.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -86,20 +92,21 @@ class FitResult:
     epochs_run: int
     stopped_early: bool
     history: list
+    findings: list
 
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, *, prec: Precision,
         max_epochs: int, grad_clip: float, early_stop_patience: int, selection: tuple[str, str],
-        checkpoint_dir: Path, save: Callable, track: Callable, progress: bool) -> FitResult:
+        checkpoint_dir: Path, save: Callable, track: Callable, progress: bool, guard=None) -> FitResult:
     """Train up to max_epochs; after each epoch validate, step the schedule on the selection
     metric, keep best.pt (by that metric) and last.pt, and stop early on no improvement."""
     metric, mode = selection
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
-    history, since_best = [], 0
+    history, findings, since_best = [], [], 0
     for epoch in range(1, max_epochs + 1):
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
-                         f"epoch {epoch}/{max_epochs}")
+                         f"epoch {epoch}/{max_epochs}", guard)
         val = evaluate(model, val_loader, loss_fn, metrics, prec)
         value = float(val[metric])
         schedule.after_validation(value)
@@ -113,7 +120,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
                    "val/balanced_acc": float(val["balanced_acc"]), "val/macro_f1": float(val["macro_f1"]),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": tr["seconds"]}
         history.append(scalars)
-        track(epoch, scalars)
+        found = epoch_findings(epoch, history, val["confusion"], val["confusion"].shape[0])
+        for f in found:
+            log.warning("%s", f)
+        findings += found
+        track(epoch, scalars, [str(f) for f in found])
         state = dict(epoch=epoch, metrics=scalars, best=best)
         save(checkpoint_dir / "last.pt", **state)
         if improved:
@@ -124,8 +135,8 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         if early_stop_patience and since_best >= early_stop_patience:
             log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
                      metric, since_best, best["value"], best["epoch"])
-            return FitResult(best, epoch, True, history)
-    return FitResult(best, max_epochs, False, history)
+            return FitResult(best, epoch, True, history, findings)
+    return FitResult(best, max_epochs, False, history, findings)
 
 
 def test(model, test_loader, loss_fn, metrics, prec: Precision) -> dict:

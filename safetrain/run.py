@@ -19,6 +19,7 @@ from safetrain.losses import build_loss
 from safetrain.metrics import build_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
+from safetrain.monitors import StepGuard, TrainingStopped
 from safetrain.optim import LRSchedule, build_optimizer, find_lr
 from safetrain.tracking import Tracker, environment, flatten, snapshot, write_json
 
@@ -136,10 +137,16 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
         save_checkpoint(path, model=net, optimizer=optimizer, schedule=schedule, **fixed, **state)
 
     log.info("[7/8] training up to %d epochs -> %s", tr.max_epochs, run_dir)
-    result = fit(net, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, prec=prec,
-                 max_epochs=tr.max_epochs, grad_clip=tr.grad_clip, early_stop_patience=tr.early_stop_patience,
-                 selection=selection, checkpoint_dir=run_dir / "checkpoints", save=save, track=tracker.epoch,
-                 progress=tr.progress)
+    try:
+        result = fit(net, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, prec=prec,
+                     max_epochs=tr.max_epochs, grad_clip=tr.grad_clip, early_stop_patience=tr.early_stop_patience,
+                     selection=selection, checkpoint_dir=run_dir / "checkpoints", save=save, track=tracker.epoch,
+                     progress=tr.progress, guard=StepGuard(facts.num_classes, device, lr))
+    except TrainingStopped as e:  # checkpoints of the epochs before stay as they were
+        write_json(run_dir / "metrics.json", {"stopped": str(e), "wall_time_s": time.time() - t_start})
+        tracker.text("warnings", str(e))
+        tracker.close()
+        raise
 
     net.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
     test_loader = D.make_loader(splits["test"], eval_pipe, batch_size=2 * d.batch_size, train=False,
@@ -153,6 +160,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
         "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
                       for i, c in enumerate(facts.classes)},
         "confusion_matrix": t["confusion"], "parameters": n_params, "wall_time_s": time.time() - t_start,
+        "warnings": [str(f) for f in result.findings],
     }
     write_json(run_dir / "metrics.json", final)
     tracker.confusion(torch.tensor(t["confusion"]), facts.classes)

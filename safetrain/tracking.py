@@ -58,11 +58,13 @@ class Tracker:
         self.tb = SummaryWriter(str(run_dir / "tb"))
         self.jsonl = run_dir / "metrics.jsonl"
 
-    def epoch(self, epoch: int, scalars: dict) -> None:
+    def epoch(self, epoch: int, scalars: dict, warnings: list[str] = ()) -> None:
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, epoch)
+        for w in warnings:
+            self.tb.add_text("warnings", w, epoch)
         with self.jsonl.open("a") as f:
-            f.write(json.dumps({"epoch": epoch, **scalars}) + "\n")
+            f.write(json.dumps({"epoch": epoch, **scalars, "warnings": list(warnings)}) + "\n")
         self.tb.flush()
 
     def images(self, tag: str, images: torch.Tensor) -> None:

@@ -474,6 +474,67 @@ def test_m26_gradient_clipping_is_on_by_default_and_applied():
     assert norms[0] <= 0.5 + 1e-4
 
 
+class NaNAfter(nn.Module):
+    """A model that goes NaN during its second training epoch (a planted numerical fault)."""
+
+    def __init__(self, after_calls: int):
+        super().__init__()
+        self.net = build_model("cnn", channels=3, height=16, width=16, num_classes=4, widths=[8], blocks=0)
+        self.calls, self.after = 0, after_calls
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.calls > self.after else out
+
+
+def test_m26_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    from safetrain.monitors import TrainingStopped
+    cfg, _ = compose("smoke", ["trainer.max_epochs=3", "trainer.progress=false"])
+    steps = 388 // 32  # training steps per epoch of the smoke data
+    with pytest.raises(TrainingStopped, match=r"\[M26\] the loss or the gradients became NaN/inf in epoch 2/3"):
+        run(cfg, tmp_path / "run", model=NaNAfter(steps + 3))
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+    assert "M26" in json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"]
+
+
+def test_m16_a_diverging_loss_stops_with_a_learning_rate_diagnosis(tmp_path):
+    from safetrain.monitors import TrainingStopped
+    cfg, _ = compose("smoke", ["optim=sgd", "optim.lr=1000", "optim.allow_unusual_lr=true", "trainer.grad_clip=0",
+                               "trainer.max_epochs=2", "trainer.progress=false"])
+    with pytest.raises(TrainingStopped, match=r"\[M(16|26)\].*learning rate.*optim\.lr=1\.00e\+03"):
+        run(cfg, tmp_path / "run")
+
+
+class IgnoresInput(nn.Module):
+    """A planted fault: the output does not depend on the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([0.01, -0.01, -0.01, -0.01]))  # loss starts at chance
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1) + 0 * x.mean()
+
+
+def test_m27_m28_a_model_that_ignores_its_input_is_flagged_as_collapsed_and_stuck(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    final, run_dir = train(tmp_path, ["trainer.max_epochs=3"], model=IgnoresInput())
+    text = " ".join(final["warnings"])
+    assert "[M27]" in text and "of validation predictions are class 0" in text
+    assert "[M28]" in text and "chance level ln(4)" in text
+    assert "[M27]" in caplog.text
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("[M28]" in w for r in rows for w in r["warnings"])
+
+
+def test_m27_m28_a_healthy_run_raises_no_alarm(tmp_path):
+    final, _ = train(tmp_path, ["trainer.max_epochs=3"])
+    assert final["warnings"] == [] and final["test_acc"] > 0.9
+
+
 def test_m29_one_selection_metric_drives_checkpoint_scheduler_and_early_stopping(tmp_path):
     refused(tmp_path, ["+trainer.monitor=val_loss"], r"unknown setting 'trainer\.monitor'")
     final, run_dir = train(tmp_path, ["trainer.max_epochs=4", "trainer.early_stop_patience=1"])
@@ -523,6 +584,15 @@ def test_m33_inputs_are_checked_after_the_pipeline():
     with pytest.raises(DataError, match=r"\[M33\].*far from standardized"):
         D.check_batch(torch.rand(16, 3, 8, 8) * 255)
     D.check_batch(torch.randn(16, 3, 8, 8))  # standardized floats pass
+
+
+def test_m33_a_run_refuses_inputs_that_normalization_does_not_standardize(tmp_path, monkeypatch):
+    import os
+    train(tmp_path, name="first")  # fills the statistics cache
+    cache = next((tmp_path.parent / os.environ["SAFETRAIN_CACHE"]).glob("stats/*.json"))
+    cache.write_text(json.dumps({"mean_std": [[0.9, 0.9, 0.9], [0.05, 0.05, 0.05]]}))  # stale or corrupt
+    refused(tmp_path, [], r"\[M33\] inputs after normalization are far from standardized.*clear the cache",
+            exc=DataError)
 
 
 def test_m33_uint8_and_pil_images_from_a_dataset_are_accepted(tmp_path):

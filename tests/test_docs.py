@@ -1,0 +1,31 @@
+"""docs/mistakes.md and the tests name the same catalogue rows, and every row has a test."""
+import re
+
+import pytest
+
+from tests.conftest import REPO
+
+CATALOGUE = REPO.parent / "shared" / "MISTAKES.md"
+
+
+def _doc_ids() -> set[str]:
+    return set(re.findall(r"^\| (M\d\d) \|", (REPO / "docs" / "mistakes.md").read_text(), re.M))
+
+
+def _test_ids() -> set[str]:
+    names = "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py"))
+    prefixes = re.findall(r"def test_((?:m\d\d_)+)", names)  # test_m27_m28_... names two rows
+    return {m.upper() for p in prefixes for m in re.findall(r"m\d\d", p)}
+
+
+def test_every_row_in_the_docs_has_a_test_and_every_tested_row_is_documented():
+    doc, tested = _doc_ids(), _test_ids()
+    assert doc == {f"M{i:02d}" for i in range(1, 34)}
+    assert doc - tested == set(), f"rows without a test: {sorted(doc - tested)}"
+    assert tested - doc == set(), f"tests for rows the page lacks: {sorted(tested - doc)}"
+
+
+def test_the_docs_follow_the_catalogue_when_it_is_present():
+    if not CATALOGUE.exists():
+        pytest.skip("no ../shared/MISTAKES.md beside this clone: the page itself is the reference")
+    assert set(re.findall(r"^\| (M\d\d) \|", CATALOGUE.read_text(), re.M)) == _doc_ids()
