@@ -147,3 +147,16 @@ def test_train_loader_shuffles_and_drops_last_eval_loader_keeps_order():
     assert order == list(range(10))
     epochs = [torch.cat([(x[:, 0, 0, 0] * 255).round() for x, _ in train]).long().tolist() for _ in range(2)]
     assert epochs[0] != epochs[1] and epochs[0] != list(range(8))
+
+
+def test_stream_workers_are_spawned_once_cuda_is_initialized(tmp_path, monkeypatch):
+    """Forking a process that has initialized CUDA can deadlock; spawned workers must still work."""
+    write_images(tmp_path / "imgs", 2, 6)
+    src = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "cache", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    loader = D.make_loader(src.parts["all"], D.BatchPipeline(D.Normalize([0.5] * 3, [0.2] * 3), torch.device("cpu")),
+                           batch_size=4, train=False, seed=0, shape=src.shape, resize=None, num_workers=1)
+    assert loader.loader.multiprocessing_context.get_start_method() == "spawn"
+    x, y = next(iter(loader))
+    assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 0, 0, 0]

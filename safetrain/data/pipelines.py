@@ -7,14 +7,14 @@ Eval pipelines have no augmentation by construction [M04].
 """
 from __future__ import annotations
 
-import os
+from functools import partial
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safetrain.data.sources import ImageSet, FileDataset
+from safetrain.data.sources import FileDataset, ImageSet, file_loader
 from safetrain.errors import DataError
 
 
@@ -129,17 +129,10 @@ class StreamLoader:
                  num_workers: int = 4):
         self.data, self.pipeline, self.shape = data, pipeline, shape
         g = torch.Generator().manual_seed(seed)
-        self.loader = torch.utils.data.DataLoader(
+        self.loader = file_loader(
             _LabelledFiles(data, shape[0], resize), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-            generator=g, num_workers=min(num_workers, os.cpu_count() or 1), collate_fn=self._collate,
-            pin_memory=pipeline is not None and pipeline.device.type == "cuda", persistent_workers=False)
-
-    def _collate(self, items):
-        for img, _, path in items:
-            if tuple(img.shape) != tuple(self.shape):
-                raise DataError(f"[data] {path} decodes to {tuple(img.shape)} but the dataset's images are "
-                                f"{tuple(self.shape)}. Set data.image_size=N to resize every image to NxN.")
-        return torch.stack([i for i, _, _ in items]), torch.tensor([y for _, y, _ in items])
+            generator=g, num_workers=num_workers, collate_fn=partial(_stack, shape=tuple(shape)),
+            pin_memory=pipeline is not None and pipeline.device.type == "cuda")
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -150,6 +143,14 @@ class StreamLoader:
                 yield x, y
                 continue
             yield self.pipeline(x), y.to(self.pipeline.device, non_blocking=True)
+
+
+def _stack(items, shape: tuple) -> tuple[Tensor, Tensor]:
+    for img, _, path in items:
+        if tuple(img.shape) != shape:
+            raise DataError(f"[data] {path} decodes to {tuple(img.shape)} but the dataset's images are {shape}. "
+                            "Set data.image_size=N to resize every image to NxN.")
+    return torch.stack([i for i, _, _ in items]), torch.tensor([y for _, y, _ in items])
 
 
 class _LabelledFiles(FileDataset):

@@ -200,6 +200,15 @@ class FileDataset(torch.utils.data.Dataset):
         return decode_image(self.files[i], self.channels, self.resize)
 
 
+def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoader:
+    """A DataLoader whose workers decode files. Workers are forked, except once CUDA is initialized in
+    this process (forking then can deadlock): then they are spawned."""
+    workers = min(num_workers, os.cpu_count() or 1)
+    spawn = workers > 0 and torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.utils.data.DataLoader(dataset, num_workers=workers,
+                                       multiprocessing_context="spawn" if spawn else None, **kw)
+
+
 def _decode_all(src: Source, cache_dir: Path, num_workers: int) -> None:
     """Decode every file once into uint8 tensors (cached on disk by the source fingerprint)."""
     cache = cache_dir / "decoded" / f"{src.fingerprint}.pt"
@@ -212,8 +221,7 @@ def _decode_all(src: Source, cache_dir: Path, num_workers: int) -> None:
     c, h, w = src.shape
     for part, s in src.parts.items():
         ds = FileDataset(s.files, c, src.resize)
-        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(num_workers, os.cpu_count() or 1),
-                                         collate_fn=list)
+        dl = file_loader(ds, batch_size=256, num_workers=num_workers, collate_fn=list)
         out = torch.empty((len(ds), c, h, w), dtype=torch.uint8)
         i = 0
         for batch in dl:
