@@ -75,6 +75,20 @@ def test_m01_normalization_is_always_on_and_has_no_off_switch(tmp_path):
     torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("override", ["+data.mean=[0.5,0.5,0.5]", "+data.std=[0.2023,0.1994,0.2010]",
+                                      "+data.normalize.std=[0.5,0.5,0.5]"])
+def test_m01_m03_hand_typed_normalization_stats_cannot_be_given(tmp_path, override):
+    """The often-copied Normalize((0.5,)*3, (0.5,)*3) and CIFAR std (0.2023, 0.1994, 0.2010): no such knob."""
+    refused(tmp_path, [override], r"unknown setting 'data\.(mean|std|normalize)")
+
+
+def test_m01_m33_a_dataset_that_normalizes_itself_is_refused(tmp_path):
+    import torchvision.transforms as T
+    norm = T.Normalize((0.5,) * 3, (0.5,) * 3)  # the tutorial transform, inside the user's Dataset
+    refused(tmp_path, [], r"\[M33\].*float pixels span \[-.*without Normalize", exc=DataError,
+            dataset=ImagesDataset(pixels=norm))
+
+
 def test_m02_one_normalization_travels_with_the_checkpoint_and_the_loaded_model(tmp_path):
     _, run_dir = train(tmp_path)
     facts = json.loads((run_dir / "data_facts.json").read_text())
