@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 import random
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from safetrain import data as D
 from safetrain.checkpoint import load_checkpoint, save_checkpoint
 from safetrain.config import LR_RANGE, Config, to_container, unlocks
+from safetrain.data.audit import cached_audit, pair_images
+from safetrain.data.audit import findings as audit_findings
 from safetrain.engine import Precision, fit, test
 from safetrain.errors import ConfigError
 from safetrain.losses import build_loss
@@ -67,9 +70,14 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
                          num_workers=d.num_workers, cache_dir=cache, seed=cfg.seed, synthetic=vars(d.synthetic)))
     splits = D.make_splits(src, d.val_fraction, d.test_fraction, cfg.seed, d.min_samples_per_class)
     D.refuse_duplicates(D.exact_duplicates(splits), d.allow_duplicates_across_splits)
-    log.info("[2/8] data %s: %s (stratified, seed %d; no exact copies across splits)",
-             "custom Dataset" if dataset is not None else d.name,
-             ", ".join(f"{k} {len(v)}" for k, v in splits.items()), cfg.seed)
+    aud = cached_audit(splits, len(src.classes), src.fingerprint, cache, device)
+    warnings = audit_findings(aud)
+    for w in warnings:
+        log.warning("%s", w)
+    log.info("[2/8] data %s: %s (stratified, seed %d) | audit: %d near-duplicates across splits, %d blank, "
+             "imbalance %.1f", "custom Dataset" if dataset is not None else d.name,
+             ", ".join(f"{k} {len(v)}" for k, v in splits.items()), cfg.seed, len(aud.near_duplicates),
+             len(aud.blank), aud.imbalance_ratio)
 
     stream_kw = dict(shape=src.shape, resize=src.resize, num_workers=d.num_workers)
     facts = D.measure_facts(src.classes, splits, src.shape, src.fingerprint,
@@ -126,7 +134,11 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     snapshot(run_dir, config_dict, overrides, environment(device))
     write_json(run_dir / "splits.json", D.describe(splits))
     write_json(run_dir / "data_facts.json", facts.to_dict())
+    write_json(run_dir / "audit.json", {"summary": aud.summary(), **asdict(aud)})
     tracker = Tracker(run_dir)
+    pairs = pair_images(aud, splits)
+    if pairs is not None:  # left: val/test image, right: its training near-duplicate
+        tracker.images("audit/near_duplicates", pairs.float() / 255)
     tracker.images("train/augmented_batch", normalize.denormalize(x0))  # what the network is fed [M30]
     tracker.text("data/counts", "\n".join(f"{c}: {n}" for c, n in zip(facts.classes, facts.counts["train"])))
     metrics = build_metrics(facts.num_classes, device)
@@ -160,7 +172,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
         "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
                       for i, c in enumerate(facts.classes)},
         "confusion_matrix": t["confusion"], "parameters": n_params, "wall_time_s": time.time() - t_start,
-        "warnings": [str(f) for f in result.findings],
+        "warnings": warnings + [str(f) for f in result.findings],
     }
     write_json(run_dir / "metrics.json", final)
     tracker.confusion(torch.tensor(t["confusion"]), facts.classes)

@@ -1,0 +1,188 @@
+"""Data audit before training: near-duplicates across splits [M06], copies inside the training split
+with different labels, constant or blank images, class counts and imbalance [M08, M24].
+
+Near-duplicates in two stages, both on uint8 images in memory:
+1. candidates: for every val/test image, the 5 nearest training images by cosine similarity of an
+   8x8 grayscale thumbnail with its mean removed, the best over query crops moved by up to 2 px
+   (nine matrix products per chunk; seconds for the 60,000 images of CIFAR-10 on 2 cores);
+2. verification at full resolution: per-image standardized colour pixels (so brightness, contrast
+   and re-encoding do not matter), compared under shifts of up to 2 pixels; a pair is a
+   near-duplicate when the best shift leaves a mean absolute difference below `max_diff`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from safetrain.data.sources import ImageSet, digest
+
+THUMB = 8  # thumbnail side for candidate search (coarse enough to tolerate 2-px shifts)
+MIN_COSINE = 0.85  # stage 1: candidate pairs, among the CANDIDATES nearest training thumbnails
+CANDIDATES = 5
+OFFSETS = [(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if (dy, dx) != (0, 0)]
+MAX_DIFF = 0.27  # stage 2: mean |a - b| of per-image standardized pixels, best shift (see RESULTS.md)
+MAX_SHIFT = 2
+BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is blank or constant
+
+
+@dataclass
+class Audit:
+    near_duplicates: list[dict] = field(default_factory=list)  # {"split", "id", "train_id", "cosine", "diff"}
+    conflicting_copies: list[dict] = field(default_factory=list)  # same pixels, different labels, in train
+    blank: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    imbalance_ratio: float = 1.0
+    eval_sizes: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        per_split = {s: sum(p["split"] == s for p in self.near_duplicates) for s in self.eval_sizes}
+        return {"near_duplicates": len(self.near_duplicates),
+                "near_duplicate_fraction": {s: per_split[s] / max(1, n) for s, n in self.eval_sizes.items()},
+                "conflicting_copies_in_train": len(self.conflicting_copies), "blank_images": len(self.blank),
+                "class_counts_train": self.counts, "imbalance_ratio": self.imbalance_ratio}
+
+
+def thumbnails(images: Tensor, offset: tuple[int, int] = (0, 0), chunk: int = 4096) -> Tensor:
+    """(N, C, H, W) uint8 -> (N, THUMB*THUMB) float32, mean-free and unit-norm (zero for blank images),
+    of the crop that leaves MAX_SHIFT pixels at each border, moved by `offset`."""
+    h, w = images.shape[-2:]
+    m = MAX_SHIFT if min(h, w) > 4 * MAX_SHIFT else 0
+    dy, dx = offset if m else (0, 0)
+    out = []
+    for i in range(0, len(images), chunk):
+        g = images[i:i + chunk, :, m + dy:h - m + dy, m + dx:w - m + dx].float().mean(1, keepdim=True)
+        t = F.adaptive_avg_pool2d(g, THUMB).flatten(1)
+        t = t - t.mean(1, keepdim=True)
+        out.append(t / t.norm(dim=1, keepdim=True).clamp_min(1e-6))
+    return torch.cat(out)
+
+
+def _standardize(x: Tensor) -> Tensor:
+    """Per image and channel: zero mean, unit std (removes brightness/contrast/colour shifts)."""
+    x = x.float()
+    return (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True).clamp_min(1.0)
+
+
+def shifted_diff(a: Tensor, b: Tensor, max_shift: int = MAX_SHIFT) -> Tensor:
+    """Mean |a - b| of standardized images, minimized over integer shifts of b (crops of the overlap)."""
+    a, b = _standardize(a), _standardize(b)
+    h, w = a.shape[-2:]
+    m = max_shift
+    best = torch.full((len(a),), float("inf"))
+    for dy in range(-m, m + 1):
+        for dx in range(-m, m + 1):
+            pa = a[..., m + dy:h - m + dy, m + dx:w - m + dx] if h > 2 * m and w > 2 * m else a
+            pb = b[..., m:h - m, m:w - m] if h > 2 * m and w > 2 * m else b
+            best = torch.minimum(best, (pa - pb).abs().mean((1, 2, 3)))
+    return best
+
+
+def near_duplicates(train: ImageSet, other: ImageSet, split: str, device: torch.device = torch.device("cpu"),
+                    chunk: int = 1024) -> list[dict]:
+    ref = thumbnails(train.images).to(device)
+    found = []
+    for i in range(0, len(other), chunk):
+        imgs = other.images[i:i + chunk]
+        sims = thumbnails(imgs).to(device) @ ref.T  # (n, N_train)
+        for off in OFFSETS:  # the query moved by up to MAX_SHIFT px: shifted copies stay candidates
+            sims = torch.maximum(sims, thumbnails(imgs, off).to(device) @ ref.T)
+        cos, j = (t.cpu() for t in sims.topk(CANDIDATES, dim=1))  # (n, k) nearest training thumbnails
+        rows, cols = (cos >= MIN_COSINE).nonzero(as_tuple=True)
+        if len(rows) == 0:
+            continue
+        diff = shifted_diff(imgs[rows], train.images[j[rows, cols]])
+        best: dict[int, tuple] = {}
+        for r, c, d in zip(rows.tolist(), cols.tolist(), diff.tolist()):
+            if d <= MAX_DIFF and (r not in best or d < best[r][1]):
+                best[r] = (c, d)
+        for r, (c, d) in sorted(best.items()):
+            found.append({"split": split, "id": other.ids[i + r], "train_id": train.ids[int(j[r, c])],
+                          "cosine": round(float(cos[r, c]), 4), "diff": round(d, 4)})
+    return found
+
+
+def conflicting_copies(train: ImageSet) -> list[dict]:
+    seen: dict[bytes, int] = {}
+    out = []
+    for i in range(len(train)):
+        h = hashlib.blake2b(train.images[i].numpy().tobytes(), digest_size=16).digest()
+        j = seen.setdefault(h, i)
+        if j != i and train.labels[j] != train.labels[i]:
+            out.append({"ids": [train.ids[j], train.ids[i]], "labels": [int(train.labels[j]), int(train.labels[i])]})
+    return out
+
+
+def blank_images(s: ImageSet, chunk: int = 4096) -> list[str]:
+    out = []
+    for i in range(0, len(s), chunk):
+        std = s.images[i:i + chunk].float().flatten(1).std(1)
+        out += [s.ids[i + k] for k in (std < BLANK_STD).nonzero().squeeze(1).tolist()]
+    return out
+
+
+def audit(splits: dict[str, ImageSet], num_classes: int, device: torch.device = torch.device("cpu")) -> Audit:
+    """Everything the audit measures; images must be in memory (the streaming path skips pixel checks)."""
+    train = splits["train"]
+    counts = torch.bincount(train.labels, minlength=num_classes).tolist()
+    a = Audit(counts=counts, imbalance_ratio=max(counts) / max(1, min(counts)),
+              eval_sizes={s: len(splits[s]) for s in ("val", "test")})
+    if train.images is None:
+        return a
+    for s in ("val", "test"):
+        a.near_duplicates += near_duplicates(train, splits[s], s, device)
+    a.conflicting_copies = conflicting_copies(train)
+    a.blank = [i for s in splits.values() for i in blank_images(s)]
+    return a
+
+
+def cached_audit(splits: dict[str, ImageSet], num_classes: int, fingerprint: str, cache_dir: Path,
+                 device: torch.device) -> Audit:
+    """`audit`, cached by the fingerprint of the source and the split assignment."""
+    key = digest(fingerprint, *(i for s in splits.values() for i in s.ids))
+    path = cache_dir / "audit" / f"{key}.json"
+    if path.exists():
+        return Audit(**json.loads(path.read_text()))
+    a = audit(splits, num_classes, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(a)))
+    tmp.replace(path)
+    return a
+
+
+def findings(a: Audit) -> list[str]:
+    """The audit's warnings, each with its catalogue row and what to do."""
+    out = []
+    s = a.summary()
+    if a.near_duplicates:
+        frac = ", ".join(f"{k} {v:.1%}" for k, v in s["near_duplicate_fraction"].items())
+        out.append(f"[M06] {len(a.near_duplicates)} val/test images are near-duplicates of training images ({frac}; "
+                   "pairs in audit.json, closest ones in TensorBoard under audit/): their scores flatter the model. "
+                   "Remove them from val/test for an honest estimate.")
+    if a.conflicting_copies:
+        ex = a.conflicting_copies[0]
+        out.append(f"[M08] {len(a.conflicting_copies)} identical training images carry different labels (e.g. "
+                   f"{ex['ids'][0]} and {ex['ids'][1]}): at least one label of each pair is wrong. Fix or remove them.")
+    if a.blank:
+        out.append(f"[M08] {len(a.blank)} images are blank or constant (e.g. {a.blank[0]}): they carry no class "
+                   "signal. Remove them.")
+    return out
+
+
+def pair_images(a: Audit, splits: dict[str, ImageSet], n: int = 16):
+    """The n closest near-duplicate pairs as (2n, C, H, W) uint8, each val/test image next to its
+    training match; None when there are none (or the images are not in memory)."""
+    if not a.near_duplicates or splits["train"].images is None:
+        return None
+    index = {name: {sid: i for i, sid in enumerate(s.ids)} for name, s in splits.items()}
+    tiles = []
+    for p in sorted(a.near_duplicates, key=lambda p: p["diff"])[:n]:
+        tiles += [splits[p["split"]].images[index[p["split"]][p["id"]]],
+                  splits["train"].images[index["train"][p["train_id"]]]]
+    return torch.stack(tiles)

@@ -1,0 +1,85 @@
+"""The data audit: planted faults are found and named, healthy data raises no warning."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from safetrain.cli import compose
+from safetrain.data.audit import audit, shifted_diff, thumbnails
+from safetrain.data.sources import ImageSet
+from safetrain.run import run
+
+
+def smooth_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """(n, size, size, 3) uint8 photos-ish: smooth random colour fields, all different."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, 5, 5, generator=g), size=size, mode="bicubic", align_corners=False)
+    x = x + 0.03 * torch.randn(x.shape, generator=g)
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def make_folder(root, per_class=(30, 8, 0), seed=0):
+    """train/ and test/ (and val/ when its count is > 0) of two classes, no image like another."""
+    for j, (split, n) in enumerate(zip(("train", "test", "val"), per_class)):
+        for k in range(n and 2):
+            d = root / split / f"class_{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i, arr in enumerate(smooth_images(n, seed + 100 * k + 7 * j)):
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def _run(root, tmp_path, name="run"):
+    cfg, _ = compose("imagefolder", [f"data.root={root}", "trainer.max_epochs=1", "data.batch_size=8",
+                                     "model=cnn_tiny", "trainer.progress=false"])
+    return run(cfg, tmp_path / name), tmp_path / name
+
+
+def test_m06_a_reencoded_shifted_test_image_in_train_is_found(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    src = np.array(Image.open(root / "test" / "class_1" / "3.png"))
+    copy = Image.fromarray(np.roll(src, 1, axis=1))  # moved by one pixel ...
+    copy.save(root / "train" / "class_1" / "copy.jpg", quality=70)  # ... and re-encoded as JPEG
+    final, run_dir = _run(root, tmp_path)
+    report = json.loads((run_dir / "audit.json").read_text())
+    pairs = [(p["id"], p["train_id"]) for p in report["near_duplicates"]]
+    assert ("test/class_1/3.png", "train/class_1/copy.jpg") in pairs
+    assert report["summary"]["near_duplicate_fraction"]["test"] == pytest.approx(1 / 16)
+    assert any(w.startswith("[M06] 1 val/test images are near-duplicates") for w in final["warnings"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert "audit/near_duplicates" in EventAccumulator(str(run_dir / "tb")).Reload().Tags()["images"]
+
+
+def test_m06_a_healthy_folder_gives_no_audit_warning(tmp_path):
+    final, run_dir = _run(make_folder(tmp_path / "imgs"), tmp_path)
+    assert json.loads((run_dir / "audit.json").read_text())["near_duplicates"] == []
+    assert not [w for w in final["warnings"] if w.startswith(("[M06]", "[M08]"))]
+
+
+def test_m08_blank_images_and_conflicting_copies_are_reported(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=(30, 8, 6))  # own val/: nothing is carved from train
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(root / "train" / "class_0" / "blank.png")
+    (root / "train" / "class_1" / "dup.png").write_bytes((root / "train" / "class_0" / "5.png").read_bytes())
+    final, run_dir = _run(root, tmp_path)
+    text = " ".join(final["warnings"])
+    assert "[M08] 1 images are blank or constant (e.g. train/class_0/blank.png)" in text
+    assert "[M08] 1 identical training images carry different labels" in text
+    assert "train/class_0/5.png" in text and "train/class_1/dup.png" in text
+
+
+def test_near_duplicate_scores_tolerate_shift_reencoding_and_colour_but_not_other_images():
+    imgs = torch.from_numpy(smooth_images(6, 0)).permute(0, 3, 1, 2).contiguous()
+    shifted = torch.roll(imgs, shifts=(2, -1), dims=(2, 3))
+    brighter = (imgs.float() * 0.8 + 30).clamp(0, 255).byte()
+    assert (shifted_diff(imgs, shifted) < 0.05).all() and (shifted_diff(imgs, brighter) < 0.05).all()
+    others = torch.roll(imgs, shifts=1, dims=0)  # each image against a different one
+    assert (shifted_diff(imgs, others) > 0.5).all()
+    t = thumbnails(imgs)
+    torch.testing.assert_close(t.norm(dim=1), torch.ones(6))
+    a = audit({"train": ImageSet(torch.zeros(6, dtype=torch.long), [f"t{i}" for i in range(6)], imgs),
+               "val": ImageSet(torch.zeros(1, dtype=torch.long), ["v"], shifted[:1]),
+               "test": ImageSet(torch.zeros(1, dtype=torch.long), ["x"], brighter[3:4])}, 1)
+    assert {(p["id"], p["train_id"]) for p in a.near_duplicates} == {("v", "t0"), ("x", "t3")}
