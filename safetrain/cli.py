@@ -127,7 +127,9 @@ def _job(raw) -> None:
     log = logging.getLogger("safetrain")
     try:
         cfg = validate(raw)
-        run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+        out = run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+        if out.get("mode") == "doctor":  # the table is in the log
+            sys.exit(0 if out["passed"] else 1)
     except SafetrainError as e:  # a refusal (2), or training stopped on purpose (1)
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(1 if type(e).__name__ == "TrainingStopped" else 2)

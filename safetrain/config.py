@@ -122,6 +122,7 @@ class TrainerConfig:
 class Config:
     seed: int = 0
     task: str = "multiclass"
+    mode: str = "train"  # train, or doctor: audit + preflight + overfit-one-batch, no training
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # checked against MODELS[model.name]
     loss: LossConfig = field(default_factory=LossConfig)
@@ -214,6 +215,7 @@ def validate(cfg: DictConfig | dict) -> Config:
 
 def _check_values(c: Config) -> None:
     _choice("task", c.task, TASKS)
+    _choice("mode", c.mode, ("train", "doctor"))
     _choice("data", c.data.name, DATASETS)
     _choice("data.augment", c.data.augment, AUGMENTS)
     _choice("data.loader", c.data.loader, LOADERS)

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetrain.metrics import to_plain
-from safetrain.monitors import epoch_findings
+from safetrain.monitors import (dead_unit_findings, dead_unit_share, epoch_findings, fit_findings,
+                                gradient_findings, layer_grad_norms)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
     model.train()
     total_loss = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device)
-    seen, t0, grad_norm = 0, time.perf_counter(), torch.zeros(())
+    seen, t0, grad_norm, norms, last = 0, time.perf_counter(), torch.zeros(()), {}, len(loader) - 1
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress or None, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         with prec.autocast():
@@ -50,6 +51,8 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step == last:  # per-layer gradient norms, once an epoch, before clipping [M26]
+            norms = layer_grad_norms(model)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
         if guard is not None:
             guard.update(loss, grad_norm)
@@ -69,7 +72,7 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return {"loss": total_loss.item() / seen, "acc": correct.item() / seen, "grad_norm": float(grad_norm),
-            "images_per_s": seen / dt, "seconds": dt}
+            "images_per_s": seen / dt, "seconds": dt, "layer_grad_norms": {k: float(v) for k, v in norms.items()}}
 
 
 @torch.no_grad()
@@ -97,13 +100,15 @@ class FitResult:
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, *, prec: Precision,
         max_epochs: int, grad_clip: float, early_stop_patience: int, selection: tuple[str, str],
-        checkpoint_dir: Path, save: Callable, track: Callable, progress: bool, guard=None) -> FitResult:
+        checkpoint_dir: Path, save: Callable, track: Callable, progress: bool, guard=None,
+        capacity: str = "") -> FitResult:
     """Train up to max_epochs; after each epoch validate, step the schedule on the selection
     metric, keep best.pt (by that metric) and last.pt, and stop early on no improvement."""
     metric, mode = selection
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
-    history, findings, since_best = [], [], 0
+    history, findings, since_best, reported = [], [], 0, set()
+    probe = next(iter(val_loader))[0]  # a fixed validation batch for the dead-unit check
     for epoch in range(1, max_epochs + 1):
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
                          f"epoch {epoch}/{max_epochs}", guard)
@@ -115,12 +120,19 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
             best, since_best = {"metric": metric, "value": value, "epoch": epoch}, 0
         else:
             since_best += 1
+        norms = tr.pop("layer_grad_norms")
         scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/grad_norm": tr["grad_norm"],
                    "train/images_per_s": tr["images_per_s"], "val/loss": val["loss"], "val/acc": float(val["acc"]),
                    "val/balanced_acc": float(val["balanced_acc"]), "val/macro_f1": float(val["macro_f1"]),
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": tr["seconds"]}
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": tr["seconds"],
+                   **{f"grad_norm/{k}": v for k, v in norms.items()}}
         history.append(scalars)
-        found = epoch_findings(epoch, history, val["confusion"], val["confusion"].shape[0])
+        c = val["confusion"].shape[0]
+        found = [f for f in (epoch_findings(epoch, history, val["confusion"], c) + gradient_findings(epoch, norms)
+                             + dead_unit_findings(epoch, dead_unit_share(model, probe))
+                             + fit_findings(epoch, history, c, capacity))
+                 if (f.row, f.kind) not in reported]  # each problem once a run
+        reported |= {(f.row, f.kind) for f in found}
         for f in found:
             log.warning("%s", f)
         findings += found

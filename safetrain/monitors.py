@@ -21,6 +21,7 @@ class TrainingStopped(SafetrainError):
 class Finding:
     row: str
     message: str
+    kind: str = ""  # what was seen (one report per row and kind in a run)
 
     def __str__(self) -> str:
         return f"[{self.row}] {self.message}"
@@ -62,16 +63,126 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
     share, prior = predicted / predicted.sum(), truth / truth.sum()
     k = int(share.argmax())
     if num_classes > 1 and share[k] > max(0.5, 3 * prior[k]):
-        found.append(Finding("M27", (
+        found.append(Finding("M27", kind="collapse", message=(
             f"epoch {epoch}: {share[k]:.0%} of validation predictions are class {k}, which is {prior[k]:.0%} of "
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
             "too high or too low, labels that do not match the images, or inputs that carry no signal.")))
     chance = math.log(num_classes)
     recent = [h["train/loss"] for h in history[-2:]]
     if epoch >= 2 and all(abs(v - chance) < 0.05 * chance for v in recent):
-        found.append(Finding("M28", (
+        found.append(Finding("M28", kind="plateau", message=(
             f"epoch {epoch}: the training loss has stayed at the chance level ln({num_classes})={chance:.3f} "
             f"(last epochs: {', '.join(f'{v:.3f}' for v in recent)}): the model is not learning. Likely causes: "
             "a learning rate far too low or too high (try optim.lr=auto), labels shuffled relative to the images, "
             "or images without class signal.")))
     return found
+
+
+VANISHING, EXPLODING = 1e-3, 70.0  # first/last layer gradient-norm ratio bounds (AUTOTRAINER's detectors)
+DEAD_SHARE = 0.5  # share of ReLU channels never active on a validation batch
+
+
+def layer_grad_norms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gradient norm of every conv/linear weight, in forward order (call after backward)."""
+    return {n: p.grad.detach().norm() for n, p in model.named_parameters() if p.grad is not None and p.ndim > 1}
+
+
+def gradient_findings(epoch: int, norms: dict[str, float]) -> list[Finding]:
+    if len(norms) < 2:
+        return []
+    (first, g0), (last, g1) = next(iter(norms.items())), list(norms.items())[-1]
+    ratio = g0 / max(g1, 1e-30)
+    if ratio < VANISHING:
+        return [Finding("M26", kind="vanishing", message=f"epoch {epoch}: vanishing gradients: the first layer ({first}) gets {ratio:.1e} of "
+                               f"the gradient of the last ({last}). Likely causes: saturating activations, no "
+                               "normalization, a very deep plain network: use model.norm=batch, a ResNet, or "
+                               "model.activation=relu.")]
+    if ratio > EXPLODING:
+        return [Finding("M26", kind="exploding", message=f"epoch {epoch}: exploding gradients: the first layer ({first}) gets {ratio:.0f}x the "
+                               f"gradient of the last ({last}). Likely causes: learning rate too high, no "
+                               "normalization: lower optim.lr, keep trainer.grad_clip on.")]
+    return []
+
+
+@torch.no_grad()
+def dead_unit_share(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Share of ReLU output channels that are never positive on the batch `x` (eval mode)."""
+    dead, total, hooks = [0], [0], []
+
+    def hook(_, __, out):
+        alive = (out.flatten(2) if out.ndim > 2 else out.unsqueeze(2)).amax(dim=(0, 2)) > 0  # (channels,)
+        dead[0] += int((~alive).sum())
+        total[0] += alive.numel()
+
+    for m in model.modules():
+        if type(m) is torch.nn.ReLU:
+            hooks.append(m.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return dead[0] / total[0] if total[0] else 0.0
+
+
+def dead_unit_findings(epoch: int, share: float) -> list[Finding]:
+    if share <= DEAD_SHARE:
+        return []
+    return [Finding("M20", kind="dead", message=f"epoch {epoch}: {share:.0%} of ReLU channels never fire on a validation batch (dying "
+                           "ReLUs). Likely causes: a learning rate too high, a large negative bias. Try "
+                           "model.activation=leaky_relu (or prelu), or a lower optim.lr.")]
+
+
+def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: str) -> list[Finding]:
+    """Overfitting (val loss rising while the train/val gap grows) and underfitting (train accuracy
+    near chance after several epochs) [M09]."""
+    found = []
+    if epoch >= 3:
+        h = history[-3:]
+        gaps = [x["train/acc"] - x["val/acc"] for x in h]
+        if h[0]["val/loss"] < h[1]["val/loss"] < h[2]["val/loss"] and gaps[0] < gaps[1] < gaps[2]:
+            found.append(Finding("M09", kind="overfitting", message=(
+                f"epoch {epoch}: overfitting: validation loss has risen for 2 epochs while the train/val accuracy gap "
+                f"grew to {gaps[2]:.2f} ({capacity}). Likely causes: a model too large for the data, too little "
+                "augmentation or regularization: try data.augment=crop_flip, model.dropout=0.2, a smaller model; "
+                "the best checkpoint (on validation) is kept either way.")))
+        if h[-1]["train/acc"] < 1.5 / num_classes:
+            found.append(Finding("M09", kind="underfitting", message=(
+                f"epoch {epoch}: underfitting: training accuracy {h[-1]['train/acc']:.2f} is near chance "
+                f"({1 / num_classes:.2f}) after {epoch} epochs ({capacity}). Likely causes: a model too small, a "
+                "learning rate too low, too much regularization: try a wider model, optim.lr=auto, less dropout.")))
+    return found
+
+
+@torch.no_grad()
+def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec,
+                         top: int = 20) -> tuple[list[dict], int]:
+    """Training samples whose given label the final model finds far less likely than another [M08]:
+    p(given) < 0.1 while another class has p > 0.8, ranked by the gap. `loader` must yield the split
+    in order through the eval pipeline (no augmentation). Returns (the top ones, how many in all)."""
+    model.eval()
+    given, other, pred, labels = [], [], [], []
+    for x, y in loader:
+        with prec.autocast():
+            p = model(prec.prepare(x)).float().softmax(1)
+        p_o, k = p.scatter(1, y[:, None], -1.0).max(1)  # the most likely class other than the label
+        given.append(p.gather(1, y[:, None]).squeeze(1).cpu())
+        other.append(p_o.cpu()), pred.append(k.cpu()), labels.append(y.cpu())
+    given, other, pred, labels = (torch.cat(t) for t in (given, other, pred, labels))
+    suspect = ((given < 0.1) & (other > 0.8)).nonzero().squeeze(1)
+    order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)][:top]
+    return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
+             "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)}
+            for i in order.tolist()], len(suspect)
+
+
+def mislabeled_finding(top: list[dict], count: int, n_train: int) -> list[Finding]:
+    if not count:
+        return []
+    ex = ", ".join(f"{t['id']} ({t['given']}, looks like {t['predicted']})" for t in top[:3])
+    return [Finding("M08", kind="mislabeled", message=f"{count} of {n_train} training samples may be mislabeled: the final model gives their "
+                           f"label p < 0.1 and another class p > 0.8 (e.g. {ex}; the ranked list is in "
+                           "report.md). Check those labels.")]

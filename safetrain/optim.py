@@ -66,7 +66,7 @@ def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: 
     smoothed loss blows up; return a tenth of the lr at the loss minimum, clamped to `bounds`.
     The model's weights are restored afterwards."""
     saved = copy.deepcopy(model.state_dict())
-    optimizer = make_optimizer(start)
+    optimizer = make_optimizer(model, start)
     factor = (end / start) ** (1 / steps)
     lr, avg, best, best_lr, i = start, 0.0, math.inf, start, 0
     model.train()

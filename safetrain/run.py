@@ -22,7 +22,9 @@ from safetrain.losses import build_loss
 from safetrain.metrics import build_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
-from safetrain.monitors import StepGuard, TrainingStopped
+from safetrain.monitors import StepGuard, TrainingStopped, mislabeled_finding, suspected_mislabeled
+from safetrain.preflight import Check, init_and_gradient_checks, input_check, overfit_one_batch, table
+from safetrain.report import write_report
 from safetrain.optim import LRSchedule, build_optimizer, find_lr
 from safetrain.tracking import Tracker, environment, flatten, snapshot, write_json
 
@@ -63,7 +65,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     cache = cache_dir(d.cache_dir)
     for warning in unlocks(cfg):
         log.warning("unlocked %s", warning)
-    log.info("[1/8] seed %d | device %s | %s", cfg.seed, device, "bf16 autocast" if prec.bf16 else "fp32")
+    log.info("[1/9] seed %d | device %s | %s", cfg.seed, device, "bf16 autocast" if prec.bf16 else "fp32")
 
     src = (D.load_dataset(dataset) if dataset is not None else
            D.load_source(d.name, root=d.root, download=d.download, image_size=d.image_size, loader=d.loader,
@@ -74,7 +76,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     warnings = audit_findings(aud)
     for w in warnings:
         log.warning("%s", w)
-    log.info("[2/8] data %s: %s (stratified, seed %d) | audit: %d near-duplicates across splits, %d blank, "
+    log.info("[2/9] data %s: %s (stratified, seed %d) | audit: %d near-duplicates across splits, %d blank, "
              "imbalance %.1f", "custom Dataset" if dataset is not None else d.name,
              ", ".join(f"{k} {len(v)}" for k, v in splits.items()), cfg.seed, len(aud.near_duplicates),
              len(aud.blank), aud.imbalance_ratio)
@@ -82,7 +84,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     stream_kw = dict(shape=src.shape, resize=src.resize, num_workers=d.num_workers)
     facts = D.measure_facts(src.classes, splits, src.shape, src.fingerprint,
                             lambda: D.uint8_batches(splits["train"], **stream_kw), cache)
-    log.info("[3/8] data facts (train split): %d classes, %dx%dx%d, mean %s, std %s", facts.num_classes,
+    log.info("[3/9] data facts (train split): %d classes, %dx%dx%d, mean %s, std %s", facts.num_classes,
              facts.channels, facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std))
 
     if d.batch_size > len(splits["train"]):
@@ -96,9 +98,9 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     eval_pipe = D.BatchPipeline(normalize, device)  # deterministic: normalization only [M04]
     val_loader = D.make_loader(splits["val"], eval_pipe, batch_size=2 * d.batch_size, train=False,
                                seed=cfg.seed, **stream_kw)
-    x0, _ = next(iter(train_loader))
+    x0, y0 = next(iter(train_loader))
     D.check_batch(x0)
-    log.info("[4/8] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only", d.augment,
+    log.info("[4/9] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only", d.augment,
              f" rotate<={d.rotate_degrees:g}deg" if d.rotate_degrees else "", d.batch_size, len(train_loader))
 
     net = model if model is not None else build_model(**vars(m), channels=facts.channels, height=facts.height,
@@ -106,7 +108,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     net = net.to(device, memory_format=torch.channels_last)
     check_model(net, x0[:16], facts.num_classes, d.batch_size)
     n_params = count_parameters(net)
-    log.info("[5/8] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
+    log.info("[5/9] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
              else m.name, f"{n_params:,}", len(splits["train"]),
              f", stage sizes {net.sizes}" if hasattr(net, "sizes") else "")
 
@@ -114,19 +116,28 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     selection = selection_metric(cfg.task, facts.counts["train"])
     o = cfg.optim
 
-    def make_optimizer(lr):
-        return build_optimizer(net, o.name, lr, o.weight_decay, o.momentum, o.nesterov)
+    def make_optimizer(model, lr):
+        return build_optimizer(model, o.name, lr, o.weight_decay, o.momentum, o.nesterov)
 
     lr = o.lr
     if lr == "auto":
         lr = find_lr(net, train_loader, loss_fn, make_optimizer, prec, bounds=LR_RANGE[o.name])
         log.info("optim.lr=auto: the range test chose lr %.2e", lr)
-    optimizer = make_optimizer(lr)
+    optimizer = make_optimizer(net, lr)
     s = cfg.sched
     schedule = LRSchedule(optimizer, s.name, mode=selection[1], total_steps=tr.max_epochs * len(train_loader),
                           factor=s.factor, patience=s.patience, min_lr=s.min_lr, warmup_fraction=s.warmup_fraction)
-    log.info("[6/8] loss %s, %s lr %.1e (no decay on norm/bias), schedule %s on val %s (%s)",
+    log.info("[6/9] loss %s, %s lr %.1e (no decay on norm/bias), schedule %s on val %s (%s)",
              type(loss_fn).__name__, o.name, lr, s.name, *selection)
+
+    checks = [input_check(x0), *init_and_gradient_checks(net, x0, y0, loss_fn, facts.num_classes)]
+    if cfg.mode == "doctor":
+        return doctor(checks, aud, splits, eval_pipe, net, loss_fn, make_optimizer, lr, stream_kw)
+    for c in checks:
+        if not c.passed:
+            warnings.append(str(c))
+            log.warning("preflight: %s", c)
+    log.info("[7/9] preflight: %d/%d checks passed", sum(c.passed for c in checks), len(checks))
 
     # Every check has passed: from here on the run directory is written.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,14 +159,17 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     def save(path, **state):
         save_checkpoint(path, model=net, optimizer=optimizer, schedule=schedule, **fixed, **state)
 
-    log.info("[7/8] training up to %d epochs -> %s", tr.max_epochs, run_dir)
+    report = dict(facts=facts.to_dict(), audit=aud.summary(), checks=checks)
+    log.info("[8/9] training up to %d epochs -> %s", tr.max_epochs, run_dir)
     try:
         result = fit(net, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, prec=prec,
                      max_epochs=tr.max_epochs, grad_clip=tr.grad_clip, early_stop_patience=tr.early_stop_patience,
                      selection=selection, checkpoint_dir=run_dir / "checkpoints", save=save, track=tracker.epoch,
-                     progress=tr.progress, guard=StepGuard(facts.num_classes, device, lr))
+                     progress=tr.progress, guard=StepGuard(facts.num_classes, device, lr),
+                     capacity=f"{n_params:,} parameters for {len(splits['train'])} training images")
     except TrainingStopped as e:  # checkpoints of the epochs before stay as they were
         write_json(run_dir / "metrics.json", {"stopped": str(e), "wall_time_s": time.time() - t_start})
+        write_report(run_dir / "report.md", **report, warnings=warnings, stopped=str(e))
         tracker.text("warnings", str(e))
         tracker.close()
         raise
@@ -164,6 +178,10 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     test_loader = D.make_loader(splits["test"], eval_pipe, batch_size=2 * d.batch_size, train=False,
                                 seed=cfg.seed, **stream_kw)
     t = test(net, test_loader, loss_fn, metrics, prec)
+    train_in_order = D.make_loader(splits["train"], eval_pipe, batch_size=2 * d.batch_size, train=False,
+                                   seed=cfg.seed, **stream_kw)
+    suspects, n_suspects = suspected_mislabeled(net, train_in_order, splits["train"].ids, facts.classes, prec)
+    warnings += [str(f) for f in result.findings + mislabeled_finding(suspects, n_suspects, len(splits["train"]))]
     final = {
         "selection_metric": selection[0], "best_val": result.best["value"], "best_epoch": result.best["epoch"],
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": lr,
@@ -172,16 +190,32 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
         "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
                       for i, c in enumerate(facts.classes)},
         "confusion_matrix": t["confusion"], "parameters": n_params, "wall_time_s": time.time() - t_start,
-        "warnings": warnings + [str(f) for f in result.findings],
+        "warnings": warnings, "suspected_mislabeled": {"count": n_suspects, "top": suspects},
     }
     write_json(run_dir / "metrics.json", final)
+    write_report(run_dir / "report.md", **report, warnings=warnings, final=final, mislabeled=suspects)
     tracker.confusion(torch.tensor(t["confusion"]), facts.classes)
     tracker.hparams(flatten(config_dict), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
                                             "best_val": result.best["value"]})
     tracker.close()
-    log.info("[8/8] test (best checkpoint, epoch %d): acc %.4f, macro-F1 %.4f | %.0f s | %s",
+    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, macro-F1 %.4f | %.0f s | %s",
              result.best["epoch"], t["acc"], t["macro_f1"], final["wall_time_s"], run_dir)
+    log.info("summary: %d warning(s)%s; report: %s", len(warnings), "".join(f"\n  {w}" for w in warnings),
+             run_dir / "report.md")
     return final
+
+
+def doctor(checks, aud, splits, eval_pipe, net, loss_fn, make_optimizer, lr, stream_kw) -> dict:
+    """`mode=doctor`: audit, preflight and overfit-one-batch as a pass/fail table; no training, no files."""
+    few = splits["train"].subset(torch.arange(min(32, len(splits["train"]))))
+    xb, yb = next(iter(D.make_loader(few, eval_pipe, batch_size=32, train=False, seed=0, **stream_kw)))
+    checks = checks + [overfit_one_batch(net, xb, yb, loss_fn, make_optimizer, lr)]
+    found = audit_findings(aud)
+    checks.append(Check("data audit", not found, "; ".join(found) if found else
+                        f"no near-duplicates, conflicting copies or blank images; imbalance {aud.imbalance_ratio:.1f}",
+                        "" if not found else "See the messages.", "M06"))
+    log.info("doctor:\n%s", table(checks))
+    return {"mode": "doctor", "passed": all(c.passed for c in checks), "checks": [asdict(c) for c in checks]}
 
 
 def _fmt(xs) -> str:

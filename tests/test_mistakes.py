@@ -119,24 +119,25 @@ def test_m03_normalization_stats_come_from_the_training_split_only(tmp_path):
     assert not np.allclose(facts["mean"], ref_all.numpy(), rtol=1e-9, atol=0)
 
 
-def test_m04_evaluation_batches_are_never_augmented(tmp_path):
+def test_m04_evaluation_batches_are_never_augmented(tmp_path, monkeypatch):
     refused(tmp_path, ["+data.eval_augment=flip"], r"unknown setting 'data\.eval_augment'")
-    seen = []
+    built = []
+    real = D.make_loader
 
-    class Spy(nn.Module):  # records what validation feeds the model
-        def __init__(self):
-            super().__init__()
-            self.net = build_model("cnn", channels=3, height=16, width=16, num_classes=4, widths=[8], blocks=0)
+    def spy(data, pipeline, *, train, **kw):
+        loader = real(data, pipeline, train=train, **kw)
+        built.append((train, data, loader))
+        return loader
 
-        def forward(self, x):
-            if not self.training:
-                seen.append(x.detach().clone())
-            return self.net(x)
-
-    train(tmp_path, ["trainer.max_epochs=2", "data.augment=crop_flip", "data.rotate_degrees=15"], model=Spy())
-    # eval-mode calls: the preflight batch, validation after epochs 1 and 2 (one batch each), the test batch
-    assert len(seen) == 4
-    assert torch.equal(seen[1], seen[2])  # validation inputs identical across epochs: no random augmentation
+    monkeypatch.setattr(D, "make_loader", spy)
+    train(tmp_path, ["trainer.max_epochs=1", "data.augment=crop_flip", "data.rotate_degrees=15"])
+    evals = [(data, loader) for is_train, data, loader in built if not is_train]
+    assert len(evals) >= 2 and any(is_train for is_train, _, _ in built)  # val, test (and more), and train
+    for data, loader in evals:
+        first, again = torch.cat([x for x, _ in loader]), torch.cat([x for x, _ in loader])
+        assert torch.equal(first, again)  # deterministic
+        norm = loader.pipeline.normalize
+        torch.testing.assert_close(first, norm(data.images))  # normalization only, in order
 
 
 # ---------------------------------------------------------------- M05-M08 data

@@ -42,7 +42,7 @@ def test_smoke_recipe_end_to_end_in_a_subprocess(tmp_path):
     assert 1 <= final["best_epoch"] <= 3 and final["wall_time_s"] > 0
     ckpt = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     assert ckpt["epoch"] == final["best_epoch"] and ckpt["normalization"]["mean"] == facts["mean"]
-    assert "[8/8] test" in (run_dir / "safetrain.log").read_text()
+    assert "[9/9] test" in (run_dir / "safetrain.log").read_text()
 
 
 @pytest.mark.parametrize("size,mode,channels", [((8, 8), "L", 1), ((28, 28), "RGB", 3), ((40, 56), "RGB", 3)])
