@@ -177,12 +177,3 @@ def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec
     return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
              "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)}
             for i in order.tolist()], len(suspect)
-
-
-def mislabeled_finding(top: list[dict], count: int, n_train: int) -> list[Finding]:
-    if not count:
-        return []
-    ex = ", ".join(f"{t['id']} ({t['given']}, looks like {t['predicted']})" for t in top[:3])
-    return [Finding("M08", kind="mislabeled", message=f"{count} of {n_train} training samples may be mislabeled: the final model gives their "
-                           f"label p < 0.1 and another class p > 0.8 (e.g. {ex}; the ranked list is in "
-                           "report.md). Check those labels.")]

@@ -31,7 +31,10 @@ def write_report(path: Path, *, facts: dict, audit: dict, checks: list, warnings
         out += ["", "## Test metrics per class", "", "| class | precision | recall | F1 |", "|---|---|---|---|"]
         out += [f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |" for c, m in final["per_class"].items()]
     if mislabeled:
-        out += ["", "## Suspected mislabeled training samples", "", "| sample | label | looks like | p(label) | p(other) |",
+        out += ["", "## Suspected mislabeled training samples [M08]", "",
+                "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first; "
+                "images in TensorBoard under train/suspected_mislabeled). Some are hard or ambiguous images, "
+                "some wrong labels: check them.", "", "| sample | label | looks like | p(label) | p(other) |",
                 "|---|---|---|---|---|"]
         out += [f"| {m['id']} | {m['given']} | {m['predicted']} | {m['p_given']} | {m['p_predicted']} |" for m in mislabeled]
     path.write_text("\n".join(out) + "\n")

@@ -22,7 +22,7 @@ from safetrain.losses import build_loss
 from safetrain.metrics import build_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
-from safetrain.monitors import StepGuard, TrainingStopped, mislabeled_finding, suspected_mislabeled
+from safetrain.monitors import StepGuard, TrainingStopped, suspected_mislabeled
 from safetrain.preflight import Check, init_and_gradient_checks, input_check, overfit_one_batch, table
 from safetrain.report import write_report
 from safetrain.optim import LRSchedule, build_optimizer, find_lr
@@ -181,7 +181,13 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     train_in_order = D.make_loader(splits["train"], eval_pipe, batch_size=2 * d.batch_size, train=False,
                                    seed=cfg.seed, **stream_kw)
     suspects, n_suspects = suspected_mislabeled(net, train_in_order, splits["train"].ids, facts.classes, prec)
-    warnings += [str(f) for f in result.findings + mislabeled_finding(suspects, n_suspects, len(splits["train"]))]
+    warnings += [str(f) for f in result.findings]
+    log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
+             n_suspects, len(suspects))
+    if suspects and splits["train"].images is not None:
+        where = {sid: i for i, sid in enumerate(splits["train"].ids)}
+        tracker.images("train/suspected_mislabeled", splits["train"].images[[where[m["id"]] for m in suspects[:16]]]
+                       .float() / 255)
     final = {
         "selection_metric": selection[0], "best_val": result.best["value"], "best_epoch": result.best["epoch"],
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": lr,
@@ -207,8 +213,11 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
 
 def doctor(checks, aud, splits, eval_pipe, net, loss_fn, make_optimizer, lr, stream_kw) -> dict:
     """`mode=doctor`: audit, preflight and overfit-one-batch as a pass/fail table; no training, no files."""
-    few = splits["train"].subset(torch.arange(min(32, len(splits["train"]))))
-    xb, yb = next(iter(D.make_loader(few, eval_pipe, batch_size=32, train=False, seed=0, **stream_kw)))
+    labels = splits["train"].labels  # a small batch with every class in it: one class alone is trivial
+    per_class = max(1, 32 // int(labels.max() + 1))
+    few = splits["train"].subset(torch.cat([(labels == k).nonzero().squeeze(1)[:per_class]
+                                            for k in labels.unique().tolist()]))
+    xb, yb = next(iter(D.make_loader(few, eval_pipe, batch_size=len(few), train=False, seed=0, **stream_kw)))
     checks = checks + [overfit_one_batch(net, xb, yb, loss_fn, make_optimizer, lr)]
     found = audit_findings(aud)
     checks.append(Check("data audit", not found, "; ".join(found) if found else

@@ -1,0 +1,144 @@
+"""Detectors, preflight, doctor mode and report: each planted fault is caught and named."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from safetrain.cli import compose
+from safetrain.monitors import fit_findings, gradient_findings
+from safetrain.run import run
+from tests.conftest import run_cli
+from tests.test_mistakes import ImagesDataset
+
+
+def _train(tmp_path, overrides=(), name="run", **api):
+    cfg, _ = compose("smoke", ["trainer.progress=false", *overrides])
+    return run(cfg, tmp_path / name, **api), tmp_path / name
+
+
+class Head(nn.Module):
+    """conv body -> global pooling -> linear head with a fixed, slightly negative bias (raw logits)."""
+
+    def __init__(self, body: nn.Module, channels: int, classes: int = 3, scale: float = 1.0):
+        super().__init__()
+        self.body, self.scale = body, scale
+        self.fc = nn.Linear(channels, classes)
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.linspace(-0.1, 0.1, classes))
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3))) * self.scale
+
+
+def test_m20_dead_relu_units_are_flagged(tmp_path):
+    conv = nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.fill_(-50.0)  # every unit starts (and stays) dead
+    final, _ = _train(tmp_path, ["trainer.max_epochs=1"], model=Head(nn.Sequential(conv, nn.ReLU()), 16),
+                      dataset=ImagesDataset())
+    assert any(w.startswith("[M20] epoch 1: 100% of ReLU channels never fire") and "leaky_relu" in w
+               for w in final["warnings"])
+
+
+def test_m26_vanishing_gradients_in_a_deep_sigmoid_net_are_flagged(tmp_path):
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.Sigmoid()]
+    for _ in range(9):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.Sigmoid()]
+    final, _ = _train(tmp_path, ["trainer.max_epochs=1"], model=Head(nn.Sequential(*layers), 8),
+                      dataset=ImagesDataset())
+    assert any(w.startswith("[M26] epoch 1: vanishing gradients") for w in final["warnings"])
+
+
+def test_m26_gradient_ratio_bounds_both_sides():
+    assert gradient_findings(1, {"a": 1.0, "b": 1.0}) == []
+    assert gradient_findings(1, {"a": 1e-6, "b": 1.0})[0].kind == "vanishing"
+    assert gradient_findings(1, {"a": 500.0, "b": 1.0})[0].kind == "exploding"
+
+
+def test_m09_overfitting_and_underfitting_rules():
+    h = lambda ta, va, vl: {"train/acc": ta, "val/acc": va, "val/loss": vl}
+    over = [h(0.6, 0.55, 1.0), h(0.8, 0.56, 1.1), h(0.95, 0.55, 1.3)]
+    assert [f.kind for f in fit_findings(3, over, 10, "1,000 parameters for 50 training images")] == ["overfitting"]
+    assert "1,000 parameters for 50 training images" in fit_findings(3, over, 10, "1,000 parameters for 50 "
+                                                                      "training images")[0].message
+    healthy = [h(0.6, 0.55, 1.0), h(0.7, 0.62, 0.9), h(0.75, 0.66, 0.85)]
+    assert fit_findings(3, healthy, 10, "") == []
+    stuck = [h(0.11, 0.1, 2.3)] * 3
+    assert [f.kind for f in fit_findings(3, stuck, 10, "")] == ["underfitting"]
+
+
+def test_m09_m28_random_labels_are_flagged_as_not_learning(tmp_path):
+    final, _ = _train(tmp_path, ["trainer.max_epochs=3"], dataset=RandomLabels())
+    text = " ".join(final["warnings"])
+    assert "[M09]" in text and "underfitting" in text
+    assert "[M28]" in text
+
+
+class RandomLabels(ImagesDataset):
+    def __getitem__(self, i):
+        x, _ = super().__getitem__(i)
+        return x, int(torch.randint(0, 3, (1,), generator=torch.Generator().manual_seed(i)))
+
+
+def test_m08_flipped_labels_top_the_suspected_mislabeled_list(tmp_path):
+    flipped = set(range(0, 600, 30))  # 20 samples: class k relabelled k+1 (the classes differ in brightness)
+    ds = ImagesDataset(n=600)
+    labels = {i: (int(ds.y[i]) + 1) % 3 if i in flipped else int(ds.y[i]) for i in range(len(ds))}
+
+    class Flipped(ImagesDataset):
+        def __getitem__(self, i):
+            return self.x[i], labels[i]
+
+    final, run_dir = _train(tmp_path, ["trainer.max_epochs=10", "data.augment=none", "optim.lr=5e-3"],
+                            dataset=Flipped(n=600))
+    in_train = {i for i in json.loads((run_dir / "splits.json").read_text())["train"]} & {f"dataset/{i}" for i in flipped}
+    top = {m["id"] for m in final["suspected_mislabeled"]["top"]}
+    assert len(in_train) >= 5 and len(in_train & top) >= 0.8 * len(in_train)
+    assert "Suspected mislabeled training samples" in (run_dir / "report.md").read_text()
+
+
+class Unused(nn.Module):
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc, self.spare, self.scale = nn.Linear(8, 3), nn.Linear(8, 3), scale  # spare: never used
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3))) * self.scale
+
+
+def test_m19_m26_preflight_flags_a_huge_initial_loss_and_a_layer_without_gradient(tmp_path):
+    final, run_dir = _train(tmp_path, ["trainer.max_epochs=1"], model=Unused(scale=100.0), dataset=ImagesDataset())
+    text = " ".join(final["warnings"])
+    assert "[M19] loss at initialization" in text and "label mapping" in text
+    assert "[M26] gradients reach every parameter: no usable gradient for 2: spare.weight, spare.bias" in text
+    assert "| loss at initialization | FAIL |" in (run_dir / "report.md").read_text()
+
+
+def test_m28_doctor_fails_a_model_that_cannot_learn_one_batch(tmp_path):
+    from tests.test_mistakes import IgnoresInput
+    cfg, _ = compose("smoke", ["mode=doctor"])
+    out = run(cfg, tmp_path / "run", model=IgnoresInput())
+    checks = {c["name"]: c for c in out["checks"]}
+    assert out["passed"] is False and checks["overfit one batch"]["passed"] is False
+    assert "labels match the images" in checks["overfit one batch"]["fix"]
+    assert not (tmp_path / "run").exists()  # the doctor writes nothing
+
+
+def test_doctor_from_the_command_line_passes_a_healthy_recipe(tmp_path):
+    out = run_cli("recipe=smoke", "mode=doctor", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for name in ("inputs standardized", "loss at initialization", "gradients reach every parameter",
+                 "overfit one batch", "data audit"):
+        assert f"| {name} | PASS |" in out.stdout + out.stderr
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["safetrain.log"]
+
+
+def test_report_and_log_summary_of_a_healthy_run(tmp_path):
+    final, run_dir = _train(tmp_path, ["trainer.max_epochs=3"])
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Result", "## Warnings (0)", "## Data facts", "## Audit", "## Preflight",
+                    "## Test metrics per class"):
+        assert section in report
+    assert "| class_0 |" in report and final["warnings"] == []
