@@ -64,7 +64,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("audit_out"))
     ap.add_argument("--tarball", type=Path, default=TARBALL)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    device = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(a.tarball) as t:
@@ -72,10 +74,10 @@ def main() -> None:
         src = load_folder(tmp, None, "memory", Path(tmp) / "cache", 2)
     splits = make_splits(src, 0.1, 0.1, seed=0)
     t0 = time.perf_counter()
-    res = audit(splits, len(src.classes))
+    res = audit(splits, len(src.classes), device)
     dt = time.perf_counter() - t0
     s = res.summary()
-    print(f"audit of {sum(len(v) for v in splits.values())} images: {dt:.1f} s")
+    print(f"audit of {sum(len(v) for v in splits.values())} images on {device}: {dt:.1f} s")
     print(f"near-duplicates: {s['near_duplicates']} ({', '.join(f'{k} {v:.2%}' for k, v in s['near_duplicate_fraction'].items())})"
           f"; conflicting copies in train: {s['conflicting_copies_in_train']}; blank: {s['blank_images']}")
     found = sorted(res.near_duplicates, key=lambda p: p["diff"])
@@ -96,7 +98,8 @@ def main() -> None:
     planted = ImageSet(torch.cat([train.labels, test.labels[pool]]), train.ids + [f"copy/{test.ids[i]}" for i in pool],
                        torch.cat([train.images, copies]))
     sub = test.subset(torch.tensor(pool))
-    res2 = audit({"train": planted, "val": splits["val"].subset(torch.tensor([0])), "test": sub}, len(src.classes))
+    res2 = audit({"train": planted, "val": splits["val"].subset(torch.tensor([0])), "test": sub}, len(src.classes),
+                 device)
     hit = {p["id"] for p in res2.near_duplicates if p["split"] == "test"}
     for k, kind in enumerate(kinds):
         ids = [test.ids[i] for j, i in enumerate(pool) if j % 5 == k]

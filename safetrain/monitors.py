@@ -39,7 +39,7 @@ class StepGuard:
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         loss = loss.detach()
-        self.nonfinite |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        self.nonfinite |= ~torch.isfinite(loss + grad_norm)  # inf or NaN in either stays inf or NaN
         self.exploded |= loss > self.limit
 
     def check(self, where: str) -> None:
