@@ -31,9 +31,9 @@ class StepGuard:
     """Flags, on the device, a non-finite loss or gradient norm [M26] and a loss exploding far above the
     chance level [M16]; `check` (called where the loop syncs anyway) raises TrainingStopped."""
 
-    def __init__(self, num_classes: int, device: torch.device, lr: float):
+    def __init__(self, num_classes: int, device: torch.device, lr: float, model: torch.nn.Module | None = None):
         self.limit = 10 * math.log(num_classes)  # no healthy run has a batch loss 10x chance level
-        self.lr = lr
+        self.lr, self.model = lr, model
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.exploded = torch.zeros((), dtype=torch.bool, device=device)
 
@@ -42,11 +42,21 @@ class StepGuard:
         self.nonfinite |= ~torch.isfinite(loss + grad_norm)  # inf or NaN in either stays inf or NaN
         self.exploded |= loss > self.limit
 
+    def _layers(self) -> str:
+        """The parameters (in forward order) whose gradient or value is no longer finite."""
+        if self.model is None:
+            return ""
+        bad = [n for n, p in self.model.named_parameters()
+               if not torch.isfinite(p).all() or (p.grad is not None and not torch.isfinite(p.grad).all())]
+        return f" (first non-finite layer: {bad[0]}; {len(bad)} parameters affected)" if bad else ""
+
     def check(self, where: str) -> None:
         if self.nonfinite.item():
             raise TrainingStopped(
-                f"[M26] the loss or the gradients became NaN/inf {where}. Likely causes: a learning rate far too "
-                f"high (optim.lr={self.lr:.2e}: try 10x lower, or optim.lr=auto), inputs with non-finite values, "
+                f"[M26] the loss or the gradients became NaN/inf {where}{self._layers()}. Likely causes: a learning "
+                "rate far too "
+                f"high (optim.lr={self.lr:.2e}: try 10x lower, or optim.lr=auto), missing input normalization or "
+                "inputs with non-finite values, "
                 "or a custom layer that divides by zero. Training stopped; the last good checkpoint is kept.")
         if self.exploded.item():
             raise TrainingStopped(

@@ -147,6 +147,8 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     write_json(run_dir / "data_facts.json", facts.to_dict())
     write_json(run_dir / "audit.json", {"summary": aud.summary(), **asdict(aud)})
     tracker = Tracker(run_dir)
+    if warnings:  # audit and preflight findings: epoch 0 of metrics.jsonl and TensorBoard text
+        tracker.epoch(0, {}, warnings)
     pairs = pair_images(aud, splits)
     if pairs is not None:  # left: val/test image, right: its training near-duplicate
         tracker.images("audit/near_duplicates", pairs.float() / 255)
@@ -165,7 +167,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
         result = fit(net, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, prec=prec,
                      max_epochs=tr.max_epochs, grad_clip=tr.grad_clip, early_stop_patience=tr.early_stop_patience,
                      selection=selection, checkpoint_dir=run_dir / "checkpoints", save=save, track=tracker.epoch,
-                     progress=tr.progress, guard=StepGuard(facts.num_classes, device, lr),
+                     progress=tr.progress, guard=StepGuard(facts.num_classes, device, lr, net),
                      capacity=f"{n_params:,} parameters for {len(splits['train'])} training images")
     except TrainingStopped as e:  # checkpoints of the epochs before stay as they were
         write_json(run_dir / "metrics.json", {"stopped": str(e), "wall_time_s": time.time() - t_start})

@@ -89,10 +89,12 @@ def near_duplicates(train: ImageSet, other: ImageSet, split: str, device: torch.
     found = []
     for i in range(0, len(other), chunk):
         imgs = other.images[i:i + chunk]
-        sims = thumbnails(imgs).to(device) @ ref.T  # (n, N_train)
-        for off in OFFSETS:  # the query moved by up to MAX_SHIFT px: shifted copies stay candidates
-            sims = torch.maximum(sims, thumbnails(imgs, off).to(device) @ ref.T)
-        cos, j = (t.cpu() for t in sims.topk(CANDIDATES, dim=1))  # (n, k) nearest training thumbnails
+        # the query as is and moved by up to MAX_SHIFT px (shifted copies stay candidates): the k nearest
+        # training thumbnails of each, merged into the k best overall (one pass over each (n, N) product)
+        tops = [(thumbnails(imgs, off).to(device) @ ref.T).topk(CANDIDATES, dim=1) for off in [(0, 0), *OFFSETS]]
+        cos_all, j_all = torch.cat([t.values for t in tops], 1).cpu(), torch.cat([t.indices for t in tops], 1).cpu()
+        cos, pick = cos_all.topk(CANDIDATES, dim=1)
+        j = j_all.gather(1, pick)  # (n, k) training indices of the best candidates
         rows, cols = (cos >= MIN_COSINE).nonzero(as_tuple=True)
         if len(rows) == 0:
             continue
