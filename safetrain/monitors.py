@@ -28,19 +28,22 @@ class Finding:
 
 
 class StepGuard:
-    """Flags, on the device, a non-finite loss or gradient norm [M26] and a loss exploding far above the
-    chance level [M16]; `check` (called where the loop syncs anyway) raises TrainingStopped."""
+    """Flags, on the device, a non-finite loss or gradient norm [M26] and a loss exploding far above its
+    starting value [M16]; `check` (called where the loop syncs anyway) raises TrainingStopped."""
 
     def __init__(self, num_classes: int, device: torch.device, lr: float, model: torch.nn.Module | None = None):
-        self.limit = 10 * math.log(num_classes)  # no healthy run has a batch loss 10x chance level
+        self.limit = 10 * math.log(num_classes)  # no healthy run has a batch loss 10x chance level ...
+        self.start = None  # ... or 3x its own first batch loss (a run may start high: that is [M19])
         self.lr, self.model = lr, model
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.exploded = torch.zeros((), dtype=torch.bool, device=device)
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         loss = loss.detach()
+        if self.start is None:
+            self.start = torch.clamp(3 * loss, min=self.limit)
         self.nonfinite |= ~torch.isfinite(loss + grad_norm)  # inf or NaN in either stays inf or NaN
-        self.exploded |= loss > self.limit
+        self.exploded |= loss > self.start
 
     def _layers(self) -> str:
         """The parameters (in forward order) whose gradient or value is no longer finite."""
@@ -60,7 +63,8 @@ class StepGuard:
                 "or a custom layer that divides by zero. Training stopped; the last good checkpoint is kept.")
         if self.exploded.item():
             raise TrainingStopped(
-                f"[M16] the loss diverged {where}: a batch loss above {self.limit:.1f} (10x the chance level). "
+                f"[M16] the loss diverged {where}: a batch loss above {float(self.start):.1f} (3x its start, and at "
+                f"least 10x the chance level). "
                 f"The learning rate is too high (optim.lr={self.lr:.2e}): try 10x lower, or optim.lr=auto. "
                 "Training stopped; the last good checkpoint is kept.")
 

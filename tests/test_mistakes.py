@@ -137,7 +137,7 @@ def test_m04_evaluation_batches_are_never_augmented(tmp_path, monkeypatch):
         first, again = torch.cat([x for x, _ in loader]), torch.cat([x for x, _ in loader])
         assert torch.equal(first, again)  # deterministic
         norm = loader.pipeline.normalize
-        torch.testing.assert_close(first, norm(data.images))  # normalization only, in order
+        torch.testing.assert_close(first, norm(data.images.to(first.device)))  # normalization only, in order
 
 
 # ---------------------------------------------------------------- M05-M08 data
