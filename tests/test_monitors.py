@@ -1,7 +1,6 @@
 """Detectors, preflight, doctor mode and report: each planted fault is caught and named."""
 import json
 
-import pytest
 import torch
 from torch import nn
 
