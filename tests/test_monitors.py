@@ -143,3 +143,32 @@ def test_report_and_log_summary_of_a_healthy_run(tmp_path):
                     "## Test metrics per class"):
         assert section in report
     assert "| class_0 |" in report and final["warnings"] == []
+
+
+class Scale(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x * self.k
+
+
+def test_m26_exploding_gradient_ratio_is_flagged_in_a_run(tmp_path):
+    # the first conv is reparametrized as k * conv(x; w / k): the same forward pass, a gradient k x larger
+    # on its weights (BatchNorm would cancel a plain scale, so none follows it)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight /= 1e7
+        conv.bias /= 1e7
+    body = nn.Sequential(conv, Scale(1e7), nn.ReLU())
+    # one training step (48 samples, batch 32): the ratio is read before that step's update can diverge
+    final, _ = _train(tmp_path, ["trainer.max_epochs=1"], model=Head(body, 8), dataset=ImagesDataset(n=60))
+    assert any(w.startswith("[M26] epoch 1: exploding gradients") for w in final["warnings"])
+
+
+def test_m09_memorizing_random_labels_is_flagged_as_overfitting(tmp_path):
+    final, _ = _train(tmp_path, ["trainer.max_epochs=20", "data.batch_size=8", "data.augment=none", "optim.lr=3e-3",
+                                 "model.widths=[32,64]", "trainer.early_stop_patience=0"], dataset=RandomLabels())
+    over = [w for w in final["warnings"] if w.startswith("[M09]") and "overfitting" in w]
+    assert over and "parameters for" in over[0] and "training images" in over[0]
