@@ -22,6 +22,7 @@ ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "silu")
 NORMS = ("batch", "group")
 SCHEDULES = ("plateau", "onecycle", "cosine")
 LOSSES = {"multiclass": ("cross_entropy",)}
+BALANCE = ("auto", "none", "inverse", "effective", "drw", "logit_adjust", "sampler")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "memory", "stream")
@@ -52,6 +53,7 @@ class DataConfig:
     allow_large_rotation: bool = False
     allow_duplicates_across_splits: bool = False  # exact copies across train/val/test are refused [M06]
     min_samples_per_class: int = 5  # in the training split [M08]
+    imbalance_ratio: Optional[float] = None  # R: make the training split long-tailed (largest/smallest = R)
     image_size: Optional[int] = None  # resize folder images to this square size
     loader: str = "auto"
     num_workers: int = 4
@@ -87,6 +89,7 @@ MODELS = {"cnn": CNNConfig, "resnet": ResNetConfig}
 class LossConfig:
     name: str = "auto"  # auto: the loss of the task
     label_smoothing: float = 0.0
+    balance: str = "auto"  # how minority classes are made to count on imbalanced data [M24]
 
 
 @dataclass
@@ -219,6 +222,9 @@ def _check_values(c: Config) -> None:
     _choice("data", c.data.name, DATASETS)
     _choice("data.augment", c.data.augment, AUGMENTS)
     _choice("data.loader", c.data.loader, LOADERS)
+    _choice("loss.balance", c.loss.balance, BALANCE)
+    if c.data.imbalance_ratio is not None:
+        _range("data.imbalance_ratio", c.data.imbalance_ratio, 1.0, 1000.0, "M24")
     _choice("model.activation", c.model.activation, ACTIVATIONS)
     _choice("model.norm", c.model.norm, NORMS)
     _choice("optim", c.optim.name, LR_RANGE)

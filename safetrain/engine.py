@@ -110,6 +110,8 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
     history, findings, since_best, reported = [], [], 0, set()
     probe = next(iter(val_loader))[0]  # a fixed validation batch for the dead-unit check
     for epoch in range(1, max_epochs + 1):
+        if hasattr(loss_fn, "on_epoch"):  # losses that change during training (deferred re-weighting)
+            loss_fn.on_epoch(epoch, max_epochs)
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
                          f"epoch {epoch}/{max_epochs}", guard)
         val = evaluate(model, val_loader, loss_fn, metrics, prec)

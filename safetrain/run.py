@@ -18,7 +18,7 @@ from safetrain.data.audit import cached_audit, pair_images
 from safetrain.data.audit import findings as audit_findings
 from safetrain.engine import Precision, fit, test
 from safetrain.errors import ConfigError
-from safetrain.losses import build_loss
+from safetrain.losses import build_loss, resolve_balance
 from safetrain.metrics import build_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
@@ -70,7 +70,8 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     src = (D.load_dataset(dataset) if dataset is not None else
            D.load_source(d.name, root=d.root, download=d.download, image_size=d.image_size, loader=d.loader,
                          num_workers=d.num_workers, cache_dir=cache, seed=cfg.seed, synthetic=vars(d.synthetic)))
-    splits = D.make_splits(src, d.val_fraction, d.test_fraction, cfg.seed, d.min_samples_per_class)
+    splits = D.make_splits(src, d.val_fraction, d.test_fraction, cfg.seed, d.min_samples_per_class,
+                           d.imbalance_ratio)
     D.refuse_duplicates(D.exact_duplicates(splits), d.allow_duplicates_across_splits)
     aud = cached_audit(splits, len(src.classes), src.fingerprint, cache, device)
     warnings = audit_findings(aud)
@@ -91,10 +92,12 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
         raise ConfigError(f"[M23] data.batch_size={d.batch_size} is larger than the training split "
                           f"({len(splits['train'])} samples), so an epoch would have no full batch. "
                           f"Use data.batch_size={max(1, len(splits['train']) // 4)} or less.")
+    balance, why = resolve_balance(cfg.loss.balance, facts.counts["train"])
     normalize = D.Normalize(facts.mean, facts.std)  # the one normalization, for every split [M02]
     train_loader = D.make_loader(splits["train"], D.BatchPipeline(normalize, device, d.augment, cfg.seed,
                                                                   d.rotate_degrees),
-                                 batch_size=d.batch_size, train=True, seed=cfg.seed, **stream_kw)
+                                 batch_size=d.batch_size, train=True, seed=cfg.seed, class_balanced=balance == "sampler",
+                                 **stream_kw)
     eval_pipe = D.BatchPipeline(normalize, device)  # deterministic: normalization only [M04]
     val_loader = D.make_loader(splits["val"], eval_pipe, batch_size=2 * d.batch_size, train=False,
                                seed=cfg.seed, **stream_kw)
@@ -112,7 +115,8 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
              else m.name, f"{n_params:,}", len(splits["train"]),
              f", stage sizes {net.sizes}" if hasattr(net, "sizes") else "")
 
-    loss_fn = build_loss(cfg.task, cfg.loss.name, cfg.loss.label_smoothing)
+    loss_fn = build_loss(cfg.task, cfg.loss.name, cfg.loss.label_smoothing, balance,
+                         facts.counts["train"]).to(device)
     selection = selection_metric(cfg.task, facts.counts["train"])
     o = cfg.optim
 
@@ -127,8 +131,8 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     s = cfg.sched
     schedule = LRSchedule(optimizer, s.name, mode=selection[1], total_steps=tr.max_epochs * len(train_loader),
                           factor=s.factor, patience=s.patience, min_lr=s.min_lr, warmup_fraction=s.warmup_fraction)
-    log.info("[6/9] loss %s, %s lr %.1e (no decay on norm/bias), schedule %s on val %s (%s)",
-             type(loss_fn).__name__, o.name, lr, s.name, *selection)
+    log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias), schedule %s on val %s "
+             "(%s)", type(loss_fn).__name__, balance, why, o.name, lr, s.name, *selection)
 
     checks = [input_check(x0), *init_and_gradient_checks(net, x0, y0, loss_fn, facts.num_classes)]
     if cfg.mode == "doctor":
@@ -193,6 +197,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     final = {
         "selection_metric": selection[0], "best_val": result.best["value"], "best_epoch": result.best["epoch"],
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": lr,
+        "balance": {"method": balance, "why": why},
         "test_acc": t["acc"], "test_balanced_acc": t["balanced_acc"], "test_macro_f1": t["macro_f1"],
         "test_loss": t["loss"], "classes": facts.classes,
         "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}

@@ -102,9 +102,10 @@ class TensorLoader:
     """Batches from uint8 images held in memory on the training device (the fast path)."""
 
     def __init__(self, data: ImageSet, pipeline: BatchPipeline, batch_size: int, shuffle: bool,
-                 drop_last: bool, seed: int = 0):
+                 drop_last: bool, seed: int = 0, sample_weights: Optional[Tensor] = None):
         device = pipeline.device
         self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.sample_weights = None if sample_weights is None else sample_weights.to(device)
         self.pipeline, self.batch_size, self.shuffle, self.drop_last = pipeline, batch_size, shuffle, drop_last
         self.g = torch.Generator(device=device).manual_seed(seed)
 
@@ -114,8 +115,12 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
-        order = (torch.randperm(n, device=self.images.device, generator=self.g) if self.shuffle
-                 else torch.arange(n, device=self.images.device))
+        if self.sample_weights is not None:  # class-balanced: draw with replacement, by weight
+            order = torch.multinomial(self.sample_weights, n, replacement=True, generator=self.g)
+        elif self.shuffle:
+            order = torch.randperm(n, device=self.images.device, generator=self.g)
+        else:
+            order = torch.arange(n, device=self.images.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.pipeline(self.images[idx]), self.labels[idx]
@@ -126,11 +131,14 @@ class StreamLoader:
 
     def __init__(self, data: ImageSet, pipeline: Optional[BatchPipeline], batch_size: int, shuffle: bool,
                  drop_last: bool, seed: int = 0, shape: tuple = (3, 32, 32), resize: Optional[int] = None,
-                 num_workers: int = 4):
+                 num_workers: int = 4, sample_weights: Optional[Tensor] = None):
         self.data, self.pipeline, self.shape = data, pipeline, shape
         g = torch.Generator().manual_seed(seed)
+        sampler = (None if sample_weights is None else
+                   torch.utils.data.WeightedRandomSampler(sample_weights, len(data), generator=g))
         self.loader = file_loader(
-            _LabelledFiles(data, shape[0], resize), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            _LabelledFiles(data, shape[0], resize), batch_size=batch_size, shuffle=shuffle and sampler is None,
+            sampler=sampler, drop_last=drop_last,
             generator=g, num_workers=num_workers, collate_fn=partial(_stack, shape=tuple(shape)),
             pin_memory=pipeline is not None and pipeline.device.type == "cuda")
 
@@ -163,9 +171,13 @@ class _LabelledFiles(FileDataset):
 
 
 def make_loader(data: ImageSet, pipeline: Optional[BatchPipeline], *, batch_size: int, train: bool, seed: int,
-                shape: tuple, resize: Optional[int], num_workers: int):
-    """Train: shuffled, augmented, last partial batch dropped [M22]. Eval: in order, whole, plain."""
-    kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed)
+                shape: tuple, resize: Optional[int], num_workers: int, class_balanced: bool = False):
+    """Train: shuffled, augmented, last partial batch dropped [M22]; `class_balanced` draws samples with
+    probability 1/(count of their class) [M24]. Eval: in order, whole, plain."""
+    weights = None
+    if class_balanced:
+        weights = 1.0 / torch.bincount(data.labels).double()[data.labels]
+    kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed, sample_weights=weights)
     if data.images is not None:
         return TensorLoader(data, pipeline, **kw)
     return StreamLoader(data, pipeline, shape=shape, resize=resize, num_workers=num_workers, **kw)

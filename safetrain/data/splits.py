@@ -25,10 +25,25 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
     return torch.cat(kept).sort().values, torch.cat(carved).sort().values
 
 
+def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
+    """The standard long-tailed subset (Cao et al. 2019): class k keeps n_max * ratio**(-k / (C - 1)) of
+    its samples, so class 0 stays whole and the last class has n_max / ratio; seeded."""
+    g = torch.Generator().manual_seed(seed)
+    classes = int(data.labels.max()) + 1
+    n_max = int(torch.bincount(data.labels).max())
+    keep = []
+    for k in range(classes):
+        idx = (data.labels == k).nonzero().squeeze(1)
+        n = min(len(idx), max(1, int(n_max * ratio ** (-k / max(1, classes - 1)))))
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return data.subset(torch.cat(keep).sort().values)
+
+
 def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: int,
-                min_per_class: int = 1) -> dict[str, ImageSet]:
+                min_per_class: int = 1, imbalance_ratio: float | None = None) -> dict[str, ImageSet]:
     """train/val/test. A source's own splits are kept; what is missing is carved from train
-    (test first, then val from the rest), stratified and seeded, so the splits never overlap."""
+    (test first, then val from the rest), stratified and seeded, so the splits never overlap.
+    `imbalance_ratio` then makes the training split long-tailed."""
     parts = dict(src.parts)
     train = parts.pop("train", None) or parts.pop("all")
     if "test" not in parts:
@@ -37,6 +52,8 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
     if "val" not in parts:
         keep, cut = stratified_split(train.labels, val_fraction, seed + 1)
         train, parts["val"] = train.subset(keep), train.subset(cut)
+    if imbalance_ratio:  # after val and test are carved, so they stay balanced
+        train = long_tailed(train, imbalance_ratio, seed + 2)
     splits = {"train": train, "val": parts["val"], "test": parts["test"]}
     _check_labels(splits, src.classes, min_per_class)
     return splits
