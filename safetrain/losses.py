@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from safetrain.metrics import IMBALANCE_RATIO
+from safetrain.metrics import IMBALANCE_RATIO, imbalance_ratio
 
 # Provisional: what `auto` uses on imbalanced data until benchmarks/imbalance.py has measured the
 # methods on CIFAR-10-LT (issue 5). Logit adjustment is the method with the fewest knobs that the
@@ -18,7 +18,7 @@ AUTO_METHOD = "logit_adjust"
 
 def resolve_balance(balance: str, counts: list[int]) -> tuple[str, str]:
     """(method, why) for `loss.balance` given the training class counts."""
-    ratio = max(counts) / max(1, min(counts))
+    ratio = imbalance_ratio(counts)
     if balance != "auto":
         return balance, f"loss.balance={balance} (imbalance ratio {ratio:.1f})"
     if ratio <= IMBALANCE_RATIO:

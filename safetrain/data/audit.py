@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from safetrain.data.sources import ImageSet, digest
+from safetrain.metrics import imbalance_ratio
 
 THUMB = 8  # thumbnail side for candidate search (coarse enough to tolerate 2-px shifts)
 MIN_COSINE = 0.85  # stage 1: candidate pairs, among the CANDIDATES nearest training thumbnails
@@ -132,7 +133,7 @@ def audit(splits: dict[str, ImageSet], num_classes: int, device: torch.device = 
     """Everything the audit measures; images must be in memory (the streaming path skips pixel checks)."""
     train = splits["train"]
     counts = torch.bincount(train.labels, minlength=num_classes).tolist()
-    a = Audit(counts=counts, imbalance_ratio=max(counts) / max(1, min(counts)),
+    a = Audit(counts=counts, imbalance_ratio=imbalance_ratio(counts),
               eval_sizes={s: len(splits[s]) for s in ("val", "test")})
     if train.images is None:
         return a
