@@ -53,6 +53,7 @@ class DataConfig:
     allow_large_rotation: bool = False
     allow_duplicates_across_splits: bool = False  # exact copies across train/val/test are refused [M06]
     min_samples_per_class: int = 5  # in the training split [M08]
+    min_eval_per_class: int = 20  # carved val/test take this many of a class where it spares them; fewer: warned [M25]
     imbalance_ratio: Optional[float] = None  # R: make the training split long-tailed (largest/smallest = R)
     image_size: Optional[int] = None  # resize folder images to this square size
     loader: str = "auto"
@@ -264,6 +265,7 @@ def _check_values(c: Config) -> None:
                " Rotations that large turn a 6 into a 9 and make most objects unnatural. Use at most "
                f"{MAX_ROTATION:.0f}, or add data.allow_large_rotation=true if the classes are rotation-invariant.")
     _range("data.min_samples_per_class", c.data.min_samples_per_class, 1, 10**6, "M08")
+    _range("data.min_eval_per_class", c.data.min_eval_per_class, 1, 10**6, "M25")
     if c.model.norm == "batch" and c.data.batch_size < BN_MIN_BATCH:
         raise ConfigError(f"[M12] data.batch_size={c.data.batch_size} is too small for BatchNorm (statistics of "
                           f"fewer than {BN_MIN_BATCH} samples are noise, and 1 fails outright). Use model.norm=group, "

@@ -71,10 +71,10 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
            D.load_source(d.name, root=d.root, download=d.download, image_size=d.image_size, loader=d.loader,
                          num_workers=d.num_workers, cache_dir=cache, seed=cfg.seed, synthetic=vars(d.synthetic)))
     splits = D.make_splits(src, d.val_fraction, d.test_fraction, cfg.seed, d.min_samples_per_class,
-                           d.imbalance_ratio)
+                           d.imbalance_ratio, d.min_eval_per_class)
     D.refuse_duplicates(D.exact_duplicates(splits), d.allow_duplicates_across_splits)
     aud = cached_audit(splits, len(src.classes), src.fingerprint, cache, device)
-    warnings = audit_findings(aud)
+    warnings = audit_findings(aud) + D.thin_eval_classes(splits, src.classes, d.min_eval_per_class)
     for w in warnings:
         log.warning("%s", w)
     log.info("[2/9] data %s: %s (stratified, seed %d) | audit: %d near-duplicates across splits, %d blank, "

@@ -56,7 +56,7 @@ def test_m06_a_reencoded_shifted_test_image_in_train_is_found(tmp_path):
 
 
 def test_m06_a_healthy_folder_gives_no_audit_warning(tmp_path):
-    final, run_dir = _run(make_folder(tmp_path / "imgs"), tmp_path)
+    final, run_dir = _run(make_folder(tmp_path / "imgs", per_class=(110, 20, 0)), tmp_path)  # val/test 20 a class
     assert json.loads((run_dir / "audit.json").read_text())["near_duplicates"] == []
     assert final["warnings"] == []  # no audit, preflight or training alarm on healthy images
 

@@ -83,6 +83,16 @@ def test_m24_m25_binary_imbalanced_folder_reports_the_minority_class(tmp_path, b
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| class_1 |" in report
     assert math.isfinite(final["test_loss"])
+    thin = [w for w in final["warnings"] if w.startswith("[M25]")]  # 20 minority images: 3 in val, 4 in test
+    assert len(thin) == 2 and all("class_1" in w and "noisy" in w for w in thin) and "[M25]" in report
+
+
+def test_m25_carved_val_and_test_keep_a_minimum_per_class_where_the_class_can_spare_it():
+    labels = torch.tensor([0] * 150 + [1] * 1000 + [2] * 20)
+    _, carved = D.stratified_split(labels, 0.1, seed=0, minimum=20)
+    assert torch.bincount(labels[carved]).tolist() == [20, 100, 4]  # 15 raised to 20; 2 raised to a fifth
+    _, carved = D.stratified_split(labels, 0.1, seed=0)
+    assert torch.bincount(labels[carved]).tolist() == [15, 100, 2]  # the plain stratified fraction
 
 
 def test_m24_auto_on_an_imbalanced_folder_says_what_it_chose_and_why(tmp_path, caplog):

@@ -10,16 +10,16 @@ from safetrain.data.sources import ImageSet, Source
 from safetrain.errors import DataError
 
 
-def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(kept, carved) sorted indices; `fraction` of every class is carved out, at least one
-    sample of every class that has two or more."""
+def stratified_split(labels: Tensor, fraction: float, seed: int, minimum: int = 1) -> tuple[Tensor, Tensor]:
+    """(kept, carved) sorted indices; `fraction` of every class is carved out, raised towards `minimum`
+    where that takes at most a fifth of the class, and at least one sample of every class that has two."""
     g = torch.Generator().manual_seed(seed)
     kept, carved = [], []
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n = round(len(idx) * fraction)
-        n = min(max(n, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        n = max(round(len(idx) * fraction), min(minimum, len(idx) // 5), 1)
+        n = min(n, len(idx) - 1) if len(idx) >= 2 else 0
         carved.append(idx[:n])
         kept.append(idx[n:])
     return torch.cat(kept).sort().values, torch.cat(carved).sort().values
@@ -39,18 +39,19 @@ def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
     return data.subset(torch.cat(keep).sort().values)
 
 
-def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: int,
-                min_per_class: int = 1, imbalance_ratio: float | None = None) -> dict[str, ImageSet]:
+def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: int, min_per_class: int = 1,
+                imbalance_ratio: float | None = None, min_eval_per_class: int = 1) -> dict[str, ImageSet]:
     """train/val/test. A source's own splits are kept; what is missing is carved from train
-    (test first, then val from the rest), stratified and seeded, so the splits never overlap.
-    `imbalance_ratio` then makes the training split long-tailed."""
+    (test first, then val from the rest), stratified and seeded, so the splits never overlap, with
+    `min_eval_per_class` samples of a class where it can spare them. `imbalance_ratio` then makes the
+    training split long-tailed."""
     parts = dict(src.parts)
     train = parts.pop("train", None) or parts.pop("all")
     if "test" not in parts:
-        keep, cut = stratified_split(train.labels, test_fraction, seed)
+        keep, cut = stratified_split(train.labels, test_fraction, seed, min_eval_per_class)
         train, parts["test"] = train.subset(keep), train.subset(cut)
     if "val" not in parts:
-        keep, cut = stratified_split(train.labels, val_fraction, seed + 1)
+        keep, cut = stratified_split(train.labels, val_fraction, seed + 1, min_eval_per_class)
         train, parts["val"] = train.subset(keep), train.subset(cut)
     if imbalance_ratio:  # after val and test are carved, so they stay balanced
         train = long_tailed(train, imbalance_ratio, seed + 2)
@@ -76,6 +77,23 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
         raise DataError(f"[M08] classes with fewer than {min_per_class} training samples: {few}. A class needs "
                         "examples to be learned: add images, merge or remove those classes, or lower "
                         "data.min_samples_per_class.")
+
+
+def thin_eval_classes(splits: dict[str, ImageSet], classes: list[str], minimum: int) -> list[str]:
+    """Warnings for val/test classes with fewer than `minimum` samples: their per-class metrics, and a
+    macro-F1 that selects checkpoints, move by a large step per image [M25]."""
+    out = []
+    for name in ("val", "test"):
+        counts = torch.bincount(splits[name].labels, minlength=len(classes)).tolist()
+        few = {classes[k]: n for k, n in enumerate(counts) if n < minimum}
+        if few:
+            shown = ", ".join(f"{c} {n}" for c, n in list(few.items())[:5]) + (" ..." if len(few) > 5 else "")
+            picks = " and the macro-F1 that picks the checkpoint" if name == "val" else ""
+            out.append(f"[M25] the {name} split has fewer than {minimum} images of {len(few)} class(es) ({shown}): "
+                       f"their per-class precision/recall/F1{picks} will be noisy (one image moves a class's recall "
+                       f"by {1 / max(1, min(few.values())):.0%}). Add images of those classes, or raise "
+                       f"data.{name}_fraction if the {name} split is carved from train.")
+    return out
 
 
 def exact_duplicates(splits: dict[str, ImageSet]) -> list[tuple[str, str]]:
