@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from safetrain.losses import chance_losses
 from safetrain.metrics import to_plain
 from safetrain.monitors import (dead_unit_findings, dead_unit_share, epoch_findings, fit_findings,
                                 gradient_findings, layer_grad_norms)
@@ -44,6 +45,7 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
     total_loss = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device)
     seen, t0, grad_norm, norms, last = 0, time.perf_counter(), torch.zeros(()), {}, len(loader) - 1
+    drawn = 0  # (C,) labels per class as the loader drew them (a class-balanced sampler changes them)
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress or None, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         with prec.autocast():
@@ -60,6 +62,7 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
         schedule.after_step()
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
+        drawn = drawn + torch.bincount(y, minlength=logits.shape[1])
         seen += len(y)
         if step % 20 == 0:  # the loop syncs with the device here anyway
             if guard is not None:
@@ -72,7 +75,8 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return {"loss": total_loss.item() / seen, "acc": correct.item() / seen, "grad_norm": float(grad_norm),
-            "images_per_s": seen / dt, "seconds": dt, "layer_grad_norms": {k: float(v) for k, v in norms.items()}}
+            "images_per_s": seen / dt, "seconds": dt, "layer_grad_norms": {k: float(v) for k, v in norms.items()},
+            "label_counts": drawn}
 
 
 @torch.no_grad()
@@ -123,8 +127,9 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         else:
             since_best += 1
         norms = tr.pop("layer_grad_norms")
+        uniform, blind = chance_losses(loss_fn, tr.pop("label_counts"))  # what a model that learns nothing scores
         scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/grad_norm": tr["grad_norm"],
-                   "train/images_per_s": tr["images_per_s"], "val/loss": val["loss"], "val/acc": float(val["acc"]),
+                   "train/images_per_s": tr["images_per_s"], "train/chance_loss": blind, "train/uniform_loss": uniform, "val/loss": val["loss"], "val/acc": float(val["acc"]),
                    "val/balanced_acc": float(val["balanced_acc"]), "val/macro_f1": float(val["macro_f1"]),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": tr["seconds"],
                    **{f"grad_norm/{k}": v for k, v in norms.items()}}

@@ -73,3 +73,26 @@ def build_loss(task: str, name: str = "auto", label_smoothing: float = 0.0, bala
     if balance == "logit_adjust":
         return LogitAdjustedLoss(counts, **kw)
     return nn.CrossEntropyLoss(**kw)
+
+
+def chance_losses(loss_fn: nn.Module, counts: Tensor) -> tuple[float, float]:
+    """(uniform, blind): the loss of uniform predictions and the lowest loss a model that ignores its
+    input can reach (the best constant logits), on labels drawn with these per-class `counts`. For plain
+    cross-entropy on balanced classes both are ln(C); on imbalanced data, or with a balancing loss, they
+    are what a model that learns nothing from the images sits at [M19, M28]."""
+    counts = counts.detach().double()
+    n = (counts * min(1.0, 10_000 / float(counts.sum()))).round().clamp_min((counts > 0).double())  # <= ~10k labels
+    y = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), n.long())
+    b = torch.zeros(len(counts), device=counts.device, requires_grad=True)
+    loss = lambda: loss_fn(b.expand(len(y), -1), y)
+    with torch.enable_grad():
+        uniform = float(loss().detach())
+        opt = torch.optim.LBFGS([b], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+        opt.step(closure)
+        return uniform, min(uniform, float(loss().detach()))

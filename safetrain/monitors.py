@@ -81,14 +81,17 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
             f"epoch {epoch}: {share[k]:.0%} of validation predictions are class {k}, which is {prior[k]:.0%} of "
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
             "too high or too low, labels that do not match the images, or inputs that carry no signal.")))
-    chance = math.log(num_classes)
-    recent = [h["train/loss"] for h in history[-2:]]
-    if epoch >= 2 and all(abs(v - chance) < 0.05 * chance for v in recent):
+    recent = history[-2:]  # stuck where the best input-blind predictions, or uniform ones, would be
+    stuck = [h for h in ("train/chance_loss", "train/uniform_loss")
+             if epoch >= 2 and all(abs(r["train/loss"] - r[h]) < 0.05 * r[h] for r in recent)]
+    if stuck:
+        last = ", ".join(f"{r['train/loss']:.3f}" for r in recent)
         found.append(Finding("M28", kind="plateau", message=(
-            f"epoch {epoch}: the training loss has stayed at the chance level ln({num_classes})={chance:.3f} "
-            f"(last epochs: {', '.join(f'{v:.3f}' for v in recent)}): the model is not learning. Likely causes: "
-            "a learning rate far too low or too high (try optim.lr=auto), labels shuffled relative to the images, "
-            "or images without class signal.")))
+            f"epoch {epoch}: the training loss has stayed at the chance level {recent[-1][stuck[0]]:.3f} (what a "
+            f"model that ignores its input scores; ln({num_classes}) = {math.log(num_classes):.3f} on balanced "
+            f"classes; last epochs: {last}): the model is not "
+            "learning. Likely causes: a learning rate far too low or too high (try optim.lr=auto), labels shuffled "
+            "relative to the images, or images without class signal.")))
     return found
 
 

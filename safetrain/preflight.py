@@ -31,7 +31,8 @@ def input_check(x: Tensor) -> Check:
 
 
 def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, num_classes: int) -> list[Check]:
-    """On a copy of the model: the loss at initialization is near ln(C) [M19], and two small SGD steps
+    """On a copy of the model: the cross-entropy at initialization is near ln(C) [M19] (plain, whatever
+    `loss_fn` balances: logit adjustment moves its own start by the class prior), and two small SGD steps
     give every trainable parameter a finite, non-zero gradient [M26] (two, because zero-initialized
     residual norms pass gradients to the layers before them from the second step on)."""
     m = copy.deepcopy(model).train()
@@ -41,8 +42,9 @@ def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, nu
     bad = set()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(2):
-        loss = loss_fn(m(x).float(), y)
-        loss0 = float(loss.detach()) if loss0 is None else loss0
+        logits = m(x).float()
+        loss0 = float(nn.functional.cross_entropy(logits.detach(), y)) if loss0 is None else loss0
+        loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for n, p in m.named_parameters():

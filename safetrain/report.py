@@ -4,7 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetrain.metrics import IMBALANCE_RATIO, imbalance_ratio
 from safetrain.preflight import table
+
+
+def per_class_table(final: dict) -> list[str]:
+    """Test precision/recall/F1 per class, as markdown rows (report.md and the end of the log)."""
+    return ["| class | precision | recall | F1 |", "|---|---|---|---|"] + [
+        f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |" for c, m in final["per_class"].items()]
+
+
+def balance_lines(final: dict, train_counts: list[int]) -> list[str]:
+    """How the run treated class imbalance [M24], and on imbalanced data how the rarest class did [M25]."""
+    b = final["balance"]
+    out = [f"Class balance: `loss.balance` used {b['method']} ({b['why']}); checkpoint chosen on "
+           f"validation {final['selection_metric']}."]
+    if imbalance_ratio(train_counts) > IMBALANCE_RATIO:
+        k = min(range(len(train_counts)), key=train_counts.__getitem__)
+        c = final["classes"][k]
+        m = final["per_class"][c]
+        out.append(f"Rarest training class '{c}' ({train_counts[k]} images): test precision {m['precision']:.3f}, "
+                   f"recall {m['recall']:.3f}, F1 {m['f1']:.3f}.")
+    return out
 
 
 def write_report(path: Path, *, facts: dict, audit: dict, checks: list, warnings: list[str],
@@ -17,6 +38,7 @@ def write_report(path: Path, *, facts: dict, audit: dict, checks: list, warnings
                 f"balanced accuracy {final['test_balanced_acc']:.4f} (checkpoint of epoch {final['best_epoch']}, "
                 f"chosen on validation {final['selection_metric']} = {final['best_val']:.4f}; "
                 f"{final['epochs_run']} epochs, {final['wall_time_s']:.0f} s).", ""]
+        out += [line for b in balance_lines(final, facts["counts"]["train"]) for line in (b, "")]
     out += [f"## Warnings ({len(warnings)})", ""] + [f"- {w}" for w in warnings] + (["none"] if not warnings else [])
     counts = facts["counts"]
     out += ["", "## Data facts (training split)", "",
@@ -28,8 +50,7 @@ def write_report(path: Path, *, facts: dict, audit: dict, checks: list, warnings
     out += ["", "## Audit", ""] + [f"- {k}: {v}" for k, v in audit.items()]
     out += ["", "## Preflight", "", table(checks)]
     if final:
-        out += ["", "## Test metrics per class", "", "| class | precision | recall | F1 |", "|---|---|---|---|"]
-        out += [f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |" for c, m in final["per_class"].items()]
+        out += ["", "## Test metrics per class", ""] + per_class_table(final)
     if mislabeled:
         out += ["", "## Suspected mislabeled training samples [M08]", "",
                 "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first; "

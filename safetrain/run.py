@@ -24,7 +24,7 @@ from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
 from safetrain.monitors import StepGuard, TrainingStopped, suspected_mislabeled
 from safetrain.preflight import Check, init_and_gradient_checks, input_check, overfit_one_batch, table
-from safetrain.report import write_report
+from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.optim import LRSchedule, build_optimizer, find_lr
 from safetrain.tracking import Tracker, environment, flatten, snapshot, write_json
 
@@ -85,8 +85,9 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     stream_kw = dict(shape=src.shape, resize=src.resize, num_workers=d.num_workers)
     facts = D.measure_facts(src.classes, splits, src.shape, src.fingerprint,
                             lambda: D.uint8_batches(splits["train"], **stream_kw), cache)
-    log.info("[3/9] data facts (train split): %d classes, %dx%dx%d, mean %s, std %s", facts.num_classes,
-             facts.channels, facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std))
+    log.info("[3/9] data facts (train split): %d classes, %dx%dx%d, mean %s, std %s | images per class: %s",
+             facts.num_classes, facts.channels, facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std),
+             ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])))
 
     if d.batch_size > len(splits["train"]):
         raise ConfigError(f"[M23] data.batch_size={d.batch_size} is larger than the training split "
@@ -211,8 +212,9 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     tracker.hparams(flatten(config_dict), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
                                             "best_val": result.best["value"]})
     tracker.close()
-    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, macro-F1 %.4f | %.0f s | %s",
-             result.best["epoch"], t["acc"], t["macro_f1"], final["wall_time_s"], run_dir)
+    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f | %.0f s | %s\n"
+             "%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"], final["wall_time_s"], run_dir,
+             "\n".join(balance_lines(final, facts.counts["train"])), "\n".join(per_class_table(final)))
     log.info("summary: %d warning(s)%s; report: %s", len(warnings), "".join(f"\n  {w}" for w in warnings),
              run_dir / "report.md")
     return final

@@ -81,7 +81,10 @@ def test_m24_m25_binary_imbalanced_folder_reports_the_minority_class(tmp_path, b
     assert final["selection_metric"] == "macro_f1" and final["balance"]["method"] == balance
     assert set(final["per_class"]["class_1"]) == {"precision", "recall", "f1"}
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "| class_1 |" in report
+    m, n1 = final["per_class"]["class_1"], 20 - 3 - 4  # 3 went to val, 4 to test
+    assert (f"Rarest training class 'class_1' ({n1} images): test precision {m['precision']:.3f}, "
+            f"recall {m['recall']:.3f}, F1 {m['f1']:.3f}") in report
+    assert f"| class_1 | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |" in report
     assert math.isfinite(final["test_loss"])
     thin = [w for w in final["warnings"] if w.startswith("[M25]")]  # 20 minority images: 3 in val, 4 in test
     assert len(thin) == 2 and all("class_1" in w and "noisy" in w for w in thin) and "[M25]" in report
@@ -105,6 +108,106 @@ def test_m24_auto_on_an_imbalanced_folder_says_what_it_chose_and_why(tmp_path, c
                                      "trainer.max_epochs=1", "trainer.progress=false"])
     final = run(cfg, tmp_path / "run")
     assert final["balance"]["method"] != "none" and "auto picks" in final["balance"]["why"]
-    assert "imbalance ratio" in caplog.text and "auto picks" in caplog.text
     facts = json.loads((tmp_path / "run" / "data_facts.json").read_text())
-    assert facts["counts"]["train"][0] > 5 * facts["counts"]["train"][1]
+    n0, n1 = facts["counts"]["train"]
+    assert n0 > 5 * n1
+    report = (tmp_path / "run" / "report.md").read_text()
+    m = final["per_class"]["class_1"]
+    row = f"| class_1 | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |"
+    for text in (caplog.text, report):  # counts, the method and why, the per-class table: log and report
+        assert f"used {final['balance']['method']} ({final['balance']['why']})" in text
+        assert "auto picks" in text and row in text and "Rarest training class 'class_1'" in text
+    assert f"images per class: class_0 {n0}, class_1 {n1}" in caplog.text
+    assert f"| class_0 | {n0} |" in report and f"| class_1 | {n1} |" in report
+
+
+class Scripted(torch.nn.Module):
+    """Predicts from a plan per epoch (the input carries the true label): epoch 1 says 'class 0' for
+    everything, epoch 2 finds every minority sample at the cost of 20 majority ones, epoch 3 repeats 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(2))
+        self.epoch = 0
+
+    def train(self, mode=True):
+        self.epoch += mode
+        return super().train(mode)
+
+    def forward(self, x):
+        y, i = x[:, 0, 0, 0].long(), x[:, 0, 0, 1]
+        pred = y if self.epoch == 2 else torch.zeros_like(y)
+        pred = torch.where((self.epoch == 2) & (i < 20), torch.ones_like(y), pred)
+        return F.one_hot(pred, 2).float() * 10 + self.bias
+
+
+@pytest.mark.parametrize("selection", [("macro_f1", "max"), ("acc", "max")])
+def test_m24_m29_checkpoint_schedule_and_early_stop_follow_the_selection_metric(tmp_path, selection):
+    from safetrain.engine import Precision, fit
+    from safetrain.metrics import build_metrics
+    y = torch.tensor([0] * 90 + [1] * 10)  # validation: 90 majority, 10 minority
+    x = torch.zeros(100, 1, 2, 2)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = y.float(), torch.arange(100).float()
+    net, seen, saved = Scripted(), [], {}
+
+    class Spy:  # records what the scheduler is stepped on
+        def after_step(self):
+            pass
+
+        def after_validation(self, value):
+            seen.append(value)
+
+    result = fit(net, [(x, y)], [(x, y)], torch.nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), 0.0),
+                 Spy(), build_metrics(2, torch.device("cpu")), prec=Precision(torch.device("cpu"), False),
+                 max_epochs=5, grad_clip=1.0, early_stop_patience=1, selection=selection, checkpoint_dir=tmp_path,
+                 save=lambda path, **state: saved.setdefault(path.name, []).append(state["epoch"]),
+                 track=lambda *a: None, progress=False)
+    # epoch 1: acc 0.90, macro-F1 (0.947 + 0) / 2; epoch 2: acc 0.80, macro-F1 (0.875 + 0.5) / 2
+    f1 = [(2 * 0.9 / 1.9) / 2, (2 * 70 / 160 + 2 * 10 / 40) / 2, (2 * 0.9 / 1.9) / 2]
+    if selection[0] == "macro_f1":  # the minority-aware epoch wins; one epoch without gain then stops
+        assert result.best["epoch"] == 2 and saved["best.pt"] == [1, 2] and result.epochs_run == 3
+        assert seen == pytest.approx(f1, abs=1e-6)
+    else:  # on accuracy, predicting the majority class looks best
+        assert result.best["epoch"] == 1 and saved["best.pt"] == [1] and result.epochs_run == 2
+        assert seen == pytest.approx([0.9, 0.8], abs=1e-6)
+
+
+def test_m19_m28_chance_level_follows_the_loss_and_the_class_mix():
+    from safetrain.losses import chance_losses
+    counts = [int(4500 * 100 ** (-k / 9)) for k in range(10)]  # CIFAR-10-LT
+    p = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    entropy, ln10 = float(-(p * p.log()).sum()), math.log(10)  # 1.64 vs 2.30
+    level = lambda balance, c=counts: chance_losses(build_loss("multiclass", "auto", 0.0, balance, c), torch.tensor(c))
+    assert level("none", [50] * 10) == pytest.approx((ln10, ln10), abs=1e-4)
+    assert level("none") == pytest.approx((ln10, entropy), abs=1e-3)  # a blind model learns the prior
+    assert level("logit_adjust") == pytest.approx((entropy, entropy), abs=1e-3)
+    assert level("inverse") == pytest.approx((ln10, ln10), abs=1e-3)  # weights make the prior worthless
+
+
+class Blind(torch.nn.Module):
+    """A planted fault: two logits that do not depend on the image, starting near uniform."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor([0.01, -0.01]))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1) + 0 * x.mean()
+
+
+@pytest.mark.parametrize("balance", ["none", "logit_adjust"])
+def test_m19_m28_on_imbalanced_data_chance_is_not_ln_c(tmp_path, balance):
+    """With 160:13 images, a model that learns nothing but the prior sits at a loss of 0.27, far below ln(2)=0.69;
+    under logit adjustment a healthy model starts there too. Neither may be misread."""
+    write_images(tmp_path / "imgs", 2, 200)
+    for f in sorted((tmp_path / "imgs" / "class_1").iterdir())[20:]:
+        f.unlink()
+    common = [f"data.root={tmp_path / 'imgs'}", "data.batch_size=16", "trainer.progress=false",
+              f"loss.balance={balance}"]
+    cfg, _ = compose("imagefolder", common + ["model=cnn_tiny", "trainer.max_epochs=1"])
+    healthy = run(cfg, tmp_path / "healthy")
+    assert not [w for w in healthy["warnings"] if "[M19]" in w]  # the preflight's loss at init: no false alarm
+    cfg, _ = compose("imagefolder", common + ["trainer.max_epochs=4", "optim.lr=0.1",
+                                              "optim.allow_unusual_lr=true"])
+    blind = run(cfg, tmp_path / "blind", model=Blind())
+    assert [w for w in blind["warnings"] if "[M28]" in w and "chance level" in w]
