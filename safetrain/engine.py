@@ -45,7 +45,6 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
     total_loss = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device)
     seen, t0, grad_norm, norms, last = 0, time.perf_counter(), torch.zeros(()), {}, len(loader) - 1
-    drawn = 0  # (C,) labels per class as the loader drew them (a class-balanced sampler changes them)
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress or None, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         with prec.autocast():
@@ -62,7 +61,9 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
         schedule.after_step()
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
-        drawn = drawn + torch.bincount(y, minlength=logits.shape[1])
+        if step == 0:  # (C,) labels per class as the loader drew them (a class-balanced sampler changes them)
+            drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
+        drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
         seen += len(y)
         if step % 20 == 0:  # the loop syncs with the device here anyway
             if guard is not None:

@@ -2,6 +2,7 @@
 On imbalanced data `loss.balance` makes minority classes count [M24]."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -75,24 +76,21 @@ def build_loss(task: str, name: str = "auto", label_smoothing: float = 0.0, bala
     return nn.CrossEntropyLoss(**kw)
 
 
-def chance_losses(loss_fn: nn.Module, counts: Tensor) -> tuple[float, float]:
-    """(uniform, blind): the loss of uniform predictions and the lowest loss a model that ignores its
-    input can reach (the best constant logits), on labels drawn with these per-class `counts`. For plain
+def chance_losses(loss_fn: nn.CrossEntropyLoss, counts: Tensor) -> tuple[float, float]:
+    """(uniform, blind) for labels drawn with per-class `counts`: the loss of uniform predictions, and the
+    lowest loss a model that ignores its input can reach (the best constant logits). For plain
     cross-entropy on balanced classes both are ln(C); on imbalanced data, or with a balancing loss, they
-    are what a model that learns nothing from the images sits at [M19, M28]."""
-    counts = counts.detach().double()
-    n = (counts * min(1.0, 10_000 / float(counts.sum()))).round().clamp_min((counts > 0).double())  # <= ~10k labels
-    y = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), n.long())
-    b = torch.zeros(len(counts), device=counts.device, requires_grad=True)
-    loss = lambda: loss_fn(b.expand(len(y), -1), y)
-    with torch.enable_grad():
-        uniform = float(loss().detach())
-        opt = torch.optim.LBFGS([b], max_iter=100, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            value = loss()
-            value.backward()
-            return value
-        opt.step(closure)
-        return uniform, min(uniform, float(loss().detach()))
+    are where a model that learns nothing from the images sits [M28]. Exact for the cross-entropy family
+    (class weights w, label smoothing e, a constant logit shift): the best constant prediction is
+    proportional to the target mass m_k = w_k ((1 - e) n_k + e N / C), and a shift is absorbed by it."""
+    n = counts.detach().double().cpu()
+    C, N = len(n), n.sum()
+    w = torch.ones(C, dtype=torch.float64) if loss_fn.weight is None else loss_fn.weight.detach().double().cpu()
+    e, z = loss_fn.label_smoothing, (n * w).sum()  # a weighted mean divides by the weights of the labels
+    per_class = copy.copy(loss_fn)  # the same loss, one value per label
+    per_class.reduction = "none"
+    classes = torch.arange(C, device=counts.device)
+    uniform = (n * per_class(torch.zeros(C, C, device=counts.device), classes).double().cpu()).sum() / z
+    m = w * ((1 - e) * n + e * N / C)
+    blind = -(m * (m / m.sum()).log()).nan_to_num().sum() / z  # 0 * log 0 = 0
+    return float(uniform), float(blind)

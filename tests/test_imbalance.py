@@ -172,16 +172,38 @@ def test_m24_m29_checkpoint_schedule_and_early_stop_follow_the_selection_metric(
         assert seen == pytest.approx([0.9, 0.8], abs=1e-6)
 
 
-def test_m19_m28_chance_level_follows_the_loss_and_the_class_mix():
+def _best_constant_logits_loss(loss_fn, counts):
+    """The input-blind loss found by brute force: constant logits fitted by L-BFGS."""
+    y = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    b = torch.zeros(len(counts), requires_grad=True)
+    opt = torch.optim.LBFGS([b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss_fn(b.expand(len(y), -1), y)
+        value.backward()
+        return value
+    opt.step(closure)
+    return float(loss_fn(torch.zeros(len(y), len(counts)), y)), float(loss_fn(b.detach().expand(len(y), -1), y))
+
+
+@pytest.mark.parametrize("balance", ["none", "inverse", "effective", "drw", "logit_adjust"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_m28_chance_level_follows_the_loss_and_the_class_mix(balance, smoothing):
     from safetrain.losses import chance_losses
-    counts = [int(4500 * 100 ** (-k / 9)) for k in range(10)]  # CIFAR-10-LT
-    p = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    lt = [int(4500 * 100 ** (-k / 9)) for k in range(10)]  # CIFAR-10-LT
+    for counts in (lt, [50, 0, 20, 3, 9]):  # an epoch may draw no sample of a class
+        loss = build_loss("multiclass", "auto", smoothing, balance, counts)
+        if balance == "drw":
+            loss.on_epoch(10, 10)  # its weights are on
+        assert chance_losses(loss, torch.tensor(counts)) == pytest.approx(_best_constant_logits_loss(loss, counts),
+                                                                          abs=1e-4)
+    p = torch.tensor(lt, dtype=torch.float64) / sum(lt)
     entropy, ln10 = float(-(p * p.log()).sum()), math.log(10)  # 1.64 vs 2.30
-    level = lambda balance, c=counts: chance_losses(build_loss("multiclass", "auto", 0.0, balance, c), torch.tensor(c))
-    assert level("none", [50] * 10) == pytest.approx((ln10, ln10), abs=1e-4)
-    assert level("none") == pytest.approx((ln10, entropy), abs=1e-3)  # a blind model learns the prior
-    assert level("logit_adjust") == pytest.approx((entropy, entropy), abs=1e-3)
-    assert level("inverse") == pytest.approx((ln10, ln10), abs=1e-3)  # weights make the prior worthless
+    level = chance_losses(build_loss("multiclass", "auto", 0.0, balance, lt), torch.tensor(lt))
+    expected = {"none": (ln10, entropy), "logit_adjust": (entropy, entropy), "inverse": (ln10, ln10)}
+    assert level == pytest.approx(expected.get(balance, level), abs=1e-3)  # a blind model learns the prior
 
 
 class Blind(torch.nn.Module):
