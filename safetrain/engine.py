@@ -130,7 +130,8 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         norms = tr.pop("layer_grad_norms")
         uniform, blind = chance_losses(loss_fn, tr.pop("label_counts"))  # what a model that learns nothing scores
         scalars = {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/grad_norm": tr["grad_norm"],
-                   "train/images_per_s": tr["images_per_s"], "train/chance_loss": blind, "train/uniform_loss": uniform, "val/loss": val["loss"], "val/acc": float(val["acc"]),
+                   "train/images_per_s": tr["images_per_s"], "train/chance_loss": blind, "train/uniform_loss": uniform,
+                   "val/loss": val["loss"], "val/acc": float(val["acc"]),
                    "val/balanced_acc": float(val["balanced_acc"]), "val/macro_f1": float(val["macro_f1"]),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": tr["seconds"],
                    **{f"grad_norm/{k}": v for k, v in norms.items()}}

@@ -89,9 +89,9 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
         found.append(Finding("M28", kind="plateau", message=(
             f"epoch {epoch}: the training loss has stayed at the chance level {recent[-1][stuck[0]]:.3f} (what a "
             f"model that ignores its input scores; ln({num_classes}) = {math.log(num_classes):.3f} on balanced "
-            f"classes; last epochs: {last}): the model is not "
-            "learning. Likely causes: a learning rate far too low or too high (try optim.lr=auto), labels shuffled "
-            "relative to the images, or images without class signal.")))
+            f"classes; last epochs: {last}): the model is not learning. Likely causes: a learning rate far too low "
+            "or too high (try optim.lr=auto), labels shuffled relative to the images, or images without class "
+            "signal.")))
     return found
 
 
