@@ -589,6 +589,20 @@ def test_m32_one_seed_reproduces_the_run_and_seed_0_is_a_seed(tmp_path):
     assert (da / "splits.json").read_text() != (dc / "splits.json").read_text()
 
 
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_m32_a_warm_cache_gives_the_same_run_as_a_cold_one(tmp_path, loader):
+    """Decoding the images (first run) or reading them from the cache (later runs) must not move the seeded
+    random streams: the same seed gives the same weights either way."""
+    write_images(tmp_path / "imgs", 3, 30)
+    over = [f"data.root={tmp_path / 'imgs'}", "data.batch_size=16", "model=cnn_tiny", "data.num_workers=1",
+            f"data.loader={loader}"]
+    cold, dc = train(tmp_path, over, recipe="imagefolder", name="cold")
+    warm, dw = train(tmp_path, over, recipe="imagefolder", name="warm")
+    assert cold["test_loss"] == warm["test_loss"]
+    a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (dc, dw))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("pixels,pattern", [(lambda x: x * 255, r"\[M33\].*float pixels span \[\d.*255"),
                                             (lambda x: (x - 0.5) / 0.25, r"\[M33\].*float pixels span \[-")])
 def test_m33_pixels_in_the_wrong_range_are_refused(tmp_path, pixels, pattern):

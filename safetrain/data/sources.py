@@ -202,7 +202,10 @@ class FileDataset(torch.utils.data.Dataset):
 
 def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoader:
     """A DataLoader whose workers decode files. Workers are forked, except once CUDA is initialized in
-    this process (forking then can deadlock): then they are spawned."""
+    this process (forking then can deadlock): then they are spawned. Its workers' seed comes from a
+    generator of its own: drawn from the global one, it would make model init depend on whether the
+    images were decoded now or read from the cache [M32]."""
+    kw.setdefault("generator", torch.Generator().manual_seed(0))
     workers = min(num_workers, os.cpu_count() or 1)
     spawn = workers > 0 and torch.cuda.is_available() and torch.cuda.is_initialized()
     return torch.utils.data.DataLoader(dataset, num_workers=workers,
