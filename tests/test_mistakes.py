@@ -303,6 +303,25 @@ def test_m11_functional_softmax_output_is_refused_too(tmp_path):
     refused(tmp_path, [], r"\[M11\].*probabilities", model=Probs(), dataset=ImagesDataset(size=32))
 
 
+def test_m11_functional_relu_output_is_refused_but_logits_that_happen_to_be_positive_are_not():
+    from safetrain.models.checks import check_model
+    x = torch.randn(16, 3, 32, 32)
+
+    class Relu(LeNet):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    with pytest.raises(ConfigError, match=r"\[M11\].*>= 0.*ReLU"):
+        check_model(Relu(), x, 3, 16)
+
+    class Positive(LeNet):  # healthy logits, shifted: all > 0 on this batch by chance, none exactly 0
+        def forward(self, x):
+            out = super().forward(x)
+            return out - out.min().detach() + 0.01
+
+    check_model(Positive(), x, 3, 16)
+
+
 def test_m11_built_heads_emit_raw_logits():
     net = build_model("resnet", channels=3, height=16, width=16, num_classes=5, depth=20, base_width=8)
     assert isinstance(list(net.modules())[-1], nn.Linear)

@@ -51,9 +51,10 @@ def check_model(model: nn.Module, x: Tensor, num_classes: int, batch_size: int) 
     if ((out >= 0) & (out <= 1)).all() and torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
         raise ConfigError("[M11] the model's outputs are probabilities (each row sums to 1): it applies softmax. "
                           "Return raw logits; the cross-entropy loss applies softmax itself.")
-    if (out >= 0).all() and out.numel() >= 16:
-        raise ConfigError("[M11] every output of the model is >= 0 on a batch, as after a ReLU: a classifier "
-                          "must return raw logits (negative too). Remove the activation after the last layer.")
+    if out.numel() >= 16 and (out >= 0).all() and (out == 0).float().mean() > 0.25:  # a ReLU's mark: many exact 0s
+        raise ConfigError("[M11] every output of the model is >= 0 on a batch, many exactly 0, as after a ReLU: a "
+                          "classifier must return raw logits (negative too). Remove the activation after the last "
+                          "layer.")
     if batch_size < BN_MIN_BATCH and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ConfigError(f"[M12] the model has BatchNorm layers but data.batch_size={batch_size} is below "
                           f"{BN_MIN_BATCH}. Use GroupNorm (model.norm=group for safetrain's models) or "
