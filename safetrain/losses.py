@@ -13,7 +13,7 @@ from safetrain.metrics import IMBALANCE_RATIO, imbalance_ratio
 
 # What `auto` uses on imbalanced data, chosen by measurement: on CIFAR-10-LT (ratio 100, 3 seeds, 30 epochs,
 # benchmarks/RESULTS.md) logit adjustment reached 70.9% balanced test accuracy, deferred re-weighting 68.9%,
-# effective-number / inverse weights 63.8 / 63.5%, the class-balanced sampler 62.0%, plain cross-entropy 60.0%.
+# effective-number / inverse weights 63.8 / 63.5%, the class-balanced sampler 62.0%, plain cross-entropy 59.8%.
 AUTO_METHOD = "logit_adjust"
 
 
