@@ -95,15 +95,19 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
                           f"Use data.batch_size={max(1, len(splits['train']) // 4)} or less.")
     balance, why = resolve_balance(cfg.loss.balance, facts.counts["train"])
     normalize = D.Normalize(facts.mean, facts.std)  # the one normalization, for every split [M02]
-    train_loader = D.make_loader(splits["train"], D.BatchPipeline(normalize, device, d.augment, cfg.seed,
-                                                                  d.rotate_degrees),
-                                 batch_size=d.batch_size, train=True, seed=cfg.seed, class_balanced=balance == "sampler",
-                                 **stream_kw)
+
+    def make_train_loader(class_balanced: bool):
+        return D.make_loader(splits["train"], D.BatchPipeline(normalize, device, d.augment, cfg.seed, d.rotate_degrees),
+                             batch_size=d.batch_size, train=True, seed=cfg.seed, class_balanced=class_balanced,
+                             **stream_kw)
+    train_loader = make_train_loader(balance == "sampler")
     eval_pipe = D.BatchPipeline(normalize, device)  # deterministic: normalization only [M04]
     val_loader = D.make_loader(splits["val"], eval_pipe, batch_size=2 * d.batch_size, train=False,
                                seed=cfg.seed, **stream_kw)
     x0, y0 = next(iter(train_loader))
-    D.check_batch(x0)
+    # inputs are checked as the split gives them: a class-balanced sampler shifts the class mix on purpose [M33]
+    x_natural = x0 if balance != "sampler" else next(iter(make_train_loader(False)))[0]
+    D.check_batch(x_natural)
     log.info("[4/9] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only", d.augment,
              f" rotate<={d.rotate_degrees:g}deg" if d.rotate_degrees else "", d.batch_size, len(train_loader))
 
@@ -135,7 +139,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias), schedule %s on val %s "
              "(%s)", type(loss_fn).__name__, balance, why, o.name, lr, s.name, *selection)
 
-    checks = [input_check(x0), *init_and_gradient_checks(net, x0, y0, loss_fn, facts.num_classes)]
+    checks = [input_check(x_natural), *init_and_gradient_checks(net, x0, y0, loss_fn, facts.num_classes)]
     if cfg.mode == "doctor":
         return doctor(checks, aud, splits, eval_pipe, net, loss_fn, make_optimizer, lr, stream_kw)
     for c in checks:
