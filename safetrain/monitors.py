@@ -82,8 +82,8 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
             "too high or too low, labels that do not match the images, or inputs that carry no signal.")))
     recent = history[-2:]  # stuck where the best input-blind predictions, or uniform ones, would be
-    stuck = [h for h in ("train/chance_loss", "train/uniform_loss")
-             if epoch >= 2 and all(abs(r["train/loss"] - r[h]) < 0.05 * r[h] for r in recent)]
+    stuck = [] if epoch < 2 else [h for h in ("train/chance_loss", "train/uniform_loss")
+                                  if all(abs(r["train/loss"] - r[h]) < 0.05 * r[h] for r in recent)]
     if stuck:
         last = ", ".join(f"{r['train/loss']:.3f}" for r in recent)
         found.append(Finding("M28", kind="plateau", message=(
