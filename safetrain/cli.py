@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from safetrain.errors import SafetrainError
+from safetrain.errors import SafetrainError, TrainingStopped
 
 PKG = Path(__file__).resolve().parent
 
@@ -132,4 +132,4 @@ def _job(raw) -> None:
             sys.exit(0 if out["passed"] else 1)
     except SafetrainError as e:  # a refusal (2), or training stopped on purpose (1)
         log.error("%s: %s", type(e).__name__, e)
-        sys.exit(1 if type(e).__name__ == "TrainingStopped" else 2)
+        sys.exit(1 if isinstance(e, TrainingStopped) else 2)

@@ -13,23 +13,21 @@ from typing import Any, Optional, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from safetrain.data import AUGMENTS, SOURCES, flips
 from safetrain.errors import ConfigError
+from safetrain.findings import Finding
+from safetrain.losses import BALANCE, LOSSES
+from safetrain.models import MODELS, CNNConfig, ResNetConfig  # noqa: F401  (the model schemas live with the models)
+from safetrain.models.layers import ACTIVATIONS, BN_MIN_BATCH, NORMS
+from safetrain.optim import OPTIMIZERS, SCHEDULES
 
-TASKS = ("multiclass",)  # "multilabel" has a place in the schema, not yet an implementation
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-AUGMENTS = ("none", "flip", "crop", "crop_flip")
-ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "silu")
-NORMS = ("batch", "group")
-SCHEDULES = ("plateau", "onecycle", "cosine")
-LOSSES = {"multiclass": ("cross_entropy",)}
-BALANCE = ("auto", "none", "inverse", "effective", "drw", "logit_adjust", "sampler")
+# The allowed choices of a setting that picks a builder are that builder registry's keys (above); these are
+# the few plain choices.
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "memory", "stream")
-# Sane learning-rate ranges per optimizer [M16]; outside them only with optim.allow_unusual_lr.
-LR_RANGE = {"adamw": (1e-5, 1e-2), "sgd": (1e-4, 1.0)}
+MODES = ("train", "doctor")
 MAX_ROTATION = 30.0  # degrees, beyond which digits, text and most objects change meaning [M05]
-BN_MIN_BATCH = 8  # BatchNorm statistics of fewer samples are too noisy to train with [M12]
 
 
 @dataclass
@@ -61,29 +59,6 @@ class DataConfig:
     cache_dir: Optional[str] = None  # default: $SAFETRAIN_CACHE or ~/.cache/safetrain
     download: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-
-@dataclass
-class CNNConfig:
-    name: str = "cnn"
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
-    blocks: int = 1  # conv-norm-act layers per stage, after the stage's first conv
-    activation: str = "relu"
-    norm: str = "batch"
-    dropout: float = 0.0
-
-
-@dataclass
-class ResNetConfig:
-    name: str = "resnet"
-    depth: int = 18  # 18 (ResNet-18, small-image stem) or 6n+2 (CIFAR ResNet-20/32/56/110)
-    base_width: int = 64  # channels of the first stage; doubled at each later stage
-    activation: str = "relu"
-    norm: str = "batch"
-    dropout: float = 0.0
-
-
-MODELS = {"cnn": CNNConfig, "resnet": ResNetConfig}
 
 
 @dataclass
@@ -128,7 +103,7 @@ class Config:
     task: str = "multiclass"
     mode: str = "train"  # train, or doctor: audit + preflight + overfit-one-batch, no training
     data: DataConfig = field(default_factory=DataConfig)
-    model: Any = MISSING  # checked against MODELS[model.name]
+    model: Any = MISSING  # checked against the schema of the chosen model: MODELS[model.name][0]
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
@@ -140,7 +115,7 @@ def schema_keys(schema=Config, prefix: str = "") -> list[str]:
     keys = []
     for name, tp in get_type_hints(schema).items():
         keys.append(prefix + name)
-        subs = MODELS.values() if (schema is Config and name == "model") else [tp] if is_dataclass(tp) else []
+        subs = [m[0] for m in MODELS.values()] if (schema is Config and name == "model") else [tp] if is_dataclass(tp) else []
         for sub in subs:
             keys += schema_keys(sub, f"{prefix}{name}.")
     return sorted(set(keys))
@@ -155,7 +130,7 @@ def nearest_key(key: str, candidates=None) -> str:
     """' Did you mean ...?' for an unknown key; for model keys, what each model takes."""
     if key.startswith("model."):
         per_model = "; ".join(f"model={n} takes {', '.join(k for k in get_type_hints(c) if k != 'name')}"
-                              for n, c in MODELS.items())
+                              for n, (c, _) in MODELS.items())
         return f" The chosen model has no such setting ({per_model})."
     return did_you_mean(key, [k for k in (candidates or schema_keys()) if k != key], cutoff=0.5)
 
@@ -181,7 +156,7 @@ def _refuse_unknown(node, schema, prefix: str) -> None:
         if key not in hints:
             raise ConfigError(f"[config] unknown setting '{full}'.{nearest_key(full)}"
                               " Valid keys: `python -m safetrain recipe=NAME --cfg job`.")
-        sub = MODELS.get(node[key].get("name")) if (schema is Config and key == "model") else hints[key]
+        sub = MODELS.get(node[key].get("name"), (None,))[0] if (schema is Config and key == "model") else hints[key]
         if is_dataclass(sub) and node[key] is not None:
             _refuse_unknown(node[key], sub, f"{full}.")
 
@@ -212,23 +187,23 @@ def validate(cfg: DictConfig | dict) -> Config:
     _choice("model", model_raw.name, MODELS)
     _refuse_unknown(raw, Config, "")
     out: Config = _merge(Config, raw, "")  # model is Any here: a plain dict ...
-    out.model = _merge(MODELS[model_raw.name], model_raw, "model")  # ... checked by its own schema
+    out.model = _merge(MODELS[model_raw.name][0], model_raw, "model")  # ... checked by its own schema
     _check_values(out)
     return out
 
 
 def _check_values(c: Config) -> None:
-    _choice("task", c.task, TASKS)
-    _choice("mode", c.mode, ("train", "doctor"))
-    _choice("data", c.data.name, DATASETS)
+    _choice("task", c.task, LOSSES)
+    _choice("mode", c.mode, MODES)
+    _choice("data", c.data.name, SOURCES)
     _choice("data.augment", c.data.augment, AUGMENTS)
     _choice("data.loader", c.data.loader, LOADERS)
-    _choice("loss.balance", c.loss.balance, BALANCE)
+    _choice("loss.balance", c.loss.balance, ("auto", *BALANCE))
     if c.data.imbalance_ratio is not None:
         _range("data.imbalance_ratio", c.data.imbalance_ratio, 1.0, 1000.0, "M24")
     _choice("model.activation", c.model.activation, ACTIVATIONS)
     _choice("model.norm", c.model.norm, NORMS)
-    _choice("optim", c.optim.name, LR_RANGE)
+    _choice("optim", c.optim.name, OPTIMIZERS)
     _choice("sched.name", c.sched.name, SCHEDULES)
     _choice("trainer.device", c.trainer.device, DEVICES)
     _choice("trainer.precision", c.trainer.precision, PRECISIONS)
@@ -239,14 +214,14 @@ def _check_values(c: Config) -> None:
     if c.data.name == "imagefolder" and not c.data.root:
         raise ConfigError("[config] data=imagefolder needs data.root=<folder with train/ or class "
                           "subfolders>. Add data.root=/path/to/images to the command.")
-    if "flip" in c.data.augment and not c.data.hflip_keeps_label:
+    if flips(c.data.augment) and not c.data.hflip_keeps_label:
         raise ConfigError(f"[M05] data.augment={c.data.augment} flips images horizontally, but this "
                           "recipe declares data.hflip_keeps_label=false (a mirrored digit or letter is "
                           "another symbol). Use data.augment=crop or data.augment=none.")
     if c.optim.name == "sgd" and c.optim.momentum <= 0:
         raise ConfigError("[M15] optim=sgd with optim.momentum=0 is plain SGD, which trains CNNs "
                           "slowly or not at all. Set optim.momentum=0.9 (or use optim=adamw).")
-    lo, hi = LR_RANGE[c.optim.name]
+    lo, hi = OPTIMIZERS[c.optim.name].lr_range
     if isinstance(c.optim.lr, str):
         if c.optim.lr != "auto":
             raise ConfigError(f"[M16] optim.lr={c.optim.lr!r} is neither a number nor 'auto'. "
@@ -290,16 +265,19 @@ def _check_values(c: Config) -> None:
                           "(20, 32, 44, 56, 110). Pick one of those.")
 
 
-def unlocks(c: Config) -> list[str]:
-    """Warnings for every safety bound the config unlocks (logged at the start of a run)."""
+def unlocks(c: Config) -> list[Finding]:
+    """A finding for every safety bound the config unlocks (logged at the start of a run, listed in the report)."""
     out = []
     if c.optim.allow_unusual_lr:
-        out.append(f"[M16] optim.allow_unusual_lr=true: optim.lr={c.optim.lr} is not range-checked")
+        out.append(Finding("M16", "unlocked", f"optim.allow_unusual_lr=true: optim.lr={c.optim.lr} is not "
+                           "range-checked.", source="unlock"))
     if c.data.allow_large_rotation:
-        out.append(f"[M05] data.allow_large_rotation=true: rotations up to {c.data.rotate_degrees} degrees")
+        out.append(Finding("M05", "unlocked", f"data.allow_large_rotation=true: rotations up to "
+                           f"{c.data.rotate_degrees} degrees.", source="unlock"))
     if c.data.allow_duplicates_across_splits:
-        out.append("[M06] data.allow_duplicates_across_splits=true: exact copies across train/val/test are "
-                   "allowed, so validation and test scores may be optimistic")
+        out.append(Finding("M06", "unlocked", "data.allow_duplicates_across_splits=true: exact copies across "
+                           "train/val/test are allowed, so validation and test scores may be optimistic.",
+                           source="unlock"))
     return out
 
 

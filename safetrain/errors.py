@@ -1,13 +1,17 @@
-"""The two exceptions a user meets: both say the setting or file, the value, why, and the fix."""
+"""What a user meets when safetrain stops: each says the setting or file, the value, why, and the fix."""
 
 
 class SafetrainError(Exception):
-    """Base class: a refusal that stops a run before any training step."""
+    """Base class of safetrain's own stops."""
 
 
 class ConfigError(SafetrainError):
-    """A setting that cannot work (names the key, the value, the reason and the fix)."""
+    """A setting that cannot work (names the key, the value, the reason and the fix). Raised before training."""
 
 
 class DataError(SafetrainError):
-    """Data that cannot be trained on as given (names the file or folder and the fix)."""
+    """Data that cannot be trained on as given (names the file or folder and the fix). Raised before training."""
+
+
+class TrainingStopped(SafetrainError):
+    """The run was stopped on purpose (divergence, non-finite values); the last good checkpoint is kept."""

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from safetrain.metrics import IMBALANCE_RATIO, imbalance_ratio
+from safetrain.data.stats import IMBALANCE_RATIO
 
 # What `auto` uses on imbalanced data, chosen by measurement: on CIFAR-10-LT (ratio 100, 3 seeds, 30 epochs,
 # benchmarks/RESULTS.md) logit adjustment reached 70.9% balanced test accuracy, deferred re-weighting 68.9%,
@@ -17,12 +17,12 @@ from safetrain.metrics import IMBALANCE_RATIO, imbalance_ratio
 AUTO_METHOD = "logit_adjust"
 
 
-def resolve_balance(balance: str, counts: list[int]) -> tuple[str, str]:
-    """(method, why) for `loss.balance` given the training class counts."""
-    ratio = imbalance_ratio(counts)
+def resolve_balance(balance: str, facts) -> tuple[str, str]:
+    """(method, why) for `loss.balance` given the data facts (their imbalance is decided there)."""
+    ratio = facts.imbalance_ratio
     if balance != "auto":
         return balance, f"loss.balance={balance} (imbalance ratio {ratio:.1f})"
-    if ratio <= IMBALANCE_RATIO:
+    if not facts.imbalanced:
         return "none", f"balanced enough (imbalance ratio {ratio:.1f} <= {IMBALANCE_RATIO:g})"
     return AUTO_METHOD, f"imbalance ratio {ratio:.1f} > {IMBALANCE_RATIO:g}: auto picks {AUTO_METHOD}"
 
@@ -61,19 +61,25 @@ class DeferredReweightedLoss(nn.CrossEntropyLoss):
         self.weight = self.late_weight if epoch > math.floor(self.start * max_epochs) else None
 
 
+# loss.balance=NAME (after `auto` is resolved) -> the loss for (training class counts, label smoothing).
+# `sampler` balances the batches instead (data.make_loader), so its loss is plain cross-entropy.
+BALANCE = {
+    "none": lambda counts, **kw: nn.CrossEntropyLoss(**kw),
+    "inverse": lambda counts, **kw: nn.CrossEntropyLoss(weight=class_weights(counts, "inverse"), **kw),
+    "effective": lambda counts, **kw: nn.CrossEntropyLoss(weight=class_weights(counts, "effective"), **kw),
+    "drw": lambda counts, **kw: DeferredReweightedLoss(counts, **kw),
+    "logit_adjust": lambda counts, **kw: LogitAdjustedLoss(counts, **kw),
+    "sampler": lambda counts, **kw: nn.CrossEntropyLoss(**kw),
+}
+LOSSES = {"multiclass": ("cross_entropy",)}  # task -> the losses that fit it (loss.name=auto takes the first)
+
+
 def build_loss(task: str, name: str = "auto", label_smoothing: float = 0.0, balance: str = "none",
                counts: Optional[list[int]] = None) -> nn.Module:
-    """`balance` is a resolved method (see resolve_balance); `sampler` changes the batches, not the loss."""
-    if task != "multiclass" or name not in ("auto", "cross_entropy"):
-        raise ValueError(f"no loss {name!r} for task {task!r}")  # config.validate refuses this earlier
-    kw = dict(label_smoothing=label_smoothing)
-    if balance in ("inverse", "effective"):
-        return nn.CrossEntropyLoss(weight=class_weights(counts, balance), **kw)
-    if balance == "drw":
-        return DeferredReweightedLoss(counts, **kw)
-    if balance == "logit_adjust":
-        return LogitAdjustedLoss(counts, **kw)
-    return nn.CrossEntropyLoss(**kw)
+    """`balance` is a resolved method (see resolve_balance)."""
+    if name not in ("auto", *LOSSES.get(task, ())) or balance not in BALANCE:
+        raise ValueError(f"no loss {name!r} with balance {balance!r} for task {task!r}")  # validate refuses earlier
+    return BALANCE[balance](counts, label_smoothing=label_smoothing)
 
 
 def chance_losses(loss_fn: nn.CrossEntropyLoss, counts: Tensor) -> tuple[float, float]:

@@ -7,17 +7,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
-IMBALANCE_RATIO = 3.0  # largest/smallest training class count above which macro-F1 selects
-
-
-def imbalance_ratio(counts: list[int]) -> float:
-    """Largest over smallest class count (an empty class counts as 1)."""
-    return max(counts) / max(1, min(counts))
-
-
-def selection_metric(task: str, train_counts: list[int]) -> tuple[str, str]:
-    """(metric name, direction). Accuracy on balanced data, macro-F1 on imbalanced data."""
-    return ("macro_f1", "max") if imbalance_ratio(train_counts) > IMBALANCE_RATIO else ("acc", "max")
+def selection_metric(task: str, imbalanced: bool) -> tuple[str, str]:
+    """(metric name, direction). Accuracy on balanced data, macro-F1 on imbalanced data (DataFacts.imbalanced)."""
+    return ("macro_f1", "max") if imbalanced else ("acc", "max")
 
 
 def build_metrics(num_classes: int, device: torch.device) -> MetricCollection:

@@ -5,26 +5,14 @@ epoch checks read the epoch's numbers. Each finding carries its catalogue row, w
 the likely causes and the setting that fixes it."""
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
-
 import torch
 
-from safetrain.errors import SafetrainError
+from safetrain.errors import TrainingStopped
+from safetrain.findings import Finding
 
-
-class TrainingStopped(SafetrainError):
-    """The run was stopped on purpose (divergence, non-finite values); the last good checkpoint is kept."""
-
-
-@dataclass
-class Finding:
-    row: str
-    message: str
-    kind: str = ""  # what was seen (one report per row and kind in a run)
-
-    def __str__(self) -> str:
-        return f"[{self.row}] {self.message}"
+log = logging.getLogger(__name__)
 
 
 class StepGuard:
@@ -77,21 +65,23 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
     share, prior = predicted / predicted.sum(), truth / truth.sum()
     k = int(share.argmax())
     if num_classes > 1 and share[k] > max(0.5, 3 * prior[k]):
-        found.append(Finding("M27", kind="collapse", message=(
+        found.append(Finding("M27", "collapse", (
             f"epoch {epoch}: {share[k]:.0%} of validation predictions are class {k}, which is {prior[k]:.0%} of "
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
-            "too high or too low, labels that do not match the images, or inputs that carry no signal.")))
+            "too high or too low, labels that do not match the images, or inputs that carry no signal."),
+            epoch=epoch, evidence={"class": k, "share": float(share[k]), "prior": float(prior[k])}))
     recent = history[-2:]  # stuck where the best input-blind predictions, or uniform ones, would be
     stuck = [] if epoch < 2 else [h for h in ("train/chance_loss", "train/uniform_loss")
                                   if all(abs(r["train/loss"] - r[h]) < 0.05 * r[h] for r in recent)]
     if stuck:
         last = ", ".join(f"{r['train/loss']:.3f}" for r in recent)
-        found.append(Finding("M28", kind="plateau", message=(
+        found.append(Finding("M28", "plateau", (
             f"epoch {epoch}: the training loss has stayed at the chance level {recent[-1][stuck[0]]:.3f} (what a "
             f"model that ignores its input scores; ln({num_classes}) = {math.log(num_classes):.3f} on balanced "
             f"classes; last epochs: {last}): the model is not learning. Likely causes: a learning rate far too low "
-            "or too high (try optim.lr=auto), labels shuffled relative to the images, or images without class "
-            "signal.")))
+            "or too high, labels shuffled relative to the images, or images without class signal."),
+            "Try optim.lr=auto; check that the labels match the images.", epoch=epoch,
+            evidence={"chance_loss": recent[-1][stuck[0]], "train_losses": [r["train/loss"] for r in recent]}))
     return found
 
 
@@ -110,14 +100,16 @@ def gradient_findings(epoch: int, norms: dict[str, float]) -> list[Finding]:
     (first, g0), (last, g1) = next(iter(norms.items())), list(norms.items())[-1]
     ratio = g0 / max(g1, 1e-30)
     if ratio < VANISHING:
-        return [Finding("M26", kind="vanishing", message=f"epoch {epoch}: vanishing gradients: the first layer ({first}) gets {ratio:.1e} of "
-                               f"the gradient of the last ({last}). Likely causes: saturating activations, no "
-                               "normalization, a very deep plain network: use model.norm=batch, a ResNet, or "
-                               "model.activation=relu.")]
+        return [Finding("M26", "vanishing", f"epoch {epoch}: vanishing gradients: the first layer ({first}) gets "
+                        f"{ratio:.1e} of the gradient of the last ({last}). Likely causes: saturating activations, "
+                        "no normalization, a very deep plain network.",
+                        "Use model.norm=batch, a ResNet, or model.activation=relu.", epoch=epoch,
+                        evidence={"ratio": ratio, "first": first, "last": last})]
     if ratio > EXPLODING:
-        return [Finding("M26", kind="exploding", message=f"epoch {epoch}: exploding gradients: the first layer ({first}) gets {ratio:.0f}x the "
-                               f"gradient of the last ({last}). Likely causes: learning rate too high, no "
-                               "normalization: lower optim.lr, keep trainer.grad_clip on.")]
+        return [Finding("M26", "exploding", f"epoch {epoch}: exploding gradients: the first layer ({first}) gets "
+                        f"{ratio:.0f}x the gradient of the last ({last}). Likely causes: learning rate too high, no "
+                        "normalization.", "Lower optim.lr, keep trainer.grad_clip on.", epoch=epoch,
+                        evidence={"ratio": ratio, "first": first, "last": last})]
     return []
 
 
@@ -148,9 +140,10 @@ def dead_unit_share(model: torch.nn.Module, x: torch.Tensor) -> float:
 def dead_unit_findings(epoch: int, share: float) -> list[Finding]:
     if share <= DEAD_SHARE:
         return []
-    return [Finding("M20", kind="dead", message=f"epoch {epoch}: {share:.0%} of ReLU channels never fire on a validation batch (dying "
-                           "ReLUs). Likely causes: a learning rate too high, a large negative bias. Try "
-                           "model.activation=leaky_relu (or prelu), or a lower optim.lr.")]
+    return [Finding("M20", "dead", f"epoch {epoch}: {share:.0%} of ReLU channels never fire on a validation batch "
+                    "(dying ReLUs). Likely causes: a learning rate too high, a large negative bias.",
+                    "Try model.activation=leaky_relu (or prelu), or a lower optim.lr.", epoch=epoch,
+                    evidence={"dead_share": share})]
 
 
 def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: str) -> list[Finding]:
@@ -161,17 +154,38 @@ def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: st
         h = history[-3:]
         gaps = [x["train/acc"] - x["val/acc"] for x in h]
         if h[0]["val/loss"] < h[1]["val/loss"] < h[2]["val/loss"] and gaps[0] < gaps[1] < gaps[2]:
-            found.append(Finding("M09", kind="overfitting", message=(
+            found.append(Finding("M09", "overfitting", (
                 f"epoch {epoch}: overfitting: validation loss has risen for 2 epochs while the train/val accuracy gap "
                 f"grew to {gaps[2]:.2f} ({capacity}). Likely causes: a model too large for the data, too little "
-                "augmentation or regularization: try data.augment=crop_flip, model.dropout=0.2, a smaller model; "
-                "the best checkpoint (on validation) is kept either way.")))
+                "augmentation or regularization."), "Try data.augment=crop_flip, model.dropout=0.2, a smaller model; "
+                "the best checkpoint (on validation) is kept either way.", epoch=epoch, evidence={"gaps": gaps}))
         if h[-1]["train/acc"] < 1.5 / num_classes:
-            found.append(Finding("M09", kind="underfitting", message=(
+            found.append(Finding("M09", "underfitting", (
                 f"epoch {epoch}: underfitting: training accuracy {h[-1]['train/acc']:.2f} is near chance "
                 f"({1 / num_classes:.2f}) after {epoch} epochs ({capacity}). Likely causes: a model too small, a "
-                "learning rate too low, too much regularization: try a wider model, optim.lr=auto, less dropout.")))
+                "learning rate too low, too much regularization."), "Try a wider model, optim.lr=auto, less dropout.",
+                epoch=epoch, evidence={"train_acc": h[-1]["train/acc"]}))
     return found
+
+
+class Monitors:
+    """What fit() calls: `guard` on every step, `after_epoch` once an epoch. Each problem is reported once a
+    run (one finding per row and kind), logged as a warning and returned for metrics.jsonl and TensorBoard."""
+
+    def __init__(self, guard: StepGuard, probe: torch.Tensor, num_classes: int, capacity: str):
+        self.guard, self.probe, self.num_classes, self.capacity = guard, probe, num_classes, capacity
+        self.reported: set[tuple[str, str]] = set()
+
+    def after_epoch(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> list[Finding]:
+        norms = {k.removeprefix("grad_norm/"): v for k, v in history[-1].items() if k.startswith("grad_norm/")}
+        found = (epoch_findings(epoch, history, confusion, self.num_classes) + gradient_findings(epoch, norms)
+                 + dead_unit_findings(epoch, dead_unit_share(model, self.probe))
+                 + fit_findings(epoch, history, self.num_classes, self.capacity))
+        found = [f for f in found if (f.row, f.kind) not in self.reported]
+        self.reported |= {(f.row, f.kind) for f in found}
+        for f in found:
+            log.warning("%s", f)
+        return found
 
 
 @torch.no_grad()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+
+from safetrain.engine import train_step
+from safetrain.errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -16,12 +20,48 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
+class Optimizer(NamedTuple):
+    build: Callable  # (param groups, lr, momentum, nesterov) -> torch.optim.Optimizer
+    lr_range: tuple[float, float]  # a sane learning rate for it [M16]; outside only with optim.allow_unusual_lr
+
+
+OPTIMIZERS = {  # optim=NAME; momentum is SGD's momentum or AdamW's beta1
+    "adamw": Optimizer(lambda groups, lr, momentum, nesterov: torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999)),
+                       (1e-5, 1e-2)),
+    "sgd": Optimizer(lambda groups, lr, momentum, nesterov: torch.optim.SGD(groups, lr=lr, momentum=momentum,
+                                                                            nesterov=nesterov), (1e-4, 1.0)),
+}
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
                     nesterov: bool = True) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"[config] optim={name!r} is not an optimizer; choose one of {list(OPTIMIZERS)}.")
+    return OPTIMIZERS[name].build(param_groups(model, weight_decay), lr, momentum, nesterov)
+
+
+def _plateau(optimizer, *, mode, factor, patience, min_lr, **_):
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience,
+                                                      min_lr=min_lr)
+
+
+def _onecycle(optimizer, *, total_steps, warmup_fraction, **_):
+    """Linear warmup to lr, then linear decay to ~0."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 1,
+        pct_start=warmup_fraction, anneal_strategy="linear", cycle_momentum=False, div_factor=10.0,
+        final_div_factor=100.0)
+
+
+def _cosine(optimizer, *, total_steps, warmup_fraction, **_):
+    """Cosine decay after a linear warmup."""
+    warm = max(1, int(warmup_fraction * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total_steps - warm))))))
+
+
+# sched.name -> (builder, steps once per epoch on the validation metric?)
+SCHEDULES = {"plateau": (_plateau, True), "onecycle": (_onecycle, False), "cosine": (_cosine, False)}
 
 
 class LRSchedule:
@@ -31,26 +71,19 @@ class LRSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, *, mode: str, total_steps: int,
                  factor: float = 0.5, patience: int = 2, min_lr: float = 1e-6, warmup_fraction: float = 0.2):
+        if name not in SCHEDULES:
+            raise ConfigError(f"[config] sched.name={name!r} is not a schedule; choose one of {list(SCHEDULES)}.")
+        build, self.per_epoch = SCHEDULES[name]
         self.name = name
-        if name == "plateau":
-            self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr)
-        elif name == "onecycle":  # linear warmup to lr, then linear decay to ~0
-            self.sched = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 1,
-                pct_start=warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
-                div_factor=10.0, final_div_factor=100.0)
-        else:  # cosine with linear warmup
-            warm = max(1, int(warmup_fraction * total_steps))
-            self.sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-                (s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total_steps - warm))))))
+        self.sched = build(optimizer, mode=mode, total_steps=total_steps, factor=factor, patience=patience,
+                           min_lr=min_lr, warmup_fraction=warmup_fraction)
 
     def after_step(self) -> None:
-        if self.name != "plateau":
+        if not self.per_epoch:
             self.sched.step()
 
     def after_validation(self, metric: float) -> None:
-        if self.name == "plateau":
+        if self.per_epoch:
             self.sched.step(metric)
 
     def state_dict(self) -> dict:
@@ -74,12 +107,7 @@ def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: 
         for x, y in loader:
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            with prec.autocast():
-                loss = loss_fn(model(prec.prepare(x)).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            avg = 0.95 * avg + 0.05 * loss.item()
+            avg = 0.95 * avg + 0.05 * train_step(model, x, y, loss_fn, optimizer, prec).loss.item()
             smooth = avg / (1 - 0.95 ** (i + 1))
             if smooth < best:
                 best, best_lr = smooth, lr

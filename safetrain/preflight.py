@@ -1,91 +1,102 @@
 """Checks before the first epoch (default on, about a second) and `mode=doctor`'s extra
-overfit-one-batch test. Each check says what it saw and, when it fails, what to change."""
+overfit-one-batch test. Each check is a Finding that says what it saw and, when it fails, what to change."""
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from safetrain.engine import Precision, train_step
+from safetrain.errors import DataError
+from safetrain.findings import Finding
 
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    detail: str
-    fix: str = ""
-    row: str = ""
-
-    def __str__(self) -> str:
-        return f"[{self.row}] {self.name}: {self.detail}. {self.fix}".strip()
+# How far a normalized training batch's per-channel statistics may stray [M01, M33]: (max |mean|, (min std,
+# max std)). Inside "standardized" all is well; outside it the preflight check fails (a warning: a small or
+# unusual batch can stray); outside "refused" the statistics cannot belong to these images and the run stops.
+STANDARDIZED, REFUSED = (0.5, (0.5, 2.0)), (1.5, (0.2, 5.0))
+CPU = Precision(torch.device("cpu"), bf16=False)
 
 
-def input_check(x: Tensor) -> Check:
+def _within(mean: Tensor, std: Tensor, bounds) -> bool:
+    max_mean, (lo, hi) = bounds
+    return bool((mean.abs() <= max_mean).all() and ((std >= lo) & (std <= hi)).all())
+
+
+def input_check(x: Tensor) -> Finding:
+    """What the model is fed, checked once after the pipeline: finite floats, per channel standardized. Raises
+    DataError when the batch cannot be a standardization of the training images; else a pass/fail check."""
+    if not x.is_floating_point() or not torch.isfinite(x).all():
+        raise DataError(f"[M33] the training pipeline produced {x.dtype} inputs with non-finite values; the "
+                        "model needs finite floats. Check the images for corruption.")
     mean, std = x.float().mean(dim=(0, 2, 3)), x.float().std(dim=(0, 2, 3))
-    ok = bool(torch.isfinite(x).all()) and bool((mean.abs() < 0.5).all() and ((std > 0.5) & (std < 2)).all())
-    return Check("inputs standardized", ok, f"per-channel mean {[round(v, 2) for v in mean.tolist()]}, "
-                 f"std {[round(v, 2) for v in std.tolist()]}", "" if ok else
-                 "The normalization does not fit the images: clear the cache ($SAFETRAIN_CACHE).", "M33")
+    seen = f"per-channel mean {[round(v, 2) for v in mean.tolist()]}, std {[round(v, 2) for v in std.tolist()]}"
+    fix = "The statistics do not match the images: clear the cache ($SAFETRAIN_CACHE) and rerun."
+    if not _within(mean, std, REFUSED):
+        raise DataError(f"[M33] inputs after normalization are far from standardized ({seen}). {fix}")
+    ok = _within(mean, std, STANDARDIZED)
+    return Finding("M33", "inputs standardized", f"inputs standardized: {seen}.", "" if ok else fix, "preflight",
+                   passed=ok, evidence={"mean": mean.tolist(), "std": std.tolist()})
 
 
-def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, num_classes: int) -> list[Check]:
+def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, num_classes: int,
+                             prec: Precision = CPU) -> list[Finding]:
     """On a copy of the model: the cross-entropy at initialization is near ln(C) [M19] (plain, whatever
     `loss_fn` balances: logit adjustment moves its own start by the class prior), and two small SGD steps
     give every trainable parameter a finite, non-zero gradient [M26] (two, because zero-initialized
     residual norms pass gradients to the layers before them from the second step on)."""
     m = copy.deepcopy(model).train()
-    chance = math.log(num_classes)
-    loss0 = None
     reached = {n: False for n, p in m.named_parameters() if p.requires_grad}
-    bad = set()
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(2):
-        logits = m(x).float()
-        loss0 = float(nn.functional.cross_entropy(logits.detach(), y)) if loss0 is None else loss0
-        loss = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    bad: set[str] = set()
+
+    def inspect():
         for n, p in m.named_parameters():
             if p.grad is not None:
-                bad |= {n} if not torch.isfinite(p.grad).all() else set()
+                bad.update([n] if not torch.isfinite(p.grad).all() else [])
                 reached[n] = reached.get(n, False) or bool(p.grad.abs().sum() > 0)
-        opt.step()
+
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    logits = [train_step(m, x, y, loss_fn, opt, prec, after_backward=inspect).logits for _ in range(2)][0]
+    loss0, chance = float(nn.functional.cross_entropy(logits.detach().float(), y)), math.log(num_classes)
     ok_loss = 0.5 * chance < loss0 < chance + max(1.0, 0.5 * chance)
     dead = [n for n, r in reached.items() if not r] + sorted(bad)
     return [
-        Check("loss at initialization", ok_loss, f"{loss0:.3f} vs ln({num_classes}) = {chance:.3f}", "" if ok_loss else
-              "Far from chance: the head, the initialization or the label mapping is broken (logits should start "
-              "small and labels be class indices 0..C-1).", "M19"),
-        Check("gradients reach every parameter", not dead, "all trainable parameters get a finite, non-zero "
-              "gradient" if not dead else f"no usable gradient for {len(dead)}: {', '.join(dead[:5])}",
-              "" if not dead else "Those layers are disconnected from the loss, frozen by a zero factor, or produce "
-              "NaN: check the model's forward.", "M26"),
+        Finding("M19", "loss at initialization", f"loss at initialization: {loss0:.3f} vs ln({num_classes}) = "
+                f"{chance:.3f}.", "" if ok_loss else "Far from chance: the head, the initialization or the label "
+                "mapping is broken (logits should start small and labels be class indices 0..C-1).", "preflight",
+                passed=ok_loss, evidence={"loss": loss0, "chance": chance}),
+        Finding("M26", "gradients reach every parameter", "gradients reach every parameter: " + (
+                f"no usable gradient for {len(dead)}: {', '.join(dead[:5])}." if dead else
+                "all trainable parameters get a finite, non-zero gradient."), "" if not dead else
+                "Those layers are disconnected from the loss, frozen by a zero factor, or produce NaN: check the "
+                "model's forward.", "preflight", passed=not dead, evidence={"without_gradient": dead}),
     ]
 
 
 def overfit_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss_fn, make_optimizer, lr: float,
-                      steps: int = 300) -> Check:
+                      prec: Precision = CPU, steps: int = 300) -> Finding:
     """A healthy model and optimizer memorize a small batch within `steps` steps [M28]."""
     m = copy.deepcopy(model).train()
     opt = make_optimizer(m, lr)
+    acc = 0.0
     for step in range(1, steps + 1):
-        loss = loss_fn(m(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(m, x, y, loss_fn, opt, prec)
         if step % 10 == 0:
-            with torch.no_grad():
-                acc = float((m.eval()(x).argmax(1) == y).float().mean())
+            with torch.no_grad(), prec.autocast():
+                acc = float((m.eval()(prec.prepare(x)).argmax(1) == y).float().mean())
             m.train()
             if acc == 1.0:
-                return Check("overfit one batch", True, f"{len(y)} samples memorized in {step} steps", row="M28")
-    return Check("overfit one batch", False, f"{len(y)} samples not memorized in {steps} steps (accuracy {acc:.2f})",
-                 "The model cannot even learn one batch: check that labels match the images, try optim.lr=auto, a "
-                 "larger model, or look for a layer that blocks the signal.", "M28")
+                return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples memorized in "
+                               f"{step} steps.", source="preflight", passed=True)
+    return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples not memorized in {steps} "
+                   f"steps (accuracy {acc:.2f}).", "The model cannot even learn one batch: check that labels match "
+                   "the images, try optim.lr=auto, a larger model, or look for a layer that blocks the signal.",
+                   "preflight")
 
 
-def table(checks: list[Check]) -> str:
-    rows = [f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.detail} | {c.fix} |" for c in checks]
+def table(checks: list[Finding]) -> str:
+    """The pass/fail table of report.md and `mode=doctor`."""
+    rows = [f"| {c.kind} | {'PASS' if c.passed else 'FAIL'} | {c.message.removeprefix(c.kind + ': ')} | {c.fix} |"
+            for c in checks]
     return "\n".join(["| check | result | what was seen | fix |", "|---|---|---|---|", *rows])

@@ -1,10 +1,11 @@
-"""report.md: what a person reads after a run: result, warnings with fixes, data, audit, preflight,
-per-class metrics, suspected mislabeled samples."""
+"""report.md: what a person reads after a run: result, warnings by catalogue row with their fixes, data,
+audit, preflight, per-class metrics, suspected mislabeled samples."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from safetrain.metrics import IMBALANCE_RATIO, imbalance_ratio
+from safetrain.findings import Finding, by_row
+from safetrain.io import write_text
 from safetrain.preflight import table
 
 
@@ -14,12 +15,12 @@ def per_class_table(final: dict) -> list[str]:
         f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |" for c, m in final["per_class"].items()]
 
 
-def balance_lines(final: dict, train_counts: list[int]) -> list[str]:
+def balance_lines(final: dict, train_counts: list[int], imbalanced: bool) -> list[str]:
     """How the run treated class imbalance [M24], and on imbalanced data how the rarest class did [M25]."""
     b = final["balance"]
     out = [f"Class balance: `loss.balance` used {b['method']} ({b['why']}); checkpoint chosen on "
            f"validation {final['selection_metric']}."]
-    if imbalance_ratio(train_counts) > IMBALANCE_RATIO:
+    if imbalanced:
         k = min(range(len(train_counts)), key=train_counts.__getitem__)
         c = final["classes"][k]
         m = final["per_class"][c]
@@ -28,34 +29,53 @@ def balance_lines(final: dict, train_counts: list[int]) -> list[str]:
     return out
 
 
-def write_report(path: Path, *, facts: dict, audit: dict, checks: list, warnings: list[str],
+def warning_lines(findings: list[Finding]) -> list[str]:
+    """The warnings grouped by catalogue row, each with what was seen and the fix."""
+    out = [f"## Warnings ({len(findings)})", ""]
+    for row, group in by_row(findings).items():
+        out += [f"### [{row}]", ""] + [f"- {f.message}" + (f" **Fix:** {f.fix}" if f.fix else "") for f in group] + [""]
+    return out + ([] if findings else ["none", ""])
+
+
+def _result_lines(final: dict, facts) -> list[str]:
+    lines = ["## Result", "", f"Test accuracy **{final['test_acc']:.4f}**, macro-F1 {final['test_macro_f1']:.4f}, "
+             f"balanced accuracy {final['test_balanced_acc']:.4f} (checkpoint of epoch {final['best_epoch']}, "
+             f"chosen on validation {final['selection_metric']} = {final['best_val']:.4f}; "
+             f"{final['epochs_run']} epochs, {final['wall_time_s']:.0f} s).", ""]
+    return lines + [line for b in balance_lines(final, facts.counts["train"], facts.imbalanced) for line in (b, "")]
+
+
+def _data_lines(facts, audit: dict) -> list[str]:
+    counts = facts.counts
+    out = ["## Data facts (training split)", "",
+           f"{facts.num_classes} classes, {facts.channels}x{facts.height}x{facts.width}, "
+           f"mean {[round(v, 4) for v in facts.mean]}, std {[round(v, 4) for v in facts.std]}, "
+           f"imbalance ratio {facts.imbalance_ratio:.1f}", "", "| class | train | val | test |", "|---|---|---|---|"]
+    out += [f"| {c} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
+            for i, c in enumerate(facts.classes)]
+    return out + ["", "## Audit", ""] + [f"- {k}: {v}" for k, v in audit.items()]
+
+
+def _mislabeled_lines(mislabeled: list[dict]) -> list[str]:
+    if not mislabeled:
+        return []
+    return ["", "## Suspected mislabeled training samples [M08]", "",
+            "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first; "
+            "images in TensorBoard under train/suspected_mislabeled). Some are hard or ambiguous images, "
+            "some wrong labels: check them.", "", "| sample | label | looks like | p(label) | p(other) |",
+            "|---|---|---|---|---|"] + [
+        f"| {m['id']} | {m['given']} | {m['predicted']} | {m['p_given']} | {m['p_predicted']} |" for m in mislabeled]
+
+
+def write_report(path: Path, *, facts, audit: dict, checks: list[Finding], findings: list[Finding],
                  final: dict | None = None, stopped: str | None = None, mislabeled: list[dict] = ()) -> None:
+    """`facts`: the run's DataFacts; `checks`: the preflight checks; `findings`: every warning of the run."""
     out = ["# safetrain report", ""]
     if stopped:
         out += ["## Training stopped", "", stopped, ""]
     if final:
-        out += ["## Result", "", f"Test accuracy **{final['test_acc']:.4f}**, macro-F1 {final['test_macro_f1']:.4f}, "
-                f"balanced accuracy {final['test_balanced_acc']:.4f} (checkpoint of epoch {final['best_epoch']}, "
-                f"chosen on validation {final['selection_metric']} = {final['best_val']:.4f}; "
-                f"{final['epochs_run']} epochs, {final['wall_time_s']:.0f} s).", ""]
-        out += [line for b in balance_lines(final, facts["counts"]["train"]) for line in (b, "")]
-    out += [f"## Warnings ({len(warnings)})", ""] + [f"- {w}" for w in warnings] + (["none"] if not warnings else [])
-    counts = facts["counts"]
-    out += ["", "## Data facts (training split)", "",
-            f"{len(facts['classes'])} classes, {facts['channels']}x{facts['height']}x{facts['width']}, "
-            f"mean {[round(v, 4) for v in facts['mean']]}, std {[round(v, 4) for v in facts['std']]}", "",
-            "| class | train | val | test |", "|---|---|---|---|"]
-    out += [f"| {c} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
-            for i, c in enumerate(facts["classes"])]
-    out += ["", "## Audit", ""] + [f"- {k}: {v}" for k, v in audit.items()]
-    out += ["", "## Preflight", "", table(checks)]
+        out += _result_lines(final, facts)
+    out += warning_lines(findings) + _data_lines(facts, audit) + ["", "## Preflight", "", table(checks)]
     if final:
         out += ["", "## Test metrics per class", ""] + per_class_table(final)
-    if mislabeled:
-        out += ["", "## Suspected mislabeled training samples [M08]", "",
-                "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first; "
-                "images in TensorBoard under train/suspected_mislabeled). Some are hard or ambiguous images, "
-                "some wrong labels: check them.", "", "| sample | label | looks like | p(label) | p(other) |",
-                "|---|---|---|---|---|"]
-        out += [f"| {m['id']} | {m['given']} | {m['predicted']} | {m['p_given']} | {m['p_predicted']} |" for m in mislabeled]
-    path.write_text("\n".join(out) + "\n")
+    write_text(path, "\n".join(out + _mislabeled_lines(list(mislabeled))) + "\n")

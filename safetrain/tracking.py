@@ -15,11 +15,8 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-
-def write_json(path: Path, obj) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+from safetrain.findings import Finding
+from safetrain.io import write_json, write_text
 
 
 def environment(device: torch.device) -> dict:
@@ -45,8 +42,8 @@ def environment(device: torch.device) -> dict:
 
 
 def snapshot(run_dir: Path, config: dict, overrides: list[str], env: dict) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     write_json(run_dir / "env.json", env)
 
 
@@ -58,13 +55,14 @@ class Tracker:
         self.tb = SummaryWriter(str(run_dir / "tb"))
         self.jsonl = run_dir / "metrics.jsonl"
 
-    def epoch(self, epoch: int, scalars: dict, warnings: list[str] = ()) -> None:
+    def epoch(self, epoch: int, scalars: dict, findings: list[Finding] = ()) -> None:
+        """One line of metrics.jsonl and the epoch's scalars; `findings` as text (epoch 0: before training)."""
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, epoch)
-        for w in warnings:
-            self.tb.add_text("warnings", w, epoch)
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps({"epoch": epoch, **scalars, "warnings": list(warnings)}) + "\n")
+        for f in findings:
+            self.tb.add_text("warnings", str(f), epoch)
+        with self.jsonl.open("a") as out:
+            out.write(json.dumps({"epoch": epoch, **scalars, "warnings": [str(f) for f in findings]}) + "\n")
         self.tb.flush()
 
     def images(self, tag: str, images: torch.Tensor) -> None:

@@ -83,5 +83,5 @@ def test_near_duplicate_scores_tolerate_shift_reencoding_and_colour_but_not_othe
     torch.testing.assert_close(t.norm(dim=1), torch.ones(6))
     a = audit({"train": ImageSet(torch.zeros(6, dtype=torch.long), [f"t{i}" for i in range(6)], imgs),
                "val": ImageSet(torch.zeros(1, dtype=torch.long), ["v"], shifted[:1]),
-               "test": ImageSet(torch.zeros(1, dtype=torch.long), ["x"], brighter[3:4])}, 1)
+               "test": ImageSet(torch.zeros(1, dtype=torch.long), ["x"], brighter[3:4])})
     assert {(p["id"], p["train_id"]) for p in a.near_duplicates} == {("v", "t0"), ("x", "t3")}

@@ -66,10 +66,13 @@ def test_stats_come_from_the_train_split_only_and_are_cached(tmp_path):
         calls.append(1)
         return D.uint8_batches(splits["train"], shape=src.shape, resize=None, num_workers=0)
 
-    facts = D.measure_facts(src.classes, splits, src.shape, src.fingerprint, batches, tmp_path / "cache")
+    counts = D.class_counts(splits, 2)
+    facts = D.measure_facts(src.classes, counts, splits["train"].ids, src.shape, src.fingerprint, batches,
+                            tmp_path / "cache")
     ref = splits["train"].images.double().div(255).mean(dim=(0, 2, 3))
     np.testing.assert_allclose(facts.mean, ref.numpy(), rtol=1e-9)
-    again = D.measure_facts(src.classes, splits, src.shape, src.fingerprint, batches, tmp_path / "cache")
+    again = D.measure_facts(src.classes, counts, splits["train"].ids, src.shape, src.fingerprint, batches,
+                            tmp_path / "cache")
     assert again.mean == facts.mean and len(calls) == 1  # second time from the cache
 
 

@@ -51,9 +51,11 @@ def test_m24_none_is_plain_cross_entropy_and_auto_leaves_balanced_data_alone():
     loss = build_loss("multiclass", "auto", 0.0, "none", [10, 10, 10, 10])
     assert type(loss) is torch.nn.CrossEntropyLoss and loss.weight is None
     torch.testing.assert_close(loss(logits, y), F.cross_entropy(logits, y))
-    assert resolve_balance("auto", [100, 90, 80])[0] == "none"
-    assert resolve_balance("auto", [100, 10])[0] != "none"
-    assert resolve_balance("none", [100, 1])[0] == "none"
+    def facts(train):
+        return D.DataFacts([str(k) for k in range(len(train))], 3, 8, 8, [0.5] * 3, [0.2] * 3, {"train": train}, "")
+    assert resolve_balance("auto", facts([100, 90, 80]))[0] == "none" and not facts([100, 90, 80]).imbalanced
+    assert resolve_balance("auto", facts([100, 10]))[0] != "none" and facts([100, 10]).imbalanced
+    assert resolve_balance("none", facts([100, 1]))[0] == "none"
 
 
 def test_m24_logit_adjustment_and_deferred_reweighting():
@@ -73,7 +75,7 @@ def test_m24_class_balanced_sampler_draws_classes_evenly():
     labels = torch.tensor([0] * 900 + [1] * 100)
     s = D.ImageSet(labels, [str(i) for i in range(1000)], torch.zeros(1000, 1, 2, 2, dtype=torch.uint8))
     loader = D.make_loader(s, D.BatchPipeline(D.Normalize([0.5], [0.5]), torch.device("cpu")), batch_size=100,
-                           train=True, seed=0, shape=(1, 2, 2), resize=None, num_workers=0, class_balanced=True)
+                           train=True, seed=0, shape=(1, 2, 2), resize=None, num_workers=0, class_counts=[900, 100])
     drawn = torch.cat([y for _, y in loader])
     assert 0.4 < drawn.float().mean().item() < 0.6  # ~half minority, from 10% of the data
 
@@ -165,8 +167,8 @@ def test_m24_m29_checkpoint_schedule_and_early_stop_follow_the_selection_metric(
 
     result = fit(net, [(x, y)], [(x, y)], torch.nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), 0.0),
                  Spy(), build_metrics(2, torch.device("cpu")), prec=Precision(torch.device("cpu"), False),
-                 max_epochs=5, grad_clip=1.0, early_stop_patience=1, selection=selection, checkpoint_dir=tmp_path,
-                 save=lambda path, **state: saved.setdefault(path.name, []).append(state["epoch"]),
+                 max_epochs=5, grad_clip=1.0, early_stop_patience=1, selection=selection,
+                 save=lambda name, state: saved.setdefault(f"{name}.pt", []).append(state["epoch"]),
                  track=lambda *a: None, progress=False)
     # epoch 1: acc 0.90, macro-F1 (0.947 + 0) / 2; epoch 2: acc 0.80, macro-F1 (0.875 + 0.5) / 2
     f1 = [(2 * 0.9 / 1.9) / 2, (2 * 70 / 160 + 2 * 10 / 40) / 2, (2 * 0.9 / 1.9) / 2]

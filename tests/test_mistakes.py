@@ -16,11 +16,12 @@ from safetrain import data as D
 from safetrain.checkpoint import load_checkpoint, load_classifier
 from safetrain.cli import compose
 from safetrain.engine import Precision, evaluate, train_epoch
-from safetrain.errors import ConfigError, DataError
+from safetrain.errors import ConfigError, DataError, TrainingStopped
 from safetrain.metrics import build_metrics
 from safetrain.models import build_model
 from safetrain.optim import LRSchedule
 from safetrain.run import run
+from safetrain.stages import prepare_data, start
 from tests.conftest import run_cli, write_images
 
 FAST = ["trainer.max_epochs=1", "trainer.progress=false"]
@@ -63,13 +64,9 @@ class ImagesDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- M01-M04 normalization and pipelines
 def test_m01_normalization_is_always_on_and_has_no_off_switch(tmp_path):
     refused(tmp_path, ["+data.normalize=false"], r"unknown setting 'data\.normalize'")
-    src = D.load_source("synthetic", root=None, download=False, image_size=None, loader="auto", num_workers=0,
-                        cache_dir=tmp_path, seed=0, synthetic=dict(classes=3, samples_per_class=60, channels=3, size=8))
-    splits = D.make_splits(src, 0.1, 0.1, 0)
-    facts = D.measure_facts(src.classes, splits, src.shape, src.fingerprint,
-                            lambda: D.uint8_batches(splits["train"], shape=src.shape, resize=None, num_workers=0),
-                            tmp_path)
-    x = D.BatchPipeline(D.Normalize(facts.mean, facts.std), torch.device("cpu"))(splits["train"].images)
+    cfg, _ = compose("smoke", ["data.synthetic.classes=3", "data.synthetic.size=8", "data.augment=none"])
+    data = prepare_data(start(cfg))  # the data stage alone: whatever the loader yields is normalized
+    x = torch.cat([x for x, _ in data.loaders.train_in_order])
     assert x.dtype == torch.float32
     torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2, rtol=0)
@@ -93,7 +90,8 @@ def test_m02_one_normalization_travels_with_the_checkpoint_and_the_loaded_model(
     _, run_dir = train(tmp_path)
     facts = json.loads((run_dir / "data_facts.json").read_text())
     ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    assert ckpt["normalization"] == {"mean": facts["mean"], "std": facts["std"]}
+    assert (ckpt["data_facts"]["mean"], ckpt["data_facts"]["std"]) == (facts["mean"], facts["std"])
+    assert "normalization" not in ckpt  # stored once, with the data facts
     clf = load_classifier(run_dir / "checkpoints" / "best.pt")  # takes raw uint8 images
     x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     net = build_model(**ckpt["config"]["model"], channels=3, height=16, width=16, num_classes=4)
@@ -202,7 +200,7 @@ def test_m07_a_validation_split_always_exists(tmp_path):
 
 def test_m07_test_split_is_touched_once_after_training_with_the_validation_choice(tmp_path, monkeypatch):
     import safetrain.engine as engine
-    import safetrain.run as spine
+    import safetrain.stages as spine
     calls = []
     real_evaluate, real_test = engine.evaluate, spine.test
 
@@ -525,7 +523,6 @@ class NaNAfter(nn.Module):
 
 
 def test_m26_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    from safetrain.monitors import TrainingStopped
     cfg, _ = compose("smoke", ["trainer.max_epochs=3", "trainer.progress=false"])
     steps = 388 // 32  # training steps per epoch of the smoke data
     with pytest.raises(TrainingStopped, match=r"\[M26\] the loss or the gradients became NaN/inf in epoch 2/3.*"
@@ -537,7 +534,6 @@ def test_m26_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tm
 
 
 def test_m16_a_diverging_loss_stops_with_a_learning_rate_diagnosis(tmp_path):
-    from safetrain.monitors import TrainingStopped
     cfg, _ = compose("smoke", ["optim=sgd", "optim.lr=1000", "optim.allow_unusual_lr=true", "trainer.grad_clip=0",
                                "trainer.max_epochs=2", "trainer.progress=false"])
     with pytest.raises(TrainingStopped, match=r"\[M(16|26)\].*learning rate.*optim\.lr=1\.00e\+03"):
@@ -629,11 +625,15 @@ def test_m33_pixels_in_the_wrong_range_are_refused(tmp_path, pixels, pattern):
 
 
 def test_m33_inputs_are_checked_after_the_pipeline():
+    from safetrain.preflight import input_check
     with pytest.raises(DataError, match=r"\[M33\]"):
-        D.check_batch(torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8))
+        input_check(torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8))
     with pytest.raises(DataError, match=r"\[M33\].*far from standardized"):
-        D.check_batch(torch.rand(16, 3, 8, 8) * 255)
-    D.check_batch(torch.randn(16, 3, 8, 8))  # standardized floats pass
+        input_check(torch.rand(16, 3, 8, 8) * 255)
+    g = torch.Generator().manual_seed(0)
+    assert input_check(torch.randn(64, 3, 8, 8, generator=g)).passed  # standardized floats pass
+    mild = input_check(torch.randn(64, 3, 8, 8, generator=g) * 0.3 + 0.8)  # off, but could be these images
+    assert not mild.passed and mild.row == "M33" and "clear the cache" in mild.fix
 
 
 def test_m33_a_run_refuses_inputs_that_normalization_does_not_standardize(tmp_path, monkeypatch):

@@ -121,7 +121,7 @@ def test_m28_doctor_fails_a_model_that_cannot_learn_one_batch(tmp_path):
     from tests.test_mistakes import IgnoresInput
     cfg, _ = compose("smoke", ["mode=doctor"])
     out = run(cfg, tmp_path / "run", model=IgnoresInput())
-    checks = {c["name"]: c for c in out["checks"]}
+    checks = {c["kind"]: c for c in out["checks"]}
     assert out["passed"] is False and checks["overfit one batch"]["passed"] is False
     assert "labels match the images" in checks["overfit one batch"]["fix"]
     assert not (tmp_path / "run").exists()  # the doctor writes nothing

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from safetrain.checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from safetrain.checkpoint import Checkpointer, load_checkpoint
+from safetrain.io import save_torch
 from safetrain.models import build_model
 from safetrain.optim import LRSchedule, build_optimizer, param_groups
 
@@ -53,13 +54,13 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     model(torch.randn(4, 3, 8, 8)).sum().backward()
     opt.step()
     sched = LRSchedule(opt, "onecycle", mode="max", total_steps=10)
+    saver = Checkpointer(tmp_path / "c", model=model, optimizer=opt, schedule=sched, config={"seed": 0},
+                         data_facts={"classes": ["a", "b", "c"], "mean": [0.1], "std": [0.2]})
+    saver.save("best", {"epoch": 3, "metrics": {"val/acc": 0.5}, "best": {"metric": "acc", "value": 0.5, "epoch": 3}})
     path = tmp_path / "c" / "best.pt"
-    save_checkpoint(path, model=model, optimizer=opt, schedule=sched, epoch=3, metrics={"val/acc": 0.5},
-                    best={"metric": "acc", "value": 0.5, "epoch": 3}, normalization={"mean": [0.1], "std": [0.2]},
-                    data_facts={"classes": ["a", "b", "c"]}, config={"seed": 0})
     ckpt = load_checkpoint(path)  # torch.load(..., weights_only=True) inside
     ckpt2 = torch.load(path, weights_only=True)
-    assert ckpt2["epoch"] == 3 and ckpt["normalization"]["std"] == [0.2]
+    assert ckpt2["epoch"] == 3 and ckpt["data_facts"]["std"] == [0.2] and "normalization" not in ckpt
     fresh = _model()
     fresh.load_state_dict(ckpt["model"])
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
@@ -72,13 +73,13 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "last.pt"
-    atomic_save({"v": torch.tensor(1)}, path)
+    save_torch(path, {"v": torch.tensor(1)})
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        atomic_save({"v": Boom()}, path)
+        save_torch(path, {"v": Boom()})
     assert torch.load(path, weights_only=True)["v"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -41,7 +41,7 @@ def test_smoke_recipe_end_to_end_in_a_subprocess(tmp_path):
     assert len(final["confusion_matrix"]) == 4 and set(final["per_class"]) == set(facts["classes"])
     assert 1 <= final["best_epoch"] <= 3 and final["wall_time_s"] > 0
     ckpt = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
-    assert ckpt["epoch"] == final["best_epoch"] and ckpt["normalization"]["mean"] == facts["mean"]
+    assert ckpt["epoch"] == final["best_epoch"] and ckpt["data_facts"]["mean"] == facts["mean"]
     assert "[9/9] test" in (run_dir / "safetrain.log").read_text()
 
 

@@ -1,5 +1,5 @@
 """Data audit before training: near-duplicates across splits [M06], copies inside the training split
-with different labels, constant or blank images, class counts and imbalance [M08, M24].
+with different labels, constant or blank images [M08].
 
 Near-duplicates in two stages, both on uint8 images in memory:
 1. candidates: for every val/test image, the 5 nearest training images by cosine similarity of an
@@ -12,7 +12,6 @@ Near-duplicates in two stages, both on uint8 images in memory:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from safetrain.data.sources import ImageSet, digest
-from safetrain.metrics import imbalance_ratio
+from safetrain.findings import Finding
+from safetrain.io import cached
 
 THUMB = 8  # thumbnail side for candidate search (coarse enough to tolerate 2-px shifts)
 MIN_COSINE = 0.85  # stage 1: candidate pairs, among the CANDIDATES nearest training thumbnails
@@ -37,16 +37,13 @@ class Audit:
     near_duplicates: list[dict] = field(default_factory=list)  # {"split", "id", "train_id", "cosine", "diff"}
     conflicting_copies: list[dict] = field(default_factory=list)  # same pixels, different labels, in train
     blank: list[str] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
-    imbalance_ratio: float = 1.0
     eval_sizes: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         per_split = {s: sum(p["split"] == s for p in self.near_duplicates) for s in self.eval_sizes}
         return {"near_duplicates": len(self.near_duplicates),
                 "near_duplicate_fraction": {s: per_split[s] / max(1, n) for s, n in self.eval_sizes.items()},
-                "conflicting_copies_in_train": len(self.conflicting_copies), "blank_images": len(self.blank),
-                "class_counts_train": self.counts, "imbalance_ratio": self.imbalance_ratio}
+                "conflicting_copies_in_train": len(self.conflicting_copies), "blank_images": len(self.blank)}
 
 
 def thumbnails(images: Tensor, offset: tuple[int, int] = (0, 0), chunk: int = 4096) -> Tensor:
@@ -129,12 +126,10 @@ def blank_images(s: ImageSet, chunk: int = 4096) -> list[str]:
     return out
 
 
-def audit(splits: dict[str, ImageSet], num_classes: int, device: torch.device = torch.device("cpu")) -> Audit:
+def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu")) -> Audit:
     """Everything the audit measures; images must be in memory (the streaming path skips pixel checks)."""
     train = splits["train"]
-    counts = torch.bincount(train.labels, minlength=num_classes).tolist()
-    a = Audit(counts=counts, imbalance_ratio=imbalance_ratio(counts),
-              eval_sizes={s: len(splits[s]) for s in ("val", "test")})
+    a = Audit(eval_sizes={s: len(splits[s]) for s in ("val", "test")})
     if train.images is None:
         return a
     for s in ("val", "test"):
@@ -144,37 +139,33 @@ def audit(splits: dict[str, ImageSet], num_classes: int, device: torch.device = 
     return a
 
 
-def cached_audit(splits: dict[str, ImageSet], num_classes: int, fingerprint: str, cache_dir: Path,
-                 device: torch.device) -> Audit:
+def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest(fingerprint, *(i for s in splits.values() for i in s.ids))
-    path = cache_dir / "audit" / f"{key}.json"
-    if path.exists():
-        return Audit(**json.loads(path.read_text()))
-    a = audit(splits, num_classes, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(a)))
-    tmp.replace(path)
-    return a
+    key = digest("audit v2", fingerprint, *(i for s in splits.values() for i in s.ids))
+    stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device)))
+    return Audit(**stored)
 
 
-def findings(a: Audit) -> list[str]:
+def findings(a: Audit) -> list[Finding]:
     """The audit's warnings, each with its catalogue row and what to do."""
     out = []
     s = a.summary()
     if a.near_duplicates:
         frac = ", ".join(f"{k} {v:.1%}" for k, v in s["near_duplicate_fraction"].items())
-        out.append(f"[M06] {len(a.near_duplicates)} val/test images are near-duplicates of training images ({frac}; "
-                   "pairs in audit.json, closest ones in TensorBoard under audit/): their scores flatter the model. "
-                   "Remove them from val/test for an honest estimate.")
+        out.append(Finding("M06", "near-duplicates", f"{len(a.near_duplicates)} val/test images are near-duplicates "
+                           f"of training images ({frac}; pairs in audit.json, closest ones in TensorBoard under "
+                           "audit/): their scores flatter the model.",
+                           "Remove them from val/test for an honest estimate.", "audit",
+                           evidence={"count": len(a.near_duplicates), "fraction": s["near_duplicate_fraction"]}))
     if a.conflicting_copies:
         ex = a.conflicting_copies[0]
-        out.append(f"[M08] {len(a.conflicting_copies)} identical training images carry different labels (e.g. "
-                   f"{ex['ids'][0]} and {ex['ids'][1]}): at least one label of each pair is wrong. Fix or remove them.")
+        out.append(Finding("M08", "conflicting copies", f"{len(a.conflicting_copies)} identical training images "
+                           f"carry different labels (e.g. {ex['ids'][0]} and {ex['ids'][1]}): at least one label of "
+                           "each pair is wrong.", "Fix or remove them.", "audit",
+                           evidence={"count": len(a.conflicting_copies)}))
     if a.blank:
-        out.append(f"[M08] {len(a.blank)} images are blank or constant (e.g. {a.blank[0]}): they carry no class "
-                   "signal. Remove them.")
+        out.append(Finding("M08", "blank images", f"{len(a.blank)} images are blank or constant (e.g. {a.blank[0]}): "
+                           "they carry no class signal.", "Remove them.", "audit", evidence={"count": len(a.blank)}))
     return out
 
 

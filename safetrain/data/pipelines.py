@@ -65,6 +65,19 @@ def batch_rotate(x: Tensor, degrees: float, g: torch.Generator) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def batch_crop_eighth(x: Tensor, g: torch.Generator) -> Tensor:
+    return batch_crop(x, max(1, round(x.shape[-1] / 8)), g)  # 4 px at 32x32
+
+
+# data.augment=NAME -> the batch operations of the training pipeline, in order (eval pipelines have none [M04])
+AUGMENTS = {"none": (), "flip": (batch_flip,), "crop": (batch_crop_eighth,), "crop_flip": (batch_crop_eighth, batch_flip)}
+
+
+def flips(augment: str) -> bool:
+    """Whether data.augment mirrors images (refused where a mirror changes the label [M05])."""
+    return batch_flip in AUGMENTS[augment]
+
+
 class BatchPipeline:
     """uint8 batch on any device -> normalized float batch on `device`, augmented if training."""
 
@@ -76,26 +89,11 @@ class BatchPipeline:
 
     def __call__(self, x: Tensor) -> Tensor:
         x = self.normalize(x.to(self.device, non_blocking=True))
-        if "crop" in self.augment:
-            x = batch_crop(x, max(1, round(x.shape[-1] / 8)), self.g)  # 4 px at 32x32
-        if "flip" in self.augment:
-            x = batch_flip(x, self.g)
+        for op in AUGMENTS[self.augment]:
+            x = op(x, self.g)
         if self.rotate_degrees:
             x = batch_rotate(x, self.rotate_degrees, self.g)
         return x
-
-
-def check_batch(x: Tensor) -> None:
-    """What the model is fed: finite floats, per channel roughly standardized [M01, M33]."""
-    if not x.is_floating_point() or not torch.isfinite(x).all():
-        raise DataError(f"[M33] the training pipeline produced {x.dtype} inputs with non-finite values; the "
-                        "model needs finite floats. Check the images for corruption.")
-    mean = x.float().mean(dim=(0, 2, 3))
-    std = x.float().std(dim=(0, 2, 3))
-    if (mean.abs() > 1.5).any() or (std < 0.2).any() or (std > 5).any():
-        raise DataError(f"[M33] inputs after normalization are far from standardized (per-channel mean "
-                        f"{[round(v, 2) for v in mean.tolist()]}, std {[round(v, 2) for v in std.tolist()]}). "
-                        "The statistics do not match the images: clear the cache ($SAFETRAIN_CACHE) and rerun.")
 
 
 class TensorLoader:
@@ -171,12 +169,12 @@ class _LabelledFiles(FileDataset):
 
 
 def make_loader(data: ImageSet, pipeline: Optional[BatchPipeline], *, batch_size: int, train: bool, seed: int,
-                shape: tuple, resize: Optional[int], num_workers: int, class_balanced: bool = False):
-    """Train: shuffled, augmented, last partial batch dropped [M22]; `class_balanced` draws samples with
-    probability 1/(count of their class) [M24]. Eval: in order, whole, plain."""
+                shape: tuple, resize: Optional[int], num_workers: int, class_counts: Optional[list[int]] = None):
+    """Train: shuffled, augmented, last partial batch dropped [M22]; given `class_counts` (the split's), samples
+    are drawn with probability 1/(count of their class): class-balanced batches [M24]. Eval: in order, whole, plain."""
     weights = None
-    if class_balanced:
-        weights = 1.0 / torch.bincount(data.labels).double()[data.labels]
+    if class_counts is not None:
+        weights = 1.0 / torch.tensor(class_counts, dtype=torch.float64)[data.labels]
     kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed, sample_weights=weights)
     if data.images is not None:
         return TensorLoader(data, pipeline, **kw)

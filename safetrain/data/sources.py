@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from safetrain.errors import DataError
+from safetrain.io import cached
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -214,39 +215,50 @@ def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoad
 
 def _decode_all(src: Source, cache_dir: Path, num_workers: int) -> None:
     """Decode every file once into uint8 tensors (cached on disk by the source fingerprint)."""
-    cache = cache_dir / "decoded" / f"{src.fingerprint}.pt"
-    if cache.exists():
-        cached = torch.load(cache, weights_only=True)
-        for part, s in src.parts.items():
-            s.images = cached[part]
-        log.info("decoded images loaded from cache %s", cache)
-        return
-    c, h, w = src.shape
+    path = cache_dir / "decoded" / f"{src.fingerprint}.pt"
+    images, hit = cached(path, lambda: {part: _decode_part(s, src.shape, src.resize, num_workers)
+                                        for part, s in src.parts.items()})
     for part, s in src.parts.items():
-        ds = FileDataset(s.files, c, src.resize)
-        dl = file_loader(ds, batch_size=256, num_workers=num_workers, collate_fn=list)
-        out = torch.empty((len(ds), c, h, w), dtype=torch.uint8)
-        i = 0
-        for batch in dl:
-            for img in batch:
-                if img.shape != out.shape[1:]:
-                    raise DataError(f"[data] {s.files[i]} is {tuple(img.shape[1:])} (HxW) but the folder's "
-                                    f"images are {(h, w)}. Set data.image_size=N to resize every image to NxN.")
-                out[i] = img
-                i += 1
-        s.images = out
-    from safetrain.checkpoint import atomic_save
-    atomic_save({p: s.images for p, s in src.parts.items()}, cache)
-    log.info("decoded %d images to %s", sum(len(s) for s in src.parts.values()), cache)
+        s.images = images[part]
+    log.info("decoded images %s %s", "loaded from cache" if hit else f"({len(images)} splits) written to", path)
+
+
+def _decode_part(s: ImageSet, shape: tuple[int, int, int], resize: Optional[int], num_workers: int) -> Tensor:
+    c, h, w = shape
+    dl = file_loader(FileDataset(s.files, c, resize), batch_size=256, num_workers=num_workers, collate_fn=list)
+    out = torch.empty((len(s), c, h, w), dtype=torch.uint8)
+    i = 0
+    for batch in dl:
+        for img in batch:
+            if img.shape != out.shape[1:]:
+                raise DataError(f"[data] {s.files[i]} is {tuple(img.shape[1:])} (HxW) but the folder's "
+                                f"images are {(h, w)}. Set data.image_size=N to resize every image to NxN.")
+            out[i] = img
+            i += 1
+    return out
+
+
+def _torchvision_source(name: str):
+    def load(*, root, download, cache_dir, **_):
+        return load_torchvision(name, root or str(cache_dir / "datasets"), download)
+    return load
+
+
+# data=NAME -> loader; every loader takes the same keywords and uses those it needs
+SOURCES = {
+    **{name: _torchvision_source(name) for name in TORCHVISION},
+    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, **_: load_folder(
+        root, image_size, loader, cache_dir, num_workers),
+    "synthetic": lambda *, seed, synthetic, **_: load_synthetic(seed=seed, **synthetic),
+}
 
 
 def load_source(name: str, *, root: Optional[str], download: bool, image_size: Optional[int], loader: str,
                 num_workers: int, cache_dir: Path, seed: int, synthetic: dict) -> Source:
-    if name == "synthetic":
-        return load_synthetic(seed=seed, **synthetic)
-    if name == "imagefolder":
-        return load_folder(root, image_size, loader, cache_dir, num_workers)
-    return load_torchvision(name, root or str(cache_dir / "datasets"), download)
+    if name not in SOURCES:
+        raise DataError(f"[config] data={name!r} is not a dataset; choose one of {list(SOURCES)}.")
+    return SOURCES[name](root=root, download=download, image_size=image_size, loader=loader,
+                         num_workers=num_workers, cache_dir=cache_dir, seed=seed, synthetic=synthetic)
 
 
 # ---------------------------------------------------------------- a user's own Dataset

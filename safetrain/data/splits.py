@@ -8,6 +8,7 @@ from torch import Tensor
 
 from safetrain.data.sources import ImageSet, Source
 from safetrain.errors import DataError
+from safetrain.findings import Finding
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int, minimum: int = 1) -> tuple[Tensor, Tensor]:
@@ -60,6 +61,11 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
     return splits
 
 
+def class_counts(splits: dict[str, ImageSet], num_classes: int) -> dict[str, list[int]]:
+    """Images per class in each split: the one place classes are counted (facts, checks, sampler, report)."""
+    return {name: torch.bincount(s.labels, minlength=num_classes).tolist() for name, s in splits.items()}
+
+
 def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int) -> None:
     num_classes = len(classes)
     for name, s in splits.items():
@@ -71,7 +77,7 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
             i = int(bad.nonzero()[0])
             raise DataError(f"[M08] {name} sample {s.ids[i]} has label {int(s.labels[i])}, outside "
                             f"[0, {num_classes}). Labels must be class indices 0..{num_classes - 1}.")
-    counts = torch.bincount(splits["train"].labels, minlength=num_classes).tolist()
+    counts = class_counts(splits, num_classes)["train"]
     few = {classes[k]: n for k, n in enumerate(counts) if n < min_per_class}
     if few:
         raise DataError(f"[M08] classes with fewer than {min_per_class} training samples: {few}. A class needs "
@@ -79,20 +85,20 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
                         "data.min_samples_per_class.")
 
 
-def thin_eval_classes(splits: dict[str, ImageSet], classes: list[str], minimum: int) -> list[str]:
-    """Warnings for val/test classes with fewer than `minimum` samples: their per-class metrics, and a
-    macro-F1 that selects checkpoints, move by a large step per image [M25]."""
+def thin_eval_classes(counts: dict[str, list[int]], classes: list[str], minimum: int) -> list[Finding]:
+    """Val/test classes with fewer than `minimum` samples: their per-class metrics, and a macro-F1 that
+    selects checkpoints, move by a large step per image [M25]."""
     out = []
     for name in ("val", "test"):
-        counts = torch.bincount(splits[name].labels, minlength=len(classes)).tolist()
-        few = {classes[k]: n for k, n in enumerate(counts) if n < minimum}
+        few = {classes[k]: n for k, n in enumerate(counts[name]) if n < minimum}
         if few:
             shown = ", ".join(f"{c} {n}" for c, n in list(few.items())[:5]) + (" ..." if len(few) > 5 else "")
             picks = " and the macro-F1 that picks the checkpoint" if name == "val" else ""
-            out.append(f"[M25] the {name} split has fewer than {minimum} images of {len(few)} class(es) ({shown}): "
-                       f"their per-class precision/recall/F1{picks} will be noisy (one image moves a class's recall "
-                       f"by {1 / max(1, min(few.values())):.0%}). Add images of those classes, or raise "
-                       f"data.{name}_fraction if the {name} split is carved from train.")
+            out.append(Finding("M25", f"thin {name} classes", (
+                f"the {name} split has fewer than {minimum} images of {len(few)} class(es) ({shown}): their "
+                f"per-class precision/recall/F1{picks} will be noisy (one image moves a class's recall by "
+                f"{1 / max(1, min(few.values())):.0%})."), f"Add images of those classes, or raise "
+                f"data.{name}_fraction if the {name} split is carved from train.", "data", evidence={"few": few}))
     return out
 
 

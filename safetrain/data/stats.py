@@ -1,7 +1,6 @@
 """Data facts: every number the rest of the system needs, measured on the training split."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,8 +11,14 @@ from torch import Tensor
 
 from safetrain.data.sources import digest
 from safetrain.errors import DataError
+from safetrain.io import cached
 
 log = logging.getLogger(__name__)
+IMBALANCE_RATIO = 3.0  # largest/smallest training class count above which the data counts as imbalanced
+
+
+def imbalance_ratio(counts: list[int]) -> float:
+    return max(counts) / max(1, min(counts))
 
 
 @dataclass
@@ -30,6 +35,16 @@ class DataFacts:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def imbalance_ratio(self) -> float:
+        """Largest over smallest training class count (an empty class counts as 1)."""
+        return imbalance_ratio(self.counts["train"])
+
+    @property
+    def imbalanced(self) -> bool:
+        """Decided here once: loss balancing, the selection metric and the report follow it [M24, M25]."""
+        return self.imbalance_ratio > IMBALANCE_RATIO
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,25 +64,18 @@ def channel_stats(batches: Iterable[Tensor]) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def measure_facts(classes: list[str], splits: dict, shape: tuple[int, int, int], source_fp: str,
-                  train_batches, cache_dir: Path) -> DataFacts:
-    """Counts per split, shape, and mean/std of the train split (cached by its fingerprint).
+def measure_facts(classes: list[str], counts: dict[str, list[int]], train_ids: list[str],
+                  shape: tuple[int, int, int], source_fp: str, train_batches, cache_dir: Path) -> DataFacts:
+    """Shape, counts per split, and mean/std of the train split (cached by its fingerprint).
 
     `train_batches` is a zero-argument callable yielding uint8 batches of the train split, so
     a cache hit never reads a pixel."""
-    train = splits["train"]
-    fp = digest(source_fp, *train.ids)
-    counts = {n: torch.bincount(s.labels, minlength=len(classes)).tolist() for n, s in splits.items()}
-    cache = cache_dir / "stats" / f"{fp}.json"
-    if cache.exists():
-        mean, std = json.loads(cache.read_text())["mean_std"]
-        log.info("normalization stats from cache %s", cache)
-    else:
-        mean, std = channel_stats(train_batches())
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"mean_std": [mean, std]}))
-        tmp.replace(cache)
+    fp = digest(source_fp, *train_ids)
+    path = cache_dir / "stats" / f"{fp}.json"
+    stored, hit = cached(path, lambda: {"mean_std": channel_stats(train_batches())})
+    mean, std = stored["mean_std"]
+    if hit:
+        log.info("normalization stats from cache %s", path)
     if min(std) < 1e-3:
         raise DataError(f"[M33] a channel of the training images is constant (std={std}); nothing can be "
                         "learned from it. Check that the images are not blank.")

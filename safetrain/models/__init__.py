@@ -1,24 +1,26 @@
-"""Model registry: every builder takes its shapes from the data facts and is initialized here."""
+"""Model registry: every builder takes its shapes from the data facts and is initialized here.
+
+Adding a model: one file with its settings dataclass and an nn.Module class taking (in_channels, num_classes,
+height, width, activation_name, norm_name, dropout, *its settings*), one line in MODELS, one conf/model/*.yaml."""
 from __future__ import annotations
 
 from torch import nn
 
-from safetrain.models.cnn import CNN
+from safetrain.errors import ConfigError
+from safetrain.models.cnn import CNN, CNNConfig
 from safetrain.models.layers import init_weights
-from safetrain.models.resnet import ResNet
+from safetrain.models.resnet import ResNet, ResNetConfig
+
+MODELS = {"cnn": (CNNConfig, CNN), "resnet": (ResNetConfig, ResNet)}  # model=NAME -> (settings, builder)
 
 
 def build_model(name: str, *, channels: int, height: int, width: int, num_classes: int,
                 activation: str = "relu", norm: str = "batch", dropout: float = 0.0, **arch) -> nn.Module:
-    """`arch` holds the builder's own knobs: cnn(widths, blocks), resnet(depth, base_width)."""
-    common = dict(in_channels=channels, num_classes=num_classes, height=height, width=width,
-                  activation_name=activation, norm_name=norm, dropout=dropout)
-    if name == "cnn":
-        model = CNN(widths=list(arch["widths"]), blocks=arch["blocks"], **common)
-    elif name == "resnet":
-        model = ResNet(depth=arch["depth"], base_width=arch["base_width"], **common)
-    else:
-        raise ValueError(f"unknown model {name!r}; registered: cnn, resnet")
+    """`arch` holds the builder's own settings: cnn(widths, blocks), resnet(depth, base_width)."""
+    if name not in MODELS:
+        raise ConfigError(f"[config] model={name!r} is not a model; choose one of {list(MODELS)}.")
+    model = MODELS[name][1](in_channels=channels, num_classes=num_classes, height=height, width=width,
+                            activation_name=activation, norm_name=norm, dropout=dropout, **arch)
     init_weights(model, activation)
     for block in model.modules():
         if hasattr(block, "zero_init_residual"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from safetrain.config import BN_MIN_BATCH
 from safetrain.errors import ConfigError
+from safetrain.models.layers import BN_MIN_BATCH
 
 # Layers that must not come after a classifier's last linear layer: the loss owns the link [M11].
 OUTPUT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,

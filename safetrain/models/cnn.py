@@ -3,9 +3,22 @@
 Shapes come from the data facts; the head emits raw logits [M11]."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from torch import nn
 
 from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
+
+
+@dataclass
+class CNNConfig:
+    """model=cnn settings (conf/model/cnn*.yaml)."""
+    name: str = "cnn"
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    blocks: int = 1  # conv-norm-act layers per stage, after the stage's first conv
+    activation: str = "relu"
+    norm: str = "batch"
+    dropout: float = 0.0
 
 
 class CNN(Classifier):

@@ -7,21 +7,21 @@ from torch import nn
 
 from safetrain.errors import ConfigError
 
-ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "prelu": nn.PReLU,
-               "gelu": nn.GELU, "silu": nn.SiLU}
-# (nonlinearity, negative slope) for Kaiming init, matched to the activation [M19]
-KAIMING = {"relu": ("relu", 0.0), "leaky_relu": ("leaky_relu", 0.01), "prelu": ("leaky_relu", 0.25),
-           "gelu": ("relu", 0.0), "silu": ("relu", 0.0)}
+# model.activation: name -> (layer, (nonlinearity, negative slope) for the Kaiming init that matches it [M19])
+ACTIVATIONS = {"relu": (nn.ReLU, ("relu", 0.0)), "leaky_relu": (lambda: nn.LeakyReLU(0.01), ("leaky_relu", 0.01)),
+               "prelu": (nn.PReLU, ("leaky_relu", 0.25)), "gelu": (nn.GELU, ("relu", 0.0)),
+               "silu": (nn.SiLU, ("relu", 0.0))}
+BN_MIN_BATCH = 8  # BatchNorm statistics of fewer samples are too noisy to train with [M12]
+# model.norm: name -> layer for a number of channels; group norm is batch-size independent [M12]
+NORMS = {"batch": nn.BatchNorm2d, "group": lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)}
 
 
 def activation(name: str) -> nn.Module:
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[name][0]()
 
 
 def norm(name: str, channels: int) -> nn.Module:
-    if name == "group":  # batch-size independent [M12]
-        return nn.GroupNorm(math.gcd(32, channels), channels)
-    return nn.BatchNorm2d(channels)
+    return NORMS[name](channels)
 
 
 def conv_norm_act(cin: int, cout: int, norm_name: str, act: str, stride: int = 1) -> list[nn.Module]:
@@ -46,7 +46,7 @@ class Classifier(nn.Module):
 def init_weights(model: nn.Module, act: str) -> None:
     """Kaiming for convs (matching the activation and its slope), Xavier for linear layers,
     zero biases, norm weights 1 and biases 0 (residual blocks then zero their last norm)."""
-    nonlinearity, slope = KAIMING[act]
+    nonlinearity, slope = ACTIVATIONS[act][1]
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_out", nonlinearity=nonlinearity)

@@ -2,9 +2,22 @@
 stem (3x3 conv, no max-pool). Shapes come from the data facts; the head emits logits."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
+
+
+@dataclass
+class ResNetConfig:
+    """model=resnet settings (conf/model/resnet.yaml)."""
+    name: str = "resnet"
+    depth: int = 18  # 18 (ResNet-18, small-image stem) or 6n+2 (CIFAR ResNet-20/32/56/110)
+    base_width: int = 64  # channels of the first stage; doubled at each later stage
+    activation: str = "relu"
+    norm: str = "batch"
+    dropout: float = 0.0
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,332 @@
+"""The stages of a run, in order. Each takes the config and what the stages before it returned, and returns
+a small dataclass; each can be called on its own (tests do). Only these and `run` read the config tree.
+
+    start -> prepare_data -> build_training -> preflight -> open_run_dir -> train -> finish
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from safetrain import data as D
+from safetrain.checkpoint import Checkpointer, load_checkpoint
+from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
+from safetrain.data.audit import Audit, cached_audit, pair_images
+from safetrain.data.audit import findings as audit_findings
+from safetrain.engine import FitResult, Precision, fit, test
+from safetrain.errors import ConfigError
+from safetrain.findings import Finding, problems
+from safetrain.io import cache_root, write_json
+from safetrain.losses import build_loss, resolve_balance
+from safetrain.metrics import build_metrics, selection_metric
+from safetrain.models import build_model, count_parameters
+from safetrain.models.checks import check_model
+from safetrain.monitors import Monitors, StepGuard, suspected_mislabeled
+from safetrain.optim import LRSchedule, build_optimizer, find_lr
+from safetrain.preflight import init_and_gradient_checks, input_check
+from safetrain.report import balance_lines, per_class_table, write_report
+from safetrain.tracking import Tracker, environment, flatten, snapshot
+
+log = logging.getLogger("safetrain")
+
+
+@dataclass
+class Context:
+    """What every stage shares: the validated config, where it runs, and the unlocked bounds."""
+    cfg: Config
+    device: torch.device
+    prec: Precision
+    cache: Path
+    config: dict  # the resolved config as plain data (config.yaml, checkpoints, hparams)
+    findings: list[Finding]  # unlocked safety bounds
+    t_start: float = field(default_factory=time.time)
+
+
+@dataclass
+class Loaders:
+    train: Any  # shuffled, augmented (class-balanced with loss.balance=sampler)
+    val: Any  # the eval ones: in order, normalized only [M04]
+    test: Any
+    train_in_order: Any  # the training split through the eval pipeline (suspected mislabeled samples)
+
+
+@dataclass
+class Prepared:
+    """The data side of a run: splits checked for leaks, facts measured on train, loaders built once."""
+    name: str
+    splits: dict[str, D.ImageSet]
+    facts: D.DataFacts
+    audit: Audit
+    balance: tuple[str, str]  # (loss.balance method, why): decided from the facts
+    loaders: Loaders
+    eval_pipeline: D.BatchPipeline
+    loader_kw: dict  # shape, resize, num_workers: for any further loader of these splits
+    first_batch: tuple[torch.Tensor, torch.Tensor]  # (x, y) of the training loader, as the model sees it
+    input_check: Finding  # [M33] on a batch in the split's own class mix
+    findings: list[Finding]  # audit and data findings
+
+
+@dataclass
+class Setup:
+    """The training side: model, loss, optimizer and schedule, all derived from the data facts."""
+    model: nn.Module
+    loss_fn: nn.Module
+    selection: tuple[str, str]  # (val metric, direction): checkpoint, scheduler and early stop [M29]
+    lr: float
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    make_optimizer: Callable  # (model, lr) -> optimizer, for the range test and the overfit check
+    metrics: Any
+    parameters: int
+
+
+@dataclass
+class RunDir:
+    path: Path
+    tracker: Tracker
+
+
+@dataclass
+class RunResult:
+    metrics: dict  # metrics.json
+    findings: list[Finding]
+
+
+def seed_everything(seed: int) -> None:
+    """One seed drives splits, init, shuffling and augmentation [M32]; 0 is a valid seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("[config] trainer.device=cuda but no CUDA device is visible. "
+                          "Use trainer.device=auto (or cpu).")
+    return torch.device(name)
+
+
+def start(cfg: Config) -> Context:
+    """Seed, device, precision, cache folder; the unlocked bounds are logged."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
+    ctx = Context(cfg, device, Precision(device, bf16), cache_root(cfg.data.cache_dir), to_container(cfg), unlocks(cfg))
+    for f in ctx.findings:
+        log.warning("unlocked %s", f)
+    log.info("[1/9] seed %d | device %s | %s", cfg.seed, device, "bf16 autocast" if bf16 else "fp32")
+    return ctx
+
+
+def prepare_data(ctx: Context, dataset=None) -> Prepared:
+    """Source -> seeded stratified splits -> exact-copy refusal [M06] -> facts -> audit -> loaders -> [M33]."""
+    d, seed = ctx.cfg.data, ctx.cfg.seed
+    src = (D.load_dataset(dataset) if dataset is not None else
+           D.load_source(d.name, root=d.root, download=d.download, image_size=d.image_size, loader=d.loader,
+                         num_workers=d.num_workers, cache_dir=ctx.cache, seed=seed, synthetic=vars(d.synthetic)))
+    splits = D.make_splits(src, d.val_fraction, d.test_fraction, seed, d.min_samples_per_class,
+                           d.imbalance_ratio, d.min_eval_per_class)
+    D.refuse_duplicates(D.exact_duplicates(splits), d.allow_duplicates_across_splits)
+    name = "custom Dataset" if dataset is not None else d.name
+    log.info("[2/9] data %s: %s (stratified, seed %d)", name, ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
+             seed)
+    loader_kw = dict(shape=src.shape, resize=src.resize, num_workers=d.num_workers)
+    facts = D.measure_facts(src.classes, D.class_counts(splits, len(src.classes)), splits["train"].ids, src.shape,
+                            src.fingerprint, lambda: D.uint8_batches(splits["train"], **loader_kw), ctx.cache)
+    audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device)
+    found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
+    for f in found:
+        log.warning("%s", f)
+    log.info("[3/9] data facts (train split): %d classes, %dx%dx%d, mean %s, std %s, imbalance %.1f | images per "
+             "class: %s | audit: %d near-duplicates across splits, %d blank", facts.num_classes, facts.channels,
+             facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std), facts.imbalance_ratio,
+             ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])),
+             len(audit.near_duplicates), len(audit.blank))
+    if d.batch_size > len(splits["train"]):
+        raise ConfigError(f"[M23] data.batch_size={d.batch_size} is larger than the training split "
+                          f"({len(splits['train'])} samples), so an epoch would have no full batch. "
+                          f"Use data.batch_size={max(1, len(splits['train']) // 4)} or less.")
+    balance = resolve_balance(ctx.cfg.loss.balance, facts)
+    return _with_loaders(ctx, name, splits, facts, audit, balance, loader_kw, found)
+
+
+def _with_loaders(ctx: Context, name, splits, facts, audit, balance, loader_kw, found) -> Prepared:
+    """The loaders of every split, built once on the one normalization [M02], and the [M33] input check."""
+    d, seed = ctx.cfg.data, ctx.cfg.seed
+    normalize = D.Normalize(facts.mean, facts.std)
+
+    def train_loader(class_balanced: bool):
+        return D.make_loader(splits["train"], D.BatchPipeline(normalize, ctx.device, d.augment, seed, d.rotate_degrees),
+                             batch_size=d.batch_size, train=True, seed=seed,
+                             class_counts=facts.counts["train"] if class_balanced else None, **loader_kw)
+
+    sampler = balance[0] == "sampler"
+    train = train_loader(sampler)
+    eval_pipe = D.BatchPipeline(normalize, ctx.device)  # deterministic: normalization only [M04]
+    val = D.make_loader(splits["val"], eval_pipe, batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
+    x0, y0 = next(iter(train))
+    # inputs are checked as the split gives them: a class-balanced sampler shifts the class mix on purpose [M33]
+    checked = input_check(x0 if not sampler else next(iter(train_loader(False)))[0])
+    log.info("[4/9] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only", d.augment,
+             f" rotate<={d.rotate_degrees:g}deg" if d.rotate_degrees else "", d.batch_size, len(train))
+    evaluation = dict(batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
+    loaders = Loaders(train, val, D.make_loader(splits["test"], eval_pipe, **evaluation),
+                      D.make_loader(splits["train"], eval_pipe, **evaluation))
+    return Prepared(name, splits, facts, audit, balance, loaders, eval_pipe, loader_kw, (x0, y0), checked, found)
+
+
+def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = None) -> Setup:
+    """Model from the data facts (or the user's, checked [M10-M12]), loss from the task and the class balance,
+    AdamW/SGD without decay on norm/bias, the schedule stepped on the selection metric."""
+    cfg, facts, (x0, _) = ctx.cfg, data.facts, data.first_batch
+    net = model if model is not None else build_model(**vars(cfg.model), channels=facts.channels, height=facts.height,
+                                                      width=facts.width, num_classes=facts.num_classes)
+    net = net.to(ctx.device, memory_format=torch.channels_last)
+    check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size)
+    n_params = count_parameters(net)
+    log.info("[5/9] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
+             else cfg.model.name, f"{n_params:,}", len(data.splits["train"]),
+             f", stage sizes {net.sizes}" if hasattr(net, "sizes") else "")
+    balance, why = data.balance
+    loss_fn = build_loss(cfg.task, cfg.loss.name, cfg.loss.label_smoothing, balance, facts.counts["train"])
+    loss_fn = loss_fn.to(ctx.device)
+    selection = selection_metric(cfg.task, facts.imbalanced)
+    o, s = cfg.optim, cfg.sched
+
+    def make_optimizer(m, lr):
+        return build_optimizer(m, o.name, lr, o.weight_decay, o.momentum, o.nesterov)
+
+    lr = o.lr
+    if lr == "auto":
+        lr = find_lr(net, data.loaders.train, loss_fn, make_optimizer, ctx.prec, bounds=OPTIMIZERS[o.name].lr_range)
+        log.info("optim.lr=auto: the range test chose lr %.2e", lr)
+    optimizer = make_optimizer(net, lr)
+    schedule = LRSchedule(optimizer, s.name, mode=selection[1], total_steps=cfg.trainer.max_epochs * len(data.loaders.train),
+                          factor=s.factor, patience=s.patience, min_lr=s.min_lr, warmup_fraction=s.warmup_fraction)
+    log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias), schedule %s on val %s "
+             "(%s)", type(loss_fn).__name__, balance, why, o.name, lr, s.name, *selection)
+    return Setup(net, loss_fn, selection, lr, optimizer, schedule, make_optimizer,
+                 build_metrics(facts.num_classes, ctx.device), n_params)
+
+
+def preflight(ctx: Context, data: Prepared, setup: Setup) -> list[Finding]:
+    """Checks on the real first batch before any training: inputs [M33], loss at init [M19], gradient reach [M26]."""
+    x, y = data.first_batch
+    checks = [data.input_check, *init_and_gradient_checks(setup.model, x, y, setup.loss_fn, data.facts.num_classes,
+                                                           ctx.prec)]
+    for c in problems(checks):
+        log.warning("preflight: %s", c)
+    log.info("[7/9] preflight: %d/%d checks passed", sum(c.passed for c in checks), len(checks))
+    return checks
+
+
+def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, findings: list[Finding]) -> RunDir:
+    """Every check has passed: from here on the run directory is written. The snapshot, the splits, the facts,
+    the audit, the findings so far (epoch 0) and what the network is fed [M30, M31]."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    snapshot(run_dir, ctx.config, overrides, environment(ctx.device))
+    write_json(run_dir / "splits.json", D.describe(data.splits))
+    write_json(run_dir / "data_facts.json", data.facts.to_dict())
+    write_json(run_dir / "audit.json", {"summary": data.audit.summary(), **asdict(data.audit)})
+    tracker = Tracker(run_dir)
+    if findings:  # audit and preflight findings: epoch 0 of metrics.jsonl and TensorBoard text
+        tracker.epoch(0, {}, findings)
+    pairs = pair_images(data.audit, data.splits)
+    if pairs is not None:  # left: val/test image, right: its training near-duplicate
+        tracker.images("audit/near_duplicates", pairs.float() / 255)
+    tracker.images("train/augmented_batch", data.eval_pipeline.normalize.denormalize(data.first_batch[0]))
+    f = data.facts
+    tracker.text("data/counts", "\n".join(f"{c}: {n}" for c, n in zip(f.classes, f.counts["train"])))
+    return RunDir(run_dir, tracker)
+
+
+def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir) -> FitResult:
+    """fit() with the monitors and checkpoints of this run; best.pt is chosen on validation [M07, M29]."""
+    tr, c = ctx.cfg.trainer, data.facts.num_classes
+    log.info("[8/9] training up to %d epochs -> %s", tr.max_epochs, out.path)
+    checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, optimizer=setup.optimizer,
+                               schedule=setup.schedule, data_facts=data.facts.to_dict(), config=ctx.config)
+    monitors = Monitors(StepGuard(c, ctx.device, setup.lr, setup.model), next(iter(data.loaders.val))[0], c,
+                        f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images")
+    return fit(setup.model, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer, setup.schedule,
+               setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
+               early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
+               track=out.tracker.epoch, progress=tr.progress, monitors=monitors)
+
+
+def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding], findings: list[Finding],
+                error: Exception) -> None:
+    """Training stopped on purpose: say why in metrics.json, report.md and TensorBoard; checkpoints stay."""
+    write_json(out.path / "metrics.json", {"stopped": str(error), "wall_time_s": time.time() - ctx.t_start})
+    write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
+                 findings=findings, stopped=str(error))
+    out.tracker.text("warnings", str(error))
+    out.tracker.close()
+
+
+def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list[Finding], findings: list[Finding],
+           result: FitResult) -> RunResult:
+    """The best checkpoint on the test split, once [M07]; suspected mislabeled samples [M08]; metrics.json,
+    report.md, TensorBoard; the summary in the log."""
+    setup.model.load_state_dict(load_checkpoint(out.path / "checkpoints" / "best.pt")["model"])
+    t = test(setup.model, data.loaders.test, setup.loss_fn, setup.metrics, ctx.prec)
+    train_ids, facts = data.splits["train"].ids, data.facts
+    suspects, n_suspects = suspected_mislabeled(setup.model, data.loaders.train_in_order, train_ids, facts.classes,
+                                                ctx.prec)
+    log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
+             n_suspects, len(suspects))
+    findings = findings + result.findings
+    final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
+    write_json(out.path / "metrics.json", final)
+    write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks, findings=findings,
+                 final=final, mislabeled=suspects)
+    _final_tensorboard(out.tracker, data, suspects, t, ctx.config, final)
+    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f | %.0f s | %s\n"
+             "%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"], final["wall_time_s"],
+             out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
+             "\n".join(per_class_table(final)))
+    log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
+             out.path / "report.md")
+    return RunResult(final, findings)
+
+
+def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) -> dict:
+    classes = data.facts.classes
+    return {
+        "selection_metric": setup.selection[0], "best_val": result.best["value"], "best_epoch": result.best["epoch"],
+        "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": setup.lr,
+        "balance": {"method": data.balance[0], "why": data.balance[1]},
+        "test_acc": t["acc"], "test_balanced_acc": t["balanced_acc"], "test_macro_f1": t["macro_f1"],
+        "test_loss": t["loss"], "classes": classes,
+        "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
+                      for i, c in enumerate(classes)},
+        "confusion_matrix": t["confusion"], "parameters": setup.parameters,
+        "wall_time_s": time.time() - ctx.t_start, "warnings": [str(f) for f in findings],
+        "findings": [f.to_dict() for f in findings], "suspected_mislabeled": {"count": n_suspects, "top": suspects},
+    }
+
+
+def _final_tensorboard(tracker: Tracker, data: Prepared, suspects, t, config: dict, final: dict) -> None:
+    train = data.splits["train"]
+    if suspects and train.images is not None:
+        where = {sid: i for i, sid in enumerate(train.ids)}
+        tracker.images("train/suspected_mislabeled", train.images[[where[m["id"]] for m in suspects[:16]]].float() / 255)
+    tracker.confusion(torch.tensor(t["confusion"]), data.facts.classes)
+    tracker.hparams(flatten(config), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
+                                      "best_val": final["best_val"]})
+    tracker.close()
+
+
+def _fmt(xs) -> str:
+    return "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"
