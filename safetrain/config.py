@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from safetrain.data import AUGMENTS, SOURCES, flips
-from safetrain.errors import ConfigError
+from safetrain.errors import ConfigError, check_range
 from safetrain.findings import Finding
 from safetrain.losses import BALANCE, LOSSES
 from safetrain.models import MODELS, CNNConfig, ResNetConfig  # noqa: F401  (the model schemas live with the models)
@@ -173,11 +173,6 @@ def _choice(key: str, value, allowed) -> None:
         raise ConfigError(f"[config] {key}={value!r} is not one of {list(allowed)}.{did_you_mean(value, allowed)}")
 
 
-def _range(key: str, value, lo, hi, row: str = "config", fix: str = "") -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(f"[{row}] {key}={value} is outside [{lo}, {hi}].{fix}")
-
-
 def validate(cfg: DictConfig | dict) -> Config:
     """Check a composed config and return it as typed dataclasses; raise ConfigError otherwise."""
     raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
@@ -193,76 +188,73 @@ def validate(cfg: DictConfig | dict) -> Config:
 
 
 def _check_values(c: Config) -> None:
-    _choice("task", c.task, LOSSES)
-    _choice("mode", c.mode, MODES)
-    _choice("data", c.data.name, SOURCES)
-    _choice("data.augment", c.data.augment, AUGMENTS)
-    _choice("data.loader", c.data.loader, LOADERS)
-    _choice("loss.balance", c.loss.balance, ("auto", *BALANCE))
-    if c.data.imbalance_ratio is not None:
-        _range("data.imbalance_ratio", c.data.imbalance_ratio, 1.0, 1000.0, "M24")
-    _choice("model.activation", c.model.activation, ACTIVATIONS)
-    _choice("model.norm", c.model.norm, NORMS)
-    _choice("optim", c.optim.name, OPTIMIZERS)
-    _choice("sched.name", c.sched.name, SCHEDULES)
-    _choice("trainer.device", c.trainer.device, DEVICES)
-    _choice("trainer.precision", c.trainer.precision, PRECISIONS)
+    choices = {"task": (c.task, LOSSES), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
+               "data.augment": (c.data.augment, AUGMENTS), "data.loader": (c.data.loader, LOADERS),
+               "loss.balance": (c.loss.balance, ("auto", *BALANCE)), "model.activation": (c.model.activation, ACTIVATIONS),
+               "model.norm": (c.model.norm, NORMS), "optim": (c.optim.name, OPTIMIZERS),
+               "sched.name": (c.sched.name, SCHEDULES), "trainer.device": (c.trainer.device, DEVICES),
+               "trainer.precision": (c.trainer.precision, PRECISIONS)}
+    for key, (value, allowed) in choices.items():
+        _choice(key, value, allowed)
     if c.loss.name not in ("auto", *LOSSES[c.task]):
         raise ConfigError(f"[M13] loss.name={c.loss.name!r} does not fit task {c.task!r}: {c.task} "
                           f"classification needs {' or '.join(LOSSES[c.task])} (softmax over one logit per class). "
                           f"Use loss.name=auto; safetrain derives the loss from the task.")
-    if c.data.name == "imagefolder" and not c.data.root:
+    _check_data(c.data, c.model.norm)
+    _check_optim(c.optim)
+    check_range("optim.weight_decay", c.optim.weight_decay, 0.0, 0.5, "M21")
+    check_range("optim.momentum", c.optim.momentum, 0.0, 0.999)
+    check_range("model.dropout", c.model.dropout, 0.0, 0.7, "M21")
+    check_range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 0.4)
+    check_range("trainer.max_epochs", c.trainer.max_epochs, 1, 100000)
+    check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
+    check_range("sched.factor", c.sched.factor, 0.01, 0.99)
+    check_range("sched.warmup_fraction", c.sched.warmup_fraction, 0.0, 0.9)
+    c.model.check()  # each model's own settings, checked by its schema (safetrain/models/)
+
+
+def _check_data(d: DataConfig, norm: str) -> None:
+    if d.name == "imagefolder" and not d.root:
         raise ConfigError("[config] data=imagefolder needs data.root=<folder with train/ or class "
                           "subfolders>. Add data.root=/path/to/images to the command.")
-    if flips(c.data.augment) and not c.data.hflip_keeps_label:
-        raise ConfigError(f"[M05] data.augment={c.data.augment} flips images horizontally, but this "
+    if flips(d.augment) and not d.hflip_keeps_label:
+        raise ConfigError(f"[M05] data.augment={d.augment} flips images horizontally, but this "
                           "recipe declares data.hflip_keeps_label=false (a mirrored digit or letter is "
                           "another symbol). Use data.augment=crop or data.augment=none.")
-    if c.optim.name == "sgd" and c.optim.momentum <= 0:
-        raise ConfigError("[M15] optim=sgd with optim.momentum=0 is plain SGD, which trains CNNs "
-                          "slowly or not at all. Set optim.momentum=0.9 (or use optim=adamw).")
-    lo, hi = OPTIMIZERS[c.optim.name].lr_range
-    if isinstance(c.optim.lr, str):
-        if c.optim.lr != "auto":
-            raise ConfigError(f"[M16] optim.lr={c.optim.lr!r} is neither a number nor 'auto'. "
-                              "Write e.g. optim.lr=1e-3, or optim.lr=auto for a range test.")
-    elif not isinstance(c.optim.lr, (int, float)) or isinstance(c.optim.lr, bool):
-        raise ConfigError(f"[M16] optim.lr={c.optim.lr!r} is not a number. Write e.g. optim.lr=1e-3.")
-    elif not c.optim.allow_unusual_lr:
-        _range("optim.lr", c.optim.lr, lo, hi, "M16",
-               f" That is not a sane learning rate for {c.optim.name}: pick a value in range, or "
-               "add optim.allow_unusual_lr=true if you really mean it.")
-    if c.data.rotate_degrees < 0:
-        raise ConfigError(f"[M05] data.rotate_degrees={c.data.rotate_degrees} must be >= 0 (rotations are "
+    if d.rotate_degrees < 0:
+        raise ConfigError(f"[M05] data.rotate_degrees={d.rotate_degrees} must be >= 0 (rotations are "
                           "drawn from [-d, d]).")
-    if not c.data.allow_large_rotation:
-        _range("data.rotate_degrees", c.data.rotate_degrees, 0.0, MAX_ROTATION, "M05",
+    if not d.allow_large_rotation:
+        check_range("data.rotate_degrees", d.rotate_degrees, 0.0, MAX_ROTATION, "M05",
                " Rotations that large turn a 6 into a 9 and make most objects unnatural. Use at most "
                f"{MAX_ROTATION:.0f}, or add data.allow_large_rotation=true if the classes are rotation-invariant.")
-    _range("data.min_samples_per_class", c.data.min_samples_per_class, 1, 10**6, "M08")
-    _range("data.min_eval_per_class", c.data.min_eval_per_class, 1, 10**6, "M25")
-    if c.model.norm == "batch" and c.data.batch_size < BN_MIN_BATCH:
-        raise ConfigError(f"[M12] data.batch_size={c.data.batch_size} is too small for BatchNorm (statistics of "
+    if d.imbalance_ratio is not None:
+        check_range("data.imbalance_ratio", d.imbalance_ratio, 1.0, 1000.0, "M24")
+    check_range("data.min_samples_per_class", d.min_samples_per_class, 1, 10**6, "M08")
+    check_range("data.min_eval_per_class", d.min_eval_per_class, 1, 10**6, "M25")
+    if norm == "batch" and d.batch_size < BN_MIN_BATCH:
+        raise ConfigError(f"[M12] data.batch_size={d.batch_size} is too small for BatchNorm (statistics of "
                           f"fewer than {BN_MIN_BATCH} samples are noise, and 1 fails outright). Use model.norm=group, "
                           f"or data.batch_size={BN_MIN_BATCH * 4} or more.")
-    _range("data.batch_size", c.data.batch_size, 1, 65536, "M23")
-    _range("data.val_fraction", c.data.val_fraction, 0.01, 0.5)
-    _range("data.test_fraction", c.data.test_fraction, 0.01, 0.5)
-    _range("optim.weight_decay", c.optim.weight_decay, 0.0, 0.5, "M21")
-    _range("optim.momentum", c.optim.momentum, 0.0, 0.999)
-    _range("model.dropout", c.model.dropout, 0.0, 0.7, "M21")
-    _range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 0.4)
-    _range("trainer.max_epochs", c.trainer.max_epochs, 1, 100000)
-    _range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
-    _range("sched.factor", c.sched.factor, 0.01, 0.99)
-    _range("sched.warmup_fraction", c.sched.warmup_fraction, 0.0, 0.9)
-    if isinstance(c.model, CNNConfig):
-        if not c.model.widths or min(c.model.widths) < 1:
-            raise ConfigError(f"[config] model.widths={c.model.widths} needs at least one positive width.")
-        _range("model.blocks", c.model.blocks, 0, 16)
-    elif c.model.depth != 18 and (c.model.depth - 2) % 6:
-        raise ConfigError(f"[config] model.depth={c.model.depth}: resnet depths are 18 or 6n+2 "
-                          "(20, 32, 44, 56, 110). Pick one of those.")
+    check_range("data.batch_size", d.batch_size, 1, 65536, "M23")
+    check_range("data.val_fraction", d.val_fraction, 0.01, 0.5)
+    check_range("data.test_fraction", d.test_fraction, 0.01, 0.5)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    if o.name == "sgd" and o.momentum <= 0:
+        raise ConfigError("[M15] optim=sgd with optim.momentum=0 is plain SGD, which trains CNNs "
+                          "slowly or not at all. Set optim.momentum=0.9 (or use optim=adamw).")
+    if isinstance(o.lr, str):
+        if o.lr != "auto":
+            raise ConfigError(f"[M16] optim.lr={o.lr!r} is neither a number nor 'auto'. "
+                              "Write e.g. optim.lr=1e-3, or optim.lr=auto for a range test.")
+    elif not isinstance(o.lr, (int, float)) or isinstance(o.lr, bool):
+        raise ConfigError(f"[M16] optim.lr={o.lr!r} is not a number. Write e.g. optim.lr=1e-3.")
+    elif not o.allow_unusual_lr:
+        lo, hi = OPTIMIZERS[o.name].lr_range
+        check_range("optim.lr", o.lr, lo, hi, "M16", f" That is not a sane learning rate for {o.name}: pick a value in "
+               "range, or add optim.allow_unusual_lr=true if you really mean it.")
 
 
 def unlocks(c: Config) -> list[Finding]:

@@ -15,3 +15,9 @@ class DataError(SafetrainError):
 
 class TrainingStopped(SafetrainError):
     """The run was stopped on purpose (divergence, non-finite values); the last good checkpoint is kept."""
+
+
+def check_range(key: str, value, lo, hi, row: str = "config", fix: str = "") -> None:
+    """Refuse a setting outside [lo, hi], naming the key, the value and the range (and a fix, if given)."""
+    if not lo <= value <= hi:
+        raise ConfigError(f"[{row}] {key}={value} is outside [{lo}, {hi}].{fix}")

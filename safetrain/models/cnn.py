@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from safetrain.errors import ConfigError, check_range
 from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
 
 
@@ -19,6 +20,11 @@ class CNNConfig:
     activation: str = "relu"
     norm: str = "batch"
     dropout: float = 0.0
+
+    def check(self) -> None:
+        if not self.widths or min(self.widths) < 1:
+            raise ConfigError(f"[config] model.widths={self.widths} needs at least one positive width.")
+        check_range("model.blocks", self.blocks, 0, 16)
 
 
 class CNN(Classifier):

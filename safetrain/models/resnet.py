@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from safetrain.errors import ConfigError
 from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
 
 
@@ -18,6 +19,11 @@ class ResNetConfig:
     activation: str = "relu"
     norm: str = "batch"
     dropout: float = 0.0
+
+    def check(self) -> None:
+        if self.depth != 18 and (self.depth - 2) % 6:
+            raise ConfigError(f"[config] model.depth={self.depth}: resnet depths are 18 or 6n+2 "
+                              "(20, 32, 44, 56, 110). Pick one of those.")
 
 
 class BasicBlock(nn.Module):
