@@ -74,16 +74,18 @@ def main() -> None:
         src = load_folder(tmp, None, "memory", Path(tmp) / "cache", 2)
     splits = make_splits(src, 0.1, 0.1, seed=0)
     t0 = time.perf_counter()
-    res = audit(splits, len(src.classes), device)
+    res = audit(splits, device)
     dt = time.perf_counter() - t0
     s = res.summary()
     print(f"audit of {sum(len(v) for v in splits.values())} images on {device}: {dt:.1f} s")
-    print(f"near-duplicates: {s['near_duplicates']} ({', '.join(f'{k} {v:.2%}' for k, v in s['near_duplicate_fraction'].items())})"
-          f"; conflicting copies in train: {s['conflicting_copies_in_train']}; blank: {s['blank_images']}")
+    fractions = ", ".join(f"{k} {v:.2%}" for k, v in s["near_duplicate_fraction"].items())
+    print(f"near-duplicates: {s['near_duplicates']} ({fractions}); conflicting copies in train: "
+          f"{s['conflicting_copies_in_train']}; blank: {s['blank_images']}")
     found = sorted(res.near_duplicates, key=lambda p: p["diff"])
     if found:
         diffs = torch.tensor([p["diff"] for p in found])
-        print("diff quantiles (0, .25, .5, .75, 1):", [round(float(q), 3) for q in diffs.quantile(torch.tensor([0, .25, .5, .75, 1.]))])
+        quantiles = diffs.quantile(torch.tensor([0, .25, .5, .75, 1.]))
+        print("diff quantiles (0, .25, .5, .75, 1):", [round(float(q), 3) for q in quantiles])
     g = torch.Generator().manual_seed(0)
     rnd = [found[i] for i in torch.randperm(len(found), generator=g)[:24].tolist()]
     pairs_grid(rnd, splits, a.out / "pairs_random.png")
@@ -98,8 +100,7 @@ def main() -> None:
     planted = ImageSet(torch.cat([train.labels, test.labels[pool]]), train.ids + [f"copy/{test.ids[i]}" for i in pool],
                        torch.cat([train.images, copies]))
     sub = test.subset(torch.tensor(pool))
-    res2 = audit({"train": planted, "val": splits["val"].subset(torch.tensor([0])), "test": sub}, len(src.classes),
-                 device)
+    res2 = audit({"train": planted, "val": splits["val"].subset(torch.tensor([0])), "test": sub}, device)
     hit = {p["id"] for p in res2.near_duplicates if p["split"] == "test"}
     for k, kind in enumerate(kinds):
         ids = [test.ids[i] for j, i in enumerate(pool) if j % 5 == k]

@@ -66,7 +66,7 @@ def main() -> None:
     probe = x[:512]
     dead_unit_share(net, probe)  # warm-up (first call of this batch shape)
     t_dead, _ = timed(lambda: dead_unit_share(net, probe), device)
-    t_pre, _ = timed(lambda: init_and_gradient_checks(net, x[:256], y[:256], loss, 10), device)
+    t_pre, _ = timed(lambda: init_and_gradient_checks(net, x[:256], y[:256], loss, 10, prec), device)
 
     t_mis, _ = timed(lambda: suspected_mislabeled(net, batches, [str(i) for i in range(len(x))],
                                                    [str(k) for k in range(10)], prec), device)

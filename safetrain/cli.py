@@ -2,7 +2,7 @@
 
 A recipe is a primary config in recipes/ (or in the user's `--config-dir`) whose defaults
 list starts from conf/config.yaml. The config is composed and validated before Hydra starts
-the job, so a bad key or value fails in a second with a message, before any data is read.
+the job, so a bad key or value fails within seconds with a message, before any data is read.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def list_recipes(extra_dir: str | None = None) -> str:
         for f in sorted(Path(d).glob("*.yaml")):
             first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
             lines.append(f"  {f.stem:<16} {first}")
-    lines += ["", "e.g. python -m safetrain recipe=smoke", "     python -m safetrain recipe=cifar10 trainer.max_epochs=5",
+    lines += ["", "e.g. python -m safetrain recipe=smoke",
+              "     python -m safetrain recipe=cifar10 trainer.max_epochs=5",
               "Your own recipe: python -m safetrain --config-dir my_recipes recipe=mine"]
     return "\n".join(lines)
 

@@ -115,7 +115,10 @@ def schema_keys(schema=Config, prefix: str = "") -> list[str]:
     keys = []
     for name, tp in get_type_hints(schema).items():
         keys.append(prefix + name)
-        subs = [m[0] for m in MODELS.values()] if (schema is Config and name == "model") else [tp] if is_dataclass(tp) else []
+        if schema is Config and name == "model":
+            subs = [settings for settings, _ in MODELS.values()]
+        else:
+            subs = [tp] if is_dataclass(tp) else []
         for sub in subs:
             keys += schema_keys(sub, f"{prefix}{name}.")
     return sorted(set(keys))
@@ -190,10 +193,10 @@ def validate(cfg: DictConfig | dict) -> Config:
 def _check_values(c: Config) -> None:
     choices = {"task": (c.task, LOSSES), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
                "data.augment": (c.data.augment, AUGMENTS), "data.loader": (c.data.loader, LOADERS),
-               "loss.balance": (c.loss.balance, ("auto", *BALANCE)), "model.activation": (c.model.activation, ACTIVATIONS),
-               "model.norm": (c.model.norm, NORMS), "optim": (c.optim.name, OPTIMIZERS),
-               "sched.name": (c.sched.name, SCHEDULES), "trainer.device": (c.trainer.device, DEVICES),
-               "trainer.precision": (c.trainer.precision, PRECISIONS)}
+               "loss.balance": (c.loss.balance, ("auto", *BALANCE)),
+               "model.activation": (c.model.activation, ACTIVATIONS), "model.norm": (c.model.norm, NORMS),
+               "optim": (c.optim.name, OPTIMIZERS), "sched.name": (c.sched.name, SCHEDULES),
+               "trainer.device": (c.trainer.device, DEVICES), "trainer.precision": (c.trainer.precision, PRECISIONS)}
     for key, (value, allowed) in choices.items():
         _choice(key, value, allowed)
     if c.loss.name not in ("auto", *LOSSES[c.task]):

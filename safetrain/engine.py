@@ -6,6 +6,7 @@ range test, the preflight checks and the overfit-one-batch check all call it."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -149,7 +150,10 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         value = float(val[metric])
         schedule.after_validation(value)
         improved = better(value, best["value"])
-        best, since_best = ({"metric": metric, "value": value, "epoch": epoch}, 0) if improved else (best, since_best + 1)
+        if improved:
+            best, since_best = {"metric": metric, "value": value, "epoch": epoch}, 0
+        else:
+            since_best += 1
         history.append(epoch_scalars(tr, val, loss_fn, optimizer.param_groups[0]["lr"]))
         found = monitors.after_epoch(epoch, history, val["confusion"], model) if monitors else []
         findings += found
@@ -171,3 +175,29 @@ def test(model, test_loader, loss_fn, metrics, prec: Precision) -> dict:
     """The single evaluation on the test split, with the checkpoint chosen on validation [M07]."""
     out = evaluate(model, test_loader, loss_fn, metrics, prec)
     return {"loss": out["loss"], **to_plain({k: v for k, v in out.items() if k != "loss"})}
+
+
+def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: tuple[float, float],
+            start: float = 1e-7, end: float = 10.0, steps: int = 100) -> float:
+    """Learning-rate range test (Smith 2017): raise the lr geometrically, one batch per step, until the
+    smoothed loss blows up; return a tenth of the lr at the loss minimum, clamped to `bounds`.
+    The model's weights are restored afterwards."""
+    saved = copy.deepcopy(model.state_dict())
+    optimizer = make_optimizer(model, start)
+    factor = (end / start) ** (1 / steps)
+    lr, avg, best, best_lr, i = start, 0.0, math.inf, start, 0
+    model.train()
+    while i < steps:
+        for x, y in loader:
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            avg = 0.95 * avg + 0.05 * train_step(model, x, y, loss_fn, optimizer, prec).loss.item()
+            smooth = avg / (1 - 0.95 ** (i + 1))
+            if smooth < best:
+                best, best_lr = smooth, lr
+            i, lr = i + 1, lr * factor
+            if i >= steps or not math.isfinite(smooth) or smooth > 4 * best:
+                i = steps
+                break
+    model.load_state_dict(saved)
+    return min(max(best_lr / 10, bounds[0]), bounds[1])

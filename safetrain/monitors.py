@@ -184,6 +184,7 @@ class Monitors:
         found = [f for f in found if (f.row, f.kind) not in self.reported]
         self.reported |= {(f.row, f.kind) for f in found}
         for f in found:
+            f.source = "monitor"
             log.warning("%s", f)
         return found
 

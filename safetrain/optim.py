@@ -2,14 +2,12 @@
 learning-rate schedule interface whose stepping the loop cannot get wrong [M15, M17]."""
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from safetrain.engine import train_step
 from safetrain.errors import ConfigError
 
 
@@ -91,29 +89,3 @@ class LRSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.sched.load_state_dict(state)
-
-
-def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: tuple[float, float],
-            start: float = 1e-7, end: float = 10.0, steps: int = 100) -> float:
-    """Learning-rate range test (Smith 2017): raise the lr geometrically, one batch per step, until the
-    smoothed loss blows up; return a tenth of the lr at the loss minimum, clamped to `bounds`.
-    The model's weights are restored afterwards."""
-    saved = copy.deepcopy(model.state_dict())
-    optimizer = make_optimizer(model, start)
-    factor = (end / start) ** (1 / steps)
-    lr, avg, best, best_lr, i = start, 0.0, math.inf, start, 0
-    model.train()
-    while i < steps:
-        for x, y in loader:
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            avg = 0.95 * avg + 0.05 * train_step(model, x, y, loss_fn, optimizer, prec).loss.item()
-            smooth = avg / (1 - 0.95 ** (i + 1))
-            if smooth < best:
-                best, best_lr = smooth, lr
-            i, lr = i + 1, lr * factor
-            if i >= steps or not math.isfinite(smooth) or smooth > 4 * best:
-                i = steps
-                break
-    model.load_state_dict(saved)
-    return min(max(best_lr / 10, bounds[0]), bounds[1])

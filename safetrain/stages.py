@@ -21,7 +21,7 @@ from safetrain.checkpoint import Checkpointer, load_checkpoint
 from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
 from safetrain.data.audit import Audit, cached_audit, pair_images
 from safetrain.data.audit import findings as audit_findings
-from safetrain.engine import FitResult, Precision, fit, test
+from safetrain.engine import FitResult, Precision, find_lr, fit, test
 from safetrain.errors import ConfigError
 from safetrain.findings import Finding, problems
 from safetrain.io import cache_root, write_json
@@ -30,7 +30,7 @@ from safetrain.metrics import build_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
 from safetrain.monitors import Monitors, StepGuard, suspected_mislabeled
-from safetrain.optim import LRSchedule, build_optimizer, find_lr
+from safetrain.optim import LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
 from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.tracking import Tracker, environment, flatten, snapshot
@@ -211,8 +211,9 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
         lr = find_lr(net, data.loaders.train, loss_fn, make_optimizer, ctx.prec, bounds=OPTIMIZERS[o.name].lr_range)
         log.info("optim.lr=auto: the range test chose lr %.2e", lr)
     optimizer = make_optimizer(net, lr)
-    schedule = LRSchedule(optimizer, s.name, mode=selection[1], total_steps=cfg.trainer.max_epochs * len(data.loaders.train),
-                          factor=s.factor, patience=s.patience, min_lr=s.min_lr, warmup_fraction=s.warmup_fraction)
+    steps = cfg.trainer.max_epochs * len(data.loaders.train)
+    schedule = LRSchedule(optimizer, s.name, mode=selection[1], total_steps=steps, factor=s.factor, patience=s.patience,
+                          min_lr=s.min_lr, warmup_fraction=s.warmup_fraction)
     log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias), schedule %s on val %s "
              "(%s)", type(loss_fn).__name__, balance, why, o.name, lr, s.name, *selection)
     return Setup(net, loss_fn, selection, lr, optimizer, schedule, make_optimizer,
@@ -321,7 +322,8 @@ def _final_tensorboard(tracker: Tracker, data: Prepared, suspects, t, config: di
     train = data.splits["train"]
     if suspects and train.images is not None:
         where = {sid: i for i, sid in enumerate(train.ids)}
-        tracker.images("train/suspected_mislabeled", train.images[[where[m["id"]] for m in suspects[:16]]].float() / 255)
+        picked = train.images[[where[m["id"]] for m in suspects[:16]]]
+        tracker.images("train/suspected_mislabeled", picked.float() / 255)
     tracker.confusion(torch.tensor(t["confusion"]), data.facts.classes)
     tracker.hparams(flatten(config), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
                                       "best_val": final["best_val"]})

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from safetrain import data as D
+from safetrain.cli import compose
 from safetrain.data.sources import load_folder
 from safetrain.errors import DataError
+from safetrain.stages import prepare_data, start
 from tests.conftest import write_images
 
 
@@ -51,45 +53,39 @@ def test_channel_stats_match_numpy_reference():
     np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-9)
 
 
-def test_stats_come_from_the_train_split_only_and_are_cached(tmp_path):
+def _prepare(root, *overrides):
+    """The data stage alone, as a run calls it."""
+    cfg, _ = compose("imagefolder", [f"data.root={root}", "data.batch_size=8", "data.num_workers=0", *overrides])
+    return prepare_data(start(cfg))
+
+
+def test_stats_come_from_the_train_split_only_and_are_cached(tmp_path, monkeypatch):
     write_images(tmp_path / "train", 2, 10)
     (tmp_path / "test" / "class_0").mkdir(parents=True)
     (tmp_path / "test" / "class_1").mkdir(parents=True)
     from PIL import Image
     for k in (0, 1):  # white test images would move the mean a lot if they leaked in
         Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(tmp_path / f"test/class_{k}/w.png")
-    src = load_folder(str(tmp_path), None, "auto", tmp_path / "cache", 0)
-    splits = D.make_splits(src, 0.2, 0.1, 0)
     calls = []
-
-    def batches():
-        calls.append(1)
-        return D.uint8_batches(splits["train"], shape=src.shape, resize=None, num_workers=0)
-
-    counts = D.class_counts(splits, 2)
-    facts = D.measure_facts(src.classes, counts, splits["train"].ids, src.shape, src.fingerprint, batches,
-                            tmp_path / "cache")
-    ref = splits["train"].images.double().div(255).mean(dim=(0, 2, 3))
-    np.testing.assert_allclose(facts.mean, ref.numpy(), rtol=1e-9)
-    again = D.measure_facts(src.classes, counts, splits["train"].ids, src.shape, src.fingerprint, batches,
-                            tmp_path / "cache")
-    assert again.mean == facts.mean and len(calls) == 1  # second time from the cache
+    real = D.channel_stats
+    monkeypatch.setattr(D, "channel_stats", lambda batches: calls.append(1) or real(batches))
+    monkeypatch.setattr("safetrain.data.stats.channel_stats", D.channel_stats)
+    data = _prepare(tmp_path)
+    ref = data.splits["train"].images.double().div(255).mean(dim=(0, 2, 3))
+    np.testing.assert_allclose(data.facts.mean, ref.numpy(), rtol=1e-9)
+    assert _prepare(tmp_path).facts.mean == data.facts.mean and len(calls) == 1  # second time from the cache
 
 
 def test_streaming_and_memory_paths_give_identical_splits_and_stats(tmp_path):
     write_images(tmp_path / "imgs", 3, 12, size=(10, 6))
-    results = []
-    for loader in ("memory", "stream"):
-        src = load_folder(str(tmp_path / "imgs"), None, loader, tmp_path / f"cache_{loader}", 0)
-        splits = D.make_splits(src, 0.2, 0.2, seed=5)
-        mean, std = D.channel_stats(D.uint8_batches(splits["train"], shape=src.shape, resize=None,
-                                                    num_workers=0, batch_size=7))
-        results.append(({k: v.ids for k, v in splits.items()}, mean, std, src.parts["all"].images is None))
-    (ids_m, mean_m, std_m, streamed_m), (ids_s, mean_s, std_s, streamed_s) = results
-    assert not streamed_m and streamed_s
-    assert ids_m == ids_s
-    np.testing.assert_allclose(mean_m, mean_s, rtol=1e-12)
-    np.testing.assert_allclose(std_m, std_s, rtol=1e-12)
+    memory, stream = (_prepare(tmp_path / "imgs", f"data.loader={kind}", f"data.cache_dir={tmp_path / kind}",
+                               "data.min_eval_per_class=1") for kind in ("memory", "stream"))
+    assert memory.splits["train"].images is not None and stream.splits["train"].images is None
+    assert {k: v.ids for k, v in memory.splits.items()} == {k: v.ids for k, v in stream.splits.items()}
+    np.testing.assert_allclose(memory.facts.mean, stream.facts.mean, rtol=1e-12)
+    np.testing.assert_allclose(memory.facts.std, stream.facts.std, rtol=1e-12)
+    for a, b in zip(memory.loaders.val, stream.loaders.val):  # the same normalized batches from both paths
+        torch.testing.assert_close(a, b)
 
 
 def test_folder_with_mixed_sizes_asks_for_image_size(tmp_path):

@@ -29,3 +29,13 @@ def test_the_docs_follow_the_catalogue_when_it_is_present():
     if not CATALOGUE.exists():
         pytest.skip("no ../shared/MISTAKES.md beside this clone: the page itself is the reference")
     assert set(re.findall(r"^\| (M\d\d) \|", CATALOGUE.read_text(), re.M)) == _doc_ids()
+
+
+def test_the_readme_layout_names_the_files_that_exist():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    package = block.split("conf/")[0]
+    named = set(re.findall(r"[\w]+\.py", package))
+    files = {p.name for p in (REPO / "safetrain").rglob("*.py")} - {"__main__.py"}
+    assert named - files == set(), f"the layout names files that do not exist: {named - files}"
+    assert files - named == set(), f"files the layout does not name: {files - named}"

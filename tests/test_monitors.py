@@ -172,3 +172,30 @@ def test_m09_memorizing_random_labels_is_flagged_as_overfitting(tmp_path):
                                  "model.widths=[32,64]", "trainer.early_stop_patience=0"], dataset=RandomLabels())
     over = [w for w in final["warnings"] if w.startswith("[M09]") and "overfitting" in w]
     assert over and "parameters for" in over[0] and "training images" in over[0]
+
+
+def test_one_list_of_findings_feeds_report_metrics_and_tensorboard(tmp_path):
+    """Unlocks, preflight checks and monitors share one Finding shape: report.md groups them by row with each
+    fix; metrics.json carries them as data; metrics.jsonl and TensorBoard carry the same text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tests.test_mistakes import IgnoresInput
+    final, run_dir = _train(tmp_path, ["trainer.max_epochs=3", "data.allow_duplicates_across_splits=true"],
+                            model=IgnoresInput())
+    by_source = {}
+    for f in final["findings"]:
+        by_source.setdefault(f["source"], []).append(f)
+    assert [f["row"] for f in by_source["unlock"]] == ["M06"]
+    assert {f["row"] for f in by_source["monitor"]} >= {"M27", "M28"} and all(f["epoch"] for f in by_source["monitor"])
+    plateau = next(f for f in by_source["monitor"] if f["row"] == "M28")
+    assert "optim.lr=auto" in plateau["fix"] and plateau["evidence"]["chance_loss"] > 0
+    assert final["warnings"] == [f"[{f['row']}] {f['message']}" + (f" {f['fix']}" if f["fix"] else "")
+                                 for f in final["findings"]]
+    report = (run_dir / "report.md").read_text()
+    assert f"## Warnings ({len(final['findings'])})" in report
+    rows = [line for line in report.splitlines() if line.startswith("### [M")]
+    assert rows == sorted(rows) and "### [M28]" in rows  # one heading per row, in order
+    assert f"**Fix:** {plateau['fix']}" in report
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("data.allow_duplicates_across_splits=true" in w for w in lines[0]["warnings"])  # epoch 0
+    texts = EventAccumulator(str(run_dir / "tb")).Reload().Tags()["tensors"]
+    assert any("warnings" in t for t in texts)

@@ -67,8 +67,8 @@ class TinyConfig:
 
 class Tiny(Classifier):
     def __init__(self, in_channels, num_classes, height, width, activation_name, norm_name, dropout, **arch):
-        super().__init__(nn.Conv2d(in_channels, arch["channels_"], 3, padding=1), arch["channels_"], num_classes, dropout,
-                         [(height, width)])
+        c = arch["channels_"]
+        super().__init__(nn.Conv2d(in_channels, c, 3, padding=1), c, num_classes, dropout, [(height, width)])
 
 
 def test_a_new_model_is_one_registry_line(monkeypatch):

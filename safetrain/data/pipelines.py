@@ -70,7 +70,8 @@ def batch_crop_eighth(x: Tensor, g: torch.Generator) -> Tensor:
 
 
 # data.augment=NAME -> the batch operations of the training pipeline, in order (eval pipelines have none [M04])
-AUGMENTS = {"none": (), "flip": (batch_flip,), "crop": (batch_crop_eighth,), "crop_flip": (batch_crop_eighth, batch_flip)}
+AUGMENTS = {"none": (), "flip": (batch_flip,), "crop": (batch_crop_eighth,),
+            "crop_flip": (batch_crop_eighth, batch_flip)}
 
 
 def flips(augment: str) -> bool:
