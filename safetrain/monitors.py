@@ -69,6 +69,7 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
             f"epoch {epoch}: {share[k]:.0%} of validation predictions are class {k}, which is {prior[k]:.0%} of "
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
             "too high or too low, labels that do not match the images, or inputs that carry no signal."),
+            "If it persists: try optim.lr=auto; check that the labels match the images (report.md lists suspects).",
             epoch=epoch, evidence={"class": k, "share": float(share[k]), "prior": float(prior[k])}))
     recent = history[-2:]  # stuck where the best input-blind predictions, or uniform ones, would be
     stuck = [] if epoch < 2 else [h for h in ("train/chance_loss", "train/uniform_loss")

@@ -157,11 +157,13 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                           f"({len(splits['train'])} samples), so an epoch would have no full batch. "
                           f"Use data.batch_size={max(1, len(splits['train']) // 4)} or less.")
     balance = resolve_balance(ctx.cfg.loss.balance, facts)
-    return _with_loaders(ctx, name, splits, facts, audit, balance, loader_kw, found)
+    loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", loader_kw)
+    return Prepared(name, splits, facts, audit, balance, loaders, eval_pipeline, loader_kw, first, checked, found)
 
 
-def _with_loaders(ctx: Context, name, splits, facts, audit, balance, loader_kw, found) -> Prepared:
-    """The loaders of every split, built once on the one normalization [M02], and the [M33] input check."""
+def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw: dict):
+    """The loaders of every split, built once on the one normalization [M02]; the first training batch and
+    the [M33] input check on it. -> (Loaders, eval pipeline, (x, y), Finding)"""
     d, seed = ctx.cfg.data, ctx.cfg.seed
     normalize = D.Normalize(facts.mean, facts.std)
 
@@ -170,7 +172,6 @@ def _with_loaders(ctx: Context, name, splits, facts, audit, balance, loader_kw, 
                              batch_size=d.batch_size, train=True, seed=seed,
                              class_counts=facts.counts["train"] if class_balanced else None, **loader_kw)
 
-    sampler = balance[0] == "sampler"
     train = train_loader(sampler)
     eval_pipe = D.BatchPipeline(normalize, ctx.device)  # deterministic: normalization only [M04]
     val = D.make_loader(splits["val"], eval_pipe, batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
@@ -182,7 +183,7 @@ def _with_loaders(ctx: Context, name, splits, facts, audit, balance, loader_kw, 
     evaluation = dict(batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
     loaders = Loaders(train, val, D.make_loader(splits["test"], eval_pipe, **evaluation),
                       D.make_loader(splits["train"], eval_pipe, **evaluation))
-    return Prepared(name, splits, facts, audit, balance, loaders, eval_pipe, loader_kw, (x0, y0), checked, found)
+    return loaders, eval_pipe, (x0, y0), checked
 
 
 def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = None) -> Setup:
