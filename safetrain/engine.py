@@ -167,8 +167,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         if early_stop_patience and since_best >= early_stop_patience:
             log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
                      metric, since_best, best["value"], best["epoch"])
-            return FitResult(best, epoch, True, history, findings)
-    return FitResult(best, max_epochs, False, history, findings)
+            break
+    end = monitors.at_end() if monitors else []  # what still holds when training ends
+    if end:
+        track(epoch, {}, end)
+    return FitResult(best, epoch, epoch < max_epochs, history, findings + end)
 
 
 def test(model, test_loader, loss_fn, metrics, prec: Precision) -> dict:

@@ -57,7 +57,24 @@ class StepGuard:
                 "Training stopped; the last good checkpoint is kept.")
 
 
-def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num_classes: int) -> list[Finding]:
+# What to change, per kind of finding. The run replaces these with advice built from its own config
+# (stages.monitor_fixes): never a setting that is already in effect.
+FIXES = {
+    "collapse": "Try optim.lr=auto; check that the labels match the images (report.md lists suspects).",
+    "plateau": "Try optim.lr=auto; check that the labels match the images.",
+    "vanishing": "Use model.norm=batch, a ResNet, or model.activation=relu.",
+    "exploding": "Lower optim.lr, keep trainer.grad_clip on.",
+    "dead": "Try model.activation=leaky_relu (or prelu), or a lower optim.lr.",
+    "overfitting": "More augmentation or regularization, or a smaller model; the best checkpoint (on validation) "
+                   "is kept either way.",
+    "underfitting": "Try a wider model, optim.lr=auto, less regularization.",
+}
+PERSIST = 2  # epochs in a row a condition must hold to be a warning (or it must still hold when the run ends)
+MIN_GAP = 0.05  # train accuracy above val accuracy by at least this much before overfitting is called
+
+
+def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num_classes: int,
+                   fixes: dict = FIXES) -> list[Finding]:
     """Checks on one finished epoch: prediction collapse [M27] and a loss stuck at chance [M28]."""
     found = []
     predicted = confusion.sum(0).float()  # (C,) predictions per class on validation
@@ -69,8 +86,7 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
             f"epoch {epoch}: {share[k]:.0%} of validation predictions are class {k}, which is {prior[k]:.0%} of "
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
             "too high or too low, labels that do not match the images, or inputs that carry no signal."),
-            "If it persists: try optim.lr=auto; check that the labels match the images (report.md lists suspects).",
-            epoch=epoch, evidence={"class": k, "share": float(share[k]), "prior": float(prior[k])}))
+            fixes["collapse"], epoch=epoch, evidence={"class": k, "share": float(share[k]), "prior": float(prior[k])}))
     recent = history[-2:]  # stuck where the best input-blind predictions, or uniform ones, would be
     stuck = [] if epoch < 2 else [h for h in ("train/chance_loss", "train/uniform_loss")
                                   if all(abs(r["train/loss"] - r[h]) < 0.05 * r[h] for r in recent)]
@@ -81,7 +97,7 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
             f"model that ignores its input scores; ln({num_classes}) = {math.log(num_classes):.3f} on balanced "
             f"classes; last epochs: {last}): the model is not learning. Likely causes: a learning rate far too low "
             "or too high, labels shuffled relative to the images, or images without class signal."),
-            "Try optim.lr=auto; check that the labels match the images.", epoch=epoch,
+            fixes["plateau"], epoch=epoch,
             evidence={"chance_loss": recent[-1][stuck[0]], "train_losses": [r["train/loss"] for r in recent]}))
     return found
 
@@ -95,7 +111,7 @@ def layer_grad_norms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().norm() for n, p in model.named_parameters() if p.grad is not None and p.ndim > 1}
 
 
-def gradient_findings(epoch: int, norms: dict[str, float]) -> list[Finding]:
+def gradient_findings(epoch: int, norms: dict[str, float], fixes: dict = FIXES) -> list[Finding]:
     if len(norms) < 2:
         return []
     (first, g0), (last, g1) = next(iter(norms.items())), list(norms.items())[-1]
@@ -104,12 +120,12 @@ def gradient_findings(epoch: int, norms: dict[str, float]) -> list[Finding]:
         return [Finding("M26", "vanishing", f"epoch {epoch}: vanishing gradients: the first layer ({first}) gets "
                         f"{ratio:.1e} of the gradient of the last ({last}). Likely causes: saturating activations, "
                         "no normalization, a very deep plain network.",
-                        "Use model.norm=batch, a ResNet, or model.activation=relu.", epoch=epoch,
+                        fixes["vanishing"], epoch=epoch,
                         evidence={"ratio": ratio, "first": first, "last": last})]
     if ratio > EXPLODING:
         return [Finding("M26", "exploding", f"epoch {epoch}: exploding gradients: the first layer ({first}) gets "
                         f"{ratio:.0f}x the gradient of the last ({last}). Likely causes: learning rate too high, no "
-                        "normalization.", "Lower optim.lr, keep trainer.grad_clip on.", epoch=epoch,
+                        "normalization.", fixes["exploding"], epoch=epoch,
                         evidence={"ratio": ratio, "first": first, "last": last})]
     return []
 
@@ -138,50 +154,73 @@ def dead_unit_share(model: torch.nn.Module, x: torch.Tensor) -> float:
     return dead[0] / total[0] if total[0] else 0.0
 
 
-def dead_unit_findings(epoch: int, share: float) -> list[Finding]:
+def dead_unit_findings(epoch: int, share: float, fixes: dict = FIXES) -> list[Finding]:
     if share <= DEAD_SHARE:
         return []
     return [Finding("M20", "dead", f"epoch {epoch}: {share:.0%} of ReLU channels never fire on a validation batch "
                     "(dying ReLUs). Likely causes: a learning rate too high, a large negative bias.",
-                    "Try model.activation=leaky_relu (or prelu), or a lower optim.lr.", epoch=epoch,
+                    fixes["dead"], epoch=epoch,
                     evidence={"dead_share": share})]
 
 
-def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: str) -> list[Finding]:
-    """Overfitting (val loss rising while the train/val gap grows) and underfitting (train accuracy
-    near chance after several epochs) [M09]."""
-    found = []
-    if epoch >= 3:
-        h = history[-3:]
-        gaps = [x["train/acc"] - x["val/acc"] for x in h]
-        if h[0]["val/loss"] < h[1]["val/loss"] < h[2]["val/loss"] and gaps[0] < gaps[1] < gaps[2]:
-            found.append(Finding("M09", "overfitting", (
-                f"epoch {epoch}: overfitting: validation loss has risen for 2 epochs while the train/val accuracy gap "
-                f"grew to {gaps[2]:.2f} ({capacity}). Likely causes: a model too large for the data, too little "
-                "augmentation or regularization."), "Try data.augment=crop_flip, model.dropout=0.2, a smaller model; "
-                "the best checkpoint (on validation) is kept either way.", epoch=epoch, evidence={"gaps": gaps}))
-        if h[-1]["train/acc"] < 1.5 / num_classes:
-            found.append(Finding("M09", "underfitting", (
-                f"epoch {epoch}: underfitting: training accuracy {h[-1]['train/acc']:.2f} is near chance "
-                f"({1 / num_classes:.2f}) after {epoch} epochs ({capacity}). Likely causes: a model too small, a "
-                "learning rate too low, too much regularization."), "Try a wider model, optim.lr=auto, less dropout.",
-                epoch=epoch, evidence={"train_acc": h[-1]["train/acc"]}))
+def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: str, fixes: dict = FIXES) -> list[Finding]:
+    """Overfitting: validation loss 5% above its minimum of 2 or more epochs ago while the train/val accuracy
+    gap (positive, at least MIN_GAP) has grown since; underfitting: training accuracy near chance after
+    several epochs [M09]."""
+    found, now = [], history[-1]
+    m = min(range(len(history)), key=lambda i: history[i]["val/loss"])  # epoch m + 1 had the lowest val loss
+    gap, gap_then = now["train/acc"] - now["val/acc"], history[m]["train/acc"] - history[m]["val/acc"]
+    if epoch - (m + 1) >= 2 and now["val/loss"] > 1.05 * history[m]["val/loss"] and gap >= MIN_GAP \
+            and gap > gap_then + 0.02:
+        found.append(Finding("M09", "overfitting", (
+            f"epoch {epoch}: overfitting: validation loss rose from {history[m]['val/loss']:.3f} (epoch {m + 1}) to "
+            f"{now['val/loss']:.3f} while the train/val accuracy gap grew from {gap_then:.2f} to {gap:.2f} "
+            f"({capacity}). Likely causes: a model too large for the data, too little augmentation or "
+            "regularization."), fixes["overfitting"], epoch=epoch,
+            evidence={"best_val_loss_epoch": m + 1, "gap": gap, "gap_then": gap_then}))
+    if epoch >= 3 and now["train/acc"] < 1.5 / num_classes:
+        found.append(Finding("M09", "underfitting", (
+            f"epoch {epoch}: underfitting: training accuracy {now['train/acc']:.2f} is near chance "
+            f"({1 / num_classes:.2f}) after {epoch} epochs ({capacity}). Likely causes: a model too small, a "
+            "learning rate too low, too much regularization."), fixes["underfitting"],
+            epoch=epoch, evidence={"train_acc": now["train/acc"]}))
     return found
 
 
 class Monitors:
-    """What fit() calls: `guard` on every step, `after_epoch` once an epoch. Each problem is reported once a
-    run (one finding per row and kind), logged as a warning and returned for metrics.jsonl and TensorBoard."""
+    """What fit() calls: `guard` on every step, `after_epoch` once an epoch, `at_end` once. A condition becomes a
+    warning when it holds PERSIST epochs in a row, or still holds when the run ends; one that clears up by itself
+    (BatchNorm statistics that settle after the first epoch, say) is logged as information. Each problem is
+    reported once a run (one finding per row and kind)."""
 
-    def __init__(self, guard: StepGuard, probe: torch.Tensor, num_classes: int, capacity: str):
+    def __init__(self, guard: StepGuard, probe: torch.Tensor, num_classes: int, capacity: str, fixes: dict = FIXES):
         self.guard, self.probe, self.num_classes, self.capacity = guard, probe, num_classes, capacity
+        self.fixes = {**FIXES, **fixes}
+        self.held: dict[tuple[str, str], tuple[int, Finding]] = {}  # condition -> (epochs in a row, latest)
         self.reported: set[tuple[str, str]] = set()
 
-    def after_epoch(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> list[Finding]:
+    def conditions(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> list[Finding]:
         norms = {k.removeprefix("grad_norm/"): v for k, v in history[-1].items() if k.startswith("grad_norm/")}
-        found = (epoch_findings(epoch, history, confusion, self.num_classes) + gradient_findings(epoch, norms)
-                 + dead_unit_findings(epoch, dead_unit_share(model, self.probe))
-                 + fit_findings(epoch, history, self.num_classes, self.capacity))
+        c, fixes = self.num_classes, self.fixes
+        return (epoch_findings(epoch, history, confusion, c, fixes) + gradient_findings(epoch, norms, fixes)
+                + dead_unit_findings(epoch, dead_unit_share(model, self.probe), fixes)
+                + fit_findings(epoch, history, c, self.capacity, fixes))
+
+    def after_epoch(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> list[Finding]:
+        now = {(f.row, f.kind): f for f in self.conditions(epoch, history, confusion, model)}
+        for key in [k for k in self.held if k not in now]:
+            if key not in self.reported:
+                log.info("cleared by epoch %d, so not a warning: %s", epoch, self.held[key][1].message)
+            del self.held[key]
+        for key, f in now.items():
+            self.held[key] = (self.held.get(key, (0, f))[0] + 1, f)
+        return self._report([f for key, (n, f) in self.held.items() if n >= PERSIST])
+
+    def at_end(self) -> list[Finding]:
+        """Conditions that still hold when the run ends, however briefly they have."""
+        return self._report([f for _, f in self.held.values()])
+
+    def _report(self, found: list[Finding]) -> list[Finding]:
         found = [f for f in found if (f.row, f.kind) not in self.reported]
         self.reported |= {(f.row, f.kind) for f in found}
         for f in found:

@@ -86,6 +86,7 @@ class Setup:
     make_optimizer: Callable  # (model, lr) -> optimizer, for the range test and the overfit check
     metrics: Any
     parameters: int
+    custom_model: bool  # the user's nn.Module: safetrain's model.* settings do not apply to it
 
 
 @dataclass
@@ -218,7 +219,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias), schedule %s on val %s "
              "(%s)", type(loss_fn).__name__, balance, why, o.name, lr, s.name, *selection)
     return Setup(net, loss_fn, selection, lr, optimizer, schedule, make_optimizer,
-                 build_metrics(facts.num_classes, ctx.device), n_params)
+                 build_metrics(facts.num_classes, ctx.device), n_params, model is not None)
 
 
 def preflight(ctx: Context, data: Prepared, setup: Setup) -> list[Finding]:
@@ -260,11 +261,47 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir) -> FitResult:
     checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, optimizer=setup.optimizer,
                                schedule=setup.schedule, data_facts=data.facts.to_dict(), config=ctx.config)
     monitors = Monitors(StepGuard(c, ctx.device, setup.lr, setup.model), next(iter(data.loaders.val))[0], c,
-                        f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images")
+                        f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images",
+                        monitor_fixes(ctx.cfg, setup.custom_model))
     return fit(setup.model, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer, setup.schedule,
                setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
                early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
                track=out.tracker.epoch, progress=tr.progress, monitors=monitors)
+
+
+def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
+    """The advice each detector gives, built from this run's settings: only changes that are not in effect
+    already, and only settings that exist for this run (a custom nn.Module has no model.* settings)."""
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    lr_auto = [] if o.lr == "auto" else ["optim.lr=auto"]
+    lower_lr = ["a lower optim.lr than the range test chose"] if o.lr == "auto" else [f"optim.lr={o.lr / 10:.1e}"]
+    augment = []
+    if "crop" not in d.augment:
+        augment = ["data.augment=crop_flip" if d.hflip_keeps_label else "data.augment=crop"]
+    elif d.hflip_keeps_label and not D.flips(d.augment):
+        augment = ["data.augment=crop_flip"]
+    regularize = augment + ([] if custom_model or m.dropout >= 0.2 else ["model.dropout=0.2"])
+    regularize += [f"optim.weight_decay={min(0.5, max(0.1, 2 * o.weight_decay)):g}"] if o.weight_decay < 0.25 else []
+    relax = ([] if custom_model or m.dropout == 0 else ["model.dropout=0"])
+    relax += [f"optim.weight_decay={o.weight_decay / 10:g}"] if o.weight_decay > 0.01 else []
+    if custom_model:
+        deeper, wider = ["normalization layers or residual connections in the model"], ["a wider model"]
+        leaky = ["LeakyReLU instead of ReLU in the model"]
+    else:
+        deeper = [f"model.{k}={v}" for k, v in (("norm", "batch"), ("activation", "relu")) if getattr(m, k) != v]
+        deeper += [] if m.name == "resnet" else ["model=resnet"]
+        wider = ["a wider model (model.widths)" if m.name == "cnn" else "a wider model (model.base_width)"]
+        leaky = [] if m.activation in ("leaky_relu", "prelu") else ["model.activation=leaky_relu"]
+    labels = "check that the labels match the images (report.md lists suspects)."
+
+    def say(changes: list[str], then: str = "") -> str:
+        return "Try " + ", ".join(changes) + (f"; {then}" if then else ".") if changes else then.capitalize()
+
+    return {"collapse": say(lr_auto, labels), "plateau": say(lr_auto, labels), "vanishing": say(deeper),
+            "exploding": say(lower_lr + ([] if cfg.trainer.grad_clip > 0 else ["trainer.grad_clip=5"])),
+            "dead": say(leaky + lower_lr),
+            "overfitting": say(regularize, "a smaller model; the best checkpoint (on validation) is kept anyway."),
+            "underfitting": say(wider + lr_auto + relax)}
 
 
 def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding], findings: list[Finding],

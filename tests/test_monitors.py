@@ -36,7 +36,7 @@ def test_m20_dead_relu_units_are_flagged(tmp_path):
         conv.bias.fill_(-50.0)  # every unit starts (and stays) dead
     final, _ = _train(tmp_path, ["trainer.max_epochs=1"], model=Head(nn.Sequential(conv, nn.ReLU()), 16),
                       dataset=ImagesDataset())
-    assert any(w.startswith("[M20] epoch 1: 100% of ReLU channels never fire") and "leaky_relu" in w
+    assert any(w.startswith("[M20] epoch 1: 100% of ReLU channels never fire") and "LeakyReLU" in w
                for w in final["warnings"])
 
 
