@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+PASS, WARN, FAIL = "pass", "warn", "fail"  # FAIL: training would be wrong; WARN: worth a look, training is valid
+
 
 @dataclass
 class Finding:
@@ -15,8 +17,12 @@ class Finding:
     fix: str = ""  # what to change
     source: str = ""  # audit | data | preflight | monitor | unlock
     epoch: Optional[int] = None  # monitors: the epoch it was seen in
-    passed: bool = False  # preflight checks that held are findings too (the doctor's table shows them)
+    verdict: str = WARN  # checks that held are findings too (PASS: the doctor's table shows them)
     evidence: dict = field(default_factory=dict)  # the numbers behind the message, for metrics.json
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == PASS
 
     def __str__(self) -> str:
         return f"[{self.row}] {self.message}" + (f" {self.fix}" if self.fix else "")
@@ -27,7 +33,12 @@ class Finding:
 
 def problems(findings: list[Finding]) -> list[Finding]:
     """The findings a user must read: every one but the checks that passed."""
-    return [f for f in findings if not f.passed]
+    return [f for f in findings if f.verdict != PASS]
+
+
+def verdict(findings: list[Finding]) -> str:
+    """The worst verdict among the findings."""
+    return next((v for v in (FAIL, WARN) if any(f.verdict == v for f in findings)), PASS)
 
 
 def by_row(findings: list[Finding]) -> dict[str, list[Finding]]:

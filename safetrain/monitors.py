@@ -163,7 +163,8 @@ def dead_unit_findings(epoch: int, share: float, fixes: dict = FIXES) -> list[Fi
                     evidence={"dead_share": share})]
 
 
-def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: str, fixes: dict = FIXES) -> list[Finding]:
+def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: str,
+                 fixes: dict = FIXES) -> list[Finding]:
     """Overfitting: validation loss 5% above its minimum of 2 or more epochs ago while the train/val accuracy
     gap (positive, at least MIN_GAP) has grown since; underfitting: training accuracy near chance after
     several epochs [M09]."""

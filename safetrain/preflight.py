@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from safetrain.engine import Precision, train_step
 from safetrain.errors import DataError
-from safetrain.findings import Finding
+from safetrain.findings import FAIL, PASS, WARN, Finding
 
 # How far a normalized training batch's per-channel statistics may stray [M01, M33]: (max |mean|, (min std,
 # max std)). Inside "standardized" all is well; outside it the preflight check fails (a warning: a small or
@@ -37,7 +37,7 @@ def input_check(x: Tensor) -> Finding:
         raise DataError(f"[M33] inputs after normalization are far from standardized ({seen}). {fix}")
     ok = _within(mean, std, STANDARDIZED)
     return Finding("M33", "inputs standardized", f"inputs standardized: {seen}.", "" if ok else fix, "preflight",
-                   passed=ok, evidence={"mean": mean.tolist(), "std": std.tolist()})
+                   verdict=PASS if ok else WARN, evidence={"mean": mean.tolist(), "std": std.tolist()})
 
 
 def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, num_classes: int,
@@ -65,12 +65,13 @@ def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, nu
         Finding("M19", "loss at initialization", f"loss at initialization: {loss0:.3f} vs ln({num_classes}) = "
                 f"{chance:.3f}.", "" if ok_loss else "Far from chance: the head, the initialization or the label "
                 "mapping is broken (logits should start small and labels be class indices 0..C-1).", "preflight",
-                passed=ok_loss, evidence={"loss": loss0, "chance": chance}),
+                verdict=PASS if ok_loss else WARN, evidence={"loss": loss0, "chance": chance}),
         Finding("M26", "gradients reach every parameter", "gradients reach every parameter: " + (
                 f"no usable gradient for {len(dead)}: {', '.join(dead[:5])}." if dead else
                 "all trainable parameters get a finite, non-zero gradient."), "" if not dead else
                 "Those layers are disconnected from the loss, frozen by a zero factor, or produce NaN: check the "
-                "model's forward.", "preflight", passed=not dead, evidence={"without_gradient": dead}),
+                "model's forward.", "preflight", verdict=FAIL if dead else PASS,
+                evidence={"without_gradient": dead}),
     ]
 
 
@@ -88,15 +89,15 @@ def overfit_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss_fn, make_opti
             m.train()
             if acc == 1.0:
                 return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples memorized in "
-                               f"{step} steps.", source="preflight", passed=True)
+                               f"{step} steps.", source="preflight", verdict=PASS)
     return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples not memorized in {steps} "
                    f"steps (accuracy {acc:.2f}).", "The model cannot even learn one batch: check that labels match "
                    "the images, try optim.lr=auto, a larger model, or look for a layer that blocks the signal.",
-                   "preflight")
+                   "preflight", verdict=FAIL)
 
 
 def table(checks: list[Finding]) -> str:
     """The pass/fail table of report.md and `mode=doctor`."""
-    rows = [f"| {c.kind} | {'PASS' if c.passed else 'FAIL'} | {c.message.removeprefix(c.kind + ': ')} | {c.fix} |"
+    rows = [f"| {c.kind} | {c.verdict.upper()} | {c.message.removeprefix(c.kind + ': ')} | {c.fix} |"
             for c in checks]
     return "\n".join(["| check | result | what was seen | fix |", "|---|---|---|---|", *rows])

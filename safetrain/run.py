@@ -10,7 +10,7 @@ from safetrain import data as D
 from safetrain.config import Config
 from safetrain.data.audit import findings as audit_findings
 from safetrain.errors import TrainingStopped
-from safetrain.findings import Finding, problems
+from safetrain.findings import FAIL, Finding, problems, verdict
 from safetrain.preflight import overfit_one_batch, table
 from safetrain.stages import (Prepared, Setup, build_training, finish, open_run_dir, preflight, prepare_data,
                               record_stop, resolve_device, start, train)
@@ -47,10 +47,11 @@ def doctor(data: Prepared, setup: Setup, checks: list[Finding]) -> dict:
                                                  for k in labels.unique().tolist()]))
     xb, yb = next(iter(D.make_loader(few, data.eval_pipeline, batch_size=len(few), train=False, seed=0,
                                      **data.loader_kw)))
-    found = audit_findings(data.audit)
+    found = audit_findings(data.audit) + [f for f in data.findings if f.verdict == FAIL]
     checks = checks + [overfit_one_batch(setup.model, xb, yb, setup.loss_fn, setup.make_optimizer, setup.lr),
                        Finding("M06", "data audit", "data audit: " + ("; ".join(str(f) for f in found) if found else
-                               "no near-duplicates, conflicting copies or blank images."),
-                               "See the messages." if found else "", "audit", passed=not found)]
-    log.info("doctor:\n%s", table(checks))
-    return {"mode": "doctor", "passed": all(c.passed for c in checks), "checks": [c.to_dict() for c in checks]}
+                               "no copies across splits, no conflicting copies or blank images."),
+                               "See the messages." if found else "", "audit", verdict=verdict(found))]
+    result = verdict(checks)
+    log.info("doctor: %s\n%s", result.upper(), table(checks))
+    return {"mode": "doctor", "verdict": result, "passed": result != FAIL, "checks": [c.to_dict() for c in checks]}

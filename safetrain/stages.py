@@ -137,7 +137,9 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                          num_workers=d.num_workers, cache_dir=ctx.cache, seed=seed, synthetic=vars(d.synthetic)))
     splits = D.make_splits(src, d.val_fraction, d.test_fraction, seed, d.min_samples_per_class,
                            d.imbalance_ratio, d.min_eval_per_class)
-    D.refuse_duplicates(D.exact_duplicates(splits), d.allow_duplicates_across_splits)
+    copies = D.exact_duplicates(splits)
+    if ctx.cfg.mode != "doctor":  # the doctor reports them as a FAIL instead
+        D.refuse_duplicates(copies, d.allow_duplicates_across_splits)
     name = "custom Dataset" if dataset is not None else d.name
     log.info("[2/9] data %s: %s (stratified, seed %d)", name, ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
              seed)
@@ -146,6 +148,7 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                             src.fingerprint, lambda: D.uint8_batches(splits["train"], **loader_kw), ctx.cache)
     audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device)
     found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
+    found += [f for f in [D.duplicates_finding(copies)] if f and not d.allow_duplicates_across_splits]
     for f in found:
         log.warning("%s", f)
     log.info("[3/9] data facts (train split): %d classes, %dx%dx%d, mean %s, std %s, imbalance %.1f | images per "

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from safetrain.data.sources import ImageSet, Source
 from safetrain.errors import DataError
-from safetrain.findings import Finding
+from safetrain.findings import FAIL, Finding
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int, minimum: int = 1) -> tuple[Tensor, Tensor]:
@@ -121,12 +121,21 @@ def _hash(s: ImageSet, i: int) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+def duplicates_finding(pairs: list[tuple[str, str]]) -> Finding | None:
+    """Exact copies across splits: training on them would make val/test scores wrong [M06] (a FAIL)."""
+    if not pairs:
+        return None
+    shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3])
+    return Finding("M06", "exact copies across splits", f"{len(pairs)} images appear in two splits as exact copies "
+                   f"({shown}{' ...' if len(pairs) > 3 else ''}): scores on val/test would be inflated.",
+                   "Remove the copies, or set data.allow_duplicates_across_splits=true to train anyway.", "data",
+                   verdict=FAIL, evidence={"count": len(pairs), "pairs": pairs[:20]})
+
+
 def refuse_duplicates(pairs: list[tuple[str, str]], allowed: bool) -> None:
-    if pairs and not allowed:
-        shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3])
-        raise DataError(f"[M06] {len(pairs)} images appear in two splits as exact copies ({shown}"
-                        f"{' ...' if len(pairs) > 3 else ''}): scores on val/test would be inflated. Remove the "
-                        "copies, or set data.allow_duplicates_across_splits=true to train anyway.")
+    found = duplicates_finding(pairs)
+    if found and not allowed:
+        raise DataError(str(found))
 
 
 def describe(splits: dict[str, ImageSet]) -> dict[str, list[str]]:
