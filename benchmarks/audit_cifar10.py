@@ -2,9 +2,9 @@
 
     python benchmarks/audit_cifar10.py [--out DIR]
 
-Recall: 500 test images that the audit does not flag are copied into the training split after a
+Recall: 700 test images that the audit does not flag are copied into the training split after a
 transformation (JPEG re-encode at quality 40, down/up-resize, 1-2 px shift, brightness/contrast
-change, or all together); the audit must then flag each of them. Precision cannot be computed
+change, all four together, a mirror image, a 28x28 re-crop scaled back); the audit must then flag each. Precision cannot be computed
 without labels: the script saves image grids of the pairs it found (random ones, and the ones
 closest to the threshold) for a person to look at, and prints the score distribution.
 """
@@ -47,6 +47,11 @@ def transform(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
         x = torch.roll(x, shifts=(d, -d), dims=(1, 2))
     if kind in ("color", "all"):
         x = (x.float() * 0.8 + 30).clamp(0, 255).byte()
+    if kind == "mirror":
+        x = x.flip(2)
+    if kind == "recrop":  # a 28x28 crop scaled back to 32x32: the re-crops real duplicates differ by
+        c = x[None, :, 2:30, 1:29].float()
+        x = torch.nn.functional.interpolate(c, size=32, mode="bilinear", antialias=True)[0].round().clamp(0, 255).byte()
     return x
 
 
@@ -93,9 +98,9 @@ def main() -> None:
     # recall on planted copies
     flagged = {p["id"] for p in found if p["split"] == "test"}
     test = splits["test"]
-    pool = [i for i in torch.randperm(len(test), generator=g).tolist() if test.ids[i] not in flagged][:500]
-    kinds = ["jpeg", "resize", "shift", "color", "all"]
-    copies = torch.stack([transform(test.images[i], kinds[k % 5], g) for k, i in enumerate(pool)])
+    pool = [i for i in torch.randperm(len(test), generator=g).tolist() if test.ids[i] not in flagged][:700]
+    kinds = ["jpeg", "resize", "shift", "color", "all", "mirror", "recrop"]
+    copies = torch.stack([transform(test.images[i], kinds[k % len(kinds)], g) for k, i in enumerate(pool)])
     train = splits["train"]
     planted = ImageSet(torch.cat([train.labels, test.labels[pool]]), train.ids + [f"copy/{test.ids[i]}" for i in pool],
                        torch.cat([train.images, copies]))
@@ -103,7 +108,7 @@ def main() -> None:
     res2 = audit({"train": planted, "val": splits["val"].subset(torch.tensor([0])), "test": sub}, device)
     hit = {p["id"] for p in res2.near_duplicates if p["split"] == "test"}
     for k, kind in enumerate(kinds):
-        ids = [test.ids[i] for j, i in enumerate(pool) if j % 5 == k]
+        ids = [test.ids[i] for j, i in enumerate(pool) if j % len(kinds) == k]
         print(f"recall, {kind:>6} copies: {sum(i in hit for i in ids) / len(ids):.1%} of {len(ids)}")
     print(f"grids: {a.out}/pairs_random.png, {a.out}/pairs_near_threshold.png (left: val/test image, right: train)")
 

@@ -250,3 +250,51 @@ def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec
     return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
              "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)}
             for i in order.tolist()], len(suspect)
+
+
+NOISE_WARN = 0.10  # estimated share of wrong labels above which [M08] is a warning
+NOISE_MIN_COUNT = 5  # ... and at least this many validation images look mislabeled
+
+
+@torch.no_grad()
+def predicted_probs(model, loader, prec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities (N, C), given labels (N,)) of a split, in order, on the CPU."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in loader:
+        with prec.autocast():
+            probs.append(model(prec.prepare(x)).float().softmax(1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Share of wrong labels by confident learning (Northcutt et al. 2021) on held-out predictions: a sample
+    counts for class j when p_j reaches the mean p_j of the samples labelled j (the class's own threshold);
+    the confident joint of (given, true) is calibrated to the label counts; the estimate is its off-diagonal
+    mass. Returns (estimate, (N,) mask of the samples counted off the diagonal)."""
+    n, c = probs.shape
+    counts = torch.bincount(labels, minlength=c).double()
+    thresholds = torch.stack([probs[labels == j, j].mean() if counts[j] else torch.tensor(1.0) for j in range(c)])
+    above = probs >= thresholds
+    confident = torch.where(above, probs, torch.full_like(probs, -1.0)).argmax(1)
+    counted = above.any(1)
+    joint = torch.zeros(c, c, dtype=torch.float64)
+    joint.index_put_((labels[counted], confident[counted]), torch.ones(int(counted.sum()), dtype=torch.float64),
+                     accumulate=True)
+    joint = joint / joint.sum(1, keepdim=True).clamp_min(1) * counts[:, None]  # rows sum to the label counts
+    estimate = float(1 - joint.trace() / joint.sum().clamp_min(1))
+    return estimate, counted & (confident != labels)
+
+
+def label_noise_finding(estimate: float, off: torch.Tensor, split_size: int, examples: list[dict]) -> Finding | None:
+    """[M08] when the estimate and the number of samples behind it are both large enough."""
+    if estimate < NOISE_WARN or int(off.sum()) < NOISE_MIN_COUNT:
+        return None
+    shown = ", ".join(f"{m['id']} ({m['given']} -> {m['predicted']})" for m in examples[:3])
+    return Finding("M08", "label noise", (
+        f"about {estimate:.0%} of the labels look wrong: on {split_size} validation images the model never trained "
+        f"on, {int(off.sum())} are confidently another class than their label (confident learning). Training "
+        f"images the final model doubts most: {shown or 'none'} (report.md lists more)."),
+        "Check and fix the labels of those classes; a relabelled dataset will train to a higher accuracy.",
+        "monitor", evidence={"estimate": estimate, "off_diagonal": int(off.sum()), "split_size": split_size})

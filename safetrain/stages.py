@@ -29,7 +29,8 @@ from safetrain.losses import build_loss, resolve_balance
 from safetrain.metrics import build_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
-from safetrain.monitors import Monitors, StepGuard, suspected_mislabeled
+from safetrain.monitors import (Monitors, StepGuard, label_noise, label_noise_finding, predicted_probs,
+                                suspected_mislabeled)
 from safetrain.optim import LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
 from safetrain.report import balance_lines, per_class_table, write_report
@@ -161,6 +162,12 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                           f"({len(splits['train'])} samples), so an epoch would have no full batch. "
                           f"Use data.batch_size={max(1, len(splits['train']) // 4)} or less.")
     balance = resolve_balance(ctx.cfg.loss.balance, facts)
+    if facts.imbalanced and balance[0] == "none":  # the user turned balancing off on imbalanced data [M24]
+        found.append(Finding("M24", "imbalance ignored", f"the largest training class has {facts.imbalance_ratio:.1f}x "
+                             "the images of the smallest, and loss.balance=none trains with plain cross-entropy: the "
+                             "model will favour the large classes (see the rarest class's recall in report.md).",
+                             "Use loss.balance=auto (logit adjustment on imbalanced data).", "data"))
+        log.warning("%s", found[-1])
     loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", loader_kw)
     return Prepared(name, splits, facts, audit, balance, loaders, eval_pipeline, loader_kw, first, checked, found)
 
@@ -328,8 +335,13 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
                                                 ctx.prec)
     log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
              n_suspects, len(suspects))
-    findings = findings + result.findings
+    estimate, off = label_noise(*predicted_probs(setup.model, data.loaders.val, ctx.prec))
+    log.info("label noise: about %.1f%% of the validation labels look wrong (confident learning, best checkpoint)",
+             100 * estimate)
+    noise = label_noise_finding(estimate, off, len(data.splits["val"]), suspects)
+    findings = findings + explained_by(noise, result.findings)
     final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
+    final["label_noise_estimate"] = estimate
     write_json(out.path / "metrics.json", final)
     write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks, findings=findings,
                  final=final, mislabeled=suspects)
@@ -341,6 +353,19 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
     log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
              out.path / "report.md")
     return RunResult(final, findings)
+
+
+def explained_by(noise: Optional[Finding], found: list[Finding]) -> list[Finding]:
+    """Wrong labels are the root cause of the overfitting they produce (the model memorizes them): with an [M08]
+    label-noise finding, an [M09] overfitting finding becomes part of it instead of a second diagnosis."""
+    if noise is None:
+        return found
+    over = [f for f in found if (f.row, f.kind) == ("M09", "overfitting")]
+    if over:
+        noise.message += f" The validation loss rising from epoch {over[0].evidence['best_val_loss_epoch']} on is " \
+                         "the model memorizing those labels."
+    log.warning("%s", noise)
+    return [f for f in found if f not in over] + [noise]
 
 
 def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) -> dict:

@@ -85,3 +85,45 @@ def test_near_duplicate_scores_tolerate_shift_reencoding_and_colour_but_not_othe
                "val": ImageSet(torch.zeros(1, dtype=torch.long), ["v"], shifted[:1]),
                "test": ImageSet(torch.zeros(1, dtype=torch.long), ["x"], brighter[3:4])})
     assert {(p["id"], p["train_id"]) for p in a.near_duplicates} == {("v", "t0"), ("x", "t3")}
+
+
+def test_m06_a_mirrored_copy_is_found(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=(30, 8, 6))  # own val/: the copy stays in train
+    src = np.array(Image.open(root / "test" / "class_0" / "2.png"))
+    Image.fromarray(src[:, ::-1]).save(root / "train" / "class_0" / "mirror.jpg", quality=80)
+    _, run_dir = _run(root, tmp_path)
+    pairs = [(p["id"], p["train_id"]) for p in json.loads((run_dir / "audit.json").read_text())["near_duplicates"]]
+    assert pairs == [("test/class_0/2.png", "train/class_0/mirror.jpg")]
+
+
+def look_alikes(n: int, seed: int, prototypes: torch.Tensor) -> torch.Tensor:
+    """Noisy variations of a few prototypes: every image has many close neighbours, none is a copy."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(prototypes), (n,), generator=g)
+    x = prototypes[pick] + 0.08 * torch.randn((n, *prototypes.shape[1:]), generator=g)
+    return (x.clamp(0, 1) * 255).round().byte()
+
+
+def test_m06_look_alikes_are_not_copies_the_judgement_is_relative_to_the_dataset():
+    g = torch.Generator().manual_seed(0)
+    protos = F.interpolate(torch.rand(6, 3, 4, 4, generator=g), size=24, mode="bicubic").clamp(0, 1)
+    train, test = look_alikes(300, 1, protos), look_alikes(40, 2, protos)
+    copy = (test[:1].float() * 0.9 + 12).round().byte()  # and one real copy, its contrast changed
+    sets = {"train": ImageSet(torch.zeros(301, dtype=torch.long), [f"t{i}" for i in range(301)],
+                              torch.cat([train, copy])),
+            "val": ImageSet(torch.zeros(1, dtype=torch.long), ["v"], look_alikes(1, 3, protos)),
+            "test": ImageSet(torch.zeros(40, dtype=torch.long), [f"x{i}" for i in range(40)], test)}
+    a = audit(sets)
+    assert [(p["id"], p["train_id"]) for p in a.near_duplicates] == [("x0", "t300")]
+    assert 0 < a.typical_distance and a.near_duplicates[0]["relative"] < 0.5
+
+
+def test_m06_images_too_small_to_tell_copies_from_look_alikes_are_not_searched():
+    g = torch.Generator().manual_seed(0)
+    imgs = (torch.rand(60, 1, 8, 8, generator=g) * 255).byte()
+    near = (imgs[:5].float() * 0.9 + 10).byte()  # 8x8 near-copies: at this size no verdict is possible
+    sets = {"train": ImageSet(torch.zeros(60, dtype=torch.long), [f"t{i}" for i in range(60)], imgs),
+            "val": ImageSet(torch.zeros(5, dtype=torch.long), [f"v{i}" for i in range(5)], near),
+            "test": ImageSet(torch.zeros(5, dtype=torch.long), [f"x{i}" for i in range(5)], near)}
+    a = audit(sets)
+    assert a.near_duplicates == [] and "too small" in a.summary()["near_duplicate_search"]

@@ -98,6 +98,8 @@ def test_m24_m25_binary_imbalanced_folder_reports_the_minority_class(tmp_path, b
     assert math.isfinite(final["test_loss"])
     thin = [w for w in final["warnings"] if w.startswith("[M25]")]  # 20 minority images: 3 in val, 4 in test
     assert len(thin) == 2 and all("class_1" in w and "noisy" in w for w in thin) and "[M25]" in report
+    ignored = [f for f in final["findings"] if (f["row"], f["kind"]) == ("M24", "imbalance ignored")]
+    assert len(ignored) == (balance == "none") and all("loss.balance=auto" in f["fix"] for f in ignored)
 
 
 def test_m25_carved_val_and_test_keep_a_minimum_per_class_where_the_class_can_spare_it():

@@ -1,6 +1,7 @@
 """Detectors, preflight, doctor mode and report: each planted fault is caught and named."""
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -216,3 +217,32 @@ def test_one_list_of_findings_feeds_report_metrics_and_tensorboard(tmp_path):
     assert any("data.allow_duplicates_across_splits=true" in w for w in lines[0]["warnings"])  # epoch 0
     texts = EventAccumulator(str(run_dir / "tb")).Reload().Tags()["tensors"]
     assert any("warnings" in t for t in texts)
+
+
+class NoisyLabels(ImagesDataset):
+    """A learnable dataset whose labels are wrong (another class) for a seeded `share` of the samples."""
+
+    def __init__(self, share: float, n: int = 900):
+        super().__init__(n=n)
+        g = torch.Generator().manual_seed(1)
+        wrong = torch.rand(n, generator=g) < share
+        self.labels = torch.where(wrong, (self.y + torch.randint(1, 3, (n,), generator=g)) % 3, self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.labels[i])
+
+
+@pytest.mark.parametrize("share", [0.2, 0.4])
+def test_m08_planted_label_noise_is_estimated_and_named(tmp_path, share):
+    final, run_dir = _train(tmp_path, ["trainer.max_epochs=8", "data.augment=none", "data.val_fraction=0.2",
+                                       "optim.lr=3e-3"], dataset=NoisyLabels(share))
+    assert abs(final["label_noise_estimate"] - share) <= 0.1, final["label_noise_estimate"]
+    noise = [f for f in final["findings"] if (f["row"], f["kind"]) == ("M08", "label noise")]
+    assert noise and f"about {final['label_noise_estimate']:.0%} of the labels look wrong" in noise[0]["message"]
+    assert not any(f["kind"] == "overfitting" for f in final["findings"])  # folded into the root cause
+
+
+def test_m08_clean_labels_raise_no_label_noise_warning(tmp_path):
+    final, _ = _train(tmp_path, ["trainer.max_epochs=8", "data.augment=none", "data.val_fraction=0.2",
+                                 "optim.lr=3e-3"], dataset=NoisyLabels(0.0))
+    assert final["label_noise_estimate"] < 0.05 and final["warnings"] == []

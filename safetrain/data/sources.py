@@ -220,7 +220,7 @@ def _decode_all(src: Source, cache_dir: Path, num_workers: int) -> None:
                                         for part, s in src.parts.items()})
     for part, s in src.parts.items():
         s.images = images[part]
-    log.info("decoded images %s %s", "loaded from cache" if hit else f"({len(images)} splits) written to", path)
+    log.info("%s %s", "decoded images loaded from cache" if hit else "images decoded and cached at", path)
 
 
 def _decode_part(s: ImageSet, shape: tuple[int, int, int], resize: Optional[int], num_workers: int) -> Tensor:
