@@ -136,11 +136,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         save: Callable[[str, dict], None], track: Callable, progress: bool, monitors=None) -> FitResult:
     """Train up to max_epochs; after each epoch validate, step the schedule on the selection metric, let the
     `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
-    and stop early on no improvement."""
+    and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model."""
     metric, mode = selection
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
-    history, findings, since_best = [], [], 0
+    history, since_best = [], 0
     for epoch in range(1, max_epochs + 1):
         if hasattr(loss_fn, "on_epoch"):  # losses that change during training (deferred re-weighting)
             loss_fn.on_epoch(epoch, max_epochs)
@@ -155,9 +155,9 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         else:
             since_best += 1
         history.append(epoch_scalars(tr, val, loss_fn, optimizer.param_groups[0]["lr"]))
-        found = monitors.after_epoch(epoch, history, val["confusion"], model) if monitors else []
-        findings += found
-        track(epoch, history[-1], found)
+        if monitors:
+            monitors.after_epoch(epoch, history, val["confusion"], model)
+        track(epoch, history[-1], [])
         state = dict(epoch=epoch, metrics=history[-1], best=best)
         for name in ("last", "best") if improved else ("last",):
             save(name, state)
@@ -168,10 +168,10 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
             log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
                      metric, since_best, best["value"], best["epoch"])
             break
-    end = monitors.at_end() if monitors else []  # what still holds when training ends
-    if end:
-        track(epoch, {}, end)
-    return FitResult(best, epoch, epoch < max_epochs, history, findings + end)
+    found = monitors.at_end(best["epoch"]) if monitors else []  # what holds for the kept or the last model
+    if found:
+        track(epoch, {}, found)
+    return FitResult(best, epoch, epoch < max_epochs, history, found)
 
 
 def test(model, test_loader, loss_fn, metrics, prec: Precision) -> dict:

@@ -69,7 +69,6 @@ FIXES = {
                    "is kept either way.",
     "underfitting": "Try a wider model, optim.lr=auto, less regularization.",
 }
-PERSIST = 2  # epochs in a row a condition must hold to be a warning (or it must still hold when the run ends)
 MIN_GAP = 0.05  # train accuracy above val accuracy by at least this much before overfitting is called
 
 
@@ -81,7 +80,8 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
     truth = confusion.sum(1).float()
     share, prior = predicted / predicted.sum(), truth / truth.sum()
     k = int(share.argmax())
-    if num_classes > 1 and share[k] > max(0.5, 3 * prior[k]):
+    # far above its share: 3x it, but at most halfway from it to 1 (with 2 or 3 classes 3x is out of reach)
+    if num_classes > 1 and share[k] > max(0.5, min(3 * prior[k], (1 + prior[k]) / 2)):
         found.append(Finding("M27", "collapse", (
             f"epoch {epoch}: {share[k]:.0%} of validation predictions are class {k}, which is {prior[k]:.0%} of "
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
@@ -189,16 +189,16 @@ def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: st
 
 
 class Monitors:
-    """What fit() calls: `guard` on every step, `after_epoch` once an epoch, `at_end` once. A condition becomes a
-    warning when it holds PERSIST epochs in a row, or still holds when the run ends; one that clears up by itself
-    (BatchNorm statistics that settle after the first epoch, say) is logged as information. Each problem is
-    reported once a run (one finding per row and kind)."""
+    """What fit() calls: `guard` on every step, `after_epoch` once an epoch, `at_end` once. A condition seen
+    during training is logged as information when it first appears; it becomes a warning only if it holds
+    for the model the run keeps (the best epoch) or still holds when training ends. One that clears up by
+    itself (BatchNorm statistics settling after the first epoch, an imbalanced run finding the rare classes
+    after a few epochs) stays information. Each problem is reported once a run (one per row and kind)."""
 
     def __init__(self, guard: StepGuard, probe: torch.Tensor, num_classes: int, capacity: str, fixes: dict = FIXES):
         self.guard, self.probe, self.num_classes, self.capacity = guard, probe, num_classes, capacity
         self.fixes = {**FIXES, **fixes}
-        self.held: dict[tuple[str, str], tuple[int, Finding]] = {}  # condition -> (epochs in a row, latest)
-        self.reported: set[tuple[str, str]] = set()
+        self.by_epoch: dict[int, dict[tuple[str, str], Finding]] = {}  # epoch -> conditions that held
 
     def conditions(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> list[Finding]:
         norms = {k.removeprefix("grad_norm/"): v for k, v in history[-1].items() if k.startswith("grad_norm/")}
@@ -207,27 +207,21 @@ class Monitors:
                 + dead_unit_findings(epoch, dead_unit_share(model, self.probe), fixes)
                 + fit_findings(epoch, history, c, self.capacity, fixes))
 
-    def after_epoch(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> list[Finding]:
+    def after_epoch(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> None:
         now = {(f.row, f.kind): f for f in self.conditions(epoch, history, confusion, model)}
-        for key in [k for k in self.held if k not in now]:
-            if key not in self.reported:
-                log.info("cleared by epoch %d, so not a warning: %s", epoch, self.held[key][1].message)
-            del self.held[key]
-        for key, f in now.items():
-            self.held[key] = (self.held.get(key, (0, f))[0] + 1, f)
-        return self._report([f for key, (n, f) in self.held.items() if n >= PERSIST])
+        before = set().union(*self.by_epoch.values()) if self.by_epoch else set()
+        for key in now.keys() - before:
+            log.info("watching (a warning if it holds at the best or the last epoch): %s", now[key].message)
+        self.by_epoch[epoch] = now
 
-    def at_end(self) -> list[Finding]:
-        """Conditions that still hold when the run ends, however briefly they have."""
-        return self._report([f for _, f in self.held.values()])
-
-    def _report(self, found: list[Finding]) -> list[Finding]:
-        found = [f for f in found if (f.row, f.kind) not in self.reported]
-        self.reported |= {(f.row, f.kind) for f in found}
-        for f in found:
+    def at_end(self, best_epoch: int) -> list[Finding]:
+        """The conditions that hold at the best epoch (the checkpoint the run keeps) or at the last one."""
+        last = max(self.by_epoch, default=0)
+        found = {**self.by_epoch.get(best_epoch, {}), **self.by_epoch.get(last, {})}
+        for f in found.values():
             f.source = "monitor"
             log.warning("%s", f)
-        return found
+        return list(found.values())
 
 
 @torch.no_grad()
@@ -254,6 +248,7 @@ def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec
 
 NOISE_WARN = 0.10  # estimated share of wrong labels above which [M08] is a warning
 NOISE_MIN_COUNT = 5  # ... and at least this many validation images look mislabeled
+FLOOR_MIN_PER_CELL = 20  # validation images per (given, true) pair of classes needed to trust the floor
 
 
 @torch.no_grad()
@@ -269,10 +264,13 @@ def predicted_probs(model, loader, prec) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Share of wrong labels by confident learning (Northcutt et al. 2021) on held-out predictions: a sample
-    counts for class j when p_j reaches the mean p_j of the samples labelled j (the class's own threshold);
-    the confident joint of (given, true) is calibrated to the label counts; the estimate is its off-diagonal
-    mass. Returns (estimate, (N,) mask of the samples counted off the diagonal)."""
+    """Share of wrong labels from held-out predictions, by confident learning (Northcutt et al. 2021): a sample
+    counts for class j when p_j reaches the mean p_j of the samples labelled j; the confident joint of (given,
+    true) is calibrated to the label counts, and its off-diagonal mass estimates the wrong labels. A weak
+    model's own confusions (cat/dog) land there too; where there are enough samples per pair of classes, the
+    estimate is capped by the floor under the off-diagonal cells (the mean of their lower half), which wrong
+    labels raise everywhere and a classifier's confusions only in a few places. Returns (estimate, (N,) mask
+    of the samples counted off the diagonal)."""
     n, c = probs.shape
     counts = torch.bincount(labels, minlength=c).double()
     thresholds = torch.stack([probs[labels == j, j].mean() if counts[j] else torch.tensor(1.0) for j in range(c)])
@@ -284,6 +282,10 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch
                      accumulate=True)
     joint = joint / joint.sum(1, keepdim=True).clamp_min(1) * counts[:, None]  # rows sum to the label counts
     estimate = float(1 - joint.trace() / joint.sum().clamp_min(1))
+    cells = joint[~torch.eye(c, dtype=torch.bool)]  # (C(C-1),) off-diagonal
+    if n / len(cells) >= FLOOR_MIN_PER_CELL:
+        floor = float(cells.sort().values[:max(1, len(cells) // 2)].mean() * len(cells) / n)
+        estimate = min(estimate, floor)
     return estimate, counted & (confident != labels)
 
 

@@ -335,10 +335,7 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
                                                 ctx.prec)
     log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
              n_suspects, len(suspects))
-    estimate, off = label_noise(*predicted_probs(setup.model, data.loaders.val, ctx.prec))
-    log.info("label noise: about %.1f%% of the validation labels look wrong (confident learning, best checkpoint)",
-             100 * estimate)
-    noise = label_noise_finding(estimate, off, len(data.splits["val"]), suspects)
+    estimate, noise = _label_noise(ctx, data, setup, suspects)
     findings = findings + explained_by(noise, result.findings)
     final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
     final["label_noise_estimate"] = estimate
@@ -353,6 +350,19 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
     log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
              out.path / "report.md")
     return RunResult(final, findings)
+
+
+def _label_noise(ctx: Context, data: Prepared, setup: Setup, examples: list[dict]):
+    """(estimate or None, [M08] finding or None) from the kept model's predictions on the validation split,
+    which it never trained on. No estimate from a model no better than chance: its doubts say nothing."""
+    probs, labels = predicted_probs(setup.model, data.loaders.val, ctx.prec)
+    if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
+        log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
+        return None, None
+    estimate, off = label_noise(probs, labels)
+    log.info("label noise: about %.1f%% of the validation labels look wrong (confident learning, kept model)",
+             100 * estimate)
+    return estimate, label_noise_finding(estimate, off, len(labels), examples)
 
 
 def explained_by(noise: Optional[Finding], found: list[Finding]) -> list[Finding]:

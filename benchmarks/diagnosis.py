@@ -1,0 +1,190 @@
+"""Does safetrain say the right thing? Healthy runs on real data must be silent; planted faults must be named
+by their catalogue row, with nothing else.
+
+    python benchmarks/diagnosis.py [--cifar PATH_TO_cifar10-jpeg.tar.gz] [--seeds 2]
+
+Data: scikit-learn's handwritten digits (1,797 8x8 grayscale images, shipped inside the package) and, when
+the tarball is there, a CIFAR-10 subset (600 training and 200 test images a class from the JPEG copy).
+Each case is a real run through the Python API (`safetrain.run.run`) on the CPU. A case's verdict: `ok` when
+a healthy run warns nothing, or a fault run warns at least one expected row and no other; otherwise
+`false alarm`, `missed` or `spurious`. A training stopped on purpose, or a refusal, counts with the row of
+its message; an unlocked bound (the user's own choice, acknowledged in the report) is not a diagnosis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from safetrain.cli import compose  # noqa: E402
+from safetrain.errors import SafetrainError, TrainingStopped  # noqa: E402
+from safetrain.run import run  # noqa: E402
+
+TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DIGITS = ["data.augment=crop", "data.hflip_keeps_label=false", "trainer.max_epochs=30"]
+CIFAR = ["model=cnn_small", "data.batch_size=128", "trainer.max_epochs=12", "sched.name=onecycle",
+         "optim.lr=5e-3", "trainer.early_stop_patience=0"]
+
+
+def digits_folder(root: Path) -> Path:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    for i, (img, y) in enumerate(zip(d.images, d.target)):
+        f = root / f"digit_{y}" / f"{i:04d}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img * 255 / 16).round().astype(np.uint8), mode="L").save(f)
+    return root
+
+
+def cifar_subset(tarball: Path, root: Path, train: int = 600, test: int = 200) -> Path:
+    with tarfile.open(tarball) as t:
+        t.extractall(root / "full")
+    for split, n in (("train", train), ("test", test)):
+        for cls in sorted((root / "full" / split).iterdir()):
+            (root / "sub" / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, root / "sub" / split / cls.name / f.name)
+    shutil.rmtree(root / "full")
+    return root / "sub"
+
+
+def relabel(src: Path, dst: Path, share: float, seed: int = 0) -> Path:
+    """A copy of a class-folder dataset in which `share` of the images carry another class's label."""
+    rng = random.Random(seed)
+    for part in [p for p in src.iterdir() if p.is_dir()]:
+        base = part if part.name in ("train", "test", "val") else src
+        classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+        for f in sorted(base.rglob("*.*")):
+            c = f.parent.name
+            wrong = c if rng.random() >= share else rng.choice([k for k in classes if k != c])
+            out = dst / f.parent.relative_to(src).parent / wrong / f"{c}_{f.name}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, out)
+        if base is src:
+            break
+    return dst
+
+
+def blank_class(src: Path, dst: Path, cls: str) -> Path:
+    """A copy whose class `cls` holds nothing but blank images: grey, with +-1 of noise (so not exact copies)."""
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(0)
+    for f in sorted((dst / cls).iterdir()):
+        with Image.open(f) as im:
+            shape = np.asarray(im).shape
+        Image.fromarray((128 + rng.integers(-1, 2, shape)).astype(np.uint8)).save(f)
+    return dst
+
+
+def plant_copies(src: Path, dst: Path, n: int = 60) -> Path:
+    """A copy with `n` test images re-encoded (JPEG 60) and brightened into the training split."""
+    shutil.copytree(src, dst)
+    tests = sorted((dst / "test").rglob("*.jpg"))[::len(list((dst / "test").rglob("*.jpg"))) // n][:n]
+    for f in tests:
+        with Image.open(f) as im:
+            arr = np.clip(np.asarray(im, dtype=np.float32) * 0.9 + 20, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(dst / "train" / f.parent.name / f"copy_{f.name}", quality=60)
+    return dst
+
+
+class Blind(nn.Module):
+    """A broken custom model: its output does not depend on the image."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.linspace(-0.01, 0.01, classes))  # raw logits, near chance
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1) + 0 * x.mean()
+
+
+def cases(digits: Path, cifar: Path | None, work: Path, seeds: int) -> list[dict]:
+    out = [dict(name=f"digits healthy seed {s}", root=digits, over=DIGITS + [f"seed={s}"], expect=set())
+           for s in range(seeds)]
+    for share in (0.1, 0.2, 0.4):
+        out.append(dict(name=f"digits {share:.0%} wrong labels", root=relabel(digits, work / f"noise{share}", share),
+                        over=DIGITS, expect={"M08"}))
+    out += [
+        dict(name="digits lr 1e-7 (unlocked)", root=digits, over=DIGITS[:2] + ["trainer.max_epochs=5",
+             "optim.lr=1e-7", "optim.allow_unusual_lr=true"], expect={"M28", "M09"}),
+        dict(name="digits sgd lr 50 (unlocked)", root=digits, over=DIGITS + ["optim=sgd", "optim.lr=50",
+             "optim.allow_unusual_lr=true"], expect={"M16", "M26"}),
+        dict(name="digits long tail 1:20, balancing off", root=digits, over=DIGITS + ["data.imbalance_ratio=20",
+             "loss.balance=none"], expect={"M24"}),
+        dict(name="digits blank class", root=blank_class(digits, work / "blank", "digit_3"), over=DIGITS,
+             expect={"M08"}),
+        dict(name="digits broken custom model (ignores the image)", root=digits, over=DIGITS[:2] +
+             ["trainer.max_epochs=5"], model=lambda: Blind(10), expect={"M27", "M28", "M09"}),
+    ]
+    if cifar is not None:
+        out += [dict(name=f"cifar10-subset healthy seed {s}", root=cifar, over=CIFAR + [f"seed={s}"], expect=set())
+                for s in range(seeds)]
+        out += [dict(name="cifar10-subset 20% wrong labels", root=relabel(cifar, work / "cnoise", 0.2), over=CIFAR,
+                     expect={"M08"}),
+                dict(name="cifar10-subset 60 test images copied into train", root=plant_copies(cifar, work / "ccopy"),
+                     over=CIFAR, expect={"M06"})]
+    return out
+
+
+def one(case: dict, work: Path) -> dict:
+    cfg, _ = compose("imagefolder", [f"data.root={case['root']}", "trainer.progress=false", *case["over"]])
+    t0 = time.perf_counter()
+    try:
+        final = run(cfg, work / "runs" / re.sub(r"\W+", "_", case["name"]),
+                    model=case["model"]() if "model" in case else None)
+        # an unlocked bound is the user's own choice, acknowledged in the report; not a diagnosis
+        warned, acc = {f["row"] for f in final["findings"] if f["source"] != "unlock"}, final["test_acc"]
+    except (TrainingStopped, SafetrainError) as e:  # stopped on purpose, or refused before training
+        warned, acc = set(re.findall(r"\[(M\d\d)\]", str(e))[:1]), float("nan")
+    expect = case["expect"]
+    if not expect:
+        verdict = "ok" if not warned else "false alarm"
+    else:
+        verdict = "missed" if not warned & expect else ("spurious" if warned - expect else "ok")
+    return dict(case=case["name"], test_acc=acc, warned=sorted(warned), expected=sorted(expect), verdict=verdict,
+                seconds=round(time.perf_counter() - t0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cifar", type=Path, default=TARBALL)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    a = ap.parse_args()
+    import logging
+    logging.getLogger("safetrain").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        digits = digits_folder(work / "digits")
+        cifar = cifar_subset(a.cifar, work / "cifar") if a.cifar.exists() else None
+        rows = []
+        for case in cases(digits, cifar, work, a.seeds):
+            if a.only in case["name"]:
+                rows.append(one(case, work))
+                r = rows[-1]
+                print(f"| {r['case']} | {r['test_acc']:.3f} | {', '.join(r['warned']) or '-'} | "
+                      f"{', '.join(r['expected']) or '-'} | {r['verdict']} | {r['seconds']} s |", flush=True)
+    healthy = [r for r in rows if not r["expected"]]
+    faults = [r for r in rows if r["expected"]]
+    print(json.dumps({"false_alarms_on_healthy": sum(r["verdict"] != "ok" for r in healthy),
+                      "healthy_runs": len(healthy),
+                      "faults_named": sum(bool(set(r["warned"]) & set(r["expected"])) for r in faults),
+                      "faults": len(faults),
+                      "spurious_ids_in_fault_runs": sum(len(set(r["warned"]) - set(r["expected"])) for r in faults)}))
+
+
+if __name__ == "__main__":
+    main()
