@@ -81,7 +81,8 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
     share, prior = predicted / predicted.sum(), truth / truth.sum()
     k = int(share.argmax())
     # far above its share: 3x it, but at most halfway from it to 1 (with 2 or 3 classes 3x is out of reach)
-    if num_classes > 1 and share[k] > max(0.5, min(3 * prior[k], (1 + prior[k]) / 2)):
+    # not judged after the first epoch: BatchNorm's running statistics then come from a handful of steps
+    if epoch >= 2 and num_classes > 1 and share[k] > max(0.5, min(3 * prior[k], (1 + prior[k]) / 2)):
         found.append(Finding("M27", "collapse", (
             f"epoch {epoch}: {share[k]:.0%} of validation predictions are class {k}, which is {prior[k]:.0%} of "
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "

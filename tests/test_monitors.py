@@ -271,6 +271,7 @@ def test_a_condition_that_clears_by_itself_is_information_one_that_holds_is_a_wa
             m.after_epoch(epoch, history, confusion, model)
         return [f.row for f in m.at_end(best)]
 
-    assert run_epochs([collapsed, healthy, healthy], best=3) == []  # BatchNorm settling after epoch 1, say
-    assert run_epochs([collapsed, collapsed, healthy], best=2) == ["M27"]  # the kept model is collapsed
-    assert run_epochs([healthy, healthy, collapsed], best=2) == ["M27"]  # the last model is
+    assert run_epochs([healthy, collapsed, healthy, healthy], best=4) == []  # cleared by itself
+    assert run_epochs([healthy, collapsed, collapsed, healthy], best=3) == ["M27"]  # the kept model is collapsed
+    assert run_epochs([healthy, healthy, healthy, collapsed], best=2) == ["M27"]  # the last model is
+    assert run_epochs([collapsed], best=1) == []  # one epoch: BatchNorm statistics have not settled

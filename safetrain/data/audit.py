@@ -33,7 +33,8 @@ GATE = 0.7  # candidates whose best thumbnail cosine is below this are not compa
 OFFSETS = [(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if (dy, dx) != (0, 0)]
 MAX_SHIFT = 2
 REL = 0.5  # d1 at most this share of the median nearest-neighbour distance within the training split ...
-RATIO = 0.7  # ... and of the distance to the CANDIDATES-th nearest (chosen by eye on CIFAR-10, RESULTS.md)
+RATIO = (0.7, 0.6)  # ... and of the distance to the CANDIDATES-th nearest: 0.7 up to 0.35 x that median, then
+# falling to 0.6 at REL x it (the farther the pair, the more it must stand out; judged by eye on CIFAR-10, RESULTS.md)
 MIN_SIDE = 16  # smaller images: no near-duplicate search
 BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is blank or constant
 
@@ -127,6 +128,13 @@ def typical_distance(train: ImageSet, device: torch.device, sample: int = 1000, 
     return float(distances(imgs, train.images, idx).min(1).values.median())
 
 
+def is_copy(relative: float, ratio: float) -> bool:
+    """relative: d1 / the typical training distance; ratio: d1 / the CANDIDATES-th candidate's distance."""
+    near, far = RATIO
+    limit = near - (near - far) * min(1.0, max(0.0, (relative - 0.35) / (REL - 0.35)))
+    return relative <= REL and ratio <= limit
+
+
 def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float,
                     device: torch.device = torch.device("cpu"), chunk: int = 1024) -> list[dict]:
     ref = thumbnails(train.images).to(device)
@@ -141,7 +149,7 @@ def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float
         d1, best = d.min(1)
         crowd = d.max(1).values
         for r, j, x, c in zip(rows.tolist(), best.tolist(), d1.tolist(), crowd.tolist()):
-            if x <= REL * typical and x <= RATIO * c:
+            if is_copy(x / typical, x / max(c, 1e-6)):
                 found.append({"split": split, "id": other.ids[i + r], "train_id": train.ids[int(idx[r, j])],
                               "cosine": round(float(cos[r, j]), 4), "diff": round(x, 4),
                               "relative": round(x / typical, 4), "ratio": round(x / max(c, 1e-6), 4)})
@@ -188,7 +196,7 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
 
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v3", fingerprint, *(i for s in splits.values() for i in s.ids))
+    key = digest("audit v4", fingerprint, *(i for s in splits.values() for i in s.ids))
     stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device)))
     return Audit(**stored)
 
