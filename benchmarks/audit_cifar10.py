@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import tarfile
 import tempfile
@@ -87,6 +88,7 @@ def main() -> None:
     print(f"near-duplicates: {s['near_duplicates']} ({fractions}); conflicting copies in train: "
           f"{s['conflicting_copies_in_train']}; blank: {s['blank_images']}")
     found = sorted(res.near_duplicates, key=lambda p: p["diff"])
+    (a.out / "pairs.json").write_text(json.dumps(found, indent=1))  # every pair, for judging by eye
     if found:
         diffs = torch.tensor([p["diff"] for p in found])
         quantiles = diffs.quantile(torch.tensor([0, .25, .5, .75, 1.]))

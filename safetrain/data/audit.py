@@ -3,10 +3,10 @@ with different labels, constant or blank images [M08].
 
 Near-duplicates are judged against the dataset's own geometry, in two stages, on uint8 images in memory:
 1. candidates: for every val/test image, the 5 nearest distinct training images by cosine similarity of an
-   8x8 grayscale thumbnail with its mean removed, the best over query crops moved by up to 2 px and over
-   the mirrored query (seconds for the 60,000 images of CIFAR-10 on 2 cores);
+   8x8 grayscale thumbnail with its mean removed, the best over query crops moved by up to 2 px, the
+   mirrored query, and re-crops (1/16 of each border cut, scaled back) of either side;
 2. distances at full resolution: per-image standardized colour pixels (so brightness, contrast and
-   re-encoding do not matter), the best over shifts of up to 2 pixels and over mirroring.
+   re-encoding do not matter), the best over shifts of up to 2 pixels, mirroring and those re-crops.
 A val/test image is a near-duplicate of its nearest training image when that distance d1 is far below
 the typical nearest-neighbour distance between two training images (REL times its median) and far below
 the distance to its 5th candidate (RATIO times it): a copy stands out from the crowd of merely similar
@@ -92,13 +92,25 @@ def shifted_diff(a: Tensor, b: Tensor, max_shift: int = MAX_SHIFT) -> Tensor:
     return best
 
 
-def candidates(imgs: Tensor, ref: Tensor, device: torch.device, exclude: Tensor | None = None):
-    """(cosine, index), each (n, CANDIDATES): the nearest distinct training thumbnails of each image, over
-    shifted and mirrored views of it. `exclude`: (n,) training indices not to return (the image itself)."""
-    views = [(v, off) for v in (imgs, imgs.flip(3)) for off in [(0, 0), *OFFSETS]]
+def zoom(x: Tensor) -> Tensor:
+    """(N, C, H, W) uint8 -> the central crop without 1/16 of each border, scaled back to H x W: a re-crop."""
+    h, w = x.shape[-2:]
+    m = max(1, round(h / 16))
+    crop = x[..., m:h - m, m:w - m].float()
+    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
+
+
+def candidates(imgs: Tensor, ref: Tensor, ref_zoomed: Tensor, device: torch.device, exclude: Tensor | None = None):
+    """(cosine, index), each (n, CANDIDATES): the nearest distinct training thumbnails of each image, over views
+    of it shifted, mirrored and re-cropped (and re-cropped training images: `ref_zoomed`). `exclude`: (n,)
+    training indices not to return (the image itself)."""
+    zoomed = zoom(imgs)
+    views = [(v, off, ref) for v in (imgs, imgs.flip(3)) for off in [(0, 0), *OFFSETS]]
+    views += [(zoomed, (0, 0), ref), (zoomed.flip(3), (0, 0), ref), (imgs, (0, 0), ref_zoomed),
+              (imgs.flip(3), (0, 0), ref_zoomed)]
     tops = []
-    for v, off in views:
-        sim = thumbnails(v, off).to(device) @ ref.T  # (n, N)
+    for v, off, r in views:
+        sim = thumbnails(v, off).to(device) @ r.T  # (n, N)
         if exclude is not None:
             sim[torch.arange(len(v)), exclude.to(device)] = -2.0
         tops.append(sim.topk(CANDIDATES, dim=1))
@@ -112,11 +124,14 @@ def candidates(imgs: Tensor, ref: Tensor, device: torch.device, exclude: Tensor 
 
 
 def distances(imgs: Tensor, train_images: Tensor, idx: Tensor) -> Tensor:
-    """(n, k) full-resolution distances to the candidates, the best of the image and its mirror."""
-    cols = []
+    """(n, k) full-resolution distances to the candidates: the best of the image, its mirror and its re-crop
+    against the candidate, and of the image and its mirror against the candidate's re-crop."""
+    zoomed, cols = zoom(imgs), []
     for c in range(idx.shape[1]):
         match = train_images[idx[:, c]]
-        cols.append(torch.minimum(shifted_diff(imgs, match), shifted_diff(imgs.flip(3), match)))
+        pairs = [(imgs, match), (imgs.flip(3), match), (zoomed, match), (zoomed.flip(3), match),
+                 (imgs, zoom(match)), (imgs.flip(3), zoom(match))]
+        cols.append(torch.stack([shifted_diff(a, b) for a, b in pairs]).min(0).values)
     return torch.stack(cols, 1)
 
 
@@ -124,7 +139,8 @@ def typical_distance(train: ImageSet, device: torch.device, sample: int = 1000, 
     """Median distance from a training image to its nearest other training image (a seeded sample)."""
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:sample]
     imgs = train.images[pick]
-    _, idx = candidates(imgs, thumbnails(train.images).to(device), device, exclude=pick)
+    refs = thumbnails(train.images).to(device), thumbnails(zoom(train.images)).to(device)
+    _, idx = candidates(imgs, *refs, device, exclude=pick)
     return float(distances(imgs, train.images, idx).min(1).values.median())
 
 
@@ -137,11 +153,11 @@ def is_copy(relative: float, ratio: float) -> bool:
 
 def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float,
                     device: torch.device = torch.device("cpu"), chunk: int = 1024) -> list[dict]:
-    ref = thumbnails(train.images).to(device)
+    refs = thumbnails(train.images).to(device), thumbnails(zoom(train.images)).to(device)
     found = []
     for i in range(0, len(other), chunk):
         imgs = other.images[i:i + chunk]
-        cos, idx = candidates(imgs, ref, device)
+        cos, idx = candidates(imgs, *refs, device)
         rows = (cos[:, 0] >= GATE).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
@@ -196,7 +212,7 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
 
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v4", fingerprint, *(i for s in splits.values() for i in s.ids))
+    key = digest("audit v5", fingerprint, *(i for s in splits.values() for i in s.ids))
     stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device)))
     return Audit(**stored)
 
