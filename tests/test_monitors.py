@@ -94,7 +94,8 @@ def test_m08_flipped_labels_top_the_suspected_mislabeled_list(tmp_path):
 
     final, run_dir = _train(tmp_path, ["trainer.max_epochs=10", "data.augment=none", "optim.lr=5e-3"],
                             dataset=Flipped(n=600))
-    in_train = {i for i in json.loads((run_dir / "splits.json").read_text())["train"]} & {f"dataset/{i}" for i in flipped}
+    train_ids = set(json.loads((run_dir / "splits.json").read_text())["train"])
+    in_train = train_ids & {f"dataset/{i}" for i in flipped}
     top = {m["id"] for m in final["suspected_mislabeled"]["top"]}
     assert len(in_train) >= 5 and len(in_train & top) >= 0.8 * len(in_train)
     assert "Suspected mislabeled training samples" in (run_dir / "report.md").read_text()

@@ -6,6 +6,6 @@ from safetrain.data.splits import (class_counts, describe, duplicates_finding, e
 from safetrain.data.stats import DataFacts, channel_stats, measure_facts
 
 __all__ = ["AUGMENTS", "BatchPipeline", "Normalize", "flips", "make_loader", "uint8_batches", "SOURCES", "ImageSet",
-           "Source", "load_dataset", "load_source", "class_counts", "describe", "duplicates_finding", "exact_duplicates",
-           "long_tailed", "make_splits", "refuse_duplicates", "stratified_split", "thin_eval_classes", "DataFacts",
-           "channel_stats", "measure_facts"]
+           "Source", "load_dataset", "load_source", "class_counts", "describe", "duplicates_finding",
+           "exact_duplicates", "long_tailed", "make_splits", "refuse_duplicates", "stratified_split",
+           "thin_eval_classes", "DataFacts", "channel_stats", "measure_facts"]
