@@ -8,7 +8,8 @@ the tarball is there, a CIFAR-10 subset (600 training and 200 test images a clas
 Each case is a real run through the Python API (`safetrain.run.run`) on the CPU. A case's verdict: `ok` when
 a healthy run warns nothing, or a fault run warns at least one expected row and no other; otherwise
 `false alarm`, `missed` or `spurious`. A training stopped on purpose, or a refusal, counts with the row of
-its message; an unlocked bound (the user's own choice, acknowledged in the report) is not a diagnosis.
+its message; an unlocked bound (the user's own choice, acknowledged in the report) is not a diagnosis. On the
+CIFAR-10 subset [M06] is allowed: CIFAR-10 itself holds same-photo copies across train and test.
 """
 from __future__ import annotations
 
@@ -130,10 +131,11 @@ def cases(digits: Path, cifar: Path | None, work: Path, seeds: int) -> list[dict
              ["trainer.max_epochs=5"], model=lambda: Blind(10), expect={"M27", "M28", "M09"}),
     ]
     if cifar is not None:
-        out += [dict(name=f"cifar10-subset healthy seed {s}", root=cifar, over=CIFAR + [f"seed={s}"], expect=set())
-                for s in range(seeds)]
+        # CIFAR-10 itself holds same-photo copies across train and test (about 2.7% of test): [M06] is true there
+        out += [dict(name=f"cifar10-subset healthy seed {s}", root=cifar, over=CIFAR + [f"seed={s}"], expect=set(),
+                     allow={"M06"}) for s in range(seeds)]
         out += [dict(name="cifar10-subset 20% wrong labels", root=relabel(cifar, work / "cnoise", 0.2), over=CIFAR,
-                     expect={"M08"}),
+                     expect={"M08"}, allow={"M06"}),
                 dict(name="cifar10-subset 60 test images copied into train", root=plant_copies(cifar, work / "ccopy"),
                      over=CIFAR, expect={"M06"})]
     return out
@@ -149,7 +151,7 @@ def one(case: dict, work: Path) -> dict:
         warned, acc = {f["row"] for f in final["findings"] if f["source"] != "unlock"}, final["test_acc"]
     except (TrainingStopped, SafetrainError) as e:  # stopped on purpose, or refused before training
         warned, acc = set(re.findall(r"\[(M\d\d)\]", str(e))[:1]), float("nan")
-    expect = case["expect"]
+    expect, warned = case["expect"], warned - case.get("allow", set())
     if not expect:
         verdict = "ok" if not warned else "false alarm"
     else:

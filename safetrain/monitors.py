@@ -248,8 +248,8 @@ def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec
 
 
 NOISE_WARN = 0.10  # estimated share of wrong labels above which [M08] is a warning
-NOISE_MIN_COUNT = 5  # ... and at least this many validation images look mislabeled
-FLOOR_MIN_PER_CELL = 20  # validation images per (given, true) pair of classes needed to trust the floor
+NOISE_MIN_COUNT = 5  # ... and at least this many held-out images look mislabeled
+FLOOR_MIN_PER_CELL = 5  # held-out images per (given, true) pair of classes needed to trust the floor
 
 
 @torch.no_grad()
@@ -296,8 +296,8 @@ def label_noise_finding(estimate: float, off: torch.Tensor, split_size: int, exa
         return None
     shown = ", ".join(f"{m['id']} ({m['given']} -> {m['predicted']})" for m in examples[:3])
     return Finding("M08", "label noise", (
-        f"about {estimate:.0%} of the labels look wrong: on {split_size} validation images the model never trained "
-        f"on, {int(off.sum())} are confidently another class than their label (confident learning). Training "
+        f"about {estimate:.0%} of the labels look wrong: of {split_size} validation and test images the model never "
+        f"trained on, {int(off.sum())} are confidently another class than their label (confident learning). Training "
         f"images the final model doubts most: {shown or 'none'} (report.md lists more)."),
         "Check and fix the labels of those classes; a relabelled dataset will train to a higher accuracy.",
         "monitor", evidence={"estimate": estimate, "off_diagonal": int(off.sum()), "split_size": split_size})

@@ -353,14 +353,16 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
 
 
 def _label_noise(ctx: Context, data: Prepared, setup: Setup, examples: list[dict]):
-    """(estimate or None, [M08] finding or None) from the kept model's predictions on the validation split,
-    which it never trained on. No estimate from a model no better than chance: its doubts say nothing."""
-    probs, labels = predicted_probs(setup.model, data.loaders.val, ctx.prec)
+    """(estimate or None, [M08] finding or None) from the kept model's predictions on the validation and test
+    splits, which it never trained on (the checkpoint is already chosen: nothing is selected on test here).
+    No estimate from a model no better than chance: its doubts say nothing."""
+    held_out = [predicted_probs(setup.model, loader, ctx.prec) for loader in (data.loaders.val, data.loaders.test)]
+    probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
         return None, None
     estimate, off = label_noise(probs, labels)
-    log.info("label noise: about %.1f%% of the validation labels look wrong (confident learning, kept model)",
+    log.info("label noise: about %.1f%% of the held-out labels look wrong (confident learning, kept model)",
              100 * estimate)
     return estimate, label_noise_finding(estimate, off, len(labels), examples)
 
