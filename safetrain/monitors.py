@@ -178,13 +178,15 @@ def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: st
             f"epoch {epoch}: overfitting: validation loss rose from {history[m]['val/loss']:.3f} (epoch {m + 1}) to "
             f"{now['val/loss']:.3f} while the train/val accuracy gap grew from {gap_then:.2f} to {gap:.2f} "
             f"({capacity}). Likely causes: a model too large for the data, too little augmentation or "
-            "regularization."), fixes["overfitting"], epoch=epoch,
+            "regularization, or labels that do not match the images (a model memorizes them)."),
+            fixes["overfitting"], epoch=epoch,
             evidence={"best_val_loss_epoch": m + 1, "gap": gap, "gap_then": gap_then}))
     if epoch >= 3 and now["train/acc"] < 1.5 / num_classes:
         found.append(Finding("M09", "underfitting", (
             f"epoch {epoch}: underfitting: training accuracy {now['train/acc']:.2f} is near chance "
             f"({1 / num_classes:.2f}) after {epoch} epochs ({capacity}). Likely causes: a model too small, a "
-            "learning rate too low, too much regularization."), fixes["underfitting"],
+            "learning rate too low, too much regularization, or labels that do not match the images."),
+            fixes["underfitting"],
             epoch=epoch, evidence={"train_acc": now["train/acc"]}))
     return found
 

@@ -188,17 +188,18 @@ def test_m26_exploding_gradient_ratio_is_flagged_in_a_run(tmp_path):
     assert any(w.startswith("[M26] epoch 1: exploding gradients") for w in final["warnings"])
 
 
-def test_m08_m09_memorizing_random_labels_is_named_as_wrong_labels(tmp_path):
-    """A model that memorizes random labels overfits; the root cause it is named for is the labels [M08]."""
+def test_m09_memorizing_random_labels_is_flagged_as_overfitting_with_the_labels_as_a_cause(tmp_path):
+    """Random labels carry nothing a model can learn: it memorizes them. With held-out accuracy at chance no
+    label-noise share can be estimated, so [M09] names what is seen, and wrong labels among its causes."""
     final, run_dir = _train(tmp_path, ["trainer.max_epochs=30", "data.batch_size=8", "data.augment=none",
                                        "optim.lr=3e-3", "model.widths=[32,64]", "trainer.early_stop_patience=0",
                                        "sched.name=cosine", "sched.warmup_fraction=0.05", "optim.weight_decay=0"],
                             dataset=RandomLabels())
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-2])
-    assert last["train/acc"] > 0.9  # memorized
-    noise = [f for f in final["findings"] if f["kind"] == "label noise"]
-    assert noise and noise[0]["evidence"]["estimate"] > 0.3  # 2/3 of random labels over 3 classes are wrong
-    assert not any(f["kind"] == "overfitting" for f in final["findings"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("train/acc", 0) for r in rows) > 0.9  # memorized
+    over = [f for f in final["findings"] if f["kind"] == "overfitting"]
+    assert over and "parameters for" in over[0]["message"] and "labels that do not match" in over[0]["message"]
+    assert final["label_noise_estimate"] is None
 
 
 def test_one_list_of_findings_feeds_report_metrics_and_tensorboard(tmp_path):
