@@ -5,8 +5,9 @@
 Recall: 700 test images that the audit does not flag are copied into the training split after a
 transformation (JPEG re-encode at quality 40, down/up-resize, 1-2 px shift, brightness/contrast
 change, all four together, a mirror image, a 28x28 re-crop scaled back); the audit must then flag each.
-Precision cannot be computed without labels: the script saves every pair (pairs.json) and image grids of the pairs it found (random ones, and the ones
-closest to the threshold) for a person to look at, and prints the score distribution.
+Precision cannot be computed without labels: the script saves every pair (pairs.json) and image grids of
+the pairs it found (random ones, and the ones closest to the threshold) for a person to look at, and prints
+the score distribution.
 """
 from __future__ import annotations
 
