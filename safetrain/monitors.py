@@ -19,10 +19,12 @@ class StepGuard:
     """Flags, on the device, a non-finite loss or gradient norm [M26] and a loss exploding far above its
     starting value [M16]; `check` (called where the loop syncs anyway) raises TrainingStopped."""
 
-    def __init__(self, num_classes: int, device: torch.device, lr: float, model: torch.nn.Module | None = None):
+    def __init__(self, num_classes: int, device: torch.device, lr: float, model: torch.nn.Module | None = None,
+                 lr_from_range_test: bool = False):
         self.limit = 10 * math.log(num_classes)  # no healthy run has a batch loss 10x chance level ...
         self.start = None  # ... or 3x its own first batch loss (a run may start high: that is [M19])
         self.lr, self.model = lr, model
+        self.try_lr = "try 10x lower" if lr_from_range_test else "try 10x lower, or optim.lr=auto"
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.exploded = torch.zeros((), dtype=torch.bool, device=device)
 
@@ -46,14 +48,14 @@ class StepGuard:
             raise TrainingStopped(
                 f"[M26] the loss or the gradients became NaN/inf {where}{self._layers()}. Likely causes: a learning "
                 "rate far too "
-                f"high (optim.lr={self.lr:.2e}: try 10x lower, or optim.lr=auto), missing input normalization or "
+                f"high (optim.lr={self.lr:.2e}: {self.try_lr}), missing input normalization or "
                 "inputs with non-finite values, "
                 "or a custom layer that divides by zero. Training stopped; the last good checkpoint is kept.")
         if self.exploded.item():
             raise TrainingStopped(
                 f"[M16] the loss diverged {where}: a batch loss above {float(self.start):.1f} (3x its start, and at "
                 f"least 10x the chance level). "
-                f"The learning rate is too high (optim.lr={self.lr:.2e}): try 10x lower, or optim.lr=auto. "
+                f"The learning rate is too high (optim.lr={self.lr:.2e}): {self.try_lr}. "
                 "Training stopped; the last good checkpoint is kept.")
 
 

@@ -270,7 +270,8 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir) -> FitResult:
     log.info("[8/9] training up to %d epochs -> %s", tr.max_epochs, out.path)
     checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, optimizer=setup.optimizer,
                                schedule=setup.schedule, data_facts=data.facts.to_dict(), config=ctx.config)
-    monitors = Monitors(StepGuard(c, ctx.device, setup.lr, setup.model), next(iter(data.loaders.val))[0], c,
+    guard = StepGuard(c, ctx.device, setup.lr, setup.model, lr_from_range_test=ctx.cfg.optim.lr == "auto")
+    monitors = Monitors(guard, next(iter(data.loaders.val))[0], c,
                         f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images",
                         monitor_fixes(ctx.cfg, setup.custom_model))
     return fit(setup.model, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer, setup.schedule,
