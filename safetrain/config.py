@@ -54,6 +54,7 @@ class DataConfig:
     min_eval_per_class: int = 20  # carved val/test take this many of a class where it spares them; fewer: warned [M25]
     imbalance_ratio: Optional[float] = None  # R: make the training split long-tailed (largest/smallest = R)
     image_size: Optional[int] = None  # resize folder images to this square size
+    bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
     loader: str = "auto"
     num_workers: int = 4
     cache_dir: Optional[str] = None  # default: $SAFETRAIN_CACHE or ~/.cache/safetrain
@@ -193,6 +194,7 @@ def validate(cfg: DictConfig | dict) -> Config:
 def _check_values(c: Config) -> None:
     choices = {"task": (c.task, LOSSES), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
                "data.augment": (c.data.augment, AUGMENTS), "data.loader": (c.data.loader, LOADERS),
+               "data.bad_files": (c.data.bad_files, ("refuse", "skip")),
                "loss.balance": (c.loss.balance, ("auto", *BALANCE)),
                "model.activation": (c.model.activation, ACTIVATIONS), "model.norm": (c.model.norm, NORMS),
                "optim": (c.optim.name, OPTIMIZERS), "sched.name": (c.sched.name, SCHEDULES),

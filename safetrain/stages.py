@@ -135,7 +135,8 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     d, seed = ctx.cfg.data, ctx.cfg.seed
     src = (D.load_dataset(dataset) if dataset is not None else
            D.load_source(d.name, root=d.root, download=d.download, image_size=d.image_size, loader=d.loader,
-                         num_workers=d.num_workers, cache_dir=ctx.cache, seed=seed, synthetic=vars(d.synthetic)))
+                         num_workers=d.num_workers, cache_dir=ctx.cache, seed=seed, synthetic=vars(d.synthetic),
+                         bad_files=d.bad_files))
     splits = D.make_splits(src, d.val_fraction, d.test_fraction, seed, d.min_samples_per_class,
                            d.imbalance_ratio, d.min_eval_per_class)
     copies = D.exact_duplicates(splits)

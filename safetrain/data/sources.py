@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from safetrain.data.files import IMAGE_EXTENSIONS, channels_of, header, hidden, list_images, to_array
 from safetrain.errors import DataError
 from safetrain.io import cached
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders whose decoded pixels exceed this stream from disk
 
 
@@ -107,46 +107,56 @@ def load_synthetic(classes: int, samples_per_class: int, channels: int, size: in
 
 
 # ---------------------------------------------------------------- image folders
-def _list_classes(folder: Path) -> dict[str, list[Path]]:
-    classes = {}
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
+    """{class: image files} of a folder of class folders, and how many entries were skipped (data/files.py)."""
+    classes, skipped = {}, 0
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if hidden(d.name):
+            skipped += 1
+            continue
+        files, n = list_images(d)
+        skipped += n
         if not files:
             raise DataError(f"[data] class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
                             f"Remove it or put its images in it.")
         classes[d.name] = files
-    return classes
+    return classes, skipped
 
 
 def decode_image(path: str, channels: int, resize: Optional[int]) -> Tensor:
     """One file -> (C, H, W) uint8 with the dataset's channel count (and size, if resizing)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if resize and im.size != (resize, resize):
-                im = im.resize((resize, resize), Image.BILINEAR)  # antialiased when shrinking
-            arr = np.array(im)
+            arr = to_array(im, channels)
     except (OSError, ValueError) as e:
         raise DataError(f"[data] cannot decode image {path} ({e}). Remove or replace the file.") from None
-    t = torch.from_numpy(arr)
+    if resize and arr.shape[:2] != (resize, resize):  # antialiased when shrinking
+        arr = np.asarray(Image.fromarray(arr).resize((resize, resize), Image.BILINEAR))
+    t = torch.from_numpy(np.array(arr))  # a writable copy
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def _probe(files: list[Path]) -> tuple[int, int, int]:
-    """(channels, H, W) of a folder, from a spread-out sample of its files."""
-    sample = files[:: max(1, len(files) // 64)]
-    modes, sizes = set(), set()
-    for f in sample:
-        with Image.open(f) as im:
-            modes.add(im.mode)
-            sizes.add(im.size[::-1])
-    channels = 1 if modes <= {"L", "1", "I", "I;16", "LA"} else 3
-    h, w = max(sizes)
-    return channels, h, w
+def _scan(files: list[Path], policy: str) -> tuple[list[Path], int, tuple[int, int]]:
+    """Every file's header: (the good files, channels, the largest (H, W)). Bad files are refused together,
+    each with its reason (`data.bad_files=refuse`), or left out and counted (`skip`)."""
+    heads = {f: header(f) for f in files}
+    bad = {f: h for f, h in heads.items() if isinstance(h, str)}
+    if bad and policy != "skip":
+        shown = "\n".join(f"  {f}: {why}" for f, why in list(bad.items())[:50])
+        more = "\n  ..." if len(bad) > 50 else ""
+        raise DataError(f"[data] {len(bad)} of {len(files)} files cannot be used:\n{shown}{more}\nRemove or "
+                        "replace them, or set data.bad_files=skip to train without them.")
+    if bad:
+        f, why = next(iter(bad.items()))
+        log.warning("data.bad_files=skip: left out %d unusable files (e.g. %s: %s)", len(bad), f, why)
+    good = {f: h for f, h in heads.items() if f not in bad}
+    if not good:
+        raise DataError("[data] no usable image among the files found. Check the folder.")
+    return list(good), channels_of({m for m, _ in good.values()}), max(size for _, size in good.values())
 
 
 def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path,
-                num_workers: int) -> Source:
+                num_workers: int, bad_files: str = "refuse") -> Source:
     folder = Path(root).expanduser()
     if not folder.is_dir():
         raise DataError(f"[data] data.root={root!r} is not a folder. Point data.root at a folder with "
@@ -156,7 +166,8 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
         raise DataError(f"[data] {folder} has {sorted(layout)} but no train/ folder. Rename the training "
                         "split to train/, or use one folder per class at the top.")
     layout = layout or {"all": folder}
-    per_part = {part: _list_classes(d) for part, d in layout.items()}
+    listed = {part: _list_classes(d) for part, d in layout.items()}
+    per_part, skipped = {p: c for p, (c, _) in listed.items()}, sum(n for _, n in listed.values())
     first = "train" if "train" in per_part else "all"
     classes = list(per_part[first])
     if len(classes) < 2:
@@ -167,10 +178,11 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
         if extra:
             raise DataError(f"[data] {layout[part]} has class folders {sorted(extra)} that {layout[first]} "
                             f"lacks. Every split must use the training split's classes.")
-    parts_files = {part: [(str(f), classes.index(c)) for c, fs in found.items() for f in fs]
+    good, channels, (h, w) = _scan([f for found in per_part.values() for fs in found.values() for f in fs], bad_files)
+    good = set(good)
+    parts_files = {part: [(str(f), classes.index(c)) for c, fs in found.items() for f in fs if f in good]
                    for part, found in per_part.items()}
     all_files = [Path(f) for pf in parts_files.values() for f, _ in pf]
-    channels, h, w = _probe(all_files)
     if image_size:
         h = w = image_size
     stat = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in all_files]
@@ -185,8 +197,9 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
     src = Source(classes, parts, fp, (channels, h, w), resize=image_size)
     if not stream:
         _decode_all(src, cache_dir, num_workers)
-    log.info("image folder %s: %d images, %d classes, %s, %s path", folder, len(all_files), len(classes),
-             f"{channels}x{h}x{w}", "streaming" if stream else "in-memory")
+    log.info("image folder %s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries "
+             "skipped", folder, len(all_files), len(classes), f"{channels}x{h}x{w}", "streaming" if stream else
+             "in-memory", skipped)
     return src
 
 
@@ -247,18 +260,18 @@ def _torchvision_source(name: str):
 # data=NAME -> loader; every loader takes the same keywords and uses those it needs
 SOURCES = {
     **{name: _torchvision_source(name) for name in TORCHVISION},
-    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, **_: load_folder(
-        root, image_size, loader, cache_dir, num_workers),
+    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, **_: load_folder(
+        root, image_size, loader, cache_dir, num_workers, bad_files),
     "synthetic": lambda *, seed, synthetic, **_: load_synthetic(seed=seed, **synthetic),
 }
 
 
 def load_source(name: str, *, root: Optional[str], download: bool, image_size: Optional[int], loader: str,
-                num_workers: int, cache_dir: Path, seed: int, synthetic: dict) -> Source:
+                num_workers: int, cache_dir: Path, seed: int, synthetic: dict, bad_files: str = "refuse") -> Source:
     if name not in SOURCES:
         raise DataError(f"[config] data={name!r} is not a dataset; choose one of {list(SOURCES)}.")
-    return SOURCES[name](root=root, download=download, image_size=image_size, loader=loader,
-                         num_workers=num_workers, cache_dir=cache_dir, seed=seed, synthetic=synthetic)
+    return SOURCES[name](root=root, download=download, image_size=image_size, loader=loader, num_workers=num_workers,
+                         cache_dir=cache_dir, seed=seed, synthetic=synthetic, bad_files=bad_files)
 
 
 # ---------------------------------------------------------------- a user's own Dataset

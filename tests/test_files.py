@@ -1,0 +1,76 @@
+"""Every file in an image folder is decoded right, skipped on purpose, or refused by name (a bad-file zoo)."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from safetrain.data.files import header, list_images, to_array
+from safetrain.data.sources import load_folder
+from safetrain.errors import DataError
+from tests.conftest import write_images
+
+
+def test_hidden_files_macos_leftovers_and_special_files_are_skipped(tmp_path):
+    root = write_images(tmp_path / "imgs", classes=2, per_class=6)
+    (root / "__MACOSX" / "class_0").mkdir(parents=True)  # would become a class
+    Image.new("RGB", (8, 8)).save(root / "__MACOSX" / "class_0" / "x.png")
+    (root / "class_0" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "class_0" / ".ipynb_checkpoints" / "img_0-checkpoint.png")
+    Image.new("RGB", (8, 8)).save(root / "class_0" / ".img000.png")
+    (root / "class_1" / "._img_0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    os.mkfifo(root / "class_1" / "pipe.png")  # reading it would hang the run
+    files, skipped = list_images(root / "class_0")
+    assert [f.name for f in files] == [f"img_{i}.png" for i in range(6)] and skipped == 2
+    src = load_folder(str(root), None, "memory", tmp_path / "cache", 0)
+    assert src.classes == ["class_0", "class_1"] and len(src.parts["all"]) == 12
+
+
+def test_16_bit_images_are_scaled_not_clipped_and_transparency_goes_over_white():
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000 of 65535
+    im16 = Image.fromarray(ramp)  # a 16-bit grayscale image
+    arr = to_array(im16, 1)
+    assert arr.dtype == np.uint8 and arr.max() == round(63000 / 65535 * 255) and len(np.unique(arr)) > 50
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert (to_array(rgba, 3) == 255).all()  # shows the white behind it, not red
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    assert abs(int(to_array(half, 1)[0, 0]) - 127) <= 1
+    assert to_array(Image.new("CMYK", (4, 4), (0, 255, 0, 0)), 3)[0, 0].tolist() == [255, 0, 255]
+    assert to_array(Image.new("P", (4, 4), 0), 3).shape == (4, 4, 3)
+
+
+def test_channels_come_from_every_file_not_a_sample(tmp_path):
+    root = write_images(tmp_path / "imgs", classes=2, per_class=150, mode="L")
+    Image.fromarray(np.full((8, 8, 3), (200, 30, 30), np.uint8)).save(root / "class_1" / "img_77.png")  # 1 in 300
+    assert load_folder(str(root), None, "memory", tmp_path / "cache", 0).shape[0] == 3
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    root = write_images(tmp_path / "imgs", classes=2, per_class=6)
+    (root / "class_0" / "empty.png").write_bytes(b"")
+    (root / "class_0" / "notes.png").write_text("this is not an image")
+    Image.new("RGB", (8, 8)).save(root / "class_1" / "cut.jpg")
+    data = (root / "class_1" / "cut.jpg").read_bytes()
+    (root / "class_1" / "cut.jpg").write_bytes(data[:20])  # a truncated JPEG header
+    bomb = tmp_path / "bomb.png"  # checked on its own: a real bomb would take gigabytes to write
+    Image.new("L", (1, 1)).save(bomb)
+    return root, bomb
+
+
+def test_bad_files_are_refused_together_each_with_its_reason(zoo, tmp_path, monkeypatch):
+    root, bomb = zoo
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 0)  # makes every image "too large": here, test one
+    assert "decompression bomb" in header(bomb)
+    monkeypatch.undo()
+    with pytest.raises(DataError) as e:
+        load_folder(str(root), None, "memory", tmp_path / "cache", 0)
+    msg = str(e.value)
+    assert "3 of 15 files cannot be used" in msg and "data.bad_files=skip" in msg
+    assert "empty.png: empty file" in msg and "notes.png: not a readable image" in msg and "cut.jpg" in msg
+
+
+def test_bad_files_can_be_skipped_and_are_counted(zoo, tmp_path, caplog):
+    root, _ = zoo
+    src = load_folder(str(root), None, "memory", tmp_path / "cache", 0, bad_files="skip")
+    assert len(src.parts["all"]) == 12 and "left out 3 unusable files" in caplog.text
