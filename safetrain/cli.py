@@ -93,6 +93,18 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
     return ConfigError(f"[config] {msg.splitlines()[0]}")
 
 
+def refuse_code_overrides(overrides: list[str]) -> None:
+    """hydra.callbacks (and hydra.job_logging / hydra.hydra_logging handlers) can name any Python callable: from the
+    command line that is code execution. Recipes and --config-dir folders are code you trust; overrides are not."""
+    from safetrain.config import ConfigError
+
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("hydra.callbacks", "hydra.job_logging", "hydra.hydra_logging")):
+            raise ConfigError(f"[config] `{ov}`: {key} can run arbitrary Python, so it is not accepted on the "
+                              "command line. Put it in a recipe you trust (--config-dir) if you really need it.")
+
+
 def main(argv: list[str] | None = None) -> int:
     from hydra._internal.utils import get_args_parser
 
@@ -105,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not rest else 2
     task_overrides = [o for o in args.overrides if not o.startswith("hydra.")]
     try:
+        refuse_code_overrides(args.overrides)
         if not (args.help or args.hydra_help or args.multirun):
             compose(recipe, task_overrides, args.config_dir)  # fail fast, before Hydra makes a run dir
     except SafetrainError as e:

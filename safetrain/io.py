@@ -5,6 +5,7 @@ Every file safetrain writes goes through `atomic_write`: a temp file in the same
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+log = logging.getLogger(__name__)
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     path = Path(path)
@@ -56,7 +58,12 @@ def cached(path: Path, compute: Callable[[], Any]) -> tuple[Any, bool]:
     stored there atomically. A cache hit never calls `compute`."""
     load, save = FORMATS[Path(path).suffix]
     if Path(path).exists():
-        return load(Path(path)), True
+        try:
+            return load(Path(path)), True
+        except Exception as e:  # a half-written or damaged entry: it must not break every later run
+            log.warning("cache entry %s is unreadable (%s: %s); discarded and rebuilt", path, type(e).__name__,
+                        str(e)[:100])
+            Path(path).unlink(missing_ok=True)
     value = compute()
     save(path, value)
     return value, False

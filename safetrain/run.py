@@ -13,7 +13,7 @@ from safetrain.errors import TrainingStopped
 from safetrain.findings import FAIL, Finding, problems, verdict
 from safetrain.preflight import overfit_one_batch, table
 from safetrain.stages import (Prepared, Setup, build_training, finish, open_run_dir, preflight, prepare_data,
-                              record_stop, resolve_device, start, train)
+                              record_stop, refuse_used_run_dir, resolve_device, start, train)
 
 __all__ = ["run", "doctor", "resolve_device"]
 log = logging.getLogger("safetrain")
@@ -23,6 +23,8 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     """Train and test one classifier; returns metrics.json's content. `dataset` (a torch Dataset of (image,
     label)) and `model` (an nn.Module) replace the configured ones and meet the same checks. Every refusal
     happens before anything is written to `run_dir` (Hydra's log aside)."""
+    if cfg.mode != "doctor":  # the doctor writes nothing
+        refuse_used_run_dir(run_dir)                      # one run, one directory
     ctx = start(cfg)                                      # seed, device, precision; unlocked bounds
     data = prepare_data(ctx, dataset)                     # splits, leak refusal, facts, audit, loaders
     setup = build_training(ctx, data, model)              # model, loss, balance, optimizer, schedule

@@ -118,6 +118,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl", "metrics.json")  # what marks a directory as a run's
+
+
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A run never writes into a directory that holds another run's files (they would mix) [M31]."""
+    used = [f for f in RUN_FILES if (Path(run_dir) / f).exists()]
+    if used:
+        raise ConfigError(f"[M31] {run_dir} already holds a run ({', '.join(used)}); writing into it would mix two "
+                          "runs' checkpoints and metrics. Choose another directory (hydra.run.dir=...), or move that "
+                          "run away first.")
+
+
 def start(cfg: Config) -> Context:
     """Seed, device, precision, cache folder; the unlocked bounds are logged."""
     seed_everything(cfg.seed)

@@ -1,0 +1,47 @@
+"""A run that survives what users do: a reused run directory, a damaged cache, code smuggled in an override."""
+import json
+import os
+
+import pytest
+
+from safetrain.cli import compose
+from safetrain.errors import ConfigError
+from safetrain.run import run
+from tests.conftest import run_cli
+
+
+def test_a_run_never_writes_into_a_directory_that_holds_another_run(tmp_path):
+    cfg, _ = compose("smoke", ["trainer.max_epochs=2", "trainer.progress=false"])
+    run(cfg, tmp_path / "run")
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.jsonl", "metrics.json", "config.yaml")}
+    other, _ = compose("smoke", ["trainer.max_epochs=1", "trainer.progress=false", "seed=5"])
+    with pytest.raises(ConfigError, match=r"\[M31\].*already holds a run.*hydra\.run\.dir"):
+        run(other, tmp_path / "run")
+    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in before}  # untouched
+
+
+def test_the_command_line_refuses_a_used_run_dir_and_default_dirs_never_collide(tmp_path):
+    out = run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    again = run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}")
+    assert again.returncode == 2 and "[M31]" in (tmp_path / "r" / "safetrain.log").read_text()
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1  # the first run's epoch only
+    for _ in range(2):  # default names: one directory per run, even within one second
+        assert run_cli("recipe=smoke", "trainer.max_epochs=1", cwd=tmp_path).returncode == 0
+    assert len(list((tmp_path / "runs" / "smoke").iterdir())) == 2
+
+
+def test_a_damaged_cache_entry_is_discarded_and_rebuilt(tmp_path, caplog):
+    cfg, _ = compose("smoke", ["trainer.max_epochs=1", "trainer.progress=false"])
+    first = run(cfg, tmp_path / "a")
+    stats = next((tmp_path.parent / os.environ["SAFETRAIN_CACHE"]).glob("stats/*.json"))
+    stats.write_text('{"mean_std": [[0.5')  # cut off mid-write by a crash
+    second = run(cfg, tmp_path / "b")
+    assert second["test_loss"] == first["test_loss"] and f"cache entry {stats}" in caplog.text
+    assert json.loads(stats.read_text())["mean_std"]  # rebuilt
+
+
+def test_code_in_a_hydra_override_is_refused(tmp_path):
+    out = run_cli("recipe=smoke", "+hydra.callbacks.x._target_=os.system", f"hydra.run.dir={tmp_path / 'r'}")
+    assert out.returncode == 2 and "hydra.callbacks" in out.stderr and "can run arbitrary Python" in out.stderr
+    assert not (tmp_path / "r").exists()
