@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from safetrain.errors import SafetrainError, TrainingStopped
+from safetrain.sweep import job_overrides, record, summarize
 
 PKG = Path(__file__).resolve().parent
 
@@ -118,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     task_overrides = [o for o in args.overrides if not o.startswith("hydra.")]
     try:
         refuse_code_overrides(args.overrides)
-        if not (args.help or args.hydra_help or args.multirun):
-            compose(recipe, task_overrides, args.config_dir)  # fail fast, before Hydra makes a run dir
+        if not (args.help or args.hydra_help):  # fail fast, before Hydra makes a run dir: every job of a sweep
+            for job in job_overrides(task_overrides) if args.multirun else [task_overrides]:
+                compose(recipe, job, args.config_dir)
     except SafetrainError as e:
         print(f"ConfigError: {e}", file=sys.stderr)
         return 2
@@ -128,22 +130,45 @@ def main(argv: list[str] | None = None) -> int:
     import hydra
 
     hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_job)()
+    if args.multirun and _SWEEP_DIR:
+        rows, text = summarize(_SWEEP_DIR)
+        print(text + f"\n{_SWEEP_DIR / 'summary.md'}")
+        return 0 if all(r["status"] == "done" for r in rows) else 1
     return 0
 
 
+_SWEEP_DIR: Path | None = None  # set by the jobs of a sweep, read by main() once they are all done
+
+
 def _job(raw) -> None:
-    """One Hydra job: validate, then run in Hydra's run directory."""
+    """One Hydra job: validate, then run in Hydra's run directory. In a sweep, a job that is refused, stopped or
+    crashes is recorded and the next one runs."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from safetrain.config import validate
     from safetrain.run import run
 
+    global _SWEEP_DIR
     hc = HydraConfig.get()
     log = logging.getLogger("safetrain")
+    sweep = hc.mode == RunMode.MULTIRUN
+    if sweep:
+        _SWEEP_DIR = Path(hc.sweep.dir)
+    overrides = list(hc.overrides.task)
     try:
-        cfg = validate(raw)
-        out = run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
-        if out.get("mode") == "doctor":  # the table is in the log; WARN (worth a look) still exits 0
+        out = run(validate(raw), Path(hc.runtime.output_dir), overrides)
+        if out.get("mode") == "doctor" and not sweep:  # the table is in the log; WARN still exits 0
             sys.exit(0 if out["passed"] else 1)
+        if sweep:
+            record(_SWEEP_DIR, hc.job.num, overrides, "done", final=out)
     except SafetrainError as e:  # a refusal (2), or training stopped on purpose (1)
         log.error("%s: %s", type(e).__name__, e)
-        sys.exit(1 if isinstance(e, TrainingStopped) else 2)
+        if not sweep:
+            sys.exit(1 if isinstance(e, TrainingStopped) else 2)
+        record(_SWEEP_DIR, hc.job.num, overrides, "stopped" if isinstance(e, TrainingStopped) else "refused", str(e))
+    except Exception as e:  # noqa: BLE001  a crash ends one job of a sweep, not the sweep
+        if not sweep:
+            raise
+        log.exception("job %d crashed", hc.job.num)
+        record(_SWEEP_DIR, hc.job.num, overrides, "crashed", f"{type(e).__name__}: {e}")

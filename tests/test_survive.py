@@ -45,3 +45,26 @@ def test_code_in_a_hydra_override_is_refused(tmp_path):
     out = run_cli("recipe=smoke", "+hydra.callbacks.x._target_=os.system", f"hydra.run.dir={tmp_path / 'r'}")
     assert out.returncode == 2 and "hydra.callbacks" in out.stderr and "can run arbitrary Python" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_sweep_goes_on_after_a_refused_and_a_diverging_job_and_summarizes(tmp_path):
+    out = run_cli("-m", "recipe=smoke", "trainer.max_epochs=1", "trainer.progress=false", "optim=sgd",
+                  "optim.allow_unusual_lr=true", "trainer.grad_clip=0", "optim.lr=0.05,1000", "data.batch_size=32,5000",
+                  "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}", timeout=600)
+    assert out.returncode == 1, out.stderr[-2000:]  # some jobs failed: said in the exit code, not by stopping
+    rows = json.loads((tmp_path / "sw" / "summary.json").read_text())["jobs"]
+    assert len(rows) == 8  # every job ran
+    status = {(r["overrides"][-3], r["overrides"][-2], r["overrides"][-1]): r["status"] for r in rows}
+    assert status[("optim.lr=0.05", "data.batch_size=32", "seed=0")] == "done"
+    assert status[("optim.lr=1000", "data.batch_size=32", "seed=1")] == "stopped"  # diverged [M16]/[M26]
+    assert status[("optim.lr=0.05", "data.batch_size=5000", "seed=0")] == "refused"  # [M23]
+    summary = (tmp_path / "sw" / "summary.md").read_text()
+    assert "| job | overrides | status |" in summary and "[M23]" in summary
+    assert "Over seeds (mean +- std)" in summary  # the two done seeds of lr 0.05, batch 32
+
+
+def test_every_job_of_a_sweep_is_validated_before_the_first_one_starts(tmp_path):
+    out = run_cli("-m", "recipe=smoke", "trainer.max_epochs=1", "optim.lr=1e-3,0.5",
+                  f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert out.returncode == 2 and "[M16] optim.lr=0.5" in out.stderr
+    assert not (tmp_path / "sw").exists()  # job 0 did not train first
