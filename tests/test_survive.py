@@ -10,7 +10,7 @@ from safetrain.run import run
 from tests.conftest import run_cli
 
 
-def test_a_run_never_writes_into_a_directory_that_holds_another_run(tmp_path):
+def test_m31_a_run_never_writes_into_a_directory_that_holds_another_run(tmp_path):
     cfg, _ = compose("smoke", ["trainer.max_epochs=2", "trainer.progress=false"])
     run(cfg, tmp_path / "run")
     before = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.jsonl", "metrics.json", "config.yaml")}
