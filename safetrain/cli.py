@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from safetrain.errors import SafetrainError, TrainingStopped
+from safetrain.errors import Interrupted, SafetrainError, TrainingStopped
 from safetrain.sweep import job_overrides, record, summarize
 
 PKG = Path(__file__).resolve().parent
@@ -162,6 +162,11 @@ def _job(raw) -> None:
             sys.exit(0 if out["passed"] else 1)
         if sweep:
             record(_SWEEP_DIR, hc.job.num, overrides, "done", final=out)
+    except Interrupted as e:  # SIGINT/SIGTERM: 130/143, and a sweep stops here too
+        log.error("Interrupted: %s", e)
+        if sweep:
+            record(_SWEEP_DIR, hc.job.num, overrides, "interrupted", str(e))
+        sys.exit(e.exit_code)
     except SafetrainError as e:  # a refusal (2), or training stopped on purpose (1)
         log.error("%s: %s", type(e).__name__, e)
         if not sweep:

@@ -9,6 +9,8 @@ import contextlib
 import copy
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from safetrain.errors import Interrupted
 from safetrain.losses import chance_losses
 from safetrain.metrics import to_plain
 from safetrain.monitors import layer_grad_norms
@@ -37,6 +40,40 @@ class Precision:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training set a flag that the loop reads after each step, so a signal never lands
+    inside a checkpoint write or an optimizer step; a second signal acts at once (the default behaviour)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, _frame):
+            self.signal = signum
+            for s, h in previous.items():  # a second signal is not deferred
+                signal.signal(s, h)
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def check(self, where: str) -> None:
+        if self.signal is not None:
+            name = signal.Signals(self.signal).name
+            raise Interrupted(f"{name} received {where}: training stopped after that step; the checkpoints of the "
+                              "complete epochs are kept (checkpoints/last.pt, best.pt).", self.signal)
 
 
 class Step(NamedTuple):
@@ -61,7 +98,7 @@ def train_step(model: nn.Module, x, y, loss_fn, optimizer, prec: Precision, grad
 
 
 def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Precision, grad_clip: float,
-                progress: bool, desc: str, guard=None) -> dict:
+                progress: bool, desc: str, guard=None, stop: StopRequest | None = None) -> dict:
     """One pass over `loader`. `guard` (a monitors.StepGuard) watches every step and stops a diverging run."""
     model.train()
     total_loss = torch.zeros((), device=prec.device)
@@ -82,6 +119,8 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
             drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
         drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
         seen += len(y)
+        if stop is not None:
+            stop.check(f"in {desc}, step {step + 1}")
         if step % 20 == 0:  # the loop syncs with the device here anyway
             if guard is not None:
                 guard.check(f"in {desc}, step {step + 1}")
@@ -133,7 +172,8 @@ def epoch_scalars(tr: dict, val: dict, loss_fn, lr: float) -> dict:
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, *, prec: Precision,
         max_epochs: int, grad_clip: float, early_stop_patience: int, selection: tuple[str, str],
-        save: Callable[[str, dict], None], track: Callable, progress: bool, monitors=None) -> FitResult:
+        save: Callable[[str, dict], None], track: Callable, progress: bool, monitors=None,
+        stop: StopRequest | None = None) -> FitResult:
     """Train up to max_epochs; after each epoch validate, step the schedule on the selection metric, let the
     `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
     and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model."""
@@ -145,7 +185,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         if hasattr(loss_fn, "on_epoch"):  # losses that change during training (deferred re-weighting)
             loss_fn.on_epoch(epoch, max_epochs)
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
-                         f"epoch {epoch}/{max_epochs}", monitors and monitors.guard)
+                         f"epoch {epoch}/{max_epochs}", monitors and monitors.guard, stop)
         val = evaluate(model, val_loader, loss_fn, metrics, prec)
         value = float(val[metric])
         schedule.after_validation(value)

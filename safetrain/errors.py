@@ -13,6 +13,14 @@ class DataError(SafetrainError):
     """Data that cannot be trained on as given (names the file or folder and the fix). Raised before training."""
 
 
+class Interrupted(SafetrainError):
+    """SIGINT or SIGTERM: training stopped after the current step; the last complete epoch's checkpoint is kept."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
 class TrainingStopped(SafetrainError):
     """The run was stopped on purpose (divergence, non-finite values); the last good checkpoint is kept."""
 

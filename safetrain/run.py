@@ -9,7 +9,7 @@ import torch
 from safetrain import data as D
 from safetrain.config import Config
 from safetrain.data.audit import findings as audit_findings
-from safetrain.errors import TrainingStopped
+from safetrain.errors import Interrupted, TrainingStopped
 from safetrain.findings import FAIL, Finding, problems, verdict
 from safetrain.preflight import overfit_one_batch, table
 from safetrain.stages import (Prepared, Setup, build_training, finish, open_run_dir, preflight, prepare_data,
@@ -35,7 +35,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     out = open_run_dir(ctx, run_dir, overrides, data, findings)  # nothing was written before this line
     try:
         result = train(ctx, data, setup, out)
-    except TrainingStopped as e:  # checkpoints of the epochs before stay as they were
+    except (TrainingStopped, Interrupted) as e:  # checkpoints of the epochs before stay as they were
         record_stop(ctx, data, out, checks, findings, e)
         raise
     return finish(ctx, data, setup, out, checks, findings, result).metrics

@@ -21,8 +21,8 @@ from safetrain.checkpoint import Checkpointer, load_checkpoint
 from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
 from safetrain.data.audit import Audit, cached_audit, pair_images
 from safetrain.data.audit import findings as audit_findings
-from safetrain.engine import FitResult, Precision, find_lr, fit, test
-from safetrain.errors import ConfigError
+from safetrain.engine import FitResult, Precision, StopRequest, find_lr, fit, test
+from safetrain.errors import ConfigError, Interrupted
 from safetrain.findings import Finding, problems
 from safetrain.io import cache_root, write_json
 from safetrain.losses import build_loss, resolve_balance
@@ -287,10 +287,11 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir) -> FitResult:
     monitors = Monitors(guard, next(iter(data.loaders.val))[0], c,
                         f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images",
                         monitor_fixes(ctx.cfg, setup.custom_model))
-    return fit(setup.model, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer, setup.schedule,
-               setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
-               early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
-               track=out.tracker.epoch, progress=tr.progress, monitors=monitors)
+    with StopRequest().installed() as stop:  # SIGINT/SIGTERM: stop cleanly after the current step
+        return fit(setup.model, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer,
+                   setup.schedule, setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
+                   early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
+                   track=out.tracker.epoch, progress=tr.progress, monitors=monitors, stop=stop)
 
 
 def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
@@ -330,8 +331,10 @@ def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
 
 def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding], findings: list[Finding],
                 error: Exception) -> None:
-    """Training stopped on purpose: say why in metrics.json, report.md and TensorBoard; checkpoints stay."""
-    write_json(out.path / "metrics.json", {"stopped": str(error), "wall_time_s": time.time() - ctx.t_start})
+    """Training stopped on purpose or by a signal: say why in metrics.json, report.md and TensorBoard; the
+    checkpoints of the complete epochs stay."""
+    key = "interrupted" if isinstance(error, Interrupted) else "stopped"
+    write_json(out.path / "metrics.json", {key: str(error), "wall_time_s": time.time() - ctx.t_start})
     write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
                  findings=findings, stopped=str(error))
     out.tracker.text("warnings", str(error))

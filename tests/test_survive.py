@@ -1,13 +1,18 @@
 """A run that survives what users do: a reused run directory, a damaged cache, code smuggled in an override."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 from safetrain.cli import compose
 from safetrain.errors import ConfigError
 from safetrain.run import run
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def test_m31_a_run_never_writes_into_a_directory_that_holds_another_run(tmp_path):
@@ -68,3 +73,24 @@ def test_every_job_of_a_sweep_is_validated_before_the_first_one_starts(tmp_path)
                   f"hydra.sweep.dir={tmp_path / 'sw'}")
     assert out.returncode == 2 and "[M16] optim.lr=0.5" in out.stderr
     assert not (tmp_path / "sw").exists()  # job 0 did not train first
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_training_cleanly_keeping_the_checkpoints(tmp_path, sig, code):
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "safetrain", "recipe=smoke", "trainer.max_epochs=100000",
+                             "trainer.early_stop_patience=0", "trainer.progress=false", f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
+                                          and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-2000:]
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert signal.Signals(sig).name in final["interrupted"]
+    epochs = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] in (epochs, epochs - 1) and "Training stopped" in (run_dir / "report.md").read_text()
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]  # no half-written file left
