@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from safetrain.data.pipelines import Normalize
+from safetrain.errors import TrainingStopped
 from safetrain.io import save_torch
 from safetrain.models import build_model
 
@@ -27,7 +28,15 @@ class Checkpointer:
         return self.folder / f"{name}.pt"
 
     def save(self, name: str, state: dict) -> None:
-        """`state`: epoch, metrics, best."""
+        """`state`: epoch, metrics, best. A failed write (disk full, no permission) stops training: the previous
+        file of that name is still whole (atomic writes), so the last complete checkpoint is kept."""
+        try:
+            self._write(name, state)
+        except OSError as e:
+            raise TrainingStopped(f"[io] could not write {self.path(name)} ({e.strerror or e}). Free space or fix the "
+                                  "permissions; the last complete checkpoint is kept.") from None
+
+    def _write(self, name: str, state: dict) -> None:
         save_torch(self.path(name), {
             "format_version": FORMAT_VERSION,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},

@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         refuse_code_overrides(args.overrides)
         if not (args.help or args.hydra_help):  # fail fast, before Hydra makes a run dir: every job of a sweep
             for job in job_overrides(task_overrides) if args.multirun else [task_overrides]:
-                compose(recipe, job, args.config_dir)
+                cfg, _ = compose(recipe, job, args.config_dir)
+            run_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
+            if run_dir and not args.multirun and cfg.mode != "doctor":
+                from safetrain.stages import refuse_used_run_dir
+                refuse_used_run_dir(Path(run_dir))  # before Hydra writes its log there
     except SafetrainError as e:
         print(f"ConfigError: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ a small dataclass; each can be called on its own (tests do). Only these and `run
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -123,6 +124,12 @@ RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl", "metrics.json")  # w
 
 def refuse_used_run_dir(run_dir: Path) -> None:
     """A run never writes into a directory that holds another run's files (they would mix) [M31]."""
+    ancestor = Path(run_dir).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
+        raise ConfigError(f"[config] cannot create or write the run directory {run_dir}: {ancestor} is not a "
+                          "writable folder. Choose another one with hydra.run.dir=... (or run from a writable folder).")
     used = [f for f in RUN_FILES if (Path(run_dir) / f).exists()]
     if used:
         raise ConfigError(f"[M31] {run_dir} already holds a run ({', '.join(used)}); writing into it would mix two "
@@ -334,11 +341,14 @@ def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding]
     """Training stopped on purpose or by a signal: say why in metrics.json, report.md and TensorBoard; the
     checkpoints of the complete epochs stay."""
     key = "interrupted" if isinstance(error, Interrupted) else "stopped"
-    write_json(out.path / "metrics.json", {key: str(error), "wall_time_s": time.time() - ctx.t_start})
-    write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
-                 findings=findings, stopped=str(error))
-    out.tracker.text("warnings", str(error))
-    out.tracker.close()
+    try:  # best effort: the stop may be a full disk
+        write_json(out.path / "metrics.json", {key: str(error), "wall_time_s": time.time() - ctx.t_start})
+        write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
+                     findings=findings, stopped=str(error))
+        out.tracker.text("warnings", str(error))
+        out.tracker.close()
+    except OSError as e:
+        log.error("could not record the stop in %s (%s)", out.path, e)
 
 
 def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list[Finding], findings: list[Finding],

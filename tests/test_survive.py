@@ -29,7 +29,7 @@ def test_the_command_line_refuses_a_used_run_dir_and_default_dirs_never_collide(
     out = run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}")
     assert out.returncode == 0, out.stderr[-2000:]
     again = run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}")
-    assert again.returncode == 2 and "[M31]" in (tmp_path / "r" / "safetrain.log").read_text()
+    assert again.returncode == 2 and "[M31]" in again.stderr
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1  # the first run's epoch only
     for _ in range(2):  # default names: one directory per run, even within one second
         assert run_cli("recipe=smoke", "trainer.max_epochs=1", cwd=tmp_path).returncode == 0
@@ -94,3 +94,45 @@ def test_a_signal_stops_training_cleanly_keeping_the_checkpoints(tmp_path, sig, 
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] in (epochs, epochs - 1) and "Training stopped" in (run_dir / "report.md").read_text()
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]  # no half-written file left
+
+
+def test_a_full_disk_stops_training_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from safetrain import checkpoint
+    from safetrain.errors import TrainingStopped
+    real, calls = checkpoint.save_torch, []
+
+    def fills_up(path, obj):  # the disk fills up at the third checkpoint write (epoch 2's last.pt)
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(checkpoint, "save_torch", fills_up)
+    cfg, _ = compose("smoke", ["trainer.max_epochs=3", "trainer.progress=false"])
+    with pytest.raises(TrainingStopped, match=r"\[io\] could not write .*last\.pt \(No space left on device\)"):
+        run(cfg, tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert "No space left" in json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"]
+
+
+def test_a_run_dir_that_cannot_be_created_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg, _ = compose("smoke", ["trainer.progress=false"])
+    with pytest.raises(ConfigError, match=r"a_file is not a writable folder.*hydra\.run\.dir"):
+        run(cfg, tmp_path / "a_file" / "run")
+
+
+def test_a_run_dir_under_a_read_only_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        cfg, _ = compose("smoke", ["trainer.progress=false"])
+        with pytest.raises(ConfigError, match="is not a writable folder"):
+            run(cfg, locked / "sub" / "run")
+    finally:
+        locked.chmod(0o700)
