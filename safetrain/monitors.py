@@ -230,20 +230,25 @@ class Monitors:
 
 
 @torch.no_grad()
+def predicted_probs(model, loader, prec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities (N, C), given labels (N,)) of a split, in order, on the CPU."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in loader:
+        with prec.autocast():
+            probs.append(model(prec.prepare(x)).float().softmax(1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
 def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec,
                          top: int = 20) -> tuple[list[dict], int]:
     """Training samples whose given label the final model finds far less likely than another [M08]:
     p(given) < 0.1 while another class has p > 0.8, ranked by the gap. `loader` must yield the split
     in order through the eval pipeline (no augmentation). Returns (the top ones, how many in all)."""
-    model.eval()
-    given, other, pred, labels = [], [], [], []
-    for x, y in loader:
-        with prec.autocast():
-            p = model(prec.prepare(x)).float().softmax(1)
-        p_o, k = p.scatter(1, y[:, None], -1.0).max(1)  # the most likely class other than the label
-        given.append(p.gather(1, y[:, None]).squeeze(1).cpu())
-        other.append(p_o.cpu()), pred.append(k.cpu()), labels.append(y.cpu())
-    given, other, pred, labels = (torch.cat(t) for t in (given, other, pred, labels))
+    probs, labels = predicted_probs(model, loader, prec)
+    other, pred = probs.scatter(1, labels[:, None], -1.0).max(1)  # the most likely class other than the label
+    given = probs.gather(1, labels[:, None]).squeeze(1)
     suspect = ((given < 0.1) & (other > 0.8)).nonzero().squeeze(1)
     order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)][:top]
     return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
@@ -254,18 +259,6 @@ def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec
 NOISE_WARN = 0.10  # estimated share of wrong labels above which [M08] is a warning
 NOISE_MIN_COUNT = 5  # ... and at least this many held-out images look mislabeled
 FLOOR_MIN_PER_CELL = 5  # held-out images per (given, true) pair of classes needed to trust the floor
-
-
-@torch.no_grad()
-def predicted_probs(model, loader, prec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax probabilities (N, C), given labels (N,)) of a split, in order, on the CPU."""
-    model.eval()
-    probs, labels = [], []
-    for x, y in loader:
-        with prec.autocast():
-            probs.append(model(prec.prepare(x)).float().softmax(1).cpu())
-        labels.append(y.cpu())
-    return torch.cat(probs), torch.cat(labels)
 
 
 def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:

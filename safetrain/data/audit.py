@@ -135,11 +135,16 @@ def distances(imgs: Tensor, train_images: Tensor, idx: Tensor) -> Tensor:
     return torch.stack(cols, 1)
 
 
-def typical_distance(train: ImageSet, device: torch.device, sample: int = 1000, seed: int = 0) -> float:
+def reference(train: ImageSet, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The training split's thumbnails, as is and re-cropped: computed once per audit."""
+    return thumbnails(train.images).to(device), thumbnails(zoom(train.images)).to(device)
+
+
+def typical_distance(train: ImageSet, refs: tuple[Tensor, Tensor], device: torch.device, sample: int = 1000,
+                     seed: int = 0) -> float:
     """Median distance from a training image to its nearest other training image (a seeded sample)."""
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:sample]
     imgs = train.images[pick]
-    refs = thumbnails(train.images).to(device), thumbnails(zoom(train.images)).to(device)
     _, idx = candidates(imgs, *refs, device, exclude=pick)
     return float(distances(imgs, train.images, idx).min(1).values.median())
 
@@ -151,9 +156,8 @@ def is_copy(relative: float, ratio: float) -> bool:
     return relative <= REL and ratio <= limit
 
 
-def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float,
+def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float, refs: tuple[Tensor, Tensor],
                     device: torch.device = torch.device("cpu"), chunk: int = 1024) -> list[dict]:
-    refs = thumbnails(train.images).to(device), thumbnails(zoom(train.images)).to(device)
     found = []
     for i in range(0, len(other), chunk):
         imgs = other.images[i:i + chunk]
@@ -202,9 +206,10 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
         a.skipped = (f"images of {tuple(train.images.shape[-2:])} pixels are too small to tell a copy from a "
                      "look-alike; exact copies are still refused")
     else:
-        a.typical_distance = typical_distance(train, device)
+        refs = reference(train, device)
+        a.typical_distance = typical_distance(train, refs, device)
         for s in ("val", "test"):
-            a.near_duplicates += near_duplicates(train, splits[s], s, a.typical_distance, device)
+            a.near_duplicates += near_duplicates(train, splits[s], s, a.typical_distance, refs, device)
     a.conflicting_copies = conflicting_copies(train)
     a.blank = [i for s in splits.values() for i in blank_images(s)]
     return a
