@@ -2,8 +2,10 @@
 `torch.load(..., weights_only=True)`. A crash mid-write leaves the previous file intact."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,35 +18,60 @@ FORMAT_VERSION = 2  # 2: the normalization lives in data_facts (mean, std), stor
 
 
 class Checkpointer:
-    """Saves `best.pt` and `last.pt` of one run: the model (unwrapped, on the CPU), optimizer and schedule
-    state, the epoch's metrics, and what never changes in a run: the data facts (with the normalization,
-    the model's input contract [M02]) and the resolved config."""
+    """Saves `best.pt` and `last.pt` of one run. Each holds what decides how training goes on from its epoch, so
+    that a resumed run ends exactly as an uninterrupted one: the model (unwrapped, on the CPU) and the `parts`
+    (anything with state_dict/load_state_dict: optimizer, schedule, the training loader's shuffling and
+    augmentation generators, the detectors) and every global random generator; and what never changes in a run:
+    the data facts (with the normalization, the model's input contract [M02]), the resolved config, the lr."""
 
-    def __init__(self, folder: Path, *, model: nn.Module, optimizer, schedule, data_facts: dict, config: dict):
-        self.folder, self.model, self.optimizer, self.schedule = Path(folder), model, optimizer, schedule
-        self.fixed = {"data_facts": data_facts, "config": config}
+    def __init__(self, folder: Path, *, model: nn.Module, data_facts: dict, config: dict, lr: float | None = None,
+                 **parts):
+        self.folder, self.model, self.parts = Path(folder), model, parts
+        self.fixed = {"data_facts": data_facts, "config": config, "lr": lr}
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.pt"
 
     def save(self, name: str, state: dict) -> None:
-        """`state`: epoch, metrics, best. A failed write (disk full, no permission) stops training: the previous
-        file of that name is still whole (atomic writes), so the last complete checkpoint is kept."""
+        """`state`: epoch, metrics, best, history. A failed write (disk full, no permission) stops training: the
+        previous file of that name is still whole (atomic writes), so the last complete checkpoint is kept."""
         try:
             self._write(name, state)
         except OSError as e:
             raise TrainingStopped(f"[io] could not write {self.path(name)} ({e.strerror or e}). Free space or fix the "
-                                  "permissions; the last complete checkpoint is kept.") from None
+                                  "permissions; the last complete checkpoint is kept.", resumable=True) from None
 
     def _write(self, name: str, state: dict) -> None:
         save_torch(self.path(name), {
             "format_version": FORMAT_VERSION,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            **state, **self.fixed,
-            "rng": {"torch": torch.get_rng_state()},
+            **{k: part.state_dict() for k, part in self.parts.items()},
+            **state, **self.fixed, "rng": rng_state(),
         })
+
+    def restore(self, ckpt: dict) -> None:
+        """Put the model, the parts and the global generators back as `ckpt` saved them."""
+        self.model.load_state_dict(ckpt["model"])
+        for k, part in self.parts.items():
+            part.load_state_dict(ckpt[k])
+        set_rng_state(ckpt["rng"])
+
+
+def rng_state() -> dict:
+    """The global generators: torch (CPU and every CUDA device: dropout), Python's and NumPy's (a user's model)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
+            else [], "python": random.getstate(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                            gauss]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

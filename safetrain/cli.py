@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from hydra._internal.utils import get_args_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    resumed = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if resumed is not None:
+        return resume(Path(resumed), [a for a in argv if not a.startswith("resume=")])
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
     rest = [a for a in argv if not a.startswith("recipe=")]
     args = get_args_parser().parse_args(rest)
@@ -144,9 +147,23 @@ def main(argv: list[str] | None = None) -> int:
 _SWEEP_DIR: Path | None = None  # set by the jobs of a sweep, read by main() once they are all done
 
 
+def _attempt(work, run_dir: Path) -> tuple[str, object, int]:
+    """Run `work()` (a run) -> (status, metrics or the reason, exit code): done 0, stopped on purpose 1, refused 2,
+    interrupted 130/143 (with the command that continues it). A crash propagates."""
+    log = logging.getLogger("safetrain")
+    try:
+        return "done", work(), 0
+    except SafetrainError as e:  # a refusal (2), training stopped on purpose (1), a signal (130/143)
+        go_on = f"\nContinue it with: python -m safetrain resume={run_dir}" if getattr(e, "resumable", False) else ""
+        log.error("%s: %s%s", type(e).__name__, e, go_on)
+        if isinstance(e, Interrupted):
+            return "interrupted", str(e), e.exit_code
+        return ("stopped", str(e), 1) if isinstance(e, TrainingStopped) else ("refused", str(e), 2)
+
+
 def _job(raw) -> None:
     """One Hydra job: validate, then run in Hydra's run directory. In a sweep, a job that is refused, stopped or
-    crashes is recorded and the next one runs."""
+    crashes is recorded and the next one runs; an interrupted one stops the sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -155,29 +172,46 @@ def _job(raw) -> None:
 
     global _SWEEP_DIR
     hc = HydraConfig.get()
-    log = logging.getLogger("safetrain")
-    sweep = hc.mode == RunMode.MULTIRUN
-    if sweep:
-        _SWEEP_DIR = Path(hc.sweep.dir)
-    overrides = list(hc.overrides.task)
+    run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
+    if hc.mode != RunMode.MULTIRUN:
+        status, out, code = _attempt(lambda: run(validate(raw), run_dir, overrides), run_dir)
+        if status == "done" and out.get("mode") == "doctor":  # the table is in the log; WARN still exits 0
+            code = 0 if out["passed"] else 1
+        if code:
+            sys.exit(code)
+        return
+    _SWEEP_DIR = Path(hc.sweep.dir)
     try:
-        out = run(validate(raw), Path(hc.runtime.output_dir), overrides)
-        if out.get("mode") == "doctor" and not sweep:  # the table is in the log; WARN still exits 0
-            sys.exit(0 if out["passed"] else 1)
-        if sweep:
-            record(_SWEEP_DIR, hc.job.num, overrides, "done", final=out)
-    except Interrupted as e:  # SIGINT/SIGTERM: 130/143, and a sweep stops here too
-        log.error("Interrupted: %s", e)
-        if sweep:
-            record(_SWEEP_DIR, hc.job.num, overrides, "interrupted", str(e))
-        sys.exit(e.exit_code)
-    except SafetrainError as e:  # a refusal (2), or training stopped on purpose (1)
-        log.error("%s: %s", type(e).__name__, e)
-        if not sweep:
-            sys.exit(1 if isinstance(e, TrainingStopped) else 2)
-        record(_SWEEP_DIR, hc.job.num, overrides, "stopped" if isinstance(e, TrainingStopped) else "refused", str(e))
+        status, out, code = _attempt(lambda: run(validate(raw), run_dir, overrides), run_dir)
     except Exception as e:  # noqa: BLE001  a crash ends one job of a sweep, not the sweep
-        if not sweep:
-            raise
-        log.exception("job %d crashed", hc.job.num)
-        record(_SWEEP_DIR, hc.job.num, overrides, "crashed", f"{type(e).__name__}: {e}")
+        logging.getLogger("safetrain").exception("job %d crashed", hc.job.num)
+        status, out, code = "crashed", f"{type(e).__name__}: {e}", 1
+    record(_SWEEP_DIR, hc.job.num, overrides, status, **({"final": out} if status == "done" else {"message": out}))
+    if status == "interrupted":
+        sys.exit(code)
+
+
+def resume(run_dir: Path, args: list[str]) -> int:
+    """`python -m safetrain resume=RUN_DIR [trainer.max_epochs=N ...]`: the run goes on in RUN_DIR, logging to its
+    safetrain.log, with its saved config (safetrain/resume.py); no Hydra job, so nothing else is composed."""
+    from omegaconf import OmegaConf
+
+    from safetrain import resume as R
+    from safetrain.run import run
+
+    try:
+        bad = [a for a in args if "=" not in a or a.startswith(("-", "hydra.", "recipe="))]
+        if bad:
+            raise SafetrainError(f"[config] resume={run_dir} takes key=value settings only, not {' '.join(bad)} "
+                                 "(the run keeps its recipe and directory).")
+        cfg = R.saved_config(run_dir, args)
+        R.check(run_dir, cfg)
+    except SafetrainError as e:
+        print(f"ConfigError: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "safetrain.log")],
+                        force=True)  # as Hydra's job logging: the log goes on in the same file
+    logging.getLogger("safetrain").info("resuming %s%s", run_dir, f" with {' '.join(args)}" if args else "")
+    overrides = list(OmegaConf.load(run_dir / "overrides.yaml")) if (run_dir / "overrides.yaml").exists() else []
+    return _attempt(lambda: run(cfg, run_dir, overrides, resume=True), run_dir)[2]

@@ -173,15 +173,19 @@ def epoch_scalars(tr: dict, val: dict, loss_fn, lr: float) -> dict:
 def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, *, prec: Precision,
         max_epochs: int, grad_clip: float, early_stop_patience: int, selection: tuple[str, str],
         save: Callable[[str, dict], None], track: Callable, progress: bool, monitors=None,
-        stop: StopRequest | None = None) -> FitResult:
+        stop: StopRequest | None = None, resume: dict | None = None) -> FitResult:
     """Train up to max_epochs; after each epoch validate, step the schedule on the selection metric, let the
     `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
-    and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model."""
+    and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model.
+    `resume`: the state a checkpoint saved (epoch, best, history), everything else already restored."""
     metric, mode = selection
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
-    history, since_best = [], 0
-    for epoch in range(1, max_epochs + 1):
+    epoch, history = 0, []
+    if resume:
+        epoch, best, history = resume["epoch"], resume["best"], list(resume["history"])
+    while epoch < max_epochs and not (early_stop_patience and epoch - best["epoch"] >= early_stop_patience):
+        epoch += 1
         if hasattr(loss_fn, "on_epoch"):  # losses that change during training (deferred re-weighting)
             loss_fn.on_epoch(epoch, max_epochs)
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
@@ -191,23 +195,20 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         schedule.after_validation(value)
         improved = better(value, best["value"])
         if improved:
-            best, since_best = {"metric": metric, "value": value, "epoch": epoch}, 0
-        else:
-            since_best += 1
+            best = {"metric": metric, "value": value, "epoch": epoch}
         history.append(epoch_scalars(tr, val, loss_fn, optimizer.param_groups[0]["lr"]))
         if monitors:
             monitors.after_epoch(epoch, history, val["confusion"], model)
         track(epoch, history[-1], [])
-        state = dict(epoch=epoch, metrics=history[-1], best=best)
-        for name in ("last", "best") if improved else ("last",):
-            save(name, state)
+        # best before last: killed between the two writes, last.pt is the epoch before and resumes from there
+        for name in ("best", "last") if improved else ("last",):
+            save(name, dict(epoch=epoch, metrics=history[-1], best=best, history=history))
         log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | lr %.2e | "
                  "%.0f img/s%s", epoch, max_epochs, tr["loss"], tr["acc"], val["loss"], val["acc"],
                  val["macro_f1"], history[-1]["lr"], tr["images_per_s"], "  * best" if improved else "")
-        if early_stop_patience and since_best >= early_stop_patience:
+        if early_stop_patience and epoch - best["epoch"] >= early_stop_patience:
             log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
-                     metric, since_best, best["value"], best["epoch"])
-            break
+                     metric, epoch - best["epoch"], best["value"], best["epoch"])
     found = monitors.at_end(best["epoch"]) if monitors else []  # what holds for the kept or the last model
     if found:
         track(epoch, {}, found)

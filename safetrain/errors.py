@@ -16,13 +16,20 @@ class DataError(SafetrainError):
 class Interrupted(SafetrainError):
     """SIGINT or SIGTERM: training stopped after the current step; the last complete epoch's checkpoint is kept."""
 
+    resumable = True  # `python -m safetrain resume=RUN_DIR` goes on from the last complete epoch
+
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.exit_code = 128 + signal_number  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
 
 
 class TrainingStopped(SafetrainError):
-    """The run was stopped on purpose (divergence, non-finite values); the last good checkpoint is kept."""
+    """The run was stopped on purpose (divergence, non-finite values: resuming would do the same again) or could
+    not write its checkpoint (resumable once there is space); the last good checkpoint is kept."""
+
+    def __init__(self, message: str, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
 
 
 def check_range(key: str, value, lo, hi, row: str = "config", fix: str = "") -> None:

@@ -35,6 +35,12 @@ class StepGuard:
         self.nonfinite |= ~torch.isfinite(loss + grad_norm)  # inf or NaN in either stays inf or NaN
         self.exploded |= loss > self.start
 
+    def state_dict(self) -> dict:
+        return {"start": self.start}  # the flags are clear at every checkpoint (a raised one stops the run)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = None if state["start"] is None else state["start"].to(self.nonfinite.device)
+
     def _layers(self) -> str:
         """The parameters (in forward order) whose gradient or value is no longer finite."""
         if self.model is None:
@@ -218,6 +224,15 @@ class Monitors:
         for key in now.keys() - before:
             log.info("watching (a warning if it holds at the best or the last epoch): %s", now[key].message)
         self.by_epoch[epoch] = now
+
+    def state_dict(self) -> dict:
+        return {"guard": self.guard.state_dict(),
+                "by_epoch": {e: [f.to_dict() for f in held.values()] for e, held in self.by_epoch.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guard.load_state_dict(state["guard"])
+        self.by_epoch = {e: {(f["row"], f["kind"]): Finding(**f) for f in held}
+                         for e, held in state["by_epoch"].items()}
 
     def at_end(self, best_epoch: int) -> list[Finding]:
         """The conditions that hold at the best epoch (the checkpoint the run keeps) or at the last one."""

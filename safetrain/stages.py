@@ -34,8 +34,9 @@ from safetrain.monitors import (Monitors, StepGuard, label_noise, label_noise_fi
                                 suspected_mislabeled)
 from safetrain.optim import LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
+from safetrain.resume import command, finished
 from safetrain.report import balance_lines, per_class_table, write_report
-from safetrain.tracking import Tracker, environment, flatten, snapshot
+from safetrain.tracking import Tracker, environment, flatten, snapshot, write_config
 
 log = logging.getLogger("safetrain")
 
@@ -132,9 +133,11 @@ def refuse_used_run_dir(run_dir: Path) -> None:
                           "writable folder. Choose another one with hydra.run.dir=... (or run from a writable folder).")
     used = [f for f in RUN_FILES if (Path(run_dir) / f).exists()]
     if used:
+        go_on = "" if finished(run_dir) else f" If it is this run, stopped before its end, continue it: " \
+                                              f"{command(run_dir)}"
         raise ConfigError(f"[M31] {run_dir} already holds a run ({', '.join(used)}); writing into it would mix two "
                           "runs' checkpoints and metrics. Choose another directory (hydra.run.dir=...), or move that "
-                          "run away first.")
+                          f"run away first.{go_on}")
 
 
 def start(cfg: Config) -> Context:
@@ -217,9 +220,11 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw:
     return loaders, eval_pipe, (x0, y0), checked
 
 
-def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = None) -> Setup:
+def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = None,
+                   lr: Optional[float] = None) -> Setup:
     """Model from the data facts (or the user's, checked [M10-M12]), loss from the task and the class balance,
-    AdamW/SGD without decay on norm/bias, the schedule stepped on the selection metric."""
+    AdamW/SGD without decay on norm/bias, the schedule stepped on the selection metric. `lr`: the one a resumed
+    run chose (optim.lr=auto is not measured again)."""
     cfg, facts, (x0, _) = ctx.cfg, data.facts, data.first_batch
     net = model if model is not None else build_model(**vars(cfg.model), channels=facts.channels, height=facts.height,
                                                       width=facts.width, num_classes=facts.num_classes)
@@ -238,7 +243,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     def make_optimizer(m, lr):
         return build_optimizer(m, o.name, lr, o.weight_decay, o.momentum, o.nesterov)
 
-    lr = o.lr
+    lr = o.lr if lr is None else lr
     if lr == "auto":
         lr = find_lr(net, data.loaders.train, loss_fn, make_optimizer, ctx.prec, bounds=OPTIMIZERS[o.name].lr_range)
         log.info("optim.lr=auto: the range test chose lr %.2e", lr)
@@ -263,16 +268,21 @@ def preflight(ctx: Context, data: Prepared, setup: Setup) -> list[Finding]:
     return checks
 
 
-def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, findings: list[Finding]) -> RunDir:
+def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, findings: list[Finding],
+                 resumed_at: Optional[int] = None) -> RunDir:
     """Every check has passed: from here on the run directory is written. The snapshot, the splits, the facts,
-    the audit, the findings so far (epoch 0) and what the network is fed [M30, M31]."""
+    the audit, the findings so far (epoch 0) and what the network is fed [M30, M31]. A run resumed at epoch
+    `resumed_at` >= 1 keeps them (config.yaml takes a new trainer.max_epochs) and its metrics up to that epoch."""
     run_dir = Path(run_dir)
+    if resumed_at:
+        write_config(run_dir, ctx.config)
+        return RunDir(run_dir, Tracker(run_dir, keep_through=resumed_at))
     run_dir.mkdir(parents=True, exist_ok=True)
     snapshot(run_dir, ctx.config, overrides, environment(ctx.device))
     write_json(run_dir / "splits.json", D.describe(data.splits))
     write_json(run_dir / "data_facts.json", data.facts.to_dict())
     write_json(run_dir / "audit.json", {"summary": data.audit.summary(), **asdict(data.audit)})
-    tracker = Tracker(run_dir)
+    tracker = Tracker(run_dir, keep_through=None if resumed_at is None else -1)  # resumed before epoch 1: all anew
     if findings:  # audit and preflight findings: epoch 0 of metrics.jsonl and TensorBoard text
         tracker.epoch(0, {}, findings)
     pairs = pair_images(data.audit, data.splits)
@@ -284,21 +294,26 @@ def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, finding
     return RunDir(run_dir, tracker)
 
 
-def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir) -> FitResult:
-    """fit() with the monitors and checkpoints of this run; best.pt is chosen on validation [M07, M29]."""
+def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: Optional[dict] = None) -> FitResult:
+    """fit() with the monitors and checkpoints of this run; best.pt is chosen on validation [M07, M29].
+    `resume_from`: a checkpoint of this run, whose state goes back into everything before training goes on."""
     tr, c = ctx.cfg.trainer, data.facts.num_classes
-    log.info("[8/9] training up to %d epochs -> %s", tr.max_epochs, out.path)
-    checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, optimizer=setup.optimizer,
-                               schedule=setup.schedule, data_facts=data.facts.to_dict(), config=ctx.config)
     guard = StepGuard(c, ctx.device, setup.lr, setup.model, lr_from_range_test=ctx.cfg.optim.lr == "auto")
     monitors = Monitors(guard, next(iter(data.loaders.val))[0], c,
                         f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images",
                         monitor_fixes(ctx.cfg, setup.custom_model))
+    checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, data_facts=data.facts.to_dict(),
+                               config=ctx.config, lr=setup.lr, optimizer=setup.optimizer, schedule=setup.schedule,
+                               loader=data.loaders.train, monitors=monitors)
+    if resume_from:
+        checkpoints.restore(resume_from)
+    log.info("[8/9] training up to %d epochs -> %s%s", tr.max_epochs, out.path,
+             f" (resumed after epoch {resume_from['epoch']})" if resume_from else "")
     with StopRequest().installed() as stop:  # SIGINT/SIGTERM: stop cleanly after the current step
         return fit(setup.model, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer,
                    setup.schedule, setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
                    early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
-                   track=out.tracker.epoch, progress=tr.progress, monitors=monitors, stop=stop)
+                   track=out.tracker.epoch, progress=tr.progress, monitors=monitors, stop=stop, resume=resume_from)
 
 
 def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
@@ -341,11 +356,12 @@ def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding]
     """Training stopped on purpose or by a signal: say why in metrics.json, report.md and TensorBoard; the
     checkpoints of the complete epochs stay."""
     key = "interrupted" if isinstance(error, Interrupted) else "stopped"
+    why = str(error) + (f" Continue it with: {command(out.path)}" if error.resumable else "")
     try:  # best effort: the stop may be a full disk
-        write_json(out.path / "metrics.json", {key: str(error), "wall_time_s": time.time() - ctx.t_start})
+        write_json(out.path / "metrics.json", {key: why, "wall_time_s": time.time() - ctx.t_start})
         write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
-                     findings=findings, stopped=str(error))
-        out.tracker.text("warnings", str(error))
+                     findings=findings, stopped=why)
+        out.tracker.text("warnings", why)
         out.tracker.close()
     except OSError as e:
         log.error("could not record the stop in %s (%s)", out.path, e)

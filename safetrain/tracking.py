@@ -41,19 +41,29 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def snapshot(run_dir: Path, config: dict, overrides: list[str], env: dict) -> None:
+def write_config(run_dir: Path, config: dict) -> None:
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+def snapshot(run_dir: Path, config: dict, overrides: list[str], env: dict) -> None:
+    write_config(run_dir, config)
     write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     write_json(run_dir / "env.json", env)
 
 
 class Tracker:
-    """TensorBoard event files plus one JSON line per epoch in metrics.jsonl."""
+    """TensorBoard event files plus one JSON line per epoch in metrics.jsonl. A resumed run keeps what the epochs
+    up to `keep_through` wrote (-1: nothing) and drops the rest, so no epoch is there twice: metrics.jsonl is cut
+    to those lines, and TensorBoard purges every later step (its own mechanism for restarted runs)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep_through: int | None = None):
         self.run_dir = run_dir
-        self.tb = SummaryWriter(str(run_dir / "tb"))
         self.jsonl = run_dir / "metrics.jsonl"
+        if keep_through is not None and self.jsonl.exists():
+            kept = [r for r in _records(self.jsonl)
+                    if r["epoch"] < keep_through or (r["epoch"] == keep_through and "train/loss" in r)]
+            write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))  # the end-of-training line is redone
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=None if keep_through is None else keep_through + 1)
 
     def epoch(self, epoch: int, scalars: dict, findings: list[Finding] = ()) -> None:
         """One line of metrics.jsonl and the epoch's scalars; `findings` as text (epoch 0: before training)."""
@@ -89,6 +99,17 @@ class Tracker:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def _records(jsonl: Path) -> list[dict]:
+    """The whole lines of metrics.jsonl (a process killed while appending leaves its last line cut)."""
+    out = []
+    for line in jsonl.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -9,7 +9,8 @@ from safetrain.errors import ConfigError
 from safetrain.models import build_model
 
 
-@pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[8, 16], blocks=1)), ("resnet", dict(depth=20, base_width=8)),
+@pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[8, 16], blocks=1)),
+                                       ("resnet", dict(depth=20, base_width=8)),
                                        ("resnet", dict(depth=18, base_width=8))])
 @pytest.mark.parametrize("c,h,w,k", [(1, 8, 8, 3), (3, 28, 28, 10), (3, 40, 56, 7)])
 def test_builders_take_every_shape_from_the_data(name, arch, c, h, w, k):
@@ -49,7 +50,8 @@ def test_group_norm_option_replaces_batch_norm():
 
 
 @pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[24, 48, 96], blocks=1)),
-                                       ("resnet", dict(depth=20, base_width=16)), ("resnet", dict(depth=56, base_width=16)),
+                                       ("resnet", dict(depth=20, base_width=16)),
+                                       ("resnet", dict(depth=56, base_width=16)),
                                        ("resnet", dict(depth=18, base_width=32))])
 def test_initial_loss_is_near_chance(name, arch):
     torch.manual_seed(0)

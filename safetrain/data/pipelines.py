@@ -97,7 +97,19 @@ class BatchPipeline:
         return x
 
 
-class TensorLoader:
+class _RandomState:
+    """A training loader's random state, for exact resume: the order of the samples (shuffling or class-balanced
+    draws) and the augmentation. Both generators are seeded once per run and move on from epoch to epoch."""
+
+    def state_dict(self) -> dict:
+        return {"order": self.g.get_state(), "augment": self.pipeline.g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g.set_state(state["order"])
+        self.pipeline.g.set_state(state["augment"])
+
+
+class TensorLoader(_RandomState):
     """Batches from uint8 images held in memory on the training device (the fast path)."""
 
     def __init__(self, data: ImageSet, pipeline: BatchPipeline, batch_size: int, shuffle: bool,
@@ -125,14 +137,14 @@ class TensorLoader:
             yield self.pipeline(self.images[idx]), self.labels[idx]
 
 
-class StreamLoader:
+class StreamLoader(_RandomState):
     """Batches decoded from files by DataLoader workers (folders too large for memory)."""
 
     def __init__(self, data: ImageSet, pipeline: Optional[BatchPipeline], batch_size: int, shuffle: bool,
                  drop_last: bool, seed: int = 0, shape: tuple = (3, 32, 32), resize: Optional[int] = None,
                  num_workers: int = 4, sample_weights: Optional[Tensor] = None):
         self.data, self.pipeline, self.shape = data, pipeline, shape
-        g = torch.Generator().manual_seed(seed)
+        self.g = g = torch.Generator().manual_seed(seed)  # the order and the workers' seeds
         sampler = (None if sample_weights is None else
                    torch.utils.data.WeightedRandomSampler(sample_weights, len(data), generator=g))
         self.loader = file_loader(

@@ -1,0 +1,93 @@
+"""`python -m safetrain resume=RUN_DIR`: a stopped run (a signal, SIGKILL, a full disk, a power cut) goes on from
+its last complete epoch, in its own directory, with the config saved there.
+
+The checkpoint holds everything that decides what happens next (checkpoint.Checkpointer), so a resumed run ends
+with the same checkpoint tensors and metrics as one that was never stopped (same machine and thread count).
+Only settings that cannot change that may differ from the saved config; `trainer.max_epochs` may extend a run
+whose schedule and loss do not depend on it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from safetrain.checkpoint import load_checkpoint
+from safetrain.config import Config, to_container, validate
+from safetrain.errors import ConfigError
+from safetrain.optim import SCHEDULES
+from safetrain.tracking import flatten
+
+SAFE = ("trainer.max_epochs", "trainer.progress", "data.num_workers")  # may differ from the saved config
+
+
+def command(run_dir: Path) -> str:
+    return f"python -m safetrain resume={run_dir}"
+
+
+def finished(run_dir: Path) -> dict | None:
+    """The final metrics.json of a run that went through its test, else None (unfinished or stopped)."""
+    try:
+        final = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return final if "test_acc" in final else None
+
+
+def saved_config(run_dir: Path, overrides: list[str] = ()) -> Config:
+    """The config saved in `run_dir` with the command line's `overrides` on top (checked by `check`)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"[config] resume={run_dir}: there is no config.yaml in it, so no run started there "
+                          "(a run stopped before training began writes none). Start it again with its command.")
+    return validate(OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))))
+
+
+def check(run_dir: Path, cfg: Config) -> None:
+    """Refuse a resume that could not end as the uninterrupted run would: another config, or a finished run."""
+    before, now = flatten(to_container(saved_config(run_dir))), flatten(to_container(cfg))
+    changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k) and k not in SAFE]
+    if changed:
+        raise ConfigError(f"[config] resume={run_dir}: " + ", ".join(f"{k}={now.get(k)} (the run has {before.get(k)})"
+                                                                     for k in changed)
+                          + f" would change what the run already trained. A resumed run keeps its config; only "
+                          f"{', '.join(SAFE)} may be given. For other settings start a new run.")
+    extended = now["trainer.max_epochs"] != before["trainer.max_epochs"]
+    sized = [f"sched.name={cfg.sched.name}"] * (not SCHEDULES[cfg.sched.name][1]) + ["loss.balance=drw"] * (
+        cfg.loss.balance == "drw")  # what depends on max_epochs from the first epoch on
+    if extended and sized:
+        raise ConfigError(f"[config] resume={run_dir} trainer.max_epochs={cfg.trainer.max_epochs}: "
+                          f"{' and '.join(sized)} is sized to "
+                          f"trainer.max_epochs={before['trainer.max_epochs']}, so the epochs already trained would not "
+                          "be those of a longer run. Start a new run with the longer trainer.max_epochs.")
+    final = finished(run_dir)
+    if final and final["stopped_early"]:
+        raise ConfigError(f"[config] resume={run_dir}: the run stopped early at epoch {final['epochs_run']} (no better "
+                          f"val {final['selection_metric']} for trainer.early_stop_patience epochs); more epochs would "
+                          "not change it. Start a new run with another trainer.early_stop_patience.")
+    if final and not extended:
+        raise ConfigError(f"[config] resume={run_dir}: the run finished (metrics.json has its test results). To train "
+                          f"it longer: {command(run_dir)} trainer.max_epochs=N (N > {cfg.trainer.max_epochs}).")
+
+
+def resume_point(run_dir: Path, data_facts: dict, max_epochs: int) -> dict | None:
+    """The last complete epoch's checkpoint (None: the run stopped before its first epoch ended, so it starts over
+    in place). Temp files a killed process left behind are removed."""
+    run_dir = Path(run_dir)
+    for tmp in run_dir.rglob(".*.tmp"):
+        tmp.unlink()
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.exists():
+        return None
+    ckpt = load_checkpoint(path)
+    if "loader" not in ckpt:
+        raise ConfigError(f"[config] {path} was written by an older safetrain without the state a resume needs "
+                          "(the generators, the detectors). It still loads for inference; train a new run.")
+    if ckpt["data_facts"] != data_facts:
+        changed = [k for k in data_facts if ckpt["data_facts"].get(k) != data_facts[k]]
+        raise ConfigError(f"[M31] resume={run_dir}: the data is not what the run trained on (changed: "
+                          f"{', '.join(changed)}), so it cannot go on as it was. Restore the data or start a new run.")
+    if ckpt["epoch"] > max_epochs:
+        raise ConfigError(f"[config] resume={run_dir}: the run already trained {ckpt['epoch']} epochs, more than "
+                          f"trainer.max_epochs={max_epochs}.")
+    return ckpt
