@@ -53,6 +53,11 @@ def _data_lines(facts, audit: dict) -> list[str]:
            f"imbalance ratio {facts.imbalance_ratio:.1f}", "", "| class | train | val | test |", "|---|---|---|---|"]
     out += [f"| {c} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
             for i, c in enumerate(facts.classes)]
+    left = facts.left_out
+    if left.get("skipped") or left.get("bad"):
+        out += ["", f"Left out of the folder: {left['skipped']} hidden, non-image or special entries; "
+                f"{len(left['bad'])} unusable files (data.bad_files=skip)" + (":" if left["bad"] else ".")]
+        out += [f"- {f}: {why}" for f, why in list(left["bad"].items())[:20]]
     return out + ["", "## Audit", ""] + [f"- {k}: {v}" for k, v in audit.items()]
 
 

@@ -169,7 +169,8 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
              seed)
     loader_kw = dict(shape=src.shape, resize=src.resize, num_workers=d.num_workers)
     facts = D.measure_facts(src.classes, D.class_counts(splits, len(src.classes)), splits["train"].ids, src.shape,
-                            src.fingerprint, lambda: D.uint8_batches(splits["train"], **loader_kw), ctx.cache)
+                            src.fingerprint, lambda: D.uint8_batches(splits["train"], **loader_kw), ctx.cache,
+                            src.left_out)
     audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device)
     found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
     found += [f for f in [D.duplicates_finding(copies)] if f and not d.allow_duplicates_across_splits]

@@ -1,4 +1,5 @@
 """Every file in an image folder is decoded right, skipped on purpose, or refused by name (a bad-file zoo)."""
+import json
 import os
 
 import numpy as np
@@ -74,3 +75,49 @@ def test_bad_files_can_be_skipped_and_are_counted(zoo, tmp_path, caplog):
     root, _ = zoo
     src = load_folder(str(root), None, "memory", tmp_path / "cache", 0, bad_files="skip")
     assert len(src.parts["all"]) == 12 and "left out 3 unusable files" in caplog.text
+
+
+def _cut_after_header(path):
+    """A JPEG whose header is whole and whose pixel data stops half-way (a copy interrupted mid-file)."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_a_file_cut_after_its_header_is_found_before_training_listed_and_skippable(tmp_path):
+    root = write_images(tmp_path / "imgs", classes=2, per_class=8, size=(64, 64))
+    _cut_after_header(root / "class_1" / "cut_body.jpg")
+    (root / "class_0" / "empty.png").write_bytes(b"")
+    assert not isinstance(header(root / "class_1" / "cut_body.jpg"), str)  # the header alone looks fine
+    for loader in ("memory", "stream"):  # a streamed folder is checked in full before training, too
+        with pytest.raises(DataError) as e:
+            load_folder(str(root), None, loader, tmp_path / "cache", 0)
+        assert "2 of 18 files cannot be used" in str(e.value)  # both, in one list
+        assert "cut_body.jpg: cannot be decoded" in str(e.value) and "empty.png: empty file" in str(e.value)
+        src = load_folder(str(root), None, loader, tmp_path / "cache", 0, bad_files="skip")
+        assert len(src.parts["all"]) == 16 and src.left_out["bad"] == {
+            "class_0/empty.png": "empty file", "class_1/cut_body.jpg": src.left_out["bad"]["class_1/cut_body.jpg"]}
+        assert "truncated" in src.left_out["bad"]["class_1/cut_body.jpg"]
+
+
+def test_the_files_left_out_are_in_data_facts_and_the_report(tmp_path):
+    from safetrain.cli import compose
+    from safetrain.run import run
+
+    root = write_images(tmp_path / "imgs", classes=2, per_class=30, size=(64, 64))
+    _cut_after_header(root / "class_0" / "cut_body.jpg")
+    Image.new("RGB", (64, 64)).save(root / "class_0" / ".hidden.png")
+    cfg, _ = compose("smoke", ["data=imagefolder", f"data.root={root}", "data.bad_files=skip", "data.batch_size=8",
+                               "trainer.max_epochs=1", "trainer.progress=false", "data.loader=stream"])
+    run(cfg, tmp_path / "run")
+    facts = json.loads((tmp_path / "run" / "data_facts.json").read_text())
+    assert facts["left_out"]["skipped"] == 1 and list(facts["left_out"]["bad"]) == ["class_0/cut_body.jpg"]
+    assert "class_0/cut_body.jpg: cannot be decoded" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_images_of_different_sizes_are_refused_up_front_in_either_loader(tmp_path):
+    root = write_images(tmp_path / "imgs", classes=2, per_class=6, size=(8, 8))
+    Image.new("RGB", (12, 10)).save(root / "class_1" / "odd.png")
+    for loader in ("memory", "stream"):
+        with pytest.raises(DataError, match=r"2 sizes.*odd\.png 10x12.*data\.image_size=8"):
+            load_folder(str(root), None, loader, tmp_path / "cache", 0)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,45 @@ def test_the_command_line_says_how_to_resume_and_refuses_other_arguments(tmp_pat
     assert bad.returncode == 2 and "key=value settings only" in bad.stderr
     done = run_cli(f"resume={cut}", "trainer.max_epochs=1")  # fewer than it ran: refused
     assert done.returncode == 2 and re.search(r"already trained \d+ epochs, more than", done.stdout)
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_data_loader_workers_do_not_outlive_a_stopped_run(tmp_path, sig):
+    root = write_images(tmp_path / "imgs", classes=2, per_class=300, size=(16, 16))
+    proc = subprocess.Popen([sys.executable, "-m", "safetrain", "recipe=smoke", "data=imagefolder",
+                             f"data.root={root}", "data.loader=stream", "data.num_workers=2", "trainer.max_epochs=1000",
+                             "trainer.early_stop_patience=0", "trainer.progress=false",
+                             f"hydra.run.dir={tmp_path / 'r'}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    workers, deadline = set(), time.time() + 120
+    while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "r" / "metrics.jsonl").exists():  # training: the loader's workers are up
+            workers = _children(proc.pid)
+        time.sleep(0.05)
+    assert len(workers) >= 2
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    deadline = time.time() + 15  # a worker notices a killed parent within its 5 s status check
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)]

@@ -52,7 +52,7 @@ class Source:
     fingerprint: str  # identifies the pixels and labels, for caches
     shape: tuple[int, int, int]  # (C, H, W) every image has after decoding
     resize: Optional[int] = None  # streaming decode resizes to this square size
-    notes: list[str] = field(default_factory=list)
+    left_out: dict = field(default_factory=dict)  # {"skipped": hidden/non-image entries, "bad": {file: why}}
 
 
 def digest(*chunks) -> str:
@@ -126,33 +126,51 @@ def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
 def decode_image(path: str, channels: int, resize: Optional[int]) -> Tensor:
     """One file -> (C, H, W) uint8 with the dataset's channel count (and size, if resizing)."""
     try:
-        with Image.open(path) as im:
-            arr = to_array(im, channels)
+        return _decode(path, channels, resize)
     except (OSError, ValueError) as e:
         raise DataError(f"[data] cannot decode image {path} ({e}). Remove or replace the file.") from None
+
+
+def _decode(path: str, channels: int, resize: Optional[int]) -> Tensor:
+    with Image.open(path) as im:
+        arr = to_array(im, channels)  # reads every pixel: a file cut after its header fails here
     if resize and arr.shape[:2] != (resize, resize):  # antialiased when shrinking
         arr = np.asarray(Image.fromarray(arr).resize((resize, resize), Image.BILINEAR))
     t = torch.from_numpy(np.array(arr))  # a writable copy
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def _scan(files: list[Path], policy: str) -> tuple[list[Path], int, tuple[int, int]]:
-    """Every file's header: (the good files, channels, the largest (H, W)). Bad files are refused together,
-    each with its reason (`data.bad_files=refuse`), or left out and counted (`skip`)."""
+def _scan(files: list[Path], resize: Optional[int]) -> tuple[list[Path], dict, int, tuple[int, int]]:
+    """Every file's header: (the good files, the bad ones {file: why}, channels, (H, W)). Sizes that differ
+    need data.image_size."""
     heads = {f: header(f) for f in files}
     bad = {f: h for f, h in heads.items() if isinstance(h, str)}
+    good = {f: h for f, h in heads.items() if f not in bad}
+    if not good:
+        raise DataError(f"[data] no usable image among the {len(files)} files found. Check the folder.")
+    sizes = {}
+    for f, (_, size) in good.items():
+        sizes.setdefault(size, f)
+    if len(sizes) > 1 and not resize:
+        raise DataError(f"[data] the images have {len(sizes)} sizes (HxW), e.g. " + ", ".join(
+            f"{f} {h}x{w}" for (h, w), f in list(sizes.items())[:3]) + ". Set data.image_size=N to resize every "
+            f"image to NxN (e.g. data.image_size={min(min(s) for s in sizes)}).")
+    return list(good), bad, channels_of({m for m, _ in good.values()}), max(sizes)
+
+
+def _refuse_or_skip(bad: dict, total: int, policy: str) -> dict:
+    """`bad` ({file: why}) refused in one DataError (data.bad_files=refuse), or logged and returned (skip)."""
     if bad and policy != "skip":
         shown = "\n".join(f"  {f}: {why}" for f, why in list(bad.items())[:50])
         more = "\n  ..." if len(bad) > 50 else ""
-        raise DataError(f"[data] {len(bad)} of {len(files)} files cannot be used:\n{shown}{more}\nRemove or "
+        raise DataError(f"[data] {len(bad)} of {total} files cannot be used:\n{shown}{more}\nRemove or "
                         "replace them, or set data.bad_files=skip to train without them.")
     if bad:
         f, why = next(iter(bad.items()))
         log.warning("data.bad_files=skip: left out %d unusable files (e.g. %s: %s)", len(bad), f, why)
-    good = {f: h for f, h in heads.items() if f not in bad}
-    if not good:
+    if len(bad) == total:
         raise DataError("[data] no usable image among the files found. Check the folder.")
-    return list(good), channels_of({m for m, _ in good.values()}), max(size for _, size in good.values())
+    return bad
 
 
 def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path,
@@ -178,25 +196,30 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
         if extra:
             raise DataError(f"[data] {layout[part]} has class folders {sorted(extra)} that {layout[first]} "
                             f"lacks. Every split must use the training split's classes.")
-    good, channels, (h, w) = _scan([f for found in per_part.values() for fs in found.values() for f in fs], bad_files)
+    good, bad_headers, channels, (h, w) = _scan([f for found in per_part.values() for fs in found.values() for f in fs],
+                                                image_size)
     good = set(good)
-    parts_files = {part: [(str(f), classes.index(c)) for c, fs in found.items() for f in fs if f in good]
-                   for part, found in per_part.items()}
-    all_files = [Path(f) for pf in parts_files.values() for f, _ in pf]
-    if image_size:
-        h = w = image_size
-    stat = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in all_files]
-    fp = digest("folder", str(folder.resolve()), image_size, channels, *stat)
-    est_bytes = len(all_files) * channels * h * w
-    stream = loader == "stream" or (loader == "auto" and est_bytes > MEMORY_LIMIT_BYTES)
+    listed = [(part, str(f), classes.index(c)) for part, found in per_part.items() for c, fs in found.items()
+              for f in fs if f in good]
+    h, w = (image_size, image_size) if image_size else (h, w)
+    stat = [(str(Path(f).relative_to(folder)), Path(f).stat().st_size, Path(f).stat().st_mtime_ns)
+            for _, f, _ in listed]
+    fp = digest("folder v2", str(folder.resolve()), image_size, channels, *stat)
+    stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
+    images, bad = _decode_all([f for _, f, _ in listed], (channels, h, w), image_size, cache_dir, fp, num_workers,
+                              keep=not stream)
+    unusable = _refuse_or_skip(dict(sorted({**bad_headers, **{Path(listed[i][1]): why for i, why in bad.items()}}
+                                           .items())), len(listed) + len(bad_headers), bad_files)  # one list to fix
     parts = {}
-    for part, pf in parts_files.items():
-        ids = [str(Path(f).relative_to(folder)) for f, _ in pf]
-        parts[part] = ImageSet(torch.tensor([y for _, y in pf], dtype=torch.int64), ids,
-                               files=[f for f, _ in pf])
-    src = Source(classes, parts, fp, (channels, h, w), resize=image_size)
-    if not stream:
-        _decode_all(src, cache_dir, num_workers)
+    for part in dict.fromkeys(p for p, _, _ in listed):
+        idx = [i for i, (p, _, _) in enumerate(listed) if p == part and i not in bad]
+        parts[part] = ImageSet(torch.tensor([listed[i][2] for i in idx], dtype=torch.int64),
+                               [str(Path(listed[i][1]).relative_to(folder)) for i in idx],
+                               None if images is None else images[idx], files=[listed[i][1] for i in idx])
+    left_out = {"skipped": skipped, "bad": {str(Path(f).relative_to(folder)): why
+                                            for f, why in unusable.items()}}
+    src = Source(classes, parts, fp, (channels, h, w), resize=image_size, left_out=left_out)
+    all_files = [f for s in parts.values() for f in s.files]
     log.info("image folder %s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries "
              "skipped", folder, len(all_files), len(classes), f"{channels}x{h}x{w}", "streaming" if stream else
              "in-memory", skipped)
@@ -226,29 +249,38 @@ def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoad
                                        multiprocessing_context="spawn" if spawn else None, **kw)
 
 
-def _decode_all(src: Source, cache_dir: Path, num_workers: int) -> None:
-    """Decode every file once into uint8 tensors (cached on disk by the source fingerprint)."""
-    path = cache_dir / "decoded" / f"{src.fingerprint}.pt"
-    images, hit = cached(path, lambda: {part: _decode_part(s, src.shape, src.resize, num_workers)
-                                        for part, s in src.parts.items()})
-    for part, s in src.parts.items():
-        s.images = images[part]
-    log.info("%s %s", "decoded images loaded from cache" if hit else "images decoded and cached at", path)
+def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[int], cache_dir: Path, fp: str,
+                num_workers: int, keep: bool) -> tuple[Optional[Tensor], dict[int, str]]:
+    """Decode every file once, before training, in worker processes: (the images (N, C, H, W) uint8 if `keep`, else
+    None: a streamed folder is only checked; {index: why} of the files that cannot be decoded). Cached by the
+    folder's fingerprint, so a folder is decoded (or checked) once."""
+    def decode():
+        c, h, w = shape
+        out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
+        bad = {}
+        for batch in file_loader(_Checked(files, c, resize), batch_size=256, num_workers=num_workers,
+                                 collate_fn=list):
+            for i, img in batch:
+                if isinstance(img, str):
+                    bad[i] = img
+                elif keep:
+                    out[i] = img
+        return {"images": out, "bad": bad}
+
+    path = cache_dir / ("decoded" if keep else "checked") / f"{fp}.pt"
+    entry, hit = cached(path, decode)
+    log.info("%s %s", "decoded images loaded from cache" if hit else "every image decoded once, cached at", path)
+    return entry["images"], entry["bad"]
 
 
-def _decode_part(s: ImageSet, shape: tuple[int, int, int], resize: Optional[int], num_workers: int) -> Tensor:
-    c, h, w = shape
-    dl = file_loader(FileDataset(s.files, c, resize), batch_size=256, num_workers=num_workers, collate_fn=list)
-    out = torch.empty((len(s), c, h, w), dtype=torch.uint8)
-    i = 0
-    for batch in dl:
-        for img in batch:
-            if img.shape != out.shape[1:]:
-                raise DataError(f"[data] {s.files[i]} is {tuple(img.shape[1:])} (HxW) but the folder's "
-                                f"images are {(h, w)}. Set data.image_size=N to resize every image to NxN.")
-            out[i] = img
-            i += 1
-    return out
+class _Checked(FileDataset):
+    """(index, image) or (index, why the file cannot be decoded): one bad file does not stop the others."""
+
+    def __getitem__(self, i):
+        try:
+            return i, _decode(self.files[i], self.channels, self.resize)
+        except (OSError, ValueError) as e:
+            return i, f"cannot be decoded ({type(e).__name__}: {str(e)[:80]})"
 
 
 def _torchvision_source(name: str):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -31,6 +31,7 @@ class DataFacts:
     std: list[float]
     counts: dict[str, list[int]]  # per split, per class
     fingerprint: str
+    left_out: dict = field(default_factory=dict)  # image folders: entries skipped, bad files left out (and why)
 
     @property
     def num_classes(self) -> int:
@@ -65,7 +66,8 @@ def channel_stats(batches: Iterable[Tensor]) -> tuple[list[float], list[float]]:
 
 
 def measure_facts(classes: list[str], counts: dict[str, list[int]], train_ids: list[str],
-                  shape: tuple[int, int, int], source_fp: str, train_batches, cache_dir: Path) -> DataFacts:
+                  shape: tuple[int, int, int], source_fp: str, train_batches, cache_dir: Path,
+                  left_out: dict | None = None) -> DataFacts:
     """Shape, counts per split, and mean/std of the train split (cached by its fingerprint).
 
     `train_batches` is a zero-argument callable yielding uint8 batches of the train split, so
@@ -80,4 +82,4 @@ def measure_facts(classes: list[str], counts: dict[str, list[int]], train_ids: l
         raise DataError(f"[M33] a channel of the training images is constant (std={std}); nothing can be "
                         "learned from it. Check that the images are not blank.")
     c, h, w = shape
-    return DataFacts(classes, c, h, w, mean, std, counts, fp)
+    return DataFacts(classes, c, h, w, mean, std, counts, fp, left_out or {})
