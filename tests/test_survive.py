@@ -137,3 +137,14 @@ def test_a_run_dir_under_a_read_only_folder_is_refused(tmp_path):
             run(cfg, locked / "sub" / "run")
     finally:
         locked.chmod(0o700)
+
+
+def test_exit_codes_are_the_documented_ones(tmp_path):
+    """0 done, 2 refused (config or data), 1 stopped on purpose; 130/143 are tested with the signals."""
+    assert run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}").returncode == 0
+    refused = run_cli("recipe=smoke", "data.batch_size=5000", f"hydra.run.dir={tmp_path / 'no'}")
+    assert refused.returncode == 2 and "[M23]" in refused.stdout + refused.stderr
+    diverged = run_cli("recipe=smoke", "optim=sgd", "optim.allow_unusual_lr=true", "optim.lr=1000", "trainer.grad_clip=0",
+                       f"hydra.run.dir={tmp_path / 'nan'}")
+    assert diverged.returncode == 1 and "Training stopped" in diverged.stdout + diverged.stderr
+    assert "resume=" not in diverged.stdout + diverged.stderr  # resuming would diverge again: not offered
