@@ -86,7 +86,11 @@ def load_classifier(path: Path, model=None):
     """A trained classifier from a checkpoint, with its normalization in front: it takes uint8
     (B, C, H, W) images as they come from disk and returns logits, so train and inference cannot
     normalize differently [M02]. Pass `model` (same architecture) for a model safetrain did not build."""
-    ckpt = load_checkpoint(path)
+    return classifier(load_checkpoint(path), model)
+
+
+def classifier(ckpt: dict, model=None) -> nn.Sequential:
+    """`load_classifier` for a checkpoint already loaded: Normalize (from its data facts) + the model, eval mode."""
     f = ckpt["data_facts"]
     if model is None:
         model = build_model(**ckpt["config"]["model"], channels=f["channels"], height=f["height"],

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     from hydra._internal.utils import get_args_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in argv for a in ("mode=predict", "mode=evaluate", "mode=export")):
+        return after_training([a for a in argv if not a.startswith("recipe=")])  # the checkpoint has the recipe
     resumed = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     if resumed is not None:
         return resume(Path(resumed), [a for a in argv if not a.startswith("resume=")])
@@ -191,6 +193,31 @@ def _job(raw) -> None:
         sys.exit(code)
 
 
+def _log_to(*handlers: logging.Handler) -> None:
+    """Logging as Hydra's job logging sets it up, for the commands that run without a Hydra job."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), *handlers], force=True)
+
+
+def after_training(args: list[str]) -> int:
+    """`python -m safetrain mode=predict|evaluate|export predict.checkpoint=... [predict.KEY=VALUE ...]`."""
+    from safetrain.config import validate_after_training
+
+    _log_to()
+    try:
+        cfg = validate_after_training(args)
+        if cfg.mode == "export":
+            from safetrain.export import export
+            export(cfg)
+        else:
+            from safetrain import inference
+            getattr(inference, cfg.mode)(cfg)
+    except SafetrainError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def resume(run_dir: Path, args: list[str]) -> int:
     """`python -m safetrain resume=RUN_DIR [trainer.max_epochs=N ...]`: the run goes on in RUN_DIR, logging to its
     safetrain.log, with its saved config (safetrain/resume.py); no Hydra job, so nothing else is composed."""
@@ -209,9 +236,7 @@ def resume(run_dir: Path, args: list[str]) -> int:
     except SafetrainError as e:
         print(f"ConfigError: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "safetrain.log")],
-                        force=True)  # as Hydra's job logging: the log goes on in the same file
+    _log_to(logging.FileHandler(run_dir / "safetrain.log"))  # the log goes on in the same file
     logging.getLogger("safetrain").info("resuming %s%s", run_dir, f" with {' '.join(args)}" if args else "")
     overrides = list(OmegaConf.load(run_dir / "overrides.yaml")) if (run_dir / "overrides.yaml").exists() else []
     return _attempt(lambda: run(cfg, run_dir, overrides, resume=True), run_dir)[2]

@@ -281,3 +281,53 @@ def unlocks(c: Config) -> list[Finding]:
 def to_container(c: Config) -> dict:
     """Plain dict of a validated config (for config.yaml, checkpoints and hparams)."""
     return OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
+
+
+# ---------------------------------------------------------------- after training: no recipe, a checkpoint
+AFTER_TRAINING = ("predict", "evaluate", "export")  # modes that use a trained model (safetrain/inference.py)
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: Optional[str] = None  # RUN_DIR/checkpoints/best.pt, or RUN_DIR (its best.pt)
+    input: Optional[str] = None  # predict: an image or a folder (recursive); evaluate: a folder per class
+    output: Optional[str] = None  # predict: the CSV; evaluate, export: a folder. Default: inside the run directory
+    topk: int = 5
+    batch_size: int = 256
+    num_workers: int = 4
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class AfterTrainingConfig:
+    mode: str = "predict"
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+def validate_after_training(args: list[str]) -> AfterTrainingConfig:
+    """`mode=predict|evaluate|export predict.KEY=VALUE ...`: the model's own settings come from its checkpoint."""
+    other = [a for a in args if "=" not in a or not a.startswith(("mode=", "predict."))]
+    if other:
+        raise ConfigError(f"[config] {' '.join(other)}: with mode=predict, evaluate or export only predict.* settings "
+                          "are taken; the data, model and normalization come from the checkpoint.")
+    keys = schema_keys(AfterTrainingConfig)
+    for key in (a.split("=", 1)[0] for a in args):
+        if key not in keys:
+            raise ConfigError(f"[config] unknown setting '{key}'.{did_you_mean(key, keys, 0.5)} Valid keys: "
+                              f"{', '.join(k for k in keys if k.startswith('predict.'))}.")
+    out: AfterTrainingConfig = _merge(AfterTrainingConfig, OmegaConf.from_dotlist(args), "")
+    p = out.predict
+    _choice("mode", out.mode, AFTER_TRAINING)
+    _choice("predict.device", p.device, DEVICES)
+    needs = ["checkpoint"] + (["input"] if out.mode != "export" else [])
+    missing = [k for k in needs if getattr(p, k) is None]
+    if missing:
+        raise ConfigError(f"[config] mode={out.mode} needs " + " and ".join(
+            {"checkpoint": "predict.checkpoint=RUN_DIR/checkpoints/best.pt",
+             "input": "predict.input=" + ("FOLDER (one subfolder per class)" if out.mode == "evaluate" else
+                                          "IMAGE_OR_FOLDER")}[k] for k in missing) + ".")
+    check_range("predict.topk", p.topk, 1, 1000)
+    check_range("predict.batch_size", p.batch_size, 1, 65536)
+    check_range("predict.num_workers", p.num_workers, 0, 64)
+    return out

@@ -15,11 +15,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: the process's umask, for files created through temp names
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would create it (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

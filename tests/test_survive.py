@@ -144,7 +144,7 @@ def test_exit_codes_are_the_documented_ones(tmp_path):
     assert run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}").returncode == 0
     refused = run_cli("recipe=smoke", "data.batch_size=5000", f"hydra.run.dir={tmp_path / 'no'}")
     assert refused.returncode == 2 and "[M23]" in refused.stdout + refused.stderr
-    diverged = run_cli("recipe=smoke", "optim=sgd", "optim.allow_unusual_lr=true", "optim.lr=1000", "trainer.grad_clip=0",
-                       f"hydra.run.dir={tmp_path / 'nan'}")
+    diverged = run_cli("recipe=smoke", "optim=sgd", "optim.allow_unusual_lr=true", "optim.lr=1000",
+                       "trainer.grad_clip=0", f"hydra.run.dir={tmp_path / 'nan'}")
     assert diverged.returncode == 1 and "Training stopped" in diverged.stdout + diverged.stderr
     assert "resume=" not in diverged.stdout + diverged.stderr  # resuming would diverge again: not offered

@@ -131,11 +131,13 @@ def decode_image(path: str, channels: int, resize: Optional[int]) -> Tensor:
         raise DataError(f"[data] cannot decode image {path} ({e}). Remove or replace the file.") from None
 
 
-def _decode(path: str, channels: int, resize: Optional[int]) -> Tensor:
+def _decode(path: str, channels: int, resize: int | tuple[int, int] | None) -> Tensor:
+    """`resize`: N (NxN, data.image_size) or (H, W) (inference: the size the model was trained on)."""
     with Image.open(path) as im:
         arr = to_array(im, channels)  # reads every pixel: a file cut after its header fails here
-    if resize and arr.shape[:2] != (resize, resize):  # antialiased when shrinking
-        arr = np.asarray(Image.fromarray(arr).resize((resize, resize), Image.BILINEAR))
+    size = (resize, resize) if isinstance(resize, int) else resize
+    if size and arr.shape[:2] != tuple(size):  # antialiased when shrinking
+        arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
     t = torch.from_numpy(np.array(arr))  # a writable copy
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
@@ -258,7 +260,7 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
         c, h, w = shape
         out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
         bad = {}
-        for batch in file_loader(_Checked(files, c, resize), batch_size=256, num_workers=num_workers,
+        for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
                                  collate_fn=list):
             for i, img in batch:
                 if isinstance(img, str):
@@ -273,7 +275,7 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
     return entry["images"], entry["bad"]
 
 
-class _Checked(FileDataset):
+class CheckedFiles(FileDataset):
     """(index, image) or (index, why the file cannot be decoded): one bad file does not stop the others."""
 
     def __getitem__(self, i):

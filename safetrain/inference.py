@@ -1,0 +1,252 @@
+"""After training: predict on images, evaluate on a labelled folder (safetrain/export.py ships the model).
+
+Images go through the code training used (data/files.py, data/sources.py), driven by the data facts stored in the
+checkpoint: the same channel conversion, 16-bit scaling, transparency rule and resize, and the normalization inside
+the model (checkpoint.classifier), so inference cannot preprocess differently from training [M01, M02]."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from safetrain import data as D
+from safetrain.checkpoint import classifier, load_checkpoint
+from safetrain.config import AfterTrainingConfig, PredictConfig, validate
+from safetrain.data.audit import MIN_SIDE, near_duplicates, reference, typical_distance
+from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, header, hidden, list_images
+from safetrain.data.sources import CheckedFiles, ImageSet, file_loader
+from safetrain.errors import ConfigError, DataError, SafetrainError
+from safetrain.io import cache_root, write_json, write_text
+from safetrain.metrics import build_metrics, to_plain
+from safetrain.report import per_class_table
+from safetrain.stages import resolve_device
+
+log = logging.getLogger("safetrain")
+
+
+@dataclass
+class Trained:
+    """A trained model as inference needs it."""
+    model: nn.Module  # uint8 (N, C, H, W) in, logits out; normalization inside; eval mode, on `device`
+    facts: dict  # the checkpoint's data facts: classes, channels, height, width, mean, std
+    ckpt: dict
+    path: Path
+    run_dir: Path
+    device: torch.device
+
+
+def load_trained(checkpoint: str, device: str = "auto") -> Trained:
+    """A checkpoint (or a run directory: its best.pt) -> Trained; a clear error for anything else."""
+    path = Path(checkpoint).expanduser()
+    path = path / "checkpoints" / "best.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {path} does not exist. Point it at a run's "
+                          "checkpoints/best.pt (or at the run directory).")
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:  # another safetrain version's format
+        raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {e} Predict with the safetrain version that "
+                          "trained it, or train again.") from None
+    except Exception as e:  # noqa: BLE001  not a checkpoint at all (another tool's file, a text file, a pickle)
+        raise ConfigError(f"[config] predict.checkpoint={checkpoint} is not a safetrain checkpoint "
+                          f"({type(e).__name__}: {str(e)[:120]}). Point it at RUN_DIR/checkpoints/best.pt.") from None
+    dev = resolve_device(device)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return Trained(classifier(ckpt).to(dev), ckpt["data_facts"], ckpt, path, run_dir, dev)
+
+
+def image_files(where: str) -> list[Path]:
+    """An image file, or every image under a folder (recursive; hidden and non-image entries skipped)."""
+    path = Path(where).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"[data] predict.input={where} is not an image ({', '.join(IMAGE_EXTENSIONS)}).")
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"[data] predict.input={where} does not exist. Give an image file or a folder of images.")
+    files, _ = list_images(path)
+    if not files:
+        raise DataError(f"[data] predict.input={where} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return files
+
+
+@torch.no_grad()
+def logits_of(trained: Trained, files: list[Path], p: PredictConfig, keep_images: bool = False):
+    """(logits (N, C) on the CPU, NaN rows for files that cannot be decoded; {index: why} of those; how many were
+    resized or had their channels converted by the training rule; with `keep_images`, the decoded uint8 images of
+    the others, in order)."""
+    f = trained.facts
+    c, size = f["channels"], (f["height"], f["width"])
+    heads = [header(x) for x in files]
+    bad = {i: h for i, h in enumerate(heads) if isinstance(h, str)}
+    good = [i for i in range(len(files)) if i not in bad]
+    changed = {"resized": sum(1 for i in good if tuple(heads[i][1]) != size),
+               "channels_converted": sum(1 for i in good if (heads[i][0] in GRAY_MODES) != (c == 1))}
+    out = torch.full((len(files), len(f["classes"])), float("nan"))
+    kept = {}
+    loader = file_loader(CheckedFiles([str(files[i]) for i in good], c, size), batch_size=p.batch_size,
+                         num_workers=p.num_workers, collate_fn=list)
+    for batch in tqdm(loader, desc="predict", disable=not p.progress or None, dynamic_ncols=True):
+        ok = [(good[i], img) for i, img in batch if not isinstance(img, str)]
+        bad.update({good[i]: img for i, img in batch if isinstance(img, str)})
+        if ok:
+            x = torch.stack([img for _, img in ok]).to(trained.device)
+            out[[i for i, _ in ok]] = trained.model(x).float().cpu()
+            kept.update(ok if keep_images else [])
+    images = torch.stack([kept[i] for i in sorted(kept)]) if kept else None
+    return out, dict(sorted(bad.items())), changed, *([images] if keep_images else [])
+
+
+def predict(cfg: AfterTrainingConfig) -> Path:
+    """`mode=predict`: a CSV with each file's class, its probability and the top-k; a one-line summary."""
+    p = cfg.predict
+    trained = load_trained(p.checkpoint, p.device)
+    files = image_files(p.input)
+    root = Path(p.input).expanduser()
+    logits, bad, changed = logits_of(trained, files, p)
+    classes, k = trained.facts["classes"], min(p.topk, len(trained.facts["classes"]))
+    top_p, top_i = logits.softmax(1).topk(k, dim=1)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "predicted", "probability"] + [f"{n}{j}" for j in range(1, k + 1) for n in ("top", "p")]
+               + ["error"])
+    for i, path in enumerate(files):
+        name = str(path.relative_to(root)) if root.is_dir() else path.name
+        if i in bad:
+            w.writerow([name, "", ""] + [""] * 2 * k + [bad[i]])
+        else:
+            ranked = [v for j in range(k) for v in (classes[top_i[i, j]], f"{top_p[i, j]:.6f}")]
+            w.writerow([name, classes[top_i[i, 0]], f"{top_p[i, 0]:.6f}"] + ranked + [""])
+    out = Path(p.output) if p.output else trained.run_dir / "predictions" / f"{_stem(p.input)}.csv"
+    write_text(out, buf.getvalue())
+    counts = torch.bincount(top_i[[i for i in range(len(files)) if i not in bad], 0], minlength=len(classes))
+    log.info("predicted %d images with %s: %s | %d could not be decoded%s | %d resized to %dx%d, %d converted to "
+             "%s (the training rule) -> %s", len(files) - len(bad), trained.path,
+             ", ".join(f"{c} {n}" for c, n in zip(classes, counts.tolist())), len(bad),
+             "".join(f"\n  {files[i]}: {why}" for i, why in list(bad.items())[:20]), changed["resized"],
+             trained.facts["height"], trained.facts["width"], changed["channels_converted"],
+             "grayscale" if trained.facts["channels"] == 1 else "RGB", out)
+    return out
+
+
+def _stem(where: str) -> str:
+    return f"{Path(where).expanduser().resolve().name}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+
+
+def labelled_files(folder: str, classes: list[str]) -> tuple[list[Path], torch.Tensor, list[str]]:
+    """(files, labels by the training classes' order, training classes missing here) of a folder per class."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"[data] predict.input={folder} is not a folder. mode=evaluate needs one subfolder per class.")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not hidden(d.name))
+    unknown = [c for c in found if c not in classes]
+    if unknown or not found:
+        raise DataError(f"[data] {root} has class folders {unknown or 'none'} that the model was not trained on; its "
+                        f"classes are {classes}. Rename or remove those folders (one subfolder per training class).")
+    files, labels = [], []
+    for c in found:
+        listed, _ = list_images(root / c)
+        files += listed
+        labels += [classes.index(c)] * len(listed)
+    return files, torch.tensor(labels, dtype=torch.int64), [c for c in classes if c not in found]
+
+
+def evaluate(cfg: AfterTrainingConfig) -> Path:
+    """`mode=evaluate`: the test stage's metrics on a labelled folder, in an evaluation directory (metrics.json,
+    report.md, predictions.csv)."""
+    p = cfg.predict
+    trained = load_trained(p.checkpoint, p.device)
+    classes = trained.facts["classes"]
+    files, labels, missing = labelled_files(p.input, classes)
+    if missing:
+        log.warning("evaluate: no images of the training classes %s in %s; their recall is undefined (0 here)",
+                    missing, p.input)
+    logits, bad, changed, images = logits_of(trained, files, p, keep_images=True)
+    keep = torch.tensor([i not in bad for i in range(len(files))])
+    root = Path(p.input).expanduser()
+    seen = seen_in_training(trained, ImageSet(labels[keep], [str(f.relative_to(root)) for f, k in zip(files, keep)
+                                                             if k], images))
+    metrics = build_metrics(len(classes), torch.device("cpu"))
+    metrics.update(logits[keep], labels[keep])
+    m = to_plain(metrics.compute())
+    loss = float(nn.functional.cross_entropy(logits[keep], labels[keep]))
+    final = {"checkpoint": str(trained.path), "input": str(Path(p.input).expanduser().resolve()),
+             "images": int(keep.sum()), "acc": m["acc"], "balanced_acc": m["balanced_acc"], "macro_f1": m["macro_f1"],
+             "loss": loss, "classes": classes, "missing_classes": missing,
+             "per_class": {c: {"precision": m["precision"][i], "recall": m["recall"][i], "f1": m["f1"][i]}
+                           for i, c in enumerate(classes)},
+             "confusion_matrix": m["confusion"], "not_decoded": {str(files[i]): why for i, why in bad.items()},
+             "seen_in_training": seen, **changed}
+    out = Path(p.output) if p.output else trained.run_dir / "evaluations" / _stem(p.input)
+    write_json(out / "metrics.json", final)
+    write_text(out / "report.md", "\n".join(_report_lines(final)) + "\n")
+    log.info("evaluated %d images of %s: acc %.4f, balanced acc %.4f, macro-F1 %.4f%s | %s -> %s", final["images"],
+             p.input, final["acc"], final["balanced_acc"], final["macro_f1"],
+             f" | {len(bad)} could not be decoded" if bad else "", _seen_line(seen), out)
+    if seen.get("near_duplicates"):
+        log.warning("[M06] %s", _seen_line(seen))
+    return out
+
+
+def run_splits(trained: Trained) -> tuple[D.Source, dict[str, ImageSet]]:
+    """The run's splits rebuilt as training built them (same config, seed and code; from the caches where they
+    are). Raises SafetrainError or OSError when the data cannot be reached any more."""
+    cfg = validate(trained.ckpt["config"])
+    d = cfg.data
+    src = D.load_source(d.name, root=d.root, download=False, image_size=d.image_size, loader=d.loader,
+                        num_workers=d.num_workers, cache_dir=cache_root(d.cache_dir), seed=cfg.seed,
+                        synthetic=vars(d.synthetic), bad_files=d.bad_files)
+    return src, D.make_splits(src, d.val_fraction, d.test_fraction, cfg.seed, d.min_samples_per_class,
+                              d.imbalance_ratio, d.min_eval_per_class)
+
+
+def seen_in_training(trained: Trained, images: ImageSet) -> dict:
+    """How many of `images` are near-duplicates of the run's training split (the audit's test [M06]), when that
+    split can be read and compared."""
+    try:
+        _, splits = run_splits(trained)
+    except (SafetrainError, OSError, RuntimeError) as e:
+        return {"checked": False, "why": f"the training data cannot be read ({str(e)[:160]})"}
+    train = splits["train"]
+    if train.images is None or images.images is None:
+        return {"checked": False, "why": "the training images are streamed from disk, not held in memory"}
+    if min(train.images.shape[-2:]) < MIN_SIDE:
+        return {"checked": False, "why": f"images of {tuple(train.images.shape[-2:])} pixels are too small to tell a "
+                                          "copy from a look-alike"}
+    refs = reference(train, trained.device)
+    pairs = near_duplicates(train, images, "evaluation", typical_distance(train, refs, trained.device), refs,
+                            trained.device)
+    return {"checked": True, "near_duplicates": len(pairs), "of": len(images), "pairs": pairs[:100]}
+
+
+def _seen_line(seen: dict) -> str:
+    if not seen["checked"]:
+        return f"Near-duplicates of training images: not checked ({seen['why']})."
+    return (f"Near-duplicates of training images: {seen['near_duplicates']} of the {seen['of']} evaluation images "
+            "were seen in training (or a near copy was)" + (": their scores flatter the model; pairs in metrics.json."
+                                                            if seen["near_duplicates"] else "."))
+
+
+def _report_lines(final: dict) -> list[str]:
+    classes = final["classes"]
+    out = ["# safetrain evaluation", "", f"Checkpoint `{final['checkpoint']}` on `{final['input']}`: "
+           f"{final['images']} images.", "", f"Accuracy **{final['acc']:.4f}**, balanced accuracy "
+           f"{final['balanced_acc']:.4f}, macro-F1 {final['macro_f1']:.4f}, loss {final['loss']:.4f}.", ""]
+    out += [_seen_line(final["seen_in_training"]), ""]
+    if final["missing_classes"]:
+        out += [f"No images of the training classes {final['missing_classes']}.", ""]
+    if final["not_decoded"]:
+        out += [f"{len(final['not_decoded'])} files could not be decoded:", ""] + [
+            f"- {f}: {why}" for f, why in final["not_decoded"].items()] + [""]
+    out += ["## Per class", ""] + per_class_table(final) + ["", "## Confusion matrix (rows: true class)", "",
+                                                            "| true \\ pred | " + " | ".join(classes) + " |",
+                                                            "|---" * (len(classes) + 1) + "|"]
+    return out + [f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |"
+                  for c, row in zip(classes, final["confusion_matrix"])]
