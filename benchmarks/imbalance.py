@@ -45,7 +45,8 @@ def main() -> None:
                                 f"hydra.run.dir={out}", *a.overrides], check=True)
                 m = json.loads((out / "metrics.json").read_text())
                 rows.setdefault(method, []).append((m["test_balanced_acc"], m["test_macro_f1"]))
-                line = {"method": method, "seed": seed, "epochs": a.epochs, "seconds": round(time.perf_counter() - start),
+                line = {"method": method, "seed": seed, "epochs": a.epochs,
+                        "seconds": round(time.perf_counter() - start),
                         "test_balanced_acc": m["test_balanced_acc"], "test_macro_f1": m["test_macro_f1"],
                         "test_acc": m.get("test_acc"), "overrides": a.overrides}
                 with a.log.open("a") as f:

@@ -51,8 +51,9 @@ def main() -> None:
     epoch_s = {e["epoch"]: e["epoch_seconds"] for e in epochs if "epoch_seconds" in e}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for w in writes:
-        print(f"epoch {w['epoch']} {w['file']}: {w['bytes'] / 1e6:.2f} MB (weights alone {w['weights_only_bytes'] / 1e6:.2f}"
-              f" MB; generators, RNGs, detectors and history {w['resume_state_bytes'] / 1e3:.1f} kB), written in "
+        print(f"epoch {w['epoch']} {w['file']}: {w['bytes'] / 1e6:.2f} MB (weights alone "
+              f"{w['weights_only_bytes'] / 1e6:.2f} MB; generators, RNGs, detectors and history "
+              f"{w['resume_state_bytes'] / 1e3:.1f} kB), written in "
               f"{w['seconds']:.3f} s = {100 * w['seconds'] / epoch_s[w['epoch']]:.2f}% of the "
               f"{epoch_s[w['epoch']]:.1f} s epoch")
 

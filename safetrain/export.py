@@ -60,6 +60,7 @@ def write_model_files(trained: Trained, example: torch.Tensor, folder: Path) -> 
     from safetensors.torch import save_file
 
     batch = torch.export.Dim("batch", min=1, max=65536)
+    trained.model.to(memory_format=torch.contiguous_format)  # exported weights in the plain layout
     program = torch.export.export(trained.model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, folder / "model.pt2")
     for name in ("onnxscript", "onnx_ir"):  # their optimizer passes log every step at INFO

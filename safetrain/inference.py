@@ -59,7 +59,8 @@ def load_trained(checkpoint: str, device: str = "auto") -> Trained:
                           f"({type(e).__name__}: {str(e)[:120]}). Point it at RUN_DIR/checkpoints/best.pt.") from None
     dev = resolve_device(device)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return Trained(classifier(ckpt).to(dev), ckpt["data_facts"], ckpt, path, run_dir, dev)
+    return Trained(classifier(ckpt).to(dev, memory_format=torch.channels_last), ckpt["data_facts"], ckpt, path, run_dir,
+                   dev)
 
 
 def image_files(where: str) -> list[Path]:
@@ -92,16 +93,23 @@ def logits_of(trained: Trained, files: list[Path], p: PredictConfig, keep_images
     out = torch.full((len(files), len(f["classes"])), float("nan"))
     kept = {}
     loader = file_loader(CheckedFiles([str(files[i]) for i in good], c, size), batch_size=p.batch_size,
-                         num_workers=p.num_workers, collate_fn=list)
-    for batch in tqdm(loader, desc="predict", disable=not p.progress or None, dynamic_ncols=True):
-        ok = [(good[i], img) for i, img in batch if not isinstance(img, str)]
-        bad.update({good[i]: img for i, img in batch if isinstance(img, str)})
-        if ok:
-            x = torch.stack([img for _, img in ok]).to(trained.device)
-            out[[i for i, _ in ok]] = trained.model(x).float().cpu()
-            kept.update(ok if keep_images else [])
+                         num_workers=p.num_workers, collate_fn=_stack_decoded)
+    for rows, x, failed in tqdm(loader, desc="predict", disable=not p.progress or None, dynamic_ncols=True):
+        bad.update({good[i]: why for i, why in failed.items()})
+        if rows:
+            rows = [good[i] for i in rows]
+            x = x.to(trained.device, memory_format=torch.channels_last)  # as in training: 1.5-2x faster on CPUs
+            out[rows] = trained.model(x).float().cpu()
+            kept.update(zip(rows, x.cpu()) if keep_images else [])
     images = torch.stack([kept[i] for i in sorted(kept)]) if kept else None
     return out, dict(sorted(bad.items())), changed, *([images] if keep_images else [])
+
+
+def _stack_decoded(items):
+    """In the worker: (indices decoded, their (B, C, H, W) batch, {index: why} of the others)."""
+    ok = [(i, img) for i, img in items if not isinstance(img, str)]
+    return [i for i, _ in ok], torch.stack([img for _, img in ok]) if ok else None, {
+        i: why for i, why in items if isinstance(why, str)}
 
 
 def predict(cfg: AfterTrainingConfig) -> Path:
