@@ -8,8 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -145,7 +145,7 @@ def predict(cfg: AfterTrainingConfig) -> Path:
 
 
 def _stem(where: str) -> str:
-    return f"{Path(where).expanduser().resolve().name}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    return f"{Path(where).expanduser().resolve().name}-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"  # never the same twice
 
 
 def labelled_files(folder: str, classes: list[str]) -> tuple[list[Path], torch.Tensor, list[str]]:

@@ -155,3 +155,20 @@ def test_evaluate_says_how_many_images_were_seen_in_training(tmp_path):
     assert sorted(p["id"] for p in seen["pairs"]) == sorted(f"class_1/seen_{r.split('/')[-1]}" for r in
                                                             [i for i in train_ids if i.startswith("class_1/")][:3])
     assert "3 of the 23 evaluation images were seen in training" in (out / "report.md").read_text()
+
+
+def test_predict_takes_a_single_image_and_names_the_output_after_it(trained):
+    image = trained / "data" / "test" / "class_0" / "img_2.png"
+    out = predict(settings("predict", checkpoint=trained / "run", input=image))
+    assert out.parent == trained / "run" / "predictions" and out.name.startswith("img_2.png-")
+    assert [r["path"] for r in rows(out)] == ["img_2.png"] and rows(out)[0]["predicted"].startswith("class_")
+
+
+def test_export_without_its_extra_says_how_to_install_it(trained, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"mode=export needs onnxruntime: pip install \"safetrain\[export\]\""):
+        export(settings("export", checkpoint=trained / "run", output=tmp_path / "e"))
+    assert not (tmp_path / "e").exists()
