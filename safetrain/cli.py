@@ -84,7 +84,7 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
         options = sorted(p.stem for p in (CONF_DIR / group.strip()).glob("*.yaml"))
         return ConfigError(f"[config] {group}={value}: no such option. Choose one of {options}."
                            + did_you_mean(value, options))
-    for ov in overrides:
+    for ov in sorted(overrides, key=lambda o: -len(o.split("=", 1)[0])):  # model.dropout before model
         key = ov.split("=", 1)[0].lstrip("+~")
         if key in msg or f"'{key.split('.')[-1]}'" in msg:
             if "not in" in msg or "Could not override" in msg or "Could not append" in msg:

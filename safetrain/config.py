@@ -196,7 +196,8 @@ def _check_values(c: Config) -> None:
                "data.augment": (c.data.augment, AUGMENTS), "data.loader": (c.data.loader, LOADERS),
                "data.bad_files": (c.data.bad_files, ("refuse", "skip")),
                "loss.balance": (c.loss.balance, ("auto", *BALANCE)),
-               "model.activation": (c.model.activation, ACTIVATIONS), "model.norm": (c.model.norm, NORMS),
+               **{f"model.{k}": (getattr(c.model, k), allowed) for k, allowed in
+                  (("activation", ACTIVATIONS), ("norm", NORMS)) if hasattr(c.model, k)},  # safetrain's own models
                "optim": (c.optim.name, OPTIMIZERS), "sched.name": (c.sched.name, SCHEDULES),
                "trainer.device": (c.trainer.device, DEVICES), "trainer.precision": (c.trainer.precision, PRECISIONS)}
     for key, (value, allowed) in choices.items():
@@ -205,11 +206,12 @@ def _check_values(c: Config) -> None:
         raise ConfigError(f"[M13] loss.name={c.loss.name!r} does not fit task {c.task!r}: {c.task} "
                           f"classification needs {' or '.join(LOSSES[c.task])} (softmax over one logit per class). "
                           f"Use loss.name=auto; safetrain derives the loss from the task.")
-    _check_data(c.data, c.model.norm)
+    _check_data(c.data, getattr(c.model, "norm", None))
     _check_optim(c.optim)
     check_range("optim.weight_decay", c.optim.weight_decay, 0.0, 0.5, "M21")
     check_range("optim.momentum", c.optim.momentum, 0.0, 0.999)
-    check_range("model.dropout", c.model.dropout, 0.0, 0.7, "M21")
+    if hasattr(c.model, "dropout"):
+        check_range("model.dropout", c.model.dropout, 0.0, 0.7, "M21")
     check_range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 0.4)
     check_range("trainer.max_epochs", c.trainer.max_epochs, 1, 100000)
     check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)

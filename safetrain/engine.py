@@ -188,6 +188,8 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         epoch += 1
         if hasattr(loss_fn, "on_epoch"):  # losses that change during training (deferred re-weighting)
             loss_fn.on_epoch(epoch, max_epochs)
+        if hasattr(model, "on_epoch"):  # fine-tuning: the backbone frozen for the first epochs [M36, M37]
+            model.on_epoch(epoch)
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
                          f"epoch {epoch}/{max_epochs}", monitors and monitors.guard, stop)
         val = evaluate(model, val_loader, loss_fn, metrics, prec)

@@ -11,11 +11,15 @@ from torch import nn
 from safetrain.errors import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay conv/linear weights only; biases, norm and PReLU parameters (ndim <= 1) are exempt."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    exempt = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict]:
+    """Decay conv/linear weights only; biases, norm and PReLU parameters (ndim <= 1) are exempt. A model with a
+    pretrained backbone (`backbone()`, `head()`, `backbone_lr_mult`) gets discriminative rates: the head at `lr`
+    (the first groups: the lr the log shows), the backbone at `lr * backbone_lr_mult` [M36]."""
+    parts = [(list(model.head()), 1.0), (list(model.backbone()), model.backbone_lr_mult)] if hasattr(
+        model, "backbone") else [(list(model.parameters()), 1.0)]
+    return [{"params": [p for p in params if p.requires_grad and (p.ndim > 1) == decays], "lr": lr * mult,
+             "weight_decay": weight_decay if decays else 0.0}
+            for params, mult in parts for decays in (True, False)]
 
 
 class Optimizer(NamedTuple):
@@ -35,7 +39,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     nesterov: bool = True) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ConfigError(f"[config] optim={name!r} is not an optimizer; choose one of {list(OPTIMIZERS)}.")
-    return OPTIMIZERS[name].build(param_groups(model, weight_decay), lr, momentum, nesterov)
+    return OPTIMIZERS[name].build(param_groups(model, weight_decay, lr), lr, momentum, nesterov)
 
 
 def _plateau(optimizer, *, mode, factor, patience, min_lr, **_):

@@ -24,14 +24,18 @@ def _within(mean: Tensor, std: Tensor, bounds) -> bool:
     return bool((mean.abs() <= max_mean).all() and ((std >= lo) & (std <= hi)).all())
 
 
-def input_check(x: Tensor) -> Finding:
+def input_check(x: Tensor, weights: str | None = None) -> Finding:
     """What the model is fed, checked once after the pipeline: finite floats, per channel standardized. Raises
-    DataError when the batch cannot be a standardization of the training images; else a pass/fail check."""
+    DataError when the batch cannot be a standardization of the training images; else a pass/fail check.
+    `weights`: normalized with pretrained weights' statistics on purpose [M34], so not standardized for this data."""
     if not x.is_floating_point() or not torch.isfinite(x).all():
         raise DataError(f"[M33] the training pipeline produced {x.dtype} inputs with non-finite values; the "
                         "model needs finite floats. Check the images for corruption.")
     mean, std = x.float().mean(dim=(0, 2, 3)), x.float().std(dim=(0, 2, 3))
     seen = f"per-channel mean {[round(v, 2) for v in mean.tolist()]}, std {[round(v, 2) for v in std.tolist()]}"
+    if weights:
+        return Finding("M33", "inputs standardized", f"inputs normalized as {weights} expects: {seen}.", "",
+                       "preflight", verdict=PASS, evidence={"mean": mean.tolist(), "std": std.tolist()})
     fix = "The statistics do not match the images: clear the cache ($SAFETRAIN_CACHE) and rerun."
     if not _within(mean, std, REFUSED):
         raise DataError(f"[M33] inputs after normalization are far from standardized ({seen}). {fix}")

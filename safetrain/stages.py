@@ -155,8 +155,10 @@ def start(cfg: Config) -> Context:
 def prepare_data(ctx: Context, dataset=None) -> Prepared:
     """Source -> seeded stratified splits -> exact-copy refusal [M06] -> facts -> audit -> loaders -> [M33]."""
     d, seed = ctx.cfg.data, ctx.cfg.seed
+    contract = getattr(ctx.cfg.model, "input_contract", lambda: None)()  # pretrained weights' input [M34, M35]
+    size = d.image_size or (contract.size if contract else None)  # folders resized to the weights' resolution
     src = (D.load_dataset(dataset) if dataset is not None else
-           D.load_source(d.name, root=d.root, download=d.download, image_size=d.image_size, loader=d.loader,
+           D.load_source(d.name, root=d.root, download=d.download, image_size=size, loader=d.loader,
                          num_workers=d.num_workers, cache_dir=ctx.cache, seed=seed, synthetic=vars(d.synthetic),
                          bad_files=d.bad_files))
     splits = D.make_splits(src, d.val_fraction, d.test_fraction, seed, d.min_samples_per_class,
@@ -173,6 +175,7 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                             src.left_out)
     audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device)
     found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
+    found += _follow_the_weights(facts, contract)
     found += [f for f in [D.duplicates_finding(copies)] if f and not d.allow_duplicates_across_splits]
     for f in found:
         log.warning("%s", f)
@@ -192,11 +195,35 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                              "model will favour the large classes (see the rarest class's recall in report.md).",
                              "Use loss.balance=auto (logit adjustment on imbalanced data).", "data"))
         log.warning("%s", found[-1])
-    loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", loader_kw)
+    loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", loader_kw,
+                                                      contract)
     return Prepared(name, splits, facts, audit, balance, loaders, eval_pipeline, loader_kw, first, checked, found)
 
 
-def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw: dict):
+def _follow_the_weights(facts: D.DataFacts, contract) -> list[Finding]:
+    """With pretrained weights, the input is theirs: their mean/std replace the data's [M34] (averaged over RGB for
+    1-channel data); images far from their resolution are warned about with the factor [M35]."""
+    if contract is None:
+        return []
+    rgb = facts.channels == 3
+    facts.mean = contract.mean if rgb else [sum(contract.mean) / 3]
+    facts.std = contract.std if rgb else [sum(contract.std) / 3]
+    log.info("[M34] normalization from %s: mean %s, std %s%s, not the data's own statistics (the weights were "
+             "trained on inputs normalized so)", contract.source, _fmt(facts.mean), _fmt(facts.std),
+             "" if rgb else " (the RGB values averaged for 1-channel images)")
+    side = min(facts.height, facts.width)
+    if side == contract.size:
+        return []
+    factor = contract.size / side
+    where = "below" if factor > 1 else "above"
+    return [Finding("M35", "resolution", f"the images are {facts.height}x{facts.width}, {factor:.1f}x {where} the "
+                    f"{contract.size}x{contract.size} the weights were trained at ({contract.source}); their features "
+                    "fit that scale best.", "Leave data.image_size unset (image folders are then resized to the "
+                    "weights' resolution), or accept a lower accuracy for the speed.", "data",
+                    evidence={"size": side, "weights": contract.size})]
+
+
+def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw: dict, contract=None):
     """The loaders of every split, built once on the one normalization [M02]; the first training batch and
     the [M33] input check on it. -> (Loaders, eval pipeline, (x, y), Finding)"""
     d, seed = ctx.cfg.data, ctx.cfg.seed
@@ -212,7 +239,7 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw:
     val = D.make_loader(splits["val"], eval_pipe, batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
     x0, y0 = next(iter(train))
     # inputs are checked as the split gives them: a class-balanced sampler shifts the class mix on purpose [M33]
-    checked = input_check(x0 if not sampler else next(iter(train_loader(False)))[0])
+    checked = input_check(x0 if not sampler else next(iter(train_loader(False)))[0], contract and contract.source)
     log.info("[4/9] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only", d.augment,
              f" rotate<={d.rotate_degrees:g}deg" if d.rotate_degrees else "", d.batch_size, len(train))
     evaluation = dict(batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
@@ -321,6 +348,7 @@ def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
     """The advice each detector gives, built from this run's settings: only changes that are not in effect
     already, and only settings that exist for this run (a custom nn.Module has no model.* settings)."""
     d, m, o = cfg.data, cfg.model, cfg.optim
+    custom_model = custom_model or not hasattr(m, "activation")  # torchvision's models: no model.dropout etc.
     lr_auto = [] if o.lr == "auto" else ["optim.lr=auto"]
     lower_lr = ["a lower optim.lr than the range test chose"] if o.lr == "auto" else [f"optim.lr={o.lr / 10:.1e}"]
     augment = []

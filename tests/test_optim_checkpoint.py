@@ -15,7 +15,7 @@ def _model():
 
 def test_no_weight_decay_on_norm_and_bias_parameters():
     model = _model()
-    decay, exempt = param_groups(model, 0.05)
+    decay, exempt = param_groups(model, 0.05, 1e-3)
     assert decay["weight_decay"] == 0.05 and exempt["weight_decay"] == 0.0
     norm_and_bias = {id(p) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.Linear))
                      for n, p in m.named_parameters() if n == "bias" or isinstance(m, nn.BatchNorm2d)}

@@ -9,18 +9,23 @@ from torch import nn
 from safetrain.errors import ConfigError
 from safetrain.models.cnn import CNN, CNNConfig
 from safetrain.models.layers import init_weights
+from safetrain.models.pretrained import Torchvision, TorchvisionConfig
 from safetrain.models.resnet import ResNet, ResNetConfig
 
-MODELS = {"cnn": (CNNConfig, CNN), "resnet": (ResNetConfig, ResNet)}  # model=NAME -> (settings, builder)
+MODELS = {"cnn": (CNNConfig, CNN), "resnet": (ResNetConfig, ResNet),  # model=NAME -> (settings, builder)
+          "torchvision": (TorchvisionConfig, Torchvision)}
 
 
 def build_model(name: str, *, channels: int, height: int, width: int, num_classes: int,
                 activation: str = "relu", norm: str = "batch", dropout: float = 0.0, **arch) -> nn.Module:
-    """`arch` holds the builder's own settings: cnn(widths, blocks), resnet(depth, base_width)."""
+    """`arch` holds the builder's own settings: cnn(widths, blocks), resnet(depth, base_width), torchvision(arch,
+    weights, freeze_epochs, backbone_lr_mult)."""
     if name not in MODELS:
         raise ConfigError(f"[config] model={name!r} is not a model; choose one of {list(MODELS)}.")
     model = MODELS[name][1](in_channels=channels, num_classes=num_classes, height=height, width=width,
                             activation_name=activation, norm_name=norm, dropout=dropout, **arch)
+    if getattr(model, "keeps_its_init", False):  # torchvision's own init, or pretrained weights
+        return model
     init_weights(model, activation)
     for block in model.modules():
         if hasattr(block, "zero_init_residual"):
