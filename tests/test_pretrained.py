@@ -141,3 +141,24 @@ def test_settings_of_the_torchvision_model_are_checked():
         compose("smoke", ["model=torchvision", "model.weights=/nope.pth"])
     with pytest.raises(ConfigError, match="unknown setting 'model.dropout'"):
         compose("smoke", ["model=torchvision", "model.dropout=0.2"])
+
+
+def test_init_from_a_safetrain_checkpoint_of_other_data(tmp_path):
+    first, _ = compose("smoke", ["model=torchvision", "model.arch=regnet_y_400mf", "trainer.max_epochs=1",
+                                 "trainer.progress=false"])
+    run(first, tmp_path / "a")  # 4 classes, 16x16
+    ckpt = load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")
+    cfg, _ = compose("smoke", ["model=torchvision", "model.arch=regnet_y_400mf", "data.synthetic.classes=3",
+                               f"model.init_from={tmp_path / 'a' / 'checkpoints' / 'best.pt'}", "seed=3",
+                               "trainer.progress=false"])
+    data = prepare_data(start(cfg))
+    assert data.facts.mean == ckpt["data_facts"]["mean"]  # the checkpoint's normalization, not this data's [M34]
+    model = build_training(start(cfg), data).model
+    own = model.state_dict()
+    assert all(torch.equal(own[k].cpu(), v) for k, v in ckpt["model"].items() if not k.startswith("net.fc."))
+    assert own["net.fc.weight"].shape[0] == 3  # the head re-made for 3 classes
+    other, _ = compose("smoke", ["model=torchvision", "model.arch=resnet18",
+                                 f"model.init_from={tmp_path / 'a' / 'checkpoints' / 'best.pt'}"])
+    with pytest.raises(ConfigError, match=r"\[M38\].*model=torchvision regnet_y_400mf checkpoint, not "
+                                          r"model.arch=resnet18"):
+        build_training(start(other), prepare_data(start(other)))

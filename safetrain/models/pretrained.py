@@ -38,6 +38,7 @@ class TorchvisionConfig:
     name: str = "torchvision"
     arch: str = "resnet18"
     weights: Optional[str] = None  # None: from scratch; DEFAULT: torchvision's (torch's cache); or a .pth file
+    init_from: Optional[str] = None  # or a safetrain checkpoint of this arch (e.g. trained on another dataset)
     freeze_epochs: int = 1  # with weights: epochs the backbone stays frozen (BatchNorm too) while the head warms up
     backbone_lr_mult: float = 0.1  # with weights: the backbone's learning rate as a share of optim.lr after that
 
@@ -47,6 +48,11 @@ class TorchvisionConfig:
             raise ConfigError(f"[config] model.arch={self.arch!r} is not a torchvision classification model."
                               + (f" Did you mean '{near[0]}'?" if near else "")
                               + " Choose one of torchvision.models.list_models().")
+        if self.weights and self.init_from:
+            raise ConfigError("[config] model.weights and model.init_from both name starting weights; keep one.")
+        if self.init_from and not Path(self.init_from).expanduser().is_file():
+            raise ConfigError(f"[config] model.init_from={self.init_from}: no such file. Give a safetrain checkpoint "
+                              "(RUN_DIR/checkpoints/best.pt) of a model=torchvision run.")
         if self.weights not in (None, "DEFAULT") and not Path(self.weights).expanduser().is_file():
             raise ConfigError(f"[config] model.weights={self.weights}: no such file. Give a torchvision state dict "
                               "(.pth) for model.arch, model.weights=DEFAULT, or leave it unset to train from scratch.")
@@ -55,12 +61,17 @@ class TorchvisionConfig:
 
     @property
     def pretrained(self) -> bool:
-        return self.weights is not None
+        return self.weights is not None or self.init_from is not None
 
     def input_contract(self) -> Optional[Contract]:
-        """The normalization and resolution of the weights (torchvision's metadata for this arch), or None."""
+        """The normalization and resolution of the weights (torchvision's metadata for this arch, or the data facts
+        of the safetrain checkpoint), or None."""
         if not self.pretrained:
             return None
+        if self.init_from:
+            f = torch.load(Path(self.init_from).expanduser(), map_location="cpu", weights_only=True)["data_facts"]
+            mean, std = (f["mean"] * 3, f["std"] * 3) if f["channels"] == 1 else (f["mean"], f["std"])
+            return Contract(mean, std, min(f["height"], f["width"]), f"the checkpoint {self.init_from}")
         enum = torchvision.models.get_model_weights(self.arch).DEFAULT
         t = enum.transforms()
         what = f"torchvision's {enum}" if self.weights == "DEFAULT" else f"{self.weights} (as torchvision's {enum})"
@@ -73,11 +84,15 @@ class Torchvision(nn.Module):
     keeps_its_init = True  # torchvision initializes it (or the weights do): build_model leaves it alone
 
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int, arch: str = "resnet18",
-                 weights: Optional[str] = None, freeze_epochs: int = 1, backbone_lr_mult: float = 0.1, **_):
+                 weights: Optional[str] = None, init_from: Optional[str] = None, freeze_epochs: int = 1,
+                 backbone_lr_mult: float = 0.1, **_):
         super().__init__()
         self.net = torchvision.models.get_model(arch, weights=None)
         if weights is not None:
             load_weights(self.net, arch, weights)
+        if init_from is not None:
+            load_checkpoint_weights(self.net, arch, init_from)
+            weights = init_from
         head_name, old = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.Linear)][-1]
         head = nn.Linear(old.in_features, num_classes)
         nn.init.normal_(head.weight, std=0.01)  # small logits at the start: loss ~ ln(C) [M19]
@@ -160,6 +175,22 @@ def load_weights(net: nn.Module, arch: str, weights: str) -> None:
         raise ConfigError(f"[M38] model.weights={weights} is not a plain state dict (name -> tensor). A safetrain "
                           "checkpoint goes in model.init_from instead.")
     _refuse_misfit(net, state, arch, what)
+    net.load_state_dict(state, strict=False)
+
+
+def load_checkpoint_weights(net: nn.Module, arch: str, path: str) -> None:
+    """The network of a safetrain model=torchvision checkpoint: same arch; the head may have other classes, and a
+    1-channel checkpoint's first convolution is repeated over RGB for 3-channel data (its sum is unchanged)."""
+    ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    model = ckpt.get("config", {}).get("model", {})
+    if model.get("name") != "torchvision" or model.get("arch") != arch:
+        raise ConfigError(f"[M38] model.init_from={path} holds a model={model.get('name')} "
+                          f"{model.get('arch', '')} checkpoint, not model.arch={arch}. Use a checkpoint of that arch.")
+    state = {k.removeprefix("net."): v for k, v in ckpt["model"].items()}
+    conv = next(n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
+    if state[conv].shape[1] == 1 and net.state_dict()[conv].shape[1] == 3:
+        state[conv] = state[conv].repeat(1, 3, 1, 1) / 3
+    _refuse_misfit(net, state, arch, f"model.init_from={path}")
     net.load_state_dict(state, strict=False)
 
 
