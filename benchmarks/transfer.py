@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--pretrained", help="best.pt of an earlier pretraining run (skips pretraining)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -61,9 +62,11 @@ def main() -> None:
     old = tmp / "old"
     link(cifar / "train", old / "train", OLD, None, 0)
     link(cifar / "test", old / "test", OLD, None, 0)
-    pre = train(old, tmp / "pretrain", a.arch, a.pretrain_epochs, 0, ["sched.name=onecycle", "data.batch_size=128"])
-    print(f"pretrain {a.arch} on {OLD}: test acc {pre['test_acc']:.4f} in {pre['seconds']:.0f} s", flush=True)
-    ckpt = tmp / "pretrain" / "checkpoints" / "best.pt"
+    ckpt = Path(a.pretrained) if a.pretrained else tmp / "pretrain" / "checkpoints" / "best.pt"
+    if not a.pretrained:
+        pre = train(old, tmp / "pretrain", a.arch, a.pretrain_epochs, 0, ["sched.name=onecycle",
+                                                                          "data.batch_size=128"])
+        print(f"pretrain {a.arch} on {OLD}: test acc {pre['test_acc']:.4f} in {pre['seconds']:.0f} s", flush=True)
     small = ["data.batch_size=32", "data.val_fraction=0.2", "data.min_eval_per_class=10"]
     rows = {"fine-tuned (model.init_from)": [], "from scratch": []}
     for seed in a.seeds:

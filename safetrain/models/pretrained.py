@@ -95,8 +95,8 @@ class Torchvision(nn.Module):
             weights = init_from
         head_name, old = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.Linear)][-1]
         head = nn.Linear(old.in_features, num_classes)
-        nn.init.normal_(head.weight, std=0.01)  # small logits at the start: loss ~ ln(C) [M19]
-        nn.init.zeros_(head.bias)
+        nn.init.normal_(head.weight, std=1e-3)  # near-0 logits even on large pretrained features (norms of a few
+        nn.init.zeros_(head.bias)  # hundred): loss ~ ln(C) at the start [M19], as BiT's zero-initialized head
         self.net.set_submodule(head_name, head)
         self.head_name, self.frozen = head_name, False
         self.freeze_epochs, self.backbone_lr_mult = (freeze_epochs, backbone_lr_mult) if weights else (0, 1.0)
