@@ -89,11 +89,17 @@ def load_classifier(path: Path, model=None):
     return classifier(load_checkpoint(path), model)
 
 
+def architecture(model_settings: dict) -> dict:
+    """A run's model.* settings without its starting weights (model.weights, model.init_from): a trained model is
+    rebuilt from these and its checkpoint's state, so the starting files need not exist any more."""
+    return {k: v for k, v in model_settings.items() if k not in ("weights", "init_from")}
+
+
 def classifier(ckpt: dict, model=None) -> nn.Sequential:
     """`load_classifier` for a checkpoint already loaded: Normalize (from its data facts) + the model, eval mode."""
     f = ckpt["data_facts"]
     if model is None:
-        model = build_model(**ckpt["config"]["model"], channels=f["channels"], height=f["height"],
+        model = build_model(**architecture(ckpt["config"]["model"]), channels=f["channels"], height=f["height"],
                             width=f["width"], num_classes=len(f["classes"]))
     model.load_state_dict(ckpt["model"])
     return nn.Sequential(Normalize(f["mean"], f["std"]), model).eval()

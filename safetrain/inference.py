@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetrain import data as D
-from safetrain.checkpoint import classifier, load_checkpoint
+from safetrain.checkpoint import architecture, classifier, load_checkpoint
 from safetrain.config import AfterTrainingConfig, PredictConfig, validate
 from safetrain.data.audit import MIN_SIDE, near_duplicates, reference, typical_distance
 from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, header, hidden, list_images
@@ -206,7 +206,10 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
 def run_splits(trained: Trained) -> tuple[D.Source, dict[str, ImageSet]]:
     """The run's splits rebuilt as training built them (same config, seed and code; from the caches where they
     are). Raises SafetrainError or OSError when the data cannot be reached any more."""
-    cfg = validate(trained.ckpt["config"])
+    config, model = trained.ckpt["config"], trained.ckpt["config"]["model"]
+    size = config["data"]["image_size"] or (trained.facts["height"] if model.get("weights") or model.get("init_from")
+                                            else None)  # a run on pretrained weights resized to their resolution
+    cfg = validate({**config, "model": architecture(model), "data": {**config["data"], "image_size": size}})
     d = cfg.data
     src = D.load_source(d.name, root=d.root, download=False, image_size=d.image_size, loader=d.loader,
                         num_workers=d.num_workers, cache_dir=cache_root(d.cache_dir), seed=cfg.seed,

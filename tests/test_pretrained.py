@@ -1,6 +1,8 @@
 """model=torchvision: every arch from the data facts, pretrained weights loaded whole or refused, the weights' own
 input contract, and fine-tuning that keeps a frozen backbone frozen. Offline: weights files are made in the test."""
+import json
 import logging
+import shutil
 import urllib.error
 
 import pytest
@@ -9,7 +11,9 @@ import torchvision
 
 from safetrain.checkpoint import load_checkpoint, load_classifier
 from safetrain.cli import compose
+from safetrain.config import validate_after_training
 from safetrain.errors import ConfigError
+from safetrain.export import export
 from safetrain.models import build_model
 from safetrain.run import run
 from safetrain.stages import build_training, prepare_data, start
@@ -71,8 +75,9 @@ def test_grayscale_data_sums_the_first_convolution_over_rgb(weights):
 
 def _folder_run_cfg(tmp_path, weights, extra=()):
     root = write_images(tmp_path / "imgs", classes=2, per_class=24, size=(40, 40))
+    shutil.copy(weights / "mobilenet_v3_small.pth", tmp_path / "w.pth")  # removed after training by a test
     cfg, _ = compose("smoke", ["model=torchvision", "model.arch=mobilenet_v3_small",
-                               f"model.weights={weights / 'mobilenet_v3_small.pth'}", "data=imagefolder",
+                               f"model.weights={tmp_path / 'w.pth'}", "data=imagefolder",
                                f"data.root={root}", "data.batch_size=8", "trainer.progress=false", *extra])
     return cfg
 
@@ -85,8 +90,16 @@ def test_m34_m35_pretrained_weights_bring_their_normalization_and_resolution(wei
     assert facts["mean"] == pytest.approx(IMAGENET_MEAN) and facts["std"] == pytest.approx(IMAGENET_STD)  # [M34]
     assert (facts["height"], facts["width"]) == (224, 224)  # resized to the weights' resolution [M35]
     assert "normalization from" in caplog.text and "not the data's own statistics" in caplog.text
-    normalize = load_classifier(tmp_path / "run" / "checkpoints" / "best.pt")[0]  # inference uses the same
+    (tmp_path / "w.pth").unlink()  # inference needs the checkpoint only, not the starting weights
+    normalize = load_classifier(tmp_path / "run" / "checkpoints" / "best.pt")[0]  # and uses the same statistics
     assert normalize.mean.flatten().tolist() == pytest.approx(IMAGENET_MEAN)
+    exported = export(validate_after_training(["mode=export", f"predict.checkpoint={tmp_path / 'run'}",
+                                               f"predict.output={tmp_path / 'exp'}"]))
+    meta = json.loads((exported / "model.json").read_text())
+    assert meta["input"]["shape"] == ["N", 3, 224, 224] and meta["parity"]["images"].endswith("test split")
+    import onnx
+    dims = onnx.load(exported / "model.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims][1:] == [3, 224, 224]  # traced on the run's images as it saw them
     assert not [w for w in final["warnings"] if w.startswith("[M35]")]
     small = _folder_run_cfg(tmp_path / "s", weights, ["data.image_size=56", "trainer.max_epochs=1",
                                                       "data=imagefolder"])
