@@ -13,6 +13,7 @@ from safetrain.data.pipelines import Normalize
 from safetrain.errors import TrainingStopped
 from safetrain.io import save_torch
 from safetrain.models import build_model
+from safetrain.models.pretrained import architecture
 
 FORMAT_VERSION = 2  # 2: the normalization lives in data_facts (mean, std), stored once
 
@@ -87,12 +88,6 @@ def load_classifier(path: Path, model=None):
     (B, C, H, W) images as they come from disk and returns logits, so train and inference cannot
     normalize differently [M02]. Pass `model` (same architecture) for a model safetrain did not build."""
     return classifier(load_checkpoint(path), model)
-
-
-def architecture(model_settings: dict) -> dict:
-    """A run's model.* settings without its starting weights (model.weights, model.init_from): a trained model is
-    rebuilt from these and its checkpoint's state, so the starting files need not exist any more."""
-    return {k: v for k, v in model_settings.items() if k not in ("weights", "init_from")}
 
 
 def classifier(ckpt: dict, model=None) -> nn.Sequential:

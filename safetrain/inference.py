@@ -17,13 +17,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetrain import data as D
-from safetrain.checkpoint import architecture, classifier, load_checkpoint
+from safetrain.checkpoint import classifier, load_checkpoint
 from safetrain.config import AfterTrainingConfig, PredictConfig, validate
 from safetrain.data.audit import MIN_SIDE, near_duplicates, reference, typical_distance
 from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, header, hidden, list_images
 from safetrain.data.sources import CheckedFiles, ImageSet, file_loader
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
+from safetrain.models.pretrained import architecture
 from safetrain.metrics import build_metrics, to_plain
 from safetrain.report import per_class_table
 from safetrain.stages import resolve_device

@@ -12,11 +12,11 @@ from safetrain.errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict]:
-    """Decay conv/linear weights only; biases, norm and PReLU parameters (ndim <= 1) are exempt. A model with a
-    pretrained backbone (`backbone()`, `head()`, `backbone_lr_mult`) gets discriminative rates: the head at `lr`
+    """Decay conv/linear weights only; biases, norm and PReLU parameters (ndim <= 1) are exempt. A model that is
+    fine-tuned (models.layers.FineTunable, backbone_lr_mult < 1) gets discriminative rates: the head at `lr`
     (the first groups: the lr the log shows), the backbone at `lr * backbone_lr_mult` [M36]."""
-    parts = [(list(model.head()), 1.0), (list(model.backbone()), model.backbone_lr_mult)] if hasattr(
-        model, "backbone") else [(list(model.parameters()), 1.0)]
+    parts = [(model.head_parameters(), 1.0), (model.backbone_parameters(), model.backbone_lr_mult)] if getattr(
+        model, "backbone_lr_mult", 1.0) < 1 else [(list(model.parameters()), 1.0)]
     return [{"params": [p for p in params if p.requires_grad and (p.ndim > 1) == decays], "lr": lr * mult,
              "weight_decay": weight_decay if decays else 0.0}
             for params, mult in parts for decays in (True, False)]

@@ -255,7 +255,8 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     run chose (optim.lr=auto is not measured again)."""
     cfg, facts, (x0, _) = ctx.cfg, data.facts, data.first_batch
     net = model if model is not None else build_model(**vars(cfg.model), channels=facts.channels, height=facts.height,
-                                                      width=facts.width, num_classes=facts.num_classes)
+                                                      width=facts.width, num_classes=facts.num_classes,
+                                                      classes=facts.classes)
     net = net.to(ctx.device, memory_format=torch.channels_last)
     check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size)
     n_params = count_parameters(net)

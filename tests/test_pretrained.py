@@ -172,6 +172,24 @@ def test_init_from_a_safetrain_checkpoint_of_other_data(tmp_path):
     assert own["net.fc.weight"].shape[0] == 3  # the head re-made for 3 classes
     other, _ = compose("smoke", ["model=torchvision", "model.arch=resnet18",
                                  f"model.init_from={tmp_path / 'a' / 'checkpoints' / 'best.pt'}"])
-    with pytest.raises(ConfigError, match=r"\[M38\].*model=torchvision regnet_y_400mf checkpoint, not "
-                                          r"model.arch=resnet18"):
+    with pytest.raises(ConfigError, match=r"\[M38\].*was trained with model settings .*regnet_y_400mf.*which are "
+                                          r"not these"):
         build_training(start(other), prepare_data(start(other)))
+
+
+def test_init_from_works_for_safetrain_models_and_keeps_the_head_for_the_same_classes(tmp_path):
+    first, _ = compose("smoke", ["trainer.max_epochs=2", "trainer.progress=false"])  # model=cnn, 4 classes
+    run(first, tmp_path / "a")
+    path = tmp_path / "a" / "checkpoints" / "best.pt"
+    ckpt = load_checkpoint(path)
+    same, _ = compose("smoke", [f"model.init_from={path}", "seed=1", "trainer.progress=false"])
+    model = build_training(start(same), prepare_data(start(same))).model
+    assert all(torch.equal(model.state_dict()[k].cpu(), v) for k, v in ckpt["model"].items())  # head kept too
+    assert model.freeze_epochs == 1 and model.backbone_lr_mult == 0.1
+    other, _ = compose("smoke", [f"model.init_from={path}", "data.synthetic.classes=3", "trainer.progress=false"])
+    model = build_training(start(other), prepare_data(start(other))).model
+    assert model.head_layer().weight.shape[0] == 3
+    assert all(torch.equal(model.state_dict()[k].cpu(), v) for k, v in ckpt["model"].items() if "head" not in k)
+    wider, _ = compose("smoke", [f"model.init_from={path}", "model.widths=[8,16,32]", "trainer.progress=false"])
+    with pytest.raises(ConfigError, match=r"\[M38\].*was trained with model settings"):
+        build_training(start(wider), prepare_data(start(wider)))

@@ -9,10 +9,11 @@ from torch import nn
 
 from safetrain.errors import ConfigError, check_range
 from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
+from safetrain.models.pretrained import StartConfig
 
 
 @dataclass
-class CNNConfig:
+class CNNConfig(StartConfig):
     """model=cnn settings (conf/model/cnn*.yaml)."""
     name: str = "cnn"
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
@@ -25,6 +26,7 @@ class CNNConfig:
         if not self.widths or min(self.widths) < 1:
             raise ConfigError(f"[config] model.widths={self.widths} needs at least one positive width.")
         check_range("model.blocks", self.blocks, 0, 16)
+        self.check_start()
 
 
 class CNN(Classifier):

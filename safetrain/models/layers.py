@@ -1,11 +1,15 @@
-"""Building blocks shared by the builders: norm and activation by name, init, shape plans."""
+"""Building blocks shared by the builders: norm and activation by name, init, shape plans, the fine-tunable
+backbone + head split every model has."""
 from __future__ import annotations
 
+import logging
 import math
 
 from torch import nn
 
 from safetrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # model.activation: name -> (layer, (nonlinearity, negative slope) for the Kaiming init that matches it [M19])
 ACTIVATIONS = {"relu": (nn.ReLU, ("relu", 0.0)), "leaky_relu": (lambda: nn.LeakyReLU(0.01), ("leaky_relu", 0.01)),
@@ -28,7 +32,48 @@ def conv_norm_act(cin: int, cout: int, norm_name: str, act: str, stride: int = 1
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(norm_name, cout), activation(act)]
 
 
-class Classifier(nn.Module):
+class FineTunable(nn.Module):
+    """A backbone and a head (`head_layer()`, one Linear). Given starting weights (`fine_tune`), epochs
+    1..freeze_epochs train the head alone, the backbone's parameters and BatchNorm statistics frozen whatever
+    train() says [M37]; then every layer trains, the backbone at backbone_lr_mult x the lr (optim.param_groups)
+    [M36]. Without starting weights nothing is frozen and every layer has the one lr."""
+    freeze_epochs, backbone_lr_mult, frozen = 0, 1.0, False
+
+    def head_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+    def fine_tune(self, freeze_epochs: int, backbone_lr_mult: float) -> None:
+        self.freeze_epochs, self.backbone_lr_mult = freeze_epochs, backbone_lr_mult
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head_layer().parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
+
+    def on_epoch(self, epoch: int) -> None:
+        if epoch == 1 and self.freeze_epochs:
+            log.info("[M36, M37] fine-tuning: the backbone is frozen (its BatchNorm statistics too) for epoch(s) 1-%d "
+                     "while the new head warms up (model.freeze_epochs)", self.freeze_epochs)
+        if self.backbone_lr_mult < 1 and epoch == self.freeze_epochs + 1:
+            log.info("[M36] fine-tuning: from epoch %d every layer trains, the backbone at %gx the head's learning "
+                     "rate (model.backbone_lr_mult)", epoch, self.backbone_lr_mult)
+        self.frozen = epoch <= self.freeze_epochs
+        for p in self.backbone_parameters():
+            p.requires_grad_(not self.frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:  # frozen means the statistics too [M37] (the head is one Linear layer)
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+class Classifier(FineTunable):
     """`features` (B, C, H, W) -> (B, F, h, w), then global average pooling and one linear layer:
     (B, num_classes) raw logits, no activation after it [M11]; the loss owns the link function."""
 
@@ -41,6 +86,9 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+    def head_layer(self) -> nn.Module:
+        return self.head[-1]
 
 
 def init_weights(model: nn.Module, act: str) -> None:

@@ -8,10 +8,11 @@ from torch import Tensor, nn
 
 from safetrain.errors import ConfigError
 from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
+from safetrain.models.pretrained import StartConfig
 
 
 @dataclass
-class ResNetConfig:
+class ResNetConfig(StartConfig):
     """model=resnet settings (conf/model/resnet.yaml)."""
     name: str = "resnet"
     depth: int = 18  # 18 (ResNet-18, small-image stem) or 6n+2 (CIFAR ResNet-20/32/56/110)
@@ -24,6 +25,7 @@ class ResNetConfig:
         if self.depth != 18 and (self.depth - 2) % 6:
             raise ConfigError(f"[config] model.depth={self.depth}: resnet depths are 18 or 6n+2 "
                               "(20, 32, 44, 56, 110). Pick one of those.")
+        self.check_start()
 
 
 class BasicBlock(nn.Module):
