@@ -114,6 +114,8 @@ class Torchvision(FineTunable):
         conv_name, conv = next((n, m) for n, m in self.net.named_modules() if isinstance(m, nn.Conv2d))
         if in_channels != conv.in_channels:
             self.net.set_submodule(conv_name, adapt_first_conv(conv, in_channels))
+            log.info("model: %s's first convolution (%s) takes 1-channel images: its RGB kernels summed, so a gray "
+                     "image gives the response the weights give it as R=G=B", arch, conv_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
