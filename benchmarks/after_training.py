@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._cifar import TARBALL, unpack  # noqa: E402
 from safetrain.checkpoint import load_classifier  # noqa: E402
 from safetrain.cli import compose  # noqa: E402
 from safetrain.config import validate_after_training  # noqa: E402
@@ -32,17 +32,15 @@ WORKERS = 2
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", help="a finished run of recipe=cifar10 on the JPEG copy")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
+    ap.add_argument("--data", default=str(TARBALL))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.run:
         run_dir = Path(args.run)
-        root = Path(json.loads(json.dumps(_config(run_dir)))["data"]["root"])
+        root = Path(_config(run_dir)["data"]["root"])
     else:
         tmp = Path(tempfile.mkdtemp())
-        with tarfile.open(args.data) as t:
-            t.extractall(tmp / "data", filter="data")
-        root = next(p.parent for p in (tmp / "data").rglob("train") if p.is_dir())
+        root = unpack(args.data, tmp / "data")
         cfg, _ = compose("cifar10", ["data=imagefolder", f"data.root={root}", "trainer.max_epochs=2",
                                      "trainer.progress=false"])
         run_dir = tmp / "run"

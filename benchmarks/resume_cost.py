@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._cifar import TARBALL, unpack  # noqa: E402
 from safetrain import checkpoint  # noqa: E402
 from safetrain.cli import compose  # noqa: E402
 from safetrain.run import run  # noqa: E402
@@ -24,13 +24,11 @@ from safetrain.run import run  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
+    ap.add_argument("--data", default=str(TARBALL))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp())
-    with tarfile.open(args.data) as t:
-        t.extractall(tmp / "data", filter="data")
-    root = next(p.parent for p in (tmp / "data").rglob("train") if p.is_dir())
+    root = unpack(args.data, tmp / "data")
     writes, real = [], checkpoint.save_torch
 
     def timed(path, obj):

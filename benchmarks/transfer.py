@@ -12,12 +12,12 @@ import os
 import random
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._cifar import TARBALL, unpack  # noqa: E402
 from safetrain.cli import compose  # noqa: E402
 from safetrain.run import run  # noqa: E402
 
@@ -52,13 +52,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--pretrained", help="best.pt of an earlier pretraining run (skips pretraining)")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
+    ap.add_argument("--data", default=str(TARBALL))
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp())
-    with tarfile.open(a.data) as t:
-        t.extractall(tmp / "cifar", filter="data")
-    cifar = next(p.parent for p in (tmp / "cifar").rglob("train") if p.is_dir())
+    cifar = unpack(a.data, tmp / "cifar")
     old = tmp / "old"
     link(cifar / "train", old / "train", OLD, None, 0)
     link(cifar / "test", old / "test", OLD, None, 0)

@@ -89,8 +89,6 @@ def logits_of(trained: Trained, files: list[Path], p: PredictConfig, keep_images
     heads = [header(x) for x in files]
     bad = {i: h for i, h in enumerate(heads) if isinstance(h, str)}
     good = [i for i in range(len(files)) if i not in bad]
-    changed = {"resized": sum(1 for i in good if tuple(heads[i][1]) != size),
-               "channels_converted": sum(1 for i in good if (heads[i][0] in GRAY_MODES) != (c == 1))}
     out = torch.full((len(files), len(f["classes"])), float("nan"))
     kept = {}
     loader = file_loader(CheckedFiles([str(files[i]) for i in good], c, size), batch_size=p.batch_size,
@@ -103,6 +101,9 @@ def logits_of(trained: Trained, files: list[Path], p: PredictConfig, keep_images
             out[rows] = trained.model(x).float().cpu()
             kept.update(zip(rows, x.cpu()) if keep_images else [])
     images = torch.stack([kept[i] for i in sorted(kept)]) if kept else None
+    decoded = [i for i in good if i not in bad]
+    changed = {"resized": sum(1 for i in decoded if tuple(heads[i][1]) != size),
+               "channels_converted": sum(1 for i in decoded if (heads[i][0] in GRAY_MODES) != (c == 1))}
     return out, dict(sorted(bad.items())), changed, *([images] if keep_images else [])
 
 

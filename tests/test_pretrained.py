@@ -115,14 +115,14 @@ def test_m34_grayscale_data_takes_the_weights_statistics_averaged(weights, tmp_p
 
 
 def test_m36_m37_the_frozen_backbone_stays_as_loaded_then_trains_at_a_lower_rate(weights, tmp_path):
-    cfg, _ = compose("smoke", ["model=torchvision", "model.arch=resnet18", f"model.weights={weights / 'resnet18.pth'}",
-                               "model.freeze_epochs=1", "model.backbone_lr_mult=0.1", "trainer.progress=false",
-                               "trainer.max_epochs=2", "trainer.early_stop_patience=0"])
+    common = ["model=torchvision", "model.arch=resnet18", f"model.weights={weights / 'resnet18.pth'}",
+              "model.freeze_epochs=1", "model.backbone_lr_mult=0.1", "trainer.progress=false",
+              "trainer.early_stop_patience=0"]
+    cfg, _ = compose("smoke", [*common, "trainer.max_epochs=2"])
     setup = build_training(start(cfg), prepare_data(start(cfg)))
     lrs = sorted({g["lr"] for g in setup.optimizer.param_groups})
     assert lrs == pytest.approx([1e-4, 1e-3])  # the backbone at 0.1x the head's rate [M36]
-    run(cfg.__class__(**{**vars(cfg), "trainer": cfg.trainer.__class__(**{**vars(cfg.trainer), "max_epochs": 1})}),
-        tmp_path / "one")
+    run(compose("smoke", [*common, "trainer.max_epochs=1"])[0], tmp_path / "one")
     file = torch.load(weights / "resnet18.pth", weights_only=True)
     after = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
     backbone = [k for k in file if not k.startswith("fc.")]
