@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from safetrain import distributed as D
 from safetrain.data.pipelines import Normalize
 from safetrain.errors import TrainingStopped
 from safetrain.io import save_torch
@@ -23,12 +24,14 @@ class Checkpointer:
     that a resumed run ends exactly as an uninterrupted one: the model (unwrapped, on the CPU) and the `parts`
     (anything with state_dict/load_state_dict: optimizer, schedule, the training loader's shuffling and
     augmentation generators, the detectors) and every global random generator; and what never changes in a run:
-    the data facts (with the normalization, the model's input contract [M02]), the resolved config, the lr."""
+    the data facts (with the normalization, the model's input contract [M02]), the resolved config, the lr.
+    Under torchrun every rank calls `save` (each rank's random generators are kept, for dropout) and rank 0 writes;
+    a failed write stops every rank."""
 
     def __init__(self, folder: Path, *, model: nn.Module, data_facts: dict, config: dict, lr: float | None = None,
                  **parts):
         self.folder, self.model, self.parts = Path(folder), model, parts
-        self.fixed = {"data_facts": data_facts, "config": config, "lr": lr}
+        self.fixed = {"data_facts": data_facts, "config": config, "lr": lr, "processes": D.world()}
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.pt"
@@ -36,26 +39,27 @@ class Checkpointer:
     def save(self, name: str, state: dict) -> None:
         """`state`: epoch, metrics, best, history. A failed write (disk full, no permission) stops training: the
         previous file of that name is still whole (atomic writes), so the last complete checkpoint is kept."""
+        rng = D.gather(rng_state()) if D.active() else rng_state()
+        D.together(lambda: self._write(name, state, rng) if D.is_main() else None)
+
+    def _write(self, name: str, state: dict, rng) -> None:
         try:
-            self._write(name, state)
+            save_torch(self.path(name), {
+                "format_version": FORMAT_VERSION,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                **{k: part.state_dict() for k, part in self.parts.items()},
+                **state, **self.fixed, "rng": rng,
+            })
         except OSError as e:
             raise TrainingStopped(f"[io] could not write {self.path(name)} ({e.strerror or e}). Free space or fix the "
                                   "permissions; the last complete checkpoint is kept.", resumable=True) from None
-
-    def _write(self, name: str, state: dict) -> None:
-        save_torch(self.path(name), {
-            "format_version": FORMAT_VERSION,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            **{k: part.state_dict() for k, part in self.parts.items()},
-            **state, **self.fixed, "rng": rng_state(),
-        })
 
     def restore(self, ckpt: dict) -> None:
         """Put the model, the parts and the global generators back as `ckpt` saved them."""
         self.model.load_state_dict(ckpt["model"])
         for k, part in self.parts.items():
             part.load_state_dict(ckpt[k])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"][D.rank()] if isinstance(ckpt["rng"], list) else ckpt["rng"])  # list: per rank
 
 
 def rng_state() -> dict:

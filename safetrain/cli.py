@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from safetrain import distributed as dist
 from safetrain.errors import Interrupted, SafetrainError, TrainingStopped
 from safetrain.sweep import job_overrides, record, summarize
 
@@ -107,11 +108,25 @@ def refuse_code_overrides(overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        dist.close()  # under torchrun: leave the process group before exit
+
+
+def _main(argv: list[str] | None) -> int:
     from hydra._internal.utils import get_args_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in argv for a in ("mode=predict", "mode=evaluate", "mode=export")):
+        if dist.requested():
+            print("ConfigError: [config] mode=predict/evaluate/export run in one process: use `python -m safetrain`, "
+                  "not torchrun.", file=sys.stderr)
+            return 2
         return after_training([a for a in argv if not a.startswith("recipe=")])  # the checkpoint has the recipe
+    dist.init()  # under torchrun: join the other processes (no-op otherwise)
+    if not dist.is_main():
+        _log_to(level=logging.WARNING, rank=dist.rank())  # warnings and errors only; rank 0 keeps the run's log
     resumed = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     if resumed is not None:
         return resume(Path(resumed), [a for a in argv if not a.startswith("resume=")])
@@ -124,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     task_overrides = [o for o in args.overrides if not o.startswith("hydra.")]
     try:
         refuse_code_overrides(args.overrides)
+        if args.multirun and dist.active():
+            raise SafetrainError("[config] a sweep (-m) under torchrun is not supported: launch one torchrun per "
+                                 "job (each job's settings on its own command line).")
         if not (args.help or args.hydra_help):  # fail fast, before Hydra makes a run dir: every job of a sweep
             for job in job_overrides(task_overrides) if args.multirun else [task_overrides]:
                 cfg, _ = compose(recipe, job, args.config_dir)
@@ -134,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     except SafetrainError as e:
         print(f"ConfigError: {e}", file=sys.stderr)
         return 2
+    if not dist.is_main() and not (args.help or args.hydra_help):  # rank 0's Hydra job decides the run directory
+        from safetrain.run import run as run_training  # (its ${now:} would differ per process)
+
+        run_dir = Path(dist.share(None))
+        return _attempt(lambda: run_training(cfg, run_dir, task_overrides), run_dir)[2]
     flags = [a for a in rest if a not in args.overrides]  # argparse wants the overrides together
     sys.argv = [sys.argv[0], *args.overrides, _searchpath(), *flags, f"--config-name={recipe}"]
     import hydra
@@ -176,6 +199,7 @@ def _job(raw) -> None:
     hc = HydraConfig.get()
     run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
     if hc.mode != RunMode.MULTIRUN:
+        dist.share(str(run_dir))  # under torchrun: the other processes' run directory
         status, out, code = _attempt(lambda: run(validate(raw), run_dir, overrides), run_dir)
         if status == "done" and out.get("mode") == "doctor":  # the table is in the log; WARN still exits 0
             code = 0 if out["passed"] else 1
@@ -193,10 +217,14 @@ def _job(raw) -> None:
         sys.exit(code)
 
 
-def _log_to(*handlers: logging.Handler) -> None:
-    """Logging as Hydra's job logging sets it up, for the commands that run without a Hydra job."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                        handlers=[logging.StreamHandler(sys.stdout), *handlers], force=True)
+def _log_to(*handlers: logging.Handler, level: int = logging.INFO, rank: int | None = None) -> None:
+    """Logging as Hydra's job logging sets it up, for the commands that run without a Hydra job; the ranks other
+    than 0 of a distributed run log warnings and errors to stderr, marked with their rank."""
+    who = "" if rank is None else f"[rank {rank}]"
+    logging.basicConfig(level=level, format=f"[%(asctime)s][%(name)s][%(levelname)s]{who} - %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout if rank is None else sys.stderr), *handlers],
+                        force=True)
+    logging.getLogger("safetrain").setLevel(level)
 
 
 def after_training(args: list[str]) -> int:
@@ -231,12 +259,20 @@ def resume(run_dir: Path, args: list[str]) -> int:
         if bad:
             raise SafetrainError(f"[config] resume={run_dir} takes key=value settings only, not {' '.join(bad)} "
                                  "(the run keeps its recipe and directory).")
-        cfg = R.saved_config(run_dir, args)
-        R.check(run_dir, cfg)
+
+        def checked():
+            cfg = R.saved_config(run_dir, args)
+            R.check(run_dir, cfg)
+            return cfg
+
+        cfg = dist.from_main(checked)  # under torchrun the run directory is rank 0's (other machines need not see it)
     except SafetrainError as e:
         print(f"ConfigError: {e}", file=sys.stderr)
         return 2
-    _log_to(logging.FileHandler(run_dir / "safetrain.log"))  # the log goes on in the same file
+    overrides = []
+    if dist.is_main():
+        _log_to(logging.FileHandler(run_dir / "safetrain.log"))  # the log goes on in the same file
+        if (run_dir / "overrides.yaml").exists():
+            overrides = list(OmegaConf.load(run_dir / "overrides.yaml"))
     logging.getLogger("safetrain").info("resuming %s%s", run_dir, f" with {' '.join(args)}" if args else "")
-    overrides = list(OmegaConf.load(run_dir / "overrides.yaml")) if (run_dir / "overrides.yaml").exists() else []
     return _attempt(lambda: run(cfg, run_dir, overrides, resume=True), run_dir)[2]

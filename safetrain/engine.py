@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from safetrain import distributed as D
 from safetrain.errors import Interrupted
 from safetrain.losses import chance_losses
 from safetrain.metrics import to_plain
@@ -99,16 +100,18 @@ def train_step(model: nn.Module, x, y, loss_fn, optimizer, prec: Precision, grad
 
 def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Precision, grad_clip: float,
                 progress: bool, desc: str, guard=None, stop: StopRequest | None = None) -> dict:
-    """One pass over `loader`. `guard` (a monitors.StepGuard) watches every step and stops a diverging run."""
+    """One pass over `loader`. `guard` (a monitors.StepGuard) watches every step and stops a diverging run.
+    Under torchrun `model` is the DistributedDataParallel wrapper; the guard and a signal are checked by every rank
+    at the same steps and stop all of them together; the epoch's numbers are those of the global batches."""
     model.train()
     total_loss = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device)
     drawn = None  # (C,) labels per class as the loader drew them (a class-balanced sampler changes them)
     seen, t0, grad_norm, norms, last = 0, time.perf_counter(), torch.zeros(()), {}, len(loader) - 1
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress or None, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and D.is_main()) or None, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         # per-layer gradient norms, once an epoch, before clipping [M26]
-        probe = (lambda: norms.update(layer_grad_norms(model))) if step == last else None
+        probe = (lambda: norms.update(layer_grad_norms(D.unwrap(model)))) if step == last else None
         logits, loss, grad_norm = train_step(model, x, y, loss_fn, optimizer, prec, grad_clip, probe)
         if guard is not None:
             guard.update(loss, grad_norm)
@@ -119,25 +122,33 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
             drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
         drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
         seen += len(y)
-        if stop is not None:
+        if stop is not None and not D.active():
             stop.check(f"in {desc}, step {step + 1}")
         if step % 20 == 0:  # the loop syncs with the device here anyway
-            if guard is not None:
-                guard.check(f"in {desc}, step {step + 1}")
+            D.together(lambda: _checks(guard, stop, f"in {desc}, step {step + 1}"))
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    if guard is not None:
-        guard.check(f"in {desc}")
+    D.together(lambda: _checks(guard, stop, f"in {desc}"))
     if prec.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"loss": total_loss.item() / seen, "acc": correct.item() / seen, "grad_norm": float(grad_norm),
-            "images_per_s": seen / dt, "seconds": dt, "layer_grad_norms": {k: float(v) for k, v in norms.items()},
-            "label_counts": drawn}
+    seen = int(D.total(torch.tensor(seen)))
+    return {"loss": D.total(total_loss).item() / seen, "acc": D.total(correct).item() / seen,
+            "grad_norm": float(grad_norm), "images_per_s": seen / dt, "seconds": dt,
+            "layer_grad_norms": {k: float(v) for k, v in norms.items()}, "label_counts": D.total(drawn)}
+
+
+def _checks(guard, stop: StopRequest | None, where: str) -> None:
+    if guard is not None:
+        guard.check(where)
+    if stop is not None:
+        stop.check(where)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn, metrics, prec: Precision) -> dict:
+    """Loss and metrics of a split; under torchrun each rank takes its share and the sums are reduced over the
+    ranks (torchmetrics reduces its states in compute()), every sample counted once. `model`: not wrapped."""
     model.eval()
     metrics.reset()
     total_loss, seen = torch.zeros((), device=prec.device), 0
@@ -147,7 +158,7 @@ def evaluate(model: nn.Module, loader, loss_fn, metrics, prec: Precision) -> dic
         total_loss += loss_fn(logits, y) * len(y)
         seen += len(y)
         metrics.update(logits, y)
-    return {"loss": total_loss.item() / seen, **metrics.compute()}
+    return {"loss": D.total(total_loss).item() / int(D.total(torch.tensor(seen))), **metrics.compute()}
 
 
 @dataclass
@@ -177,7 +188,9 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
     """Train up to max_epochs; after each epoch validate, step the schedule on the selection metric, let the
     `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
     and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model.
-    `resume`: the state a checkpoint saved (epoch, best, history), everything else already restored."""
+    `resume`: the state a checkpoint saved (epoch, best, history), everything else already restored.
+    `model` may be the DistributedDataParallel wrapper (safetrain/distributed.py); it is evaluated unwrapped."""
+    net = D.unwrap(model)
     metric, mode = selection
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
@@ -188,11 +201,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         epoch += 1
         if hasattr(loss_fn, "on_epoch"):  # losses that change during training (deferred re-weighting)
             loss_fn.on_epoch(epoch, max_epochs)
-        if hasattr(model, "on_epoch"):  # fine-tuning: the backbone frozen for the first epochs [M36, M37]
-            model.on_epoch(epoch)
+        if hasattr(net, "on_epoch"):  # fine-tuning: the backbone frozen for the first epochs [M36, M37]
+            net.on_epoch(epoch)
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
                          f"epoch {epoch}/{max_epochs}", monitors and monitors.guard, stop)
-        val = evaluate(model, val_loader, loss_fn, metrics, prec)
+        val = evaluate(net, val_loader, loss_fn, metrics, prec)
         value = float(val[metric])
         schedule.after_validation(value)
         improved = better(value, best["value"])
@@ -200,7 +213,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
             best = {"metric": metric, "value": value, "epoch": epoch}
         history.append(epoch_scalars(tr, val, loss_fn, optimizer.param_groups[0]["lr"]))
         if monitors:
-            monitors.after_epoch(epoch, history, val["confusion"], model)
+            monitors.after_epoch(epoch, history, val["confusion"], net)
         track(epoch, history[-1], [])
         # best before last: killed between the two writes, last.pt is the epoch before and resumes from there
         for name in ("best", "last") if improved else ("last",):
@@ -237,7 +250,8 @@ def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: 
         for x, y in loader:
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            avg = 0.95 * avg + 0.05 * train_step(model, x, y, loss_fn, optimizer, prec).loss.item()
+            loss = D.total(train_step(model, x, y, loss_fn, optimizer, prec).loss).item() / D.world()
+            avg = 0.95 * avg + 0.05 * loss  # every rank decides on the same (mean) loss
             smooth = avg / (1 - 0.95 ** (i + 1))
             if smooth < best:
                 best, best_lr = smooth, lr

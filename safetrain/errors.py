@@ -22,6 +22,9 @@ class Interrupted(SafetrainError):
         super().__init__(message)
         self.exit_code = 128 + signal_number  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
 
+    def __reduce__(self):  # rebuilt whole on the other ranks of a distributed run
+        return Interrupted, (str(self), self.exit_code - 128)
+
 
 class TrainingStopped(SafetrainError):
     """The run was stopped on purpose (divergence, non-finite values: resuming would do the same again) or could

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from safetrain.checkpoint import load_checkpoint
 from safetrain.config import Config, to_container, validate
+from safetrain.distributed import world
 from safetrain.errors import ConfigError
 from safetrain.optim import SCHEDULES
 from safetrain.tracking import flatten
@@ -83,6 +84,12 @@ def resume_point(run_dir: Path, data_facts: dict, max_epochs: int) -> dict | Non
     if "loader" not in ckpt:
         raise ConfigError(f"[config] {path} was written by an older safetrain without the state a resume needs "
                           "(the generators, the detectors). It still loads for inference; train a new run.")
+    processes = ckpt.get("processes", 1)
+    if processes != world():
+        launch = "python -m safetrain" if processes == 1 else f"torchrun --nproc_per_node={processes} -m safetrain"
+        raise ConfigError(f"[config] resume={run_dir}: the run trained in {processes} process(es), this is {world()}; "
+                          "each process's random generators are saved (dropout), so it goes on exactly only with as "
+                          f"many processes as it started with: {launch} resume={run_dir}")
     if ckpt["data_facts"] != data_facts:
         changed = [k for k in data_facts if ckpt["data_facts"].get(k) != data_facts[k]]
         raise ConfigError(f"[M31] resume={run_dir}: the data is not what the run trained on (changed: "

@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 
 from safetrain import data as D
+from safetrain import distributed as dist
 from safetrain.config import Config
 from safetrain.data.audit import findings as audit_findings
-from safetrain.errors import Interrupted, TrainingStopped
+from safetrain.errors import ConfigError, Interrupted, TrainingStopped
 from safetrain.findings import FAIL, Finding, problems, verdict
 from safetrain.preflight import overfit_one_batch, table
 from safetrain.resume import check as check_resume, resume_point
-from safetrain.stages import (Prepared, Setup, build_training, finish, open_run_dir, preflight, prepare_data,
-                              record_stop, refuse_used_run_dir, resolve_device, start, train)
+from safetrain.stages import (Prepared, RunDir, Setup, build_training, finish, open_run_dir, preflight,
+                              prepare_data, record_stop, refuse_used_run_dir, resolve_device, start, train)
 
 __all__ = ["run", "doctor", "resolve_device"]
 log = logging.getLogger("safetrain")
@@ -25,25 +26,34 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     """Train and test one classifier; returns metrics.json's content. `dataset` (a torch Dataset of (image,
     label)) and `model` (an nn.Module) replace the configured ones and meet the same checks. Every refusal
     happens before anything is written to `run_dir` (Hydra's log aside). `resume`: go on with the run in
-    `run_dir` from its last complete epoch (`cfg` is its saved config; safetrain/resume.py)."""
+    `run_dir` from its last complete epoch (`cfg` is its saved config; safetrain/resume.py).
+    Under torchrun (safetrain/distributed.py) every process calls this with the same `run_dir`; rank 0 writes."""
+    dist.init()
+    if dist.active() and cfg.mode == "doctor":
+        raise ConfigError("[config] mode=doctor checks the data and the model in one process: run it with "
+                          "`python -m safetrain`, not torchrun.")
     if resume:
-        check_resume(run_dir, cfg)                        # same config, not finished
+        dist.from_main(lambda: check_resume(run_dir, cfg))  # same config, not finished
     elif cfg.mode != "doctor":  # the doctor writes nothing
-        refuse_used_run_dir(run_dir)                      # one run, one directory
+        dist.from_main(lambda: refuse_used_run_dir(run_dir))  # one run, one directory
     ctx = start(cfg)                                      # seed, device, precision; unlocked bounds
-    data = prepare_data(ctx, dataset)                     # splits, leak refusal, facts, audit, loaders
-    saved = resume_point(run_dir, data.facts.to_dict(), cfg.trainer.max_epochs) if resume else None
+    data = dist.together(lambda: prepare_data(ctx, dataset), local_first=True)  # splits, leaks, facts, audit, loaders
+    dist.same_everywhere("data facts", data.facts.to_dict(), "Give every process the same data (data.root).")
+    saved = dist.from_main(lambda: resume_point(run_dir, data.facts.to_dict(), cfg.trainer.max_epochs)) \
+        if resume else None
     setup = build_training(ctx, data, model, saved and saved["lr"])  # model, loss, balance, optimizer, schedule
     checks = preflight(ctx, data, setup)                  # inputs, loss at init, gradient reach
     if cfg.mode == "doctor":
         return doctor(data, setup, checks)
     findings = ctx.findings + data.findings + problems(checks)
     at = (saved["epoch"] if saved else 0) if resume else None
-    out = open_run_dir(ctx, run_dir, overrides, data, findings, at)  # nothing was written before this line
+    out = dist.together(lambda: open_run_dir(ctx, run_dir, overrides, data, findings, at) if dist.is_main()
+                        else RunDir(Path(run_dir), None))  # nothing was written before this line
     try:
         result = train(ctx, data, setup, out, saved)
     except (TrainingStopped, Interrupted) as e:  # checkpoints of the epochs before stay as they were
-        record_stop(ctx, data, out, checks, findings, e)
+        if dist.is_main():
+            record_stop(ctx, data, out, checks, findings, e)
         raise
     return finish(ctx, data, setup, out, checks, findings, result).metrics
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from safetrain import data as D
+from safetrain import distributed as dist
 from safetrain.checkpoint import Checkpointer, load_checkpoint
 from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
 from safetrain.data.audit import Audit, cached_audit, pair_images
@@ -90,12 +91,13 @@ class Setup:
     metrics: Any
     parameters: int
     custom_model: bool  # the user's nn.Module: safetrain's model.* settings do not apply to it
+    trainable: nn.Module  # what trains: the model, or under torchrun the DistributedDataParallel around it
 
 
 @dataclass
 class RunDir:
     path: Path
-    tracker: Tracker
+    tracker: Optional[Tracker]  # None on the ranks other than 0 under torchrun: they write nothing
 
 
 @dataclass
@@ -113,11 +115,11 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("[config] trainer.device=cuda but no CUDA device is visible. "
                           "Use trainer.device=auto (or cpu).")
-    return torch.device(name)
+    return dist.device(name)  # under torchrun: this process's GPU
 
 
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl", "metrics.json")  # what marks a directory as a run's
@@ -148,7 +150,9 @@ def start(cfg: Config) -> Context:
     ctx = Context(cfg, device, Precision(device, bf16), cache_root(cfg.data.cache_dir), to_container(cfg), unlocks(cfg))
     for f in ctx.findings:
         log.warning("unlocked %s", f)
-    log.info("[1/9] seed %d | device %s | %s", cfg.seed, device, "bf16 autocast" if bf16 else "fp32")
+    log.info("[1/9] seed %d | device %s | %s%s", cfg.seed, device, "bf16 autocast" if bf16 else "fp32",
+             f" | {dist.world()} processes (torchrun): data.batch_size={cfg.data.batch_size} is the global batch, "
+             f"{cfg.data.batch_size // dist.world()} per process" if dist.active() else "")
     return ctx
 
 
@@ -184,6 +188,10 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
              facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std), facts.imbalance_ratio,
              ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])),
              len(audit.near_duplicates), len(audit.blank))
+    if d.batch_size % dist.world():
+        raise ConfigError(f"[config] data.batch_size={d.batch_size} is the global batch, shared out evenly over the "
+                          f"{dist.world()} processes, so it must be a multiple of {dist.world()}: use data.batch_size="
+                          f"{d.batch_size // dist.world() * dist.world() or dist.world()}.")
     if d.batch_size > len(splits["train"]):
         raise ConfigError(f"[M23] data.batch_size={d.batch_size} is larger than the training split "
                           f"({len(splits['train'])} samples), so an epoch would have no full batch. "
@@ -229,22 +237,24 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw:
     d, seed = ctx.cfg.data, ctx.cfg.seed
     normalize = D.Normalize(facts.mean, facts.std)
 
+    at = dist.part()  # under torchrun: this rank's share of every global batch and of the eval splits
+
     def train_loader(class_balanced: bool):
-        return D.make_loader(splits["train"], D.BatchPipeline(normalize, ctx.device, d.augment, seed, d.rotate_degrees),
-                             batch_size=d.batch_size, train=True, seed=seed,
+        pipeline = D.BatchPipeline(normalize, ctx.device, d.augment, seed, d.rotate_degrees, at)
+        return D.make_loader(splits["train"], pipeline, batch_size=d.batch_size, train=True, seed=seed, at=at,
                              class_counts=facts.counts["train"] if class_balanced else None, **loader_kw)
 
     train = train_loader(sampler)
     eval_pipe = D.BatchPipeline(normalize, ctx.device)  # deterministic: normalization only [M04]
-    val = D.make_loader(splits["val"], eval_pipe, batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
+    evaluation = dict(batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
+    val = D.make_loader(splits["val"], eval_pipe, at=at, **evaluation)
     x0, y0 = next(iter(train))
     # inputs are checked as the split gives them: a class-balanced sampler shifts the class mix on purpose [M33]
     checked = input_check(x0 if not sampler else next(iter(train_loader(False)))[0], contract and contract.source)
     log.info("[4/9] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only", d.augment,
              f" rotate<={d.rotate_degrees:g}deg" if d.rotate_degrees else "", d.batch_size, len(train))
-    evaluation = dict(batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
-    loaders = Loaders(train, val, D.make_loader(splits["test"], eval_pipe, **evaluation),
-                      D.make_loader(splits["train"], eval_pipe, **evaluation))
+    loaders = Loaders(train, val, D.make_loader(splits["test"], eval_pipe, at=at, **evaluation),
+                      D.make_loader(splits["train"], eval_pipe, **evaluation))  # whole: rank 0's report
     return loaders, eval_pipe, (x0, y0), checked
 
 
@@ -258,7 +268,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
                                                       width=facts.width, num_classes=facts.num_classes,
                                                       classes=facts.classes)
     net = net.to(ctx.device, memory_format=torch.channels_last)
-    check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size)
+    check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size // dist.world())  # [M12] per process
     n_params = count_parameters(net)
     log.info("[5/9] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
              else cfg.model.name, f"{n_params:,}", len(data.splits["train"]),
@@ -270,11 +280,15 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     o, s = cfg.optim, cfg.sched
 
     def make_optimizer(m, lr):
-        return build_optimizer(m, o.name, lr, o.weight_decay, o.momentum, o.nesterov)
+        return build_optimizer(dist.unwrap(m), o.name, lr, o.weight_decay, o.momentum, o.nesterov)
 
+    trainable = dist.wrap(net)  # under torchrun: global-batch BatchNorm and DistributedDataParallel
+    if dist.active():  # the same init everywhere (above), then each rank its own dropout
+        seed_everything(cfg.seed + 1_000_003 * dist.rank())
     lr = o.lr if lr is None else lr
     if lr == "auto":
-        lr = find_lr(net, data.loaders.train, loss_fn, make_optimizer, ctx.prec, bounds=OPTIMIZERS[o.name].lr_range)
+        lr = find_lr(trainable, data.loaders.train, loss_fn, make_optimizer, ctx.prec,
+                     bounds=OPTIMIZERS[o.name].lr_range)
         log.info("optim.lr=auto: the range test chose lr %.2e", lr)
     optimizer = make_optimizer(net, lr)
     steps = cfg.trainer.max_epochs * len(data.loaders.train)
@@ -283,7 +297,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias), schedule %s on val %s "
              "(%s)", type(loss_fn).__name__, balance, why, o.name, lr, s.name, *selection)
     return Setup(net, loss_fn, selection, lr, optimizer, schedule, make_optimizer,
-                 build_metrics(facts.num_classes, ctx.device), n_params, model is not None)
+                 build_metrics(facts.num_classes, ctx.device), n_params, model is not None, trainable)
 
 
 def preflight(ctx: Context, data: Prepared, setup: Setup) -> list[Finding]:
@@ -307,7 +321,7 @@ def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, finding
         write_config(run_dir, ctx.config)
         return RunDir(run_dir, Tracker(run_dir, keep_through=resumed_at))
     run_dir.mkdir(parents=True, exist_ok=True)
-    snapshot(run_dir, ctx.config, overrides, environment(ctx.device))
+    snapshot(run_dir, ctx.config, overrides, {**environment(ctx.device), "processes": dist.world()})
     write_json(run_dir / "splits.json", D.describe(data.splits))
     write_json(run_dir / "data_facts.json", data.facts.to_dict())
     write_json(run_dir / "audit.json", {"summary": data.audit.summary(), **asdict(data.audit)})
@@ -328,7 +342,10 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
     `resume_from`: a checkpoint of this run, whose state goes back into everything before training goes on."""
     tr, c = ctx.cfg.trainer, data.facts.num_classes
     guard = StepGuard(c, ctx.device, setup.lr, setup.model, lr_from_range_test=ctx.cfg.optim.lr == "auto")
-    monitors = Monitors(guard, next(iter(data.loaders.val))[0], c,
+    val = data.loaders.val if not dist.active() else D.make_loader(  # the same probe batch on every rank
+        data.splits["val"], data.eval_pipeline, batch_size=2 * ctx.cfg.data.batch_size, train=False, seed=0,
+        **data.loader_kw)
+    monitors = Monitors(guard, next(iter(val))[0], c,
                         f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images",
                         monitor_fixes(ctx.cfg, setup.custom_model))
     checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, data_facts=data.facts.to_dict(),
@@ -339,10 +356,15 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
     log.info("[8/9] training up to %d epochs -> %s%s", tr.max_epochs, out.path,
              f" (resumed after epoch {resume_from['epoch']})" if resume_from else "")
     with StopRequest().installed() as stop:  # SIGINT/SIGTERM: stop cleanly after the current step
-        return fit(setup.model, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer,
+        return fit(setup.trainable, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer,
                    setup.schedule, setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
                    early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
-                   track=out.tracker.epoch, progress=tr.progress, monitors=monitors, stop=stop, resume=resume_from)
+                   track=out.tracker.epoch if out.tracker else _no_track, progress=tr.progress, monitors=monitors,
+                   stop=stop, resume=resume_from)
+
+
+def _no_track(*_, **__) -> None:
+    """The ranks other than 0 write no metrics."""
 
 
 def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
@@ -400,15 +422,22 @@ def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding]
 def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list[Finding], findings: list[Finding],
            result: FitResult) -> RunResult:
     """The best checkpoint on the test split, once [M07]; suspected mislabeled samples [M08]; metrics.json,
-    report.md, TensorBoard; the summary in the log."""
-    setup.model.load_state_dict(load_checkpoint(out.path / "checkpoints" / "best.pt")["model"])
+    report.md, TensorBoard; the summary in the log. Under torchrun every rank tests its share of the test split and
+    of the held-out predictions; rank 0 writes, and every rank returns its result."""
+    setup.model.load_state_dict(dist.from_main(lambda: load_checkpoint(out.path / "checkpoints" / "best.pt")["model"]))
     t = test(setup.model, data.loaders.test, setup.loss_fn, setup.metrics, ctx.prec)
+    held_out = [predicted_probs(setup.model, loader, ctx.prec) for loader in (data.loaders.val, data.loaders.test)]
+    held_out = [part for parts in dist.gather(held_out) for part in parts]  # every rank's share
+    return dist.from_main(lambda: _report(ctx, data, setup, out, checks, findings, result, t, held_out))
+
+
+def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> RunResult:
     train_ids, facts = data.splits["train"].ids, data.facts
     suspects, n_suspects = suspected_mislabeled(setup.model, data.loaders.train_in_order, train_ids, facts.classes,
                                                 ctx.prec)
     log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
              n_suspects, len(suspects))
-    estimate, noise = _label_noise(ctx, data, setup, suspects)
+    estimate, noise = _label_noise(data, held_out, suspects)
     findings = findings + explained_by(noise, result.findings)
     final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
     final["label_noise_estimate"] = estimate
@@ -425,11 +454,10 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
     return RunResult(final, findings)
 
 
-def _label_noise(ctx: Context, data: Prepared, setup: Setup, examples: list[dict]):
-    """(estimate or None, [M08] finding or None) from the kept model's predictions on the validation and test
-    splits, which it never trained on (the checkpoint is already chosen: nothing is selected on test here).
-    No estimate from a model no better than chance: its doubts say nothing."""
-    held_out = [predicted_probs(setup.model, loader, ctx.prec) for loader in (data.loaders.val, data.loaders.test)]
+def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]], examples: list[dict]):
+    """(estimate or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
+    validation and test splits, which it never trained on (the checkpoint is already chosen: nothing is selected on
+    test here). No estimate from a model no better than chance: its doubts say nothing."""
     probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")

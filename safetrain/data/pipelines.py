@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safetrain.data.sources import FileDataset, ImageSet, file_loader
+from safetrain.distributed import chunk, share_of
 from safetrain.errors import DataError
 
 
@@ -33,12 +34,15 @@ class Normalize(nn.Module):
         return (x * self.std + self.mean).clamp(0, 1)
 
 
-def batch_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
+# Every random operation draws for the whole global batch and keeps its share (`at`: (rank, ranks), see
+# safetrain/distributed.py), so the same sample gets the same crop and flip whatever the number of processes.
+
+def batch_crop(x: Tensor, pad: int, g: torch.Generator, at: tuple[int, int] = (0, 1)) -> Tensor:
     """Random translation by up to `pad` pixels with reflect padding, per sample, in 2*(2*pad+1)
     masked copies instead of a Python loop over the batch (airbench's batch_crop)."""
     b, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    shifts = torch.randint(0, 2 * pad + 1, (2, b), device=x.device, generator=g)
+    shifts = share_of(torch.randint(0, 2 * pad + 1, (2, b * at[1]), device=x.device, generator=g), at)
     rows = torch.empty((b, c, h, w + 2 * pad), device=x.device, dtype=x.dtype)
     for s in range(2 * pad + 1):
         m = shifts[0] == s
@@ -50,23 +54,22 @@ def batch_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
     return out
 
 
-def batch_flip(x: Tensor, g: torch.Generator) -> Tensor:
-    flip = torch.rand(x.shape[0], device=x.device, generator=g) < 0.5
+def batch_flip(x: Tensor, g: torch.Generator, at: tuple[int, int] = (0, 1)) -> Tensor:
+    flip = share_of(torch.rand(x.shape[0] * at[1], device=x.device, generator=g), at) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def batch_rotate(x: Tensor, degrees: float, g: torch.Generator) -> Tensor:
+def batch_rotate(x: Tensor, degrees: float, g: torch.Generator, at: tuple[int, int] = (0, 1)) -> Tensor:
     """Rotate each sample by its own angle in [-degrees, degrees] (reflection at the borders)."""
-    b = x.shape[0]
-    a = (torch.rand(b, device=x.device, generator=g) * 2 - 1) * degrees * torch.pi / 180
+    a = (share_of(torch.rand(x.shape[0] * at[1], device=x.device, generator=g), at) * 2 - 1) * degrees * torch.pi / 180
     cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def batch_crop_eighth(x: Tensor, g: torch.Generator) -> Tensor:
-    return batch_crop(x, max(1, round(x.shape[-1] / 8)), g)  # 4 px at 32x32
+def batch_crop_eighth(x: Tensor, g: torch.Generator, at: tuple[int, int] = (0, 1)) -> Tensor:
+    return batch_crop(x, max(1, round(x.shape[-1] / 8)), g, at)  # 4 px at 32x32
 
 
 # data.augment=NAME -> the batch operations of the training pipeline, in order (eval pipelines have none [M04])
@@ -80,20 +83,21 @@ def flips(augment: str) -> bool:
 
 
 class BatchPipeline:
-    """uint8 batch on any device -> normalized float batch on `device`, augmented if training."""
+    """uint8 batch on any device -> normalized float batch on `device`, augmented if training. `at`: (rank, ranks)
+    when each batch is this rank's share of a global one."""
 
     def __init__(self, normalize: Normalize, device: torch.device, augment: str = "none", seed: int = 0,
-                 rotate_degrees: float = 0.0):
+                 rotate_degrees: float = 0.0, at: tuple[int, int] = (0, 1)):
         self.normalize = normalize.to(device)
-        self.device, self.augment, self.rotate_degrees = device, augment, rotate_degrees
+        self.device, self.augment, self.rotate_degrees, self.at = device, augment, rotate_degrees, at
         self.g = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, x: Tensor) -> Tensor:
         x = self.normalize(x.to(self.device, non_blocking=True))
         for op in AUGMENTS[self.augment]:
-            x = op(x, self.g)
+            x = op(x, self.g, self.at)
         if self.rotate_degrees:
-            x = batch_rotate(x, self.rotate_degrees, self.g)
+            x = batch_rotate(x, self.rotate_degrees, self.g, self.at)
         return x
 
 
@@ -110,19 +114,23 @@ class _RandomState:
 
 
 class TensorLoader(_RandomState):
-    """Batches from uint8 images held in memory on the training device (the fast path)."""
+    """Batches from uint8 images held in memory on the training device (the fast path). `at` (rank, ranks): in
+    training (drop_last) this rank's share of each global batch, every rank drawing the same order; in evaluation
+    this rank's contiguous share of the split (every sample once over the ranks)."""
 
     def __init__(self, data: ImageSet, pipeline: BatchPipeline, batch_size: int, shuffle: bool,
-                 drop_last: bool, seed: int = 0, sample_weights: Optional[Tensor] = None):
+                 drop_last: bool, seed: int = 0, sample_weights: Optional[Tensor] = None, at: tuple = (0, 1)):
         device = pipeline.device
         self.images, self.labels = data.images.to(device), data.labels.to(device)
         self.sample_weights = None if sample_weights is None else sample_weights.to(device)
         self.pipeline, self.batch_size, self.shuffle, self.drop_last = pipeline, batch_size, shuffle, drop_last
         self.g = torch.Generator(device=device).manual_seed(seed)
+        self.at = at
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last:
+            return len(self.labels) // self.batch_size
+        return -(-len(chunk(len(self.labels), self.at)) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
@@ -131,9 +139,12 @@ class TensorLoader(_RandomState):
         elif self.shuffle:
             order = torch.randperm(n, device=self.images.device, generator=self.g)
         else:
-            order = torch.arange(n, device=self.images.device)
+            share = chunk(n, self.at)
+            order = torch.arange(share.start, share.stop, device=self.images.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if self.drop_last:
+                idx = share_of(idx, self.at)
             yield self.pipeline(self.images[idx]), self.labels[idx]
 
 
@@ -142,14 +153,18 @@ class StreamLoader(_RandomState):
 
     def __init__(self, data: ImageSet, pipeline: Optional[BatchPipeline], batch_size: int, shuffle: bool,
                  drop_last: bool, seed: int = 0, shape: tuple = (3, 32, 32), resize: Optional[int] = None,
-                 num_workers: int = 4, sample_weights: Optional[Tensor] = None):
+                 num_workers: int = 4, sample_weights: Optional[Tensor] = None, at: tuple = (0, 1)):
         self.data, self.pipeline, self.shape = data, pipeline, shape
         self.g = g = torch.Generator().manual_seed(seed)  # the order and the workers' seeds
-        sampler = (None if sample_weights is None else
-                   torch.utils.data.WeightedRandomSampler(sample_weights, len(data), generator=g))
+        if sample_weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(data), generator=g)
+        elif shuffle:
+            sampler = torch.utils.data.RandomSampler(range(len(data)), generator=g)
+        else:
+            sampler = chunk(len(data), at)  # evaluation: this rank's share of the split (as TensorLoader)
+        batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
         self.loader = file_loader(
-            _LabelledFiles(data, shape[0], resize), batch_size=batch_size, shuffle=shuffle and sampler is None,
-            sampler=sampler, drop_last=drop_last,
+            _LabelledFiles(data, shape[0], resize), batch_sampler=_Shares(batches, at) if drop_last else batches,
             generator=g, num_workers=num_workers, collate_fn=partial(_stack, shape=tuple(shape)),
             pin_memory=pipeline is not None and pipeline.device.type == "cuda")
 
@@ -162,6 +177,20 @@ class StreamLoader(_RandomState):
                 yield x, y
                 continue
             yield self.pipeline(x), y.to(self.pipeline.device, non_blocking=True)
+
+
+class _Shares:
+    """This rank's share of each global batch (training), as TensorLoader takes it."""
+
+    def __init__(self, batches, at: tuple[int, int]):
+        self.batches, self.at = batches, at
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield share_of(torch.tensor(batch), self.at).tolist()
 
 
 def _stack(items, shape: tuple) -> tuple[Tensor, Tensor]:
@@ -182,13 +211,16 @@ class _LabelledFiles(FileDataset):
 
 
 def make_loader(data: ImageSet, pipeline: Optional[BatchPipeline], *, batch_size: int, train: bool, seed: int,
-                shape: tuple, resize: Optional[int], num_workers: int, class_counts: Optional[list[int]] = None):
+                shape: tuple, resize: Optional[int], num_workers: int, class_counts: Optional[list[int]] = None,
+                at: tuple[int, int] = (0, 1)):
     """Train: shuffled, augmented, last partial batch dropped [M22]; given `class_counts` (the split's), samples
-    are drawn with probability 1/(count of their class): class-balanced batches [M24]. Eval: in order, whole, plain."""
+    are drawn with probability 1/(count of their class): class-balanced batches [M24]. Eval: in order, whole, plain.
+    `at` (rank, ranks) under torchrun: train yields this rank's share of each global batch of `batch_size` (the
+    pipeline's `at` must be the same), eval this rank's share of the split."""
     weights = None
     if class_counts is not None:
         weights = 1.0 / torch.tensor(class_counts, dtype=torch.float64)[data.labels]
-    kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed, sample_weights=weights)
+    kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed, sample_weights=weights, at=at)
     if data.images is not None:
         return TensorLoader(data, pipeline, **kw)
     return StreamLoader(data, pipeline, shape=shape, resize=resize, num_workers=num_workers, **kw)
