@@ -268,7 +268,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
                                                       width=facts.width, num_classes=facts.num_classes,
                                                       classes=facts.classes)
     net = net.to(ctx.device, memory_format=torch.channels_last)
-    check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size // dist.world())  # [M12] per process
+    check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size, dist.world())  # [M12] per process
     n_params = count_parameters(net)
     log.info("[5/9] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
              else cfg.model.name, f"{n_params:,}", len(data.splits["train"]),

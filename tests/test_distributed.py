@@ -212,3 +212,12 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
     said = out.stdout + out.stderr
     assert "data.batch_size=33 is the global batch" in said and "data.batch_size=32" in said
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_m12_batchnorm_checks_the_batch_of_each_process(tmp_path):
+    out = torchrun(*SETTINGS, "data.batch_size=12", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert out.returncode != 0
+    said = out.stdout + out.stderr
+    assert "[M12] the model has BatchNorm layers but each of the 2 processes' batch (data.batch_size=12 / 2 = 6)" \
+        in said
+    assert "data.batch_size=64 or more" in said

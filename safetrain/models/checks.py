@@ -13,9 +13,9 @@ OUTPUT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU
                       nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish)
 
 
-def check_model(model: nn.Module, x: Tensor, num_classes: int, batch_size: int) -> None:
+def check_model(model: nn.Module, x: Tensor, num_classes: int, batch_size: int, processes: int = 1) -> None:
     """Raise ConfigError unless `model` takes the data's (B, C, H, W) batches, returns
-    (B, num_classes) raw logits and can use BatchNorm at this batch size."""
+    (B, num_classes) raw logits and can use BatchNorm at this batch size (per process, under torchrun)."""
     b, c, h, w = x.shape
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     if isinstance(first, nn.Conv2d) and first.in_channels != c:
@@ -55,7 +55,10 @@ def check_model(model: nn.Module, x: Tensor, num_classes: int, batch_size: int) 
         raise ConfigError("[M11] every output of the model is >= 0 on a batch, many exactly 0, as after a ReLU: a "
                           "classifier must return raw logits (negative too). Remove the activation after the last "
                           "layer.")
-    if batch_size < BN_MIN_BATCH and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ConfigError(f"[M12] the model has BatchNorm layers but data.batch_size={batch_size} is below "
+    per_process = batch_size // processes
+    if per_process < BN_MIN_BATCH and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        batch = f"data.batch_size={batch_size}" if processes == 1 else \
+            f"each of the {processes} processes' batch (data.batch_size={batch_size} / {processes} = {per_process})"
+        raise ConfigError(f"[M12] the model has BatchNorm layers but {batch} is below "
                           f"{BN_MIN_BATCH}. Use GroupNorm (model.norm=group for safetrain's models) or "
-                          f"data.batch_size={BN_MIN_BATCH * 4} or more.")
+                          f"data.batch_size={BN_MIN_BATCH * 4 * processes} or more.")
