@@ -247,15 +247,31 @@ def wrap(model: nn.Module) -> nn.Module:
     which averages the gradients. The model itself (checkpoints, evaluation) is `unwrap(trainable)`."""
     if not active():
         return model
-    cuda = next(model.parameters()).is_cuda
-    if cuda:
+    if next(model.parameters()).is_cuda:
         for name, child in list(model.named_children()):  # in place: the optimizer keeps the same tensors
             setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     else:
         _global_batchnorm(model)
-    frozen_first = getattr(model, "freeze_epochs", 0) > 0  # fine-tuning: the backbone gets no gradient at first
-    return nn.parallel.DistributedDataParallel(model, device_ids=[local_rank()] if cuda else None,
-                                               find_unused_parameters=frozen_first)
+    return _ddp(model)
+
+
+def _ddp(model: nn.Module) -> nn.Module:
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank()] if next(model.parameters()).is_cuda
+                                              else None)
+    ddp.trains = _training(model)
+    return ddp
+
+
+def _training(model: nn.Module) -> frozenset:
+    return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def rewrap(trainable: nn.Module) -> nn.Module:
+    """After layers were frozen or unfrozen (fine-tuning, [M37]): DDP reduces the gradients of the parameters that
+    trained when it was built, so a new one is built for the parameters that train now (all ranks do it)."""
+    if isinstance(trainable, nn.parallel.DistributedDataParallel) and trainable.trains != _training(trainable.module):
+        return _ddp(trainable.module)
+    return trainable
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -203,6 +203,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
             loss_fn.on_epoch(epoch, max_epochs)
         if hasattr(net, "on_epoch"):  # fine-tuning: the backbone frozen for the first epochs [M36, M37]
             net.on_epoch(epoch)
+            model = D.rewrap(model)  # under torchrun: DDP for the parameters that train now
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
                          f"epoch {epoch}/{max_epochs}", monitors and monitors.guard, stop)
         val = evaluate(net, val_loader, loss_fn, metrics, prec)

@@ -26,7 +26,8 @@ from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
 from safetrain.models.pretrained import architecture
 from safetrain.metrics import build_metrics, to_plain
-from safetrain.report import per_class_table
+from safetrain import figures as F
+from safetrain.report import figure, per_class_table, write_with_figures
 from safetrain.stages import resolve_device
 
 log = logging.getLogger("safetrain")
@@ -136,7 +137,14 @@ def predict(cfg: AfterTrainingConfig) -> Path:
             w.writerow([name, classes[top_i[i, 0]], f"{top_p[i, 0]:.6f}"] + ranked + [""])
     out = Path(p.output) if p.output else trained.run_dir / "predictions" / f"{_stem(p.input)}.csv"
     write_text(out, buf.getvalue())
-    counts = torch.bincount(top_i[[i for i in range(len(files)) if i not in bad], 0], minlength=len(classes))
+    decoded = [i for i in range(len(files)) if i not in bad]
+    counts = torch.bincount(top_i[decoded, 0], minlength=len(classes))
+    figures = _prediction_figures(trained, files, decoded, top_p[:, 0], top_i[:, 0], counts)
+    write_with_figures(out.with_suffix(".md"), [
+        "# safetrain predictions", "", f"Checkpoint `{trained.path}` on `{p.input}`: {len(decoded)} images predicted, "
+        f"{len(bad)} could not be decoded (listed in `{out.name}`).", "",
+        *figure("class_counts", "predicted classes", figures),
+        *figure("least_confident", "the least confident predictions", figures)], figures, "safetrain predictions")
     log.info("predicted %d images with %s: %s | %d could not be decoded%s | %d resized to %dx%d, %d converted to "
              "%s (the training rule) -> %s", len(files) - len(bad), trained.path,
              ", ".join(f"{c} {n}" for c, n in zip(classes, counts.tolist())), len(bad),
@@ -144,6 +152,21 @@ def predict(cfg: AfterTrainingConfig) -> Path:
              trained.facts["height"], trained.facts["width"], changed["channels_converted"],
              "grayscale" if trained.facts["channels"] == 1 else "RGB", out)
     return out
+
+
+def _prediction_figures(trained: Trained, files: list[Path], decoded: list[int], p: torch.Tensor, pred: torch.Tensor,
+                        counts: torch.Tensor) -> dict:
+    """How many images each class got, and the 32 least confident predictions as a labelled grid (decoded again:
+    a prediction run does not keep its images)."""
+    f, classes = trained.facts, trained.facts["classes"]
+    figures = {"class_counts": F.class_counts({"predicted": counts.tolist()}, classes)}
+    doubt = sorted(decoded, key=lambda i: float(p[i]))[:32]
+    if doubt:
+        again = CheckedFiles([str(files[i]) for i in doubt], f["channels"], (f["height"], f["width"]))
+        figures["least_confident"] = F.image_grid(torch.stack([again[j][1] for j in range(len(doubt))]), [
+            f"{files[i].name}: {classes[pred[i]]} ({float(p[i]):.2f})" for i in doubt],
+            "the least confident predictions: the predicted class and its probability")
+    return figures
 
 
 def _stem(where: str) -> str:
@@ -196,7 +219,9 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
              "seen_in_training": seen, **changed}
     out = Path(p.output) if p.output else trained.run_dir / "evaluations" / _stem(p.input)
     write_json(out / "metrics.json", final)
-    write_text(out / "report.md", "\n".join(_report_lines(final)) + "\n")
+    kept_files = [f for f, k in zip(files, keep) if k]
+    figures = _evaluation_figures(final, logits[keep], labels[keep], images, kept_files)
+    write_with_figures(out / "report.md", _report_lines(final, figures), figures, "safetrain evaluation")
     log.info("evaluated %d images of %s: acc %.4f, balanced acc %.4f, macro-F1 %.4f%s | %s -> %s", final["images"],
              p.input, final["acc"], final["balanced_acc"], final["macro_f1"],
              f" | {len(bad)} could not be decoded" if bad else "", _seen_line(seen), out)
@@ -247,7 +272,23 @@ def _seen_line(seen: dict) -> str:
                                                             if seen["near_duplicates"] else "."))
 
 
-def _report_lines(final: dict) -> list[str]:
+def _evaluation_figures(final: dict, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+                        files: list[Path]) -> dict:
+    """Per-class scores, the confusion matrix, and the most confident mistakes as a labelled grid."""
+    classes = final["classes"]
+    figures = {"per_class": F.per_class(final["per_class"], "evaluation"),
+               "confusion_matrix": F.confusion(final["confusion_matrix"], classes, "evaluation")}
+    p, pred = logits.softmax(1).max(1)
+    wrong = (pred != labels).nonzero().squeeze(1)
+    worst = wrong[p[wrong].argsort(descending=True)][:32].tolist()
+    if worst:
+        figures["mistakes"] = F.image_grid(images[worst], [
+            f"{files[i].name}: {classes[labels[i]]}, predicted {classes[pred[i]]} ({float(p[i]):.2f})" for i in worst],
+            "the most confident mistakes: the true class, then what the model predicted")
+    return figures
+
+
+def _report_lines(final: dict, figures: dict) -> list[str]:
     classes = final["classes"]
     out = ["# safetrain evaluation", "", f"Checkpoint `{final['checkpoint']}` on `{final['input']}`: "
            f"{final['images']} images.", "", f"Accuracy **{final['acc']:.4f}**, balanced accuracy "
@@ -258,8 +299,10 @@ def _report_lines(final: dict) -> list[str]:
     if final["not_decoded"]:
         out += [f"{len(final['not_decoded'])} files could not be decoded:", ""] + [
             f"- {f}: {why}" for f, why in final["not_decoded"].items()] + [""]
-    out += ["## Per class", ""] + per_class_table(final) + ["", "## Confusion matrix (rows: true class)", "",
-                                                            "| true \\ pred | " + " | ".join(classes) + " |",
-                                                            "|---" * (len(classes) + 1) + "|"]
-    return out + [f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |"
-                  for c, row in zip(classes, final["confusion_matrix"])]
+    out += ["## Per class", ""] + per_class_table(final) + [""] + figure("per_class", "precision, recall, F1", figures)
+    out += ["## Confusion matrix (rows: true class)", ""] + figure("confusion_matrix", "confusion matrix", figures)
+    out += ["| true \\ pred | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    out += [f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |"
+            for c, row in zip(classes, final["confusion_matrix"])]
+    return out + [""] + (["## The most confident mistakes", ""] + figure("mistakes", "mistakes", figures)
+                         if "mistakes" in figures else [])

@@ -1,12 +1,49 @@
-"""report.md: what a person reads after a run: result, warnings by catalogue row with their fixes, data,
-audit, preflight, per-class metrics, suspected mislabeled samples."""
+"""report.md and report.html: what a person reads after a run: result, warnings by catalogue row with their fixes,
+data, audit, preflight, per-class metrics, suspected mislabeled samples, and the figures of safetrain/figures.py
+(PNG files in figures/ that report.md links; inlined as SVG in report.html, one file that opens anywhere)."""
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
+import markdown
+from matplotlib.figure import Figure
+
+from safetrain import figures as F
 from safetrain.findings import Finding, by_row
 from safetrain.io import write_text
 from safetrain.preflight import table
+
+CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h1,h2,h3{line-height:1.2}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:1.6em}table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:left}th{background:#f4f4f4}code{background:#f4f4f4;padding:0 .2em}figure{margin:1em 0}
+figure svg{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
+h2+ul li,h3+ul li{margin:.3em 0}"""
+
+
+def figure(name: str, title: str, figures: dict[str, Figure]) -> list[str]:
+    """The markdown lines that show figure `name` (a PNG in figures/), or none if the run has no such figure."""
+    return [f"![{title}](figures/{name}.png)", ""] if name in figures else []
+
+
+def write_with_figures(path: Path, lines: list[str], figures: dict[str, Figure], title: str) -> None:
+    """`path` (report.md: the figures as PNG files in figures/ beside it, linked) and the same content as one
+    self-contained HTML file next to it (the figures inlined as SVG; no external resource)."""
+    folder = "figures" if path.name == "report.md" else f"{path.stem}_figures"  # one folder per report
+    svgs = {name: F.save(fig, path.parent / folder / f"{name}.png") for name, fig in figures.items()}
+    text = ("\n".join(lines) + "\n").replace("](figures/", f"]({folder}/")
+    write_text(path, text)
+    body = markdown.markdown(text, extensions=["tables"])
+
+    def inline(m: re.Match) -> str:
+        return f"<figure>{svgs[m['name']]}<figcaption>{m['alt']}</figcaption></figure>"
+
+    body = re.sub(rf'<p>\s*<img alt="(?P<alt>[^"]*)" src="{folder}/(?P<name>\w+)\.png"\s*/?>\s*</p>', inline, body)
+    write_text(path.with_suffix(".html"), f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                                          f"<title>{html.escape(title)}</title><style>{CSS}</style></head>"
+                                          f"<body>\n{body}\n</body></html>\n")
 
 
 def per_class_table(final: dict) -> list[str]:
@@ -61,26 +98,38 @@ def _data_lines(facts, audit: dict) -> list[str]:
     return out + ["", "## Audit", ""] + [f"- {k}: {v}" for k, v in audit.items()]
 
 
-def _mislabeled_lines(mislabeled: list[dict]) -> list[str]:
+def _mislabeled_lines(mislabeled: list[dict], figures: dict[str, Figure]) -> list[str]:
     if not mislabeled:
         return []
     return ["", "## Suspected mislabeled training samples [M08]", "",
-            "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first; "
-            "images in TensorBoard under train/suspected_mislabeled). Some are hard or ambiguous images, "
-            "some wrong labels: check them.", "", "| sample | label | looks like | p(label) | p(other) |",
-            "|---|---|---|---|---|"] + [
+            "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first). Some are "
+            "hard or ambiguous images, some wrong labels: check them.", "",
+            *figure("suspected_mislabeled", "suspected mislabeled: given label -> what the model sees", figures),
+            "| sample | label | looks like | p(label) | p(other) |", "|---|---|---|---|---|"] + [
         f"| {m['id']} | {m['given']} | {m['predicted']} | {m['p_given']} | {m['p_predicted']} |" for m in mislabeled]
 
 
 def write_report(path: Path, *, facts, audit: dict, checks: list[Finding], findings: list[Finding],
-                 final: dict | None = None, stopped: str | None = None, mislabeled: list[dict] = ()) -> None:
-    """`facts`: the run's DataFacts; `checks`: the preflight checks; `findings`: every warning of the run."""
+                 final: dict | None = None, stopped: str | None = None, mislabeled: list[dict] = (),
+                 figures: dict[str, Figure] | None = None) -> None:
+    """`facts`: the run's DataFacts; `checks`: the preflight checks; `findings`: every warning of the run;
+    `figures`: by name (learning_curves, class_counts, augmented_batch, near_duplicates, per_class,
+    confusion_matrix, suspected_mislabeled), those the run has. Writes report.md and report.html."""
+    figs = figures or {}
     out = ["# safetrain report", ""]
     if stopped:
         out += ["## Training stopped", "", stopped, ""]
     if final:
         out += _result_lines(final, facts)
-    out += warning_lines(findings) + _data_lines(facts, audit) + ["", "## Preflight", "", table(checks)]
+    out += warning_lines(findings)
+    out += figure("learning_curves", "learning curves (green: the kept epoch; red: warnings, by row)", figs)
+    out += _data_lines(facts, audit)
+    out += [""] + figure("class_counts", "images per class and split", figs)
+    out += figure("near_duplicates", "near-duplicates: each val/test image beside its training match", figs)
+    out += figure("augmented_batch", "the first training batch as the network sees it (denormalized)", figs)
+    out += ["## Preflight", "", table(checks)]
     if final:
-        out += ["", "## Test metrics per class", ""] + per_class_table(final)
-    write_text(path, "\n".join(out + _mislabeled_lines(list(mislabeled))) + "\n")
+        out += ["", "## Test metrics per class", ""] + per_class_table(final) + [""]
+        out += figure("per_class", "precision, recall and F1 per class", figs)
+        out += figure("confusion_matrix", "confusion matrix (rows: the true class)", figs)
+    write_with_figures(path, out + _mislabeled_lines(list(mislabeled), figs), figs, "safetrain report")

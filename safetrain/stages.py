@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from safetrain import data as D
+from safetrain import figures as F
 from safetrain import distributed as dist
 from safetrain.checkpoint import Checkpointer, load_checkpoint
 from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
@@ -37,7 +38,7 @@ from safetrain.optim import LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
 from safetrain.resume import command, finished
 from safetrain.report import balance_lines, per_class_table, write_report
-from safetrain.tracking import Tracker, environment, flatten, snapshot, write_config
+from safetrain.tracking import Tracker, environment, flatten, records, snapshot, write_config
 
 log = logging.getLogger("safetrain")
 
@@ -304,7 +305,7 @@ def preflight(ctx: Context, data: Prepared, setup: Setup) -> list[Finding]:
     """Checks on the real first batch before any training: inputs [M33], loss at init [M19], gradient reach [M26]."""
     x, y = data.first_batch
     checks = [data.input_check, *init_and_gradient_checks(setup.model, x, y, setup.loss_fn, data.facts.num_classes,
-                                                           ctx.prec)]
+                                                           ctx.prec, getattr(ctx.cfg.model, "init_from", None))]
     for c in problems(checks):
         log.warning("preflight: %s", c)
     log.info("[7/9] preflight: %d/%d checks passed", sum(c.passed for c in checks), len(checks))
@@ -328,10 +329,11 @@ def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, finding
     tracker = Tracker(run_dir, keep_through=None if resumed_at is None else -1)  # resumed before epoch 1: all anew
     if findings:  # audit and preflight findings: epoch 0 of metrics.jsonl and TensorBoard text
         tracker.epoch(0, {}, findings)
-    pairs = pair_images(data.audit, data.splits)
-    if pairs is not None:  # left: val/test image, right: its training near-duplicate
-        tracker.images("audit/near_duplicates", pairs.float() / 255)
-    tracker.images("train/augmented_batch", data.eval_pipeline.normalize.denormalize(data.first_batch[0]))
+    figures = data_figures(data)
+    for name, tag in (("near_duplicates", "audit/near_duplicates"), ("augmented_batch", "train/augmented_batch"),
+                      ("class_counts", "data/class_counts")):
+        if name in figures:
+            tracker.figure(tag, figures[name])
     f = data.facts
     tracker.text("data/counts", "\n".join(f"{c}: {n}" for c, n in zip(f.classes, f.counts["train"])))
     return RunDir(run_dir, tracker)
@@ -403,6 +405,45 @@ def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
             "underfitting": say(wider + lr_auto + relax)}
 
 
+def data_figures(data: Prepared) -> dict:
+    """The figures of the data, known before training: class counts per split, the near-duplicate pairs (left: the
+    val/test image, right: its training match) and the first training batch as the network sees it."""
+    classes = data.facts.classes
+    figures = {"class_counts": F.class_counts(data.facts.counts, classes)}
+    pairs = pair_images(data.audit, data.splits)
+    if pairs is not None:
+        figures["near_duplicates"] = F.image_grid(*pairs, "near-duplicates across splits: each val/test image, then "
+                                                          "its training match")
+    x, y = data.first_batch
+    figures["augmented_batch"] = F.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]),
+                                              [classes[k] for k in y[:32].tolist()],
+                                              "the first training batch as the network sees it (augmented, "
+                                              "denormalized), with its labels")
+    return figures
+
+
+def report_figures(data: Prepared, run_dir: Path, selection: str, final: Optional[dict] = None,
+                   suspects: list[dict] = ()) -> dict:
+    """Every figure of the report: the data's, the learning curves (from metrics.jsonl, so a stopped or resumed
+    run has them too), and with the test results the per-class scores, the confusion matrix and the suspected
+    mislabeled samples."""
+    figures = data_figures(data)
+    curves = F.learning_curves(records(Path(run_dir) / "metrics.jsonl"), selection, final and final["best_epoch"])
+    if curves is not None:
+        figures["learning_curves"] = curves
+    if final:
+        figures["per_class"] = F.per_class(final["per_class"])
+        figures["confusion_matrix"] = F.confusion(final["confusion_matrix"], final["classes"])
+    if suspects:
+        images = D.pick_images(data.splits["train"], [m["id"] for m in suspects[:16]], data.loader_kw["shape"],
+                               data.loader_kw["resize"])
+        figures["suspected_mislabeled"] = F.image_grid(images, [
+            f"{m['id']}: label {m['given']}, looks like {m['predicted']} ({float(m['p_predicted']):.2f})"
+            for m in suspects[:16]], "suspected mislabeled training samples [M08]: the given label, and what the "
+                                     "final model sees")
+    return figures
+
+
 def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding], findings: list[Finding],
                 error: Exception) -> None:
     """Training stopped on purpose or by a signal: say why in metrics.json, report.md and TensorBoard; the
@@ -411,8 +452,9 @@ def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding]
     why = str(error) + (f" Continue it with: {command(out.path)}" if error.resumable else "")
     try:  # best effort: the stop may be a full disk
         write_json(out.path / "metrics.json", {key: why, "wall_time_s": time.time() - ctx.t_start})
+        selection = selection_metric(ctx.cfg.task, data.facts.imbalanced)[0]
         write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
-                     findings=findings, stopped=why)
+                     findings=findings, stopped=why, figures=report_figures(data, out.path, selection))
         out.tracker.text("warnings", why)
         out.tracker.close()
     except OSError as e:
@@ -442,9 +484,10 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
     final["label_noise_estimate"] = estimate
     write_json(out.path / "metrics.json", final)
+    figures = report_figures(data, out.path, setup.selection[0], final, suspects)
     write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks, findings=findings,
-                 final=final, mislabeled=suspects)
-    _final_tensorboard(out.tracker, data, suspects, t, ctx.config, final)
+                 final=final, mislabeled=suspects, figures=figures)
+    _final_tensorboard(out.tracker, figures, t, ctx.config, final)
     log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f | %.0f s | %s\n"
              "%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"], final["wall_time_s"],
              out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
@@ -497,13 +540,12 @@ def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) 
     }
 
 
-def _final_tensorboard(tracker: Tracker, data: Prepared, suspects, t, config: dict, final: dict) -> None:
-    train = data.splits["train"]
-    if suspects and train.images is not None:
-        where = {sid: i for i, sid in enumerate(train.ids)}
-        picked = train.images[[where[m["id"]] for m in suspects[:16]]]
-        tracker.images("train/suspected_mislabeled", picked.float() / 255)
-    tracker.confusion(torch.tensor(t["confusion"]), data.facts.classes)
+def _final_tensorboard(tracker: Tracker, figures: dict, t, config: dict, final: dict) -> None:
+    for name, tag in (("suspected_mislabeled", "train/suspected_mislabeled"), ("per_class", "test/per_class"),
+                      ("learning_curves", "train/learning_curves")):
+        if name in figures:
+            tracker.figure(tag, figures[name])
+    tracker.confusion(torch.tensor(t["confusion"]), final["classes"], figures["confusion_matrix"])
     tracker.hparams(flatten(config), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
                                       "best_val": final["best_val"]})
     tracker.close()

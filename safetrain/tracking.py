@@ -60,7 +60,7 @@ class Tracker:
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
         if keep_through is not None and self.jsonl.exists():
-            kept = [r for r in _records(self.jsonl)
+            kept = [r for r in records(self.jsonl)
                     if r["epoch"] < keep_through or (r["epoch"] == keep_through and "train/loss" in r)]
             write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))  # the end-of-training line is redone
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=None if keep_through is None else keep_through + 1)
@@ -82,13 +82,14 @@ class Tracker:
     def text(self, tag: str, text: str) -> None:
         self.tb.add_text(tag, text)
 
-    def confusion(self, matrix: torch.Tensor, classes: list[str]) -> None:
-        """Row-normalized confusion matrix as an image (rows: true class) and a markdown table."""
+    def figure(self, tag: str, fig) -> None:
+        """A matplotlib figure of safetrain/figures.py, as report.md and report.html show it."""
+        self.tb.add_figure(tag, fig, close=False)
+
+    def confusion(self, matrix: torch.Tensor, classes: list[str], fig) -> None:
+        """The confusion matrix figure (class names, counts, shares; rows: true class) and a markdown table."""
+        self.figure("test/confusion_matrix", fig)
         m = matrix.float().cpu()
-        rows = m / m.sum(1, keepdim=True).clamp_min(1)
-        cell = max(1, 256 // len(classes))
-        img = rows.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None]
-        self.tb.add_image("test/confusion_matrix", img)
         head = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
         body = "".join(f"| {c} | " + " | ".join(str(int(v)) for v in m[i]) + " |\n" for i, c in enumerate(classes))
         self.text("test/confusion_matrix", head + body)
@@ -101,7 +102,7 @@ class Tracker:
         self.tb.close()
 
 
-def _records(jsonl: Path) -> list[dict]:
+def records(jsonl: Path) -> list[dict]:
     """The whole lines of metrics.jsonl (a process killed while appending leaves its last line cut)."""
     out = []
     for line in jsonl.read_text().splitlines():

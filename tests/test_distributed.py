@@ -221,3 +221,15 @@ def test_m12_batchnorm_checks_the_batch_of_each_process(tmp_path):
     assert "[M12] the model has BatchNorm layers but each of the 2 processes' batch (data.batch_size=12 / 2 = 6)" \
         in said
     assert "data.batch_size=64 or more" in said
+
+
+def test_fine_tuning_under_torchrun_freezes_then_trains_every_layer(tmp_path):
+    base = run_cli("recipe=smoke", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'base'}")
+    assert base.returncode == 0, base.stderr[-2000:]
+    out = torchrun("recipe=smoke", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'ft'}",
+                   f"model.init_from={tmp_path / 'base' / 'checkpoints' / 'best.pt'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[M36] fine-tuning: from epoch 2 every layer trains" in out.stdout
+    assert "Warning" not in out.stderr and "WARNING" not in out.stdout  # no DDP complaint, no false [M19]
+    first, second = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["history"][:2]
+    assert "grad_norm/features.0.weight" not in first and second["grad_norm/features.0.weight"] > 0  # frozen, trained

@@ -16,7 +16,7 @@ from safetrain.errors import ConfigError
 from safetrain.export import export
 from safetrain.models import build_model
 from safetrain.run import run
-from safetrain.stages import build_training, prepare_data, start
+from safetrain.stages import build_training, preflight, prepare_data, start
 from tests.conftest import write_images
 
 ARCHS = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
@@ -178,13 +178,19 @@ def test_init_from_a_safetrain_checkpoint_of_other_data(tmp_path):
 
 
 def test_init_from_works_for_safetrain_models_and_keeps_the_head_for_the_same_classes(tmp_path):
-    first, _ = compose("smoke", ["trainer.max_epochs=2", "trainer.progress=false"])  # model=cnn, 4 classes
+    first, _ = compose("smoke", ["trainer.progress=false"])  # model=cnn, 4 classes
     run(first, tmp_path / "a")
     path = tmp_path / "a" / "checkpoints" / "best.pt"
     ckpt = load_checkpoint(path)
-    same, _ = compose("smoke", [f"model.init_from={path}", "seed=1", "trainer.progress=false"])
-    model = build_training(start(same), prepare_data(start(same))).model
+    same, _ = compose("smoke", [f"model.init_from={path}", "trainer.progress=false"])
+    ctx = start(same)
+    data = prepare_data(ctx)
+    setup = build_training(ctx, data)
+    model = setup.model
     assert all(torch.equal(model.state_dict()[k].cpu(), v) for k, v in ckpt["model"].items())  # head kept too
+    m19 = next(c for c in preflight(ctx, data, setup) if c.row == "M19")  # the kept head already knows the classes:
+    assert m19.evidence["loss"] < 0.5 * m19.evidence["chance"] and m19.passed  # no false [M19] alarm
+    assert "starts from" in m19.message
     assert model.freeze_epochs == 1 and model.backbone_lr_mult == 0.1
     other, _ = compose("smoke", [f"model.init_from={path}", "data.synthetic.classes=3", "trainer.progress=false"])
     model = build_training(start(other), prepare_data(start(other))).model

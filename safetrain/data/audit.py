@@ -246,13 +246,14 @@ def findings(a: Audit) -> list[Finding]:
 
 
 def pair_images(a: Audit, splits: dict[str, ImageSet], n: int = 16):
-    """The n closest near-duplicate pairs as (2n, C, H, W) uint8, each val/test image next to its
+    """The n closest near-duplicate pairs as ((2n, C, H, W) uint8, 2n captions), each val/test image next to its
     training match; None when there are none (or the images are not in memory)."""
     if not a.near_duplicates or splits["train"].images is None:
         return None
     index = {name: {sid: i for i, sid in enumerate(s.ids)} for name, s in splits.items()}
-    tiles = []
+    tiles, captions = [], []
     for p in sorted(a.near_duplicates, key=lambda p: p["diff"])[:n]:
         tiles += [splits[p["split"]].images[index[p["split"]][p["id"]]],
                   splits["train"].images[index["train"][p["train_id"]]]]
-    return torch.stack(tiles)
+        captions += [f"{p['split']} {p['id']}", f"train {p['train_id']} (diff {p['diff']:.3f})"]
+    return torch.stack(tiles), captions

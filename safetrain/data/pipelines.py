@@ -237,3 +237,13 @@ def uint8_batches(data: ImageSet, *, shape: tuple, resize: Optional[int], num_wo
                           num_workers=num_workers)
     for x, _ in loader:
         yield x
+
+
+def pick_images(data: ImageSet, ids: list[str], shape: tuple, resize: Optional[int]) -> Tensor:
+    """The images of the samples `ids` as uint8 (N, C, H, W): from memory, or decoded from their files."""
+    where = {sid: i for i, sid in enumerate(data.ids)}
+    idx = [where[sid] for sid in ids]
+    if data.images is not None:
+        return data.images[idx]
+    files = FileDataset([data.files[i] for i in idx], shape[0], resize)
+    return torch.stack([files[i] for i in range(len(idx))])

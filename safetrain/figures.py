@@ -1,0 +1,155 @@
+"""The pictures of a run, drawn with matplotlib from what the run already measured, never inside the training loop:
+learning curves, the confusion matrix, per-class scores, class counts, labelled image grids. Each function returns
+a matplotlib Figure (no pyplot state); `save` writes it as PNG (report.md links it) and returns it as SVG with its
+text kept as text (report.html embeds it: class names stay searchable); tracking.py logs the same figure to
+TensorBoard."""
+from __future__ import annotations
+
+import io
+import re
+import textwrap
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from safetrain.io import atomic_write
+
+ROW = re.compile(r"\[(M\d+)\]")
+TILE = 1.25  # inches per image in a grid (120 px at 96 dpi): an 8x8 image is drawn 15x larger, pixel by pixel
+
+
+def learning_curves(records: list[dict], selection: str, best_epoch: Optional[int]) -> Optional[Figure]:
+    """Loss (train, val), the selection metric (val, with train accuracy) and the learning rate per epoch; the kept
+    epoch marked, and each epoch where a warning was raised marked with its catalogue rows. `records`: the lines of
+    metrics.jsonl. None before the first complete epoch."""
+    epochs = [r for r in records if "train/loss" in r]
+    if not epochs:
+        return None
+    x = [r["epoch"] for r in epochs]
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    loss, metric, lr = fig.subplots(1, 3)
+    loss.plot(x, [r["train/loss"] for r in epochs], "o-", ms=3, label="train")
+    loss.plot(x, [r["val/loss"] for r in epochs], "o-", ms=3, label="val")
+    loss.set(title="loss", xlabel="epoch")
+    metric.plot(x, [r[f"val/{selection}"] for r in epochs], "o-", ms=3, color="C1", label=f"val {selection}")
+    if selection != "acc":
+        metric.plot(x, [r["val/acc"] for r in epochs], "o-", ms=3, color="C2", alpha=0.6, label="val acc")
+    metric.plot(x, [r["train/acc"] for r in epochs], "o-", ms=3, color="C0", alpha=0.6, label="train acc")
+    metric.set(title=f"{selection} (selects the checkpoint)", xlabel="epoch")
+    lr.plot(x, [r["lr"] for r in epochs], "o-", ms=3, color="C4")
+    lr.set(title="learning rate", xlabel="epoch", yscale="log")
+    warned = {}
+    for r in records:
+        rows = sorted({m for w in r.get("warnings", []) for m in ROW.findall(w)})
+        if rows:
+            warned.setdefault(r["epoch"], set()).update(rows)
+    for ax in (loss, metric, lr):
+        if best_epoch:
+            ax.axvline(best_epoch, color="green", ls="--", lw=1, label=f"kept: epoch {best_epoch}")
+        for e, rows in warned.items():
+            ax.axvline(e, color="red", ls=":", lw=1)
+            ax.annotate(", ".join(sorted(rows)), (e, 1), xycoords=("data", "axes fraction"), color="red",
+                        fontsize=7, rotation=90, ha="right", va="top")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss.legend(fontsize=8)
+    metric.legend(fontsize=8)
+    return fig
+
+
+def confusion(matrix: list[list[int]], classes: list[str], title: str = "test") -> Figure:
+    """Counts and row-normalized shares (rows: the true class), class names on both axes; numbers written in the
+    cells when there are few enough classes to read them."""
+    m = torch.tensor(matrix, dtype=torch.float64)
+    share = m / m.sum(1, keepdim=True).clamp_min(1)
+    k = len(classes)
+    side = min(14.0, max(4.0, 0.42 * k + 2))
+    fig = Figure(figsize=(2 * side + 1, side + 0.4), layout="constrained")
+    fig.suptitle(f"{title} confusion matrix (rows: the true class)")
+    small = max(4.0, min(9.0, 180 / max(k, 1)))
+    for ax, values, name, fmt in zip(fig.subplots(1, 2), (m, share), ("images", "share of the true class"),
+                                     ("{:.0f}", "{:.2f}")):
+        im = ax.imshow(values.numpy(), cmap="Blues", vmin=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(k), classes, rotation=90, fontsize=small)
+        ax.set_yticks(range(k), classes, fontsize=small)
+        ax.set(xlabel="predicted", ylabel="true")
+        if k <= 20:
+            top = float(values.max()) or 1.0
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, fmt.format(float(values[i, j])), ha="center", va="center", fontsize=small,
+                            color="white" if values[i, j] > 0.6 * top else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def per_class(per_class: dict[str, dict], title: str = "test") -> Figure:
+    """Precision, recall and F1 per class as horizontal bars (the weakest classes stand out)."""
+    classes = list(per_class)
+    k = len(classes)
+    fig = Figure(figsize=(8, max(2.5, 0.32 * k * 1.5 + 1)), layout="constrained")
+    ax = fig.subplots()
+    h = 0.27
+    for i, (key, color) in enumerate((("precision", "C0"), ("recall", "C1"), ("f1", "C2"))):
+        ax.barh([j + (i - 1) * h for j in range(k)], [per_class[c][key] for c in classes], height=h, color=color,
+                label=key)
+    ax.set_yticks(range(k), classes, fontsize=max(5.0, min(9.0, 200 / max(k, 1))))
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), title=f"{title}: precision, recall, F1 per class")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def class_counts(counts: dict[str, list[int]], classes: list[str]) -> Figure:
+    """Images per class in each split (imbalance and thin evaluation classes show at a glance)."""
+    k = len(classes)
+    fig = Figure(figsize=(max(6.0, 0.45 * k + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    w = 0.8 / max(1, len(counts))
+    for i, (split, n) in enumerate(counts.items()):
+        ax.bar([j + (i - (len(counts) - 1) / 2) * w for j in range(k)], n, width=w, label=split)
+    ax.set_xticks(range(k), classes, rotation=90 if k > 8 else 0, fontsize=max(5.0, min(9.0, 220 / max(k, 1))))
+    ax.set(ylabel="images", title="images per class and split")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def image_grid(images: torch.Tensor, captions: list[str], title: str, columns: int = 8) -> Figure:
+    """(N, C, H, W) images (uint8, or floats in [0, 1]) drawn pixel by pixel at TILE inches each (small images are
+    upscaled so they can be judged by eye), each with its caption."""
+    images = images.detach().cpu()
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    n = len(images)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(cols * TILE, rows * (TILE + 0.45) + 0.4), layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        img = images[i]
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(captions[i], 18)[:3]), fontsize=7)
+    return fig
+
+
+def save(fig: Figure, png: Path) -> str:
+    """Write `fig` to `png` (atomically) and return it as an SVG element whose text is text."""
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=96))
+    out = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": png.stem}):
+        fig.savefig(out, format="svg", dpi=96)
+    svg = out.getvalue()
+    return svg[svg.index("<svg"):]
