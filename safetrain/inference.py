@@ -164,7 +164,7 @@ def _prediction_figures(trained: Trained, files: list[Path], decoded: list[int],
     if doubt:
         again = CheckedFiles([str(files[i]) for i in doubt], f["channels"], (f["height"], f["width"]))
         figures["least_confident"] = F.image_grid(torch.stack([again[j][1] for j in range(len(doubt))]), [
-            f"{files[i].name}: {classes[pred[i]]} ({float(p[i]):.2f})" for i in doubt],
+            f"{files[i].name}\n{classes[pred[i]]} ({float(p[i]):.2f})" for i in doubt],
             "the least confident predictions: the predicted class and its probability")
     return figures
 
@@ -283,7 +283,7 @@ def _evaluation_figures(final: dict, logits: torch.Tensor, labels: torch.Tensor,
     worst = wrong[p[wrong].argsort(descending=True)][:32].tolist()
     if worst:
         figures["mistakes"] = F.image_grid(images[worst], [
-            f"{files[i].name}: {classes[labels[i]]}, predicted {classes[pred[i]]} ({float(p[i]):.2f})" for i in worst],
+            f"{files[i].name}\n{classes[labels[i]]}\npredicted {classes[pred[i]]} ({float(p[i]):.2f})" for i in worst],
             "the most confident mistakes: the true class, then what the model predicted")
     return figures
 

@@ -1,6 +1,6 @@
 """report.md and report.html: what a person reads after a run: result, warnings by catalogue row with their fixes,
 data, audit, preflight, per-class metrics, suspected mislabeled samples, and the figures of safetrain/figures.py
-(PNG files in figures/ that report.md links; inlined as SVG in report.html, one file that opens anywhere)."""
+(PNG files in figures/ that report.md links; inlined in report.html, one file that opens anywhere)."""
 from __future__ import annotations
 
 import html
@@ -19,7 +19,7 @@ CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;m
 padding:0 1em;color:#222;line-height:1.45}h1,h2,h3{line-height:1.2}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
 margin-top:1.6em}table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
 text-align:left}th{background:#f4f4f4}code{background:#f4f4f4;padding:0 .2em}figure{margin:1em 0}
-figure svg{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
+figure img{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
 h2+ul li,h3+ul li{margin:.3em 0}"""
 
 
@@ -28,22 +28,24 @@ def figure(name: str, title: str, figures: dict[str, Figure]) -> list[str]:
     return [f"![{title}](figures/{name}.png)", ""] if name in figures else []
 
 
-def write_with_figures(path: Path, lines: list[str], figures: dict[str, Figure], title: str) -> None:
-    """`path` (report.md: the figures as PNG files in figures/ beside it, linked) and the same content as one
-    self-contained HTML file next to it (the figures inlined as SVG; no external resource)."""
+def write_with_figures(path: Path, lines: list[str], figures: dict[str, Figure], title: str) -> dict[str, bytes]:
+    """`path` (markdown, the figures as PNG files beside it, linked: figures/ for a report.md, NAME_figures/ for
+    NAME.md) and the same content as one self-contained HTML file next to it (the figures inlined; no external
+    resource). `lines` show figures with `figure()`. Returns the figures as PNG, by name."""
     folder = "figures" if path.name == "report.md" else f"{path.stem}_figures"  # one folder per report
-    svgs = {name: F.save(fig, path.parent / folder / f"{name}.png") for name, fig in figures.items()}
+    saved = {name: F.save(fig, path.parent / folder / f"{name}.png") for name, fig in figures.items()}
     text = ("\n".join(lines) + "\n").replace("](figures/", f"]({folder}/")
     write_text(path, text)
     body = markdown.markdown(text, extensions=["tables"])
 
     def inline(m: re.Match) -> str:
-        return f"<figure>{svgs[m['name']]}<figcaption>{m['alt']}</figcaption></figure>"
+        return f"<figure>{saved[m['name']][1]}<figcaption>{m['alt']}</figcaption></figure>"
 
     body = re.sub(rf'<p>\s*<img alt="(?P<alt>[^"]*)" src="{folder}/(?P<name>\w+)\.png"\s*/?>\s*</p>', inline, body)
     write_text(path.with_suffix(".html"), f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                                           f"<title>{html.escape(title)}</title><style>{CSS}</style></head>"
                                           f"<body>\n{body}\n</body></html>\n")
+    return {name: data for name, (data, _) in saved.items()}
 
 
 def per_class_table(final: dict) -> list[str]:
@@ -111,10 +113,11 @@ def _mislabeled_lines(mislabeled: list[dict], figures: dict[str, Figure]) -> lis
 
 def write_report(path: Path, *, facts, audit: dict, checks: list[Finding], findings: list[Finding],
                  final: dict | None = None, stopped: str | None = None, mislabeled: list[dict] = (),
-                 figures: dict[str, Figure] | None = None) -> None:
+                 figures: dict[str, Figure] | None = None) -> dict[str, bytes]:
     """`facts`: the run's DataFacts; `checks`: the preflight checks; `findings`: every warning of the run;
     `figures`: by name (learning_curves, class_counts, augmented_batch, near_duplicates, per_class,
-    confusion_matrix, suspected_mislabeled), those the run has. Writes report.md and report.html."""
+    confusion_matrix, suspected_mislabeled), those the run has. Writes report.md and report.html; returns the
+    figures as PNG, by name."""
     figs = figures or {}
     out = ["# safetrain report", ""]
     if stopped:
@@ -132,4 +135,4 @@ def write_report(path: Path, *, facts, audit: dict, checks: list[Finding], findi
         out += ["", "## Test metrics per class", ""] + per_class_table(final) + [""]
         out += figure("per_class", "precision, recall and F1 per class", figs)
         out += figure("confusion_matrix", "confusion matrix (rows: the true class)", figs)
-    write_with_figures(path, out + _mislabeled_lines(list(mislabeled), figs), figs, "safetrain report")
+    return write_with_figures(path, out + _mislabeled_lines(list(mislabeled), figs), figs, "safetrain report")

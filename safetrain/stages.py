@@ -329,11 +329,8 @@ def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, finding
     tracker = Tracker(run_dir, keep_through=None if resumed_at is None else -1)  # resumed before epoch 1: all anew
     if findings:  # audit and preflight findings: epoch 0 of metrics.jsonl and TensorBoard text
         tracker.epoch(0, {}, findings)
-    figures = data_figures(data)
-    for name, tag in (("near_duplicates", "audit/near_duplicates"), ("augmented_batch", "train/augmented_batch"),
-                      ("class_counts", "data/class_counts")):
-        if name in figures:
-            tracker.figure(tag, figures[name])
+    # at once, to check what training sees; the other figures come with the report
+    tracker.figure("train/augmented_batch", F.png(augmented_batch(data)))
     f = data.facts
     tracker.text("data/counts", "\n".join(f"{c}: {n}" for c, n in zip(f.classes, f.counts["train"])))
     return RunDir(run_dir, tracker)
@@ -414,12 +411,15 @@ def data_figures(data: Prepared) -> dict:
     if pairs is not None:
         figures["near_duplicates"] = F.image_grid(*pairs, "near-duplicates across splits: each val/test image, then "
                                                           "its training match")
-    x, y = data.first_batch
-    figures["augmented_batch"] = F.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]),
-                                              [classes[k] for k in y[:32].tolist()],
-                                              "the first training batch as the network sees it (augmented, "
-                                              "denormalized), with its labels")
+    figures["augmented_batch"] = augmented_batch(data)
     return figures
+
+
+def augmented_batch(data: Prepared):
+    x, y = data.first_batch
+    return F.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]),
+                        [data.facts.classes[k] for k in y[:32].tolist()],
+                        "the first training batch as the network sees it (augmented, denormalized), with its labels")
 
 
 def report_figures(data: Prepared, run_dir: Path, selection: str, final: Optional[dict] = None,
@@ -438,7 +438,7 @@ def report_figures(data: Prepared, run_dir: Path, selection: str, final: Optiona
         images = D.pick_images(data.splits["train"], [m["id"] for m in suspects[:16]], data.loader_kw["shape"],
                                data.loader_kw["resize"])
         figures["suspected_mislabeled"] = F.image_grid(images, [
-            f"{m['id']}: label {m['given']}, looks like {m['predicted']} ({float(m['p_predicted']):.2f})"
+            f"{m['id']}\nlabel {m['given']}\nlooks like {m['predicted']} ({float(m['p_predicted']):.2f})"
             for m in suspects[:16]], "suspected mislabeled training samples [M08]: the given label, and what the "
                                      "final model sees")
     return figures
@@ -484,9 +484,9 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
     final["label_noise_estimate"] = estimate
     write_json(out.path / "metrics.json", final)
-    figures = report_figures(data, out.path, setup.selection[0], final, suspects)
-    write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks, findings=findings,
-                 final=final, mislabeled=suspects, figures=figures)
+    figures = write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks,
+                           findings=findings, final=final, mislabeled=suspects,
+                           figures=report_figures(data, out.path, setup.selection[0], final, suspects))
     _final_tensorboard(out.tracker, figures, t, ctx.config, final)
     log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f | %.0f s | %s\n"
              "%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"], final["wall_time_s"],
@@ -540,9 +540,10 @@ def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) 
     }
 
 
-def _final_tensorboard(tracker: Tracker, figures: dict, t, config: dict, final: dict) -> None:
+def _final_tensorboard(tracker: Tracker, figures: dict[str, bytes], t, config: dict, final: dict) -> None:
     for name, tag in (("suspected_mislabeled", "train/suspected_mislabeled"), ("per_class", "test/per_class"),
-                      ("learning_curves", "train/learning_curves")):
+                      ("learning_curves", "train/learning_curves"), ("near_duplicates", "audit/near_duplicates"),
+                      ("class_counts", "data/class_counts")):
         if name in figures:
             tracker.figure(tag, figures[name])
     tracker.confusion(torch.tensor(t["confusion"]), final["classes"], figures["confusion_matrix"])

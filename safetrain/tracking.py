@@ -2,6 +2,7 @@
 TensorBoard scalars, images, text and hparams [M30, M31]."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -10,8 +11,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
@@ -82,13 +85,13 @@ class Tracker:
     def text(self, tag: str, text: str) -> None:
         self.tb.add_text(tag, text)
 
-    def figure(self, tag: str, fig) -> None:
-        """A matplotlib figure of safetrain/figures.py, as report.md and report.html show it."""
-        self.tb.add_figure(tag, fig, close=False)
+    def figure(self, tag: str, png: bytes) -> None:
+        """A figure of safetrain/figures.py as PNG, as report.md and report.html show it."""
+        self.tb.add_image(tag, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), dataformats="HWC")
 
-    def confusion(self, matrix: torch.Tensor, classes: list[str], fig) -> None:
+    def confusion(self, matrix: torch.Tensor, classes: list[str], png: bytes) -> None:
         """The confusion matrix figure (class names, counts, shares; rows: true class) and a markdown table."""
-        self.figure("test/confusion_matrix", fig)
+        self.figure("test/confusion_matrix", png)
         m = matrix.float().cpu()
         head = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
         body = "".join(f"| {c} | " + " | ".join(str(int(v)) for v in m[i]) + " |\n" for i, c in enumerate(classes))

@@ -206,6 +206,7 @@ def test_evaluation_shares_cover_every_sample_once(images):
     assert torch.equal(torch.cat(shares), whole) and sum(map(len, shares)) == 37
 
 
+@pytest.mark.slow  # a torchrun launch of its own (the default tier keeps the core ones)
 def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
     out = torchrun(*SETTINGS, "data.batch_size=33", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert out.returncode != 0
@@ -214,6 +215,7 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a torchrun launch of its own (the default tier keeps the core ones)
 def test_m12_batchnorm_checks_the_batch_of_each_process(tmp_path):
     out = torchrun(*SETTINGS, "data.batch_size=12", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert out.returncode != 0
@@ -223,6 +225,7 @@ def test_m12_batchnorm_checks_the_batch_of_each_process(tmp_path):
     assert "data.batch_size=64 or more" in said
 
 
+@pytest.mark.slow  # a torchrun launch of its own (the default tier keeps the core ones)
 def test_fine_tuning_under_torchrun_freezes_then_trains_every_layer(tmp_path):
     base = run_cli("recipe=smoke", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'base'}")
     assert base.returncode == 0, base.stderr[-2000:]

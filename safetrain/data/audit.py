@@ -255,5 +255,5 @@ def pair_images(a: Audit, splits: dict[str, ImageSet], n: int = 16):
     for p in sorted(a.near_duplicates, key=lambda p: p["diff"])[:n]:
         tiles += [splits[p["split"]].images[index[p["split"]][p["id"]]],
                   splits["train"].images[index["train"][p["train_id"]]]]
-        captions += [f"{p['split']} {p['id']}", f"train {p['train_id']} (diff {p['diff']:.3f})"]
+        captions += [f"{p['split']}:\n{p['id']}", f"train:\n{p['train_id']}\n(diff {p['diff']:.3f})"]
     return torch.stack(tiles), captions
