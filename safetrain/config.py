@@ -24,7 +24,7 @@ from safetrain.optim import OPTIMIZERS, SCHEDULES
 # The allowed choices of a setting that picks a builder are that builder registry's keys (above); these are
 # the few plain choices.
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("auto", "memory", "stream")
 MODES = ("train", "doctor")
 MAX_ROTATION = 30.0  # degrees, beyond which digits, text and most objects change meaning [M05]
@@ -92,7 +92,7 @@ class SchedConfig:
 class TrainerConfig:
     max_epochs: int = 30
     device: str = "auto"
-    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on GPUs with native bf16 (8.0+), fp16 + gradient scaler on older, fp32 on CPU
     grad_clip: float = 5.0  # max global grad norm; 0 turns clipping off
     early_stop_patience: int = 10  # epochs without a better val metric; 0 turns it off
     progress: bool = True

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetrain import distributed as D
-from safetrain.errors import Interrupted
+from safetrain.errors import ConfigError, Interrupted
 from safetrain.losses import chance_losses
 from safetrain.metrics import to_plain
 from safetrain.monitors import layer_grad_norms
@@ -28,16 +28,52 @@ from safetrain.monitors import layer_grad_norms
 log = logging.getLogger(__name__)
 
 
+def choose_precision(requested: str, device: torch.device, capability: Optional[tuple[int, int]]) -> str:
+    """trainer.precision -> "fp32", "bf16" or "fp16". auto: bf16 where the GPU computes it natively (compute
+    capability 8.0 and up: Ampere, Hopper, ...), fp16 with a gradient scaler on older GPUs, fp32 on the CPU.
+    Refused: bf16 on a GPU without it (emulated, slow), fp16 on the CPU (no speed-up there, only the risk)."""
+    if device.type != "cuda":
+        if requested == "fp16":
+            raise ConfigError("[config] trainer.precision=fp16 is for GPUs (with a gradient scaler); on the CPU it "
+                              "is slower than fp32. Use trainer.precision=auto (fp32) or bf16.")
+        return "bf16" if requested == "bf16" else "fp32"
+    native_bf16 = capability is not None and tuple(capability) >= (8, 0)
+    if requested == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if requested == "bf16" and not native_bf16:
+        cc = ".".join(map(str, capability))
+        raise ConfigError(f"[config] trainer.precision=bf16: this GPU (compute capability {cc}) has no native "
+                          "bf16 (8.0 and up have it), so it would be emulated, slowly. Use trainer.precision=auto "
+                          "(fp16 with a gradient scaler) or fp32.")
+    return requested
+
+
 @dataclass
 class Precision:
-    """bf16 autocast on CUDA (fp32 on CPU); channels_last everywhere (1.5-2x faster convs on CPU too)."""
+    """Autocast by the policy of choose_precision: bf16, or fp16 with a gradient scaler (`scaler`), or none (fp32);
+    channels_last everywhere (1.5-2x faster convs on CPU too)."""
     device: torch.device
     bf16: bool
+    fp16: bool = False
+    scaler: Optional[torch.amp.GradScaler] = None
+
+    def __post_init__(self):
+        if self.fp16 and self.scaler is None:  # fp16 gradients underflow without one
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def trial(self) -> "Precision":
+        """The same precision with a scaler of its own, for steps that are not training (the lr range test, the
+        preflight checks): their overflows must not shrink the run's scale."""
+        return Precision(self.device, self.bf16, self.fp16)
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     def autocast(self):
-        if not self.bf16:
+        if not (self.bf16 or self.fp16):
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.bf16 else torch.float16)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last)
@@ -85,16 +121,26 @@ class Step(NamedTuple):
 
 def train_step(model: nn.Module, x, y, loss_fn, optimizer, prec: Precision, grad_clip: float = 0.0,
                after_backward: Optional[Callable[[], None]] = None) -> Step:
-    """Forward, loss, zero_grad, backward, clip (0: measure only), step. `after_backward` sees the raw gradients."""
+    """Forward, loss, zero_grad, backward, clip (0: measure only), step. `after_backward` sees the raw gradients.
+    With fp16 the loss is scaled for the backward pass and the gradients unscaled before anything looks at them;
+    a step whose gradients overflowed is skipped by the scaler (its grad_norm is inf/NaN, its loss finite)."""
     with prec.autocast():
         logits = model(prec.prepare(x))
         loss = loss_fn(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if prec.scaler is None:
+        loss.backward()
+    else:
+        prec.scaler.scale(loss).backward()
+        prec.scaler.unscale_(optimizer)
     if after_backward is not None:
         after_backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
+    if prec.scaler is None:
+        optimizer.step()
+    else:
+        prec.scaler.step(optimizer)
+        prec.scaler.update()
     return Step(logits, loss, grad_norm)
 
 
@@ -113,8 +159,8 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
         # per-layer gradient norms, once an epoch, before clipping [M26]
         probe = (lambda: norms.update(layer_grad_norms(D.unwrap(model)))) if step == last else None
         logits, loss, grad_norm = train_step(model, x, y, loss_fn, optimizer, prec, grad_clip, probe)
-        if guard is not None:
-            guard.update(loss, grad_norm)
+        if guard is not None:  # a step the fp16 scaler skipped is not a divergence (the scaler's own check is)
+            guard.update(loss, grad_norm if prec.scaler is None else torch.nan_to_num(grad_norm, 0.0, 0.0, 0.0))
         schedule.after_step()
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -243,7 +289,7 @@ def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: 
     smoothed loss blows up; return a tenth of the lr at the loss minimum, clamped to `bounds`.
     The model's weights are restored afterwards."""
     saved = copy.deepcopy(model.state_dict())
-    optimizer = make_optimizer(model, start)
+    optimizer, prec = make_optimizer(model, start), prec.trial()
     factor = (end / start) ** (1 / steps)
     lr, avg, best, best_lr, i = start, 0.0, math.inf, start, 0
     model.train()

@@ -20,10 +20,10 @@ class StepGuard:
     starting value [M16]; `check` (called where the loop syncs anyway) raises TrainingStopped."""
 
     def __init__(self, num_classes: int, device: torch.device, lr: float, model: torch.nn.Module | None = None,
-                 lr_from_range_test: bool = False):
+                 lr_from_range_test: bool = False, scaler: torch.amp.GradScaler | None = None):
         self.limit = 10 * math.log(num_classes)  # no healthy run has a batch loss 10x chance level ...
         self.start = None  # ... or 3x its own first batch loss (a run may start high: that is [M19])
-        self.lr, self.model = lr, model
+        self.lr, self.model, self.scaler = lr, model, scaler  # fp16: skipped steps are the scaler's; its scale is ours
         self.try_lr = "try 10x lower" if lr_from_range_test else "try 10x lower, or optim.lr=auto"
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.exploded = torch.zeros((), dtype=torch.bool, device=device)
@@ -50,6 +50,12 @@ class StepGuard:
         return f" (first non-finite layer: {bad[0]}; {len(bad)} parameters affected)" if bad else ""
 
     def check(self, where: str) -> None:
+        if self.scaler is not None and self.scaler.get_scale() < 1.0:
+            raise TrainingStopped(
+                f"[M26] the fp16 gradients overflowed at step after step {where}: the gradient scaler, which "
+                f"halves its scale and skips the step at each overflow, fell to {self.scaler.get_scale():.2g}. The "
+                f"run diverged or its values exceed fp16's range: {self.try_lr} (optim.lr={self.lr:.2e}), or "
+                "trainer.precision=fp32. Training stopped; the last good checkpoint is kept.")
         if self.nonfinite.item():
             raise TrainingStopped(
                 f"[M26] the loss or the gradients became NaN/inf {where}{self._layers()}. Likely causes: a learning "

@@ -51,7 +51,7 @@ def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, nu
     give every trainable parameter a finite, non-zero gradient [M26] (two, because zero-initialized
     residual norms pass gradients to the layers before them from the second step on). `trained_from`: the checkpoint
     the model starts from (model.init_from), whose kept head may already know the classes: below chance is fine."""
-    m = copy.deepcopy(model).train()
+    m, prec = copy.deepcopy(model).train(), prec.trial()
     reached = {n: False for n, p in m.named_parameters() if p.requires_grad}
     bad: set[str] = set()
 
@@ -85,7 +85,7 @@ def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, nu
 def overfit_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss_fn, make_optimizer, lr: float,
                       prec: Precision = CPU, steps: int = 300) -> Finding:
     """A healthy model and optimizer memorize a small batch within `steps` steps [M28]."""
-    m = copy.deepcopy(model).train()
+    m, prec = copy.deepcopy(model).train(), prec.trial()
     opt = make_optimizer(m, lr)
     acc = 0.0
     for step in range(1, steps + 1):

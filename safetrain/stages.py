@@ -24,7 +24,7 @@ from safetrain.checkpoint import Checkpointer, load_checkpoint
 from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
 from safetrain.data.audit import Audit, cached_audit, pair_images
 from safetrain.data.audit import findings as audit_findings
-from safetrain.engine import FitResult, Precision, StopRequest, find_lr, fit, test
+from safetrain.engine import FitResult, Precision, StopRequest, choose_precision, find_lr, fit, test
 from safetrain.errors import ConfigError, Interrupted
 from safetrain.findings import Finding, problems
 from safetrain.io import cache_root, write_json
@@ -147,11 +147,14 @@ def start(cfg: Config) -> Context:
     """Seed, device, precision, cache folder; the unlocked bounds are logged."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
-    bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
-    ctx = Context(cfg, device, Precision(device, bf16), cache_root(cfg.data.cache_dir), to_container(cfg), unlocks(cfg))
+    name = choose_precision(cfg.trainer.precision, device,
+                            torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+    prec = Precision(device, bf16=name == "bf16", fp16=name == "fp16")
+    ctx = Context(cfg, device, prec, cache_root(cfg.data.cache_dir), to_container(cfg), unlocks(cfg))
     for f in ctx.findings:
         log.warning("unlocked %s", f)
-    log.info("[1/9] seed %d | device %s | %s%s", cfg.seed, device, "bf16 autocast" if bf16 else "fp32",
+    log.info("[1/9] seed %d | device %s | %s%s", cfg.seed, device, {"bf16": "bf16 autocast", "fp32": "fp32",
+                                                                      "fp16": "fp16 autocast, gradient scaler"}[name],
              f" | {dist.world()} processes (torchrun): data.batch_size={cfg.data.batch_size} is the global batch, "
              f"{cfg.data.batch_size // dist.world()} per process" if dist.active() else "")
     return ctx
@@ -340,7 +343,8 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
     """fit() with the monitors and checkpoints of this run; best.pt is chosen on validation [M07, M29].
     `resume_from`: a checkpoint of this run, whose state goes back into everything before training goes on."""
     tr, c = ctx.cfg.trainer, data.facts.num_classes
-    guard = StepGuard(c, ctx.device, setup.lr, setup.model, lr_from_range_test=ctx.cfg.optim.lr == "auto")
+    guard = StepGuard(c, ctx.device, setup.lr, setup.model, lr_from_range_test=ctx.cfg.optim.lr == "auto",
+                      scaler=ctx.prec.scaler)
     val = data.loaders.val if not dist.active() else D.make_loader(  # the same probe batch on every rank
         data.splits["val"], data.eval_pipeline, batch_size=2 * ctx.cfg.data.batch_size, train=False, seed=0,
         **data.loader_kw)
@@ -349,7 +353,8 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
                         monitor_fixes(ctx.cfg, setup.custom_model))
     checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, data_facts=data.facts.to_dict(),
                                config=ctx.config, lr=setup.lr, optimizer=setup.optimizer, schedule=setup.schedule,
-                               loader=data.loaders.train, monitors=monitors)
+                               loader=data.loaders.train, monitors=monitors,
+                               **({"scaler": ctx.prec.scaler} if ctx.prec.scaler else {}))  # fp16: its scale too
     if resume_from:
         checkpoints.restore(resume_from)
     log.info("[8/9] training up to %d epochs -> %s%s", tr.max_epochs, out.path,

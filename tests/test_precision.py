@@ -1,0 +1,94 @@
+"""The precision policy (safetrain/engine.py choose_precision) and fp16's gradient scaler, on the CPU: the
+decision for each GPU generation, skipped steps that are not a divergence, and a scale that collapses that is."""
+import pytest
+import torch
+from torch import nn
+
+from safetrain.engine import Precision, choose_precision, train_epoch
+from safetrain.errors import ConfigError, TrainingStopped
+from safetrain.monitors import StepGuard
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.mark.parametrize("capability, chosen", [((6, 1), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_auto_picks_bf16_only_where_the_gpu_has_it_natively(capability, chosen):
+    assert choose_precision("auto", CUDA, capability) == chosen
+    assert choose_precision("fp32", CUDA, capability) == "fp32"
+    assert choose_precision("fp16", CUDA, capability) == "fp16"
+
+
+def test_the_cpu_trains_in_fp32_and_impossible_choices_are_refused():
+    assert choose_precision("auto", CPU, None) == "fp32"
+    assert choose_precision("bf16", CPU, None) == "bf16"
+    with pytest.raises(ConfigError, match=r"trainer\.precision=fp16 is for GPUs"):
+        choose_precision("fp16", CPU, None)
+    with pytest.raises(ConfigError, match=r"compute capability 7\.5\) has no native bf16.*trainer\.precision=auto"):
+        choose_precision("bf16", CUDA, (7, 5))
+
+
+def _batches(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 2, 2, 2, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+class _NoSchedule:
+    def after_step(self):
+        pass
+
+
+def _epoch(model, prec, batches):
+    guard = StepGuard(3, CPU, 0.1, model, scaler=prec.scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return train_epoch(model, batches, nn.CrossEntropyLoss(), opt, _NoSchedule(), prec, 0.0, False, "epoch 1/1",
+                       guard)
+
+
+def test_fp16_steps_the_scaler_skips_are_not_a_divergence():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    prec = Precision(CPU, bf16=False, fp16=True, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 30))
+    out = _epoch(model, prec, _batches())  # the first ~14 steps overflow at this scale and are skipped
+    assert prec.scaler.get_scale() < 2.0 ** 20  # it skipped (and halved) several times ...
+    assert out["loss"] == out["loss"]  # ... without a stop, the loss finite
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+class _Overflow(torch.autograd.Function):
+    """Identity forward; a backward that overflows fp16 (and fp32) whatever the scale."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class _Diverged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return _Overflow.apply(self.fc(x.flatten(1)))
+
+
+def test_fp16_gradients_that_overflow_at_every_step_stop_the_run_m26():
+    model = _Diverged()
+    prec = Precision(CPU, bf16=False, fp16=True)  # the default scaler: 2**16, halved at each overflow
+    with pytest.raises(TrainingStopped, match=r"\[M26\] the fp16 gradients overflowed at step after step.*"
+                                              r"trainer\.precision=fp32"):
+        _epoch(model, prec, _batches(45))
+    assert prec.scaler.get_scale() < 1.0
+
+
+def test_trial_steps_have_a_scaler_of_their_own():
+    prec = Precision(CPU, bf16=False, fp16=True)
+    trial = prec.trial()
+    assert trial.fp16 and trial.scaler is not None and trial.scaler is not prec.scaler
+    assert Precision(CPU, bf16=False).trial().scaler is None
