@@ -96,6 +96,7 @@ class TrainerConfig:
     grad_clip: float = 5.0  # max global grad norm; 0 turns clipping off
     early_stop_patience: int = 10  # epochs without a better val metric; 0 turns it off
     progress: bool = True
+    compile: bool = False  # torch.compile the training step's model (opt-in: minutes of compiling on a CPU)
 
 
 @dataclass

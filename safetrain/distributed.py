@@ -268,13 +268,21 @@ def _training(model: nn.Module) -> frozenset:
 
 def rewrap(trainable: nn.Module) -> nn.Module:
     """After layers were frozen or unfrozen (fine-tuning, [M37]): DDP reduces the gradients of the parameters that
-    trained when it was built, so a new one is built for the parameters that train now (all ranks do it)."""
-    if isinstance(trainable, nn.parallel.DistributedDataParallel) and trainable.trains != _training(trainable.module):
-        return _ddp(trainable.module)
+    trained when it was built, so a new one is built for the parameters that train now (all ranks do it), and
+    compiled again if it was (trainer.compile)."""
+    ddp = _uncompiled(trainable)
+    if isinstance(ddp, nn.parallel.DistributedDataParallel) and ddp.trains != _training(ddp.module):
+        return torch.compile(_ddp(ddp.module)) if ddp is not trainable else _ddp(ddp.module)
     return trainable
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper keeps the module it compiled there
+
+
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of torch.compile's and DistributedDataParallel's wrappers."""
+    model = _uncompiled(model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

@@ -92,7 +92,7 @@ class Setup:
     metrics: Any
     parameters: int
     custom_model: bool  # the user's nn.Module: safetrain's model.* settings do not apply to it
-    trainable: nn.Module  # what trains: the model, or under torchrun the DistributedDataParallel around it
+    trainable: nn.Module  # what trains: the model, or DistributedDataParallel around it (torchrun), compiled or not
 
 
 @dataclass
@@ -287,6 +287,10 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
         return build_optimizer(dist.unwrap(m), o.name, lr, o.weight_decay, o.momentum, o.nesterov)
 
     trainable = dist.wrap(net)  # under torchrun: global-batch BatchNorm and DistributedDataParallel
+    if cfg.trainer.compile:  # the training steps only; evaluation and checkpoints use the plain model
+        trainable = torch.compile(trainable)
+        log.info("trainer.compile: training steps run through torch.compile (the first ones compile: seconds to "
+                 "minutes); evaluation and checkpoints use the plain model")
     if dist.active():  # the same init everywhere (above), then each rank its own dropout
         seed_everything(cfg.seed + 1_000_003 * dist.rank())
     lr = o.lr if lr is None else lr

@@ -92,3 +92,25 @@ def test_trial_steps_have_a_scaler_of_their_own():
     trial = prec.trial()
     assert trial.fp16 and trial.scaler is not None and trial.scaler is not prec.scaler
     assert Precision(CPU, bf16=False).trial().scaler is None
+
+
+@pytest.mark.slow  # torch.compile on the CPU: ~20 s of compiling
+def test_trainer_compile_trains_the_compiled_model_and_keeps_the_plain_checkpoint_keys(tmp_path):
+    import torch._dynamo
+
+    from safetrain.checkpoint import load_checkpoint, load_classifier
+    from safetrain.cli import compose
+    from safetrain.run import run
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg, _ = compose("smoke", ["trainer.max_epochs=2", "trainer.progress=false", "trainer.compile=true"])
+    compiled = run(cfg, tmp_path / "compiled")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the training steps did go through it
+    plain = run(compose("smoke", ["trainer.max_epochs=2", "trainer.progress=false"])[0], tmp_path / "plain")
+    a = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "plain" / "checkpoints" / "best.pt")["model"]
+    assert a.keys() == b.keys() and not any("_orig_mod" in k for k in a)  # loads into the plain model
+    assert load_classifier(tmp_path / "compiled" / "checkpoints" / "best.pt")(
+        torch.zeros(2, 3, 16, 16, dtype=torch.uint8)).shape == (2, 4)
+    assert compiled["test_acc"] == pytest.approx(plain["test_acc"], abs=0.1)  # the same training, to float noise
