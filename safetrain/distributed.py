@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from safetrain.errors import DataError
+
 log = logging.getLogger("safetrain")
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank that waits longer on the others stops with an error
 
@@ -174,7 +176,6 @@ def same_everywhere(what: str, value: Any, fix: str) -> None:
     values = gather(value)
     odd = [r for r, v in enumerate(values) if v != values[0]]
     if odd:
-        from safetrain.errors import DataError
         raise DataError(f"[distributed] rank(s) {odd} see other {what} than rank 0, so they would train on other "
                         f"data. {fix}")
 

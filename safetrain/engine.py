@@ -66,10 +66,6 @@ class Precision:
         preflight checks): their overflows must not shrink the run's scale."""
         return Precision(self.device, self.bf16, self.fp16)
 
-    @property
-    def name(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
-
     def autocast(self):
         if not (self.bf16 or self.fp16):
             return contextlib.nullcontext()

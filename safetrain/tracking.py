@@ -16,7 +16,6 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 
 from safetrain.findings import Finding
 from safetrain.io import write_json, write_text
@@ -77,10 +76,6 @@ class Tracker:
         with self.jsonl.open("a") as out:
             out.write(json.dumps({"epoch": epoch, **scalars, "warnings": [str(f) for f in findings]}) + "\n")
         self.tb.flush()
-
-    def images(self, tag: str, images: torch.Tensor) -> None:
-        """(B, C, H, W) in [0, 1]."""
-        self.tb.add_image(tag, make_grid(images[:64].float().cpu(), nrow=8, padding=1))
 
     def text(self, tag: str, text: str) -> None:
         self.tb.add_text(tag, text)
