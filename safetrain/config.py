@@ -76,6 +76,8 @@ class OptimConfig:
     weight_decay: float = 0.05  # never applied to norm or bias parameters [M15]
     momentum: float = 0.9  # SGD momentum, or AdamW's beta1
     nesterov: bool = True  # SGD only
+    bias_lr_mult: float = 1.0  # lr multiplier of the parameters without decay (biases, norm shifts)
+    lookahead: bool = False  # average the weights over the last 70% of the steps (optim.Lookahead)
     allow_unusual_lr: bool = False
 
 
@@ -92,7 +94,7 @@ class SchedConfig:
 class TrainerConfig:
     max_epochs: int = 30
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on GPUs with native bf16 (8.0+), fp16 + gradient scaler on older, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 where native (GPU 8.0+, AVX512-BF16/AMX CPU), fp16 on older GPUs, else fp32
     grad_clip: float = 5.0  # max global grad norm; 0 turns clipping off
     early_stop_patience: int = 10  # epochs without a better val metric; 0 turns it off
     progress: bool = True
@@ -214,6 +216,11 @@ def _check_values(c: Config) -> None:
     if hasattr(c.model, "dropout"):
         check_range("model.dropout", c.model.dropout, 0.0, 0.7, "M21")
     check_range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 0.4)
+    check_range("optim.bias_lr_mult", c.optim.bias_lr_mult, 0.01, 1000.0)
+    if getattr(c.model, "tta", False) and not c.data.hflip_keeps_label:
+        raise ConfigError("[M05] model.tta=true averages each image with its mirror at evaluation, but this recipe "
+                          "declares data.hflip_keeps_label=false (a mirrored digit or letter is another symbol). "
+                          "Use model.tta=false.")
     check_range("trainer.max_epochs", c.trainer.max_epochs, 1, 100000)
     check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
     check_range("sched.factor", c.sched.factor, 0.01, 0.99)

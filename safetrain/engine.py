@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -28,15 +29,29 @@ from safetrain.monitors import layer_grad_norms
 log = logging.getLogger(__name__)
 
 
-def choose_precision(requested: str, device: torch.device, capability: Optional[tuple[int, int]]) -> str:
-    """trainer.precision -> "fp32", "bf16" or "fp16". auto: bf16 where the GPU computes it natively (compute
-    capability 8.0 and up: Ampere, Hopper, ...), fp16 with a gradient scaler on older GPUs, fp32 on the CPU.
-    Refused: bf16 on a GPU without it (emulated, slow), fp16 on the CPU (no speed-up there, only the risk)."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively: AVX512-BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and later;
+    AMD Zen 4 and later), as Linux reports it. Elsewhere oneDNN emulates bf16, no faster than fp32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def choose_precision(requested: str, device: torch.device, capability: Optional[tuple[int, int]],
+                     cpu_bf16: Optional[bool] = None) -> str:
+    """trainer.precision -> "fp32", "bf16" or "fp16". auto: bf16 where the hardware computes it natively (GPUs of
+    compute capability 8.0 and up: Ampere, Hopper, ...; CPUs with AVX512-BF16 or AMX: `cpu_bf16`, measured when
+    None), fp16 with a gradient scaler on older GPUs, fp32 on other CPUs. Refused: bf16 on a GPU without it
+    (emulated, slow), fp16 on the CPU (no speed-up there, only the risk)."""
     if device.type != "cuda":
         if requested == "fp16":
             raise ConfigError("[config] trainer.precision=fp16 is for GPUs (with a gradient scaler); on the CPU it "
-                              "is slower than fp32. Use trainer.precision=auto (fp32) or bf16.")
-        return "bf16" if requested == "bf16" else "fp32"
+                              "is slower than fp32. Use trainer.precision=auto or bf16.")
+        if requested == "auto":
+            return "bf16" if (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16) else "fp32"
+        return requested
     native_bf16 = capability is not None and tuple(capability) >= (8, 0)
     if requested == "auto":
         return "bf16" if native_bf16 else "fp16"
@@ -141,8 +156,9 @@ def train_step(model: nn.Module, x, y, loss_fn, optimizer, prec: Precision, grad
 
 
 def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Precision, grad_clip: float,
-                progress: bool, desc: str, guard=None, stop: StopRequest | None = None) -> dict:
-    """One pass over `loader`. `guard` (a monitors.StepGuard) watches every step and stops a diverging run.
+                progress: bool, desc: str, guard=None, stop: StopRequest | None = None, average=None) -> dict:
+    """One pass over `loader`. `guard` (a monitors.StepGuard) watches every step and stops a diverging run;
+    `average` (optim.Lookahead, optim.lookahead=true) averages the weights after the steps and at the end.
     Under torchrun `model` is the DistributedDataParallel wrapper; the guard and a signal are checked by every rank
     at the same steps and stop all of them together; the epoch's numbers are those of the global batches."""
     model.train()
@@ -158,6 +174,8 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
         if guard is not None:  # a step the fp16 scaler skipped is not a divergence (the scaler's own check is)
             guard.update(loss, grad_norm if prec.scaler is None else torch.nan_to_num(grad_norm, 0.0, 0.0, 0.0))
         schedule.after_step()
+        if average is not None:
+            average.after_step()
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         if drawn is None:
@@ -171,6 +189,8 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     D.together(lambda: _checks(guard, stop, f"in {desc}"))
+    if average is not None:
+        average.after_epoch()
     if prec.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -226,7 +246,7 @@ def epoch_scalars(tr: dict, val: dict, loss_fn, lr: float) -> dict:
 def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, *, prec: Precision,
         max_epochs: int, grad_clip: float, early_stop_patience: int, selection: tuple[str, str],
         save: Callable[[str, dict], None], track: Callable, progress: bool, monitors=None,
-        stop: StopRequest | None = None, resume: dict | None = None) -> FitResult:
+        stop: StopRequest | None = None, resume: dict | None = None, average=None) -> FitResult:
     """Train up to max_epochs; after each epoch validate, step the schedule on the selection metric, let the
     `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
     and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model.
@@ -247,7 +267,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
             net.on_epoch(epoch)
             model = D.rewrap(model)  # under torchrun: DDP for the parameters that train now
         tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
-                         f"epoch {epoch}/{max_epochs}", monitors and monitors.guard, stop)
+                         f"epoch {epoch}/{max_epochs}", monitors and monitors.guard, stop, average)
         val = evaluate(net, val_loader, loss_fn, metrics, prec)
         value = float(val[metric])
         schedule.after_validation(value)

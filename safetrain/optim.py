@@ -11,14 +11,15 @@ from torch import nn
 from safetrain.errors import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict]:
-    """Decay conv/linear weights only; biases, norm and PReLU parameters (ndim <= 1) are exempt. A model that is
+def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_mult: float = 1.0) -> list[dict]:
+    """Decay conv/linear weights only; biases, norm and PReLU parameters (ndim <= 1) are exempt, and learn at
+    `bias_lr_mult` x the lr (airbench's 64 for BatchNorm shifts next to scale-invariant conv weights). A model that is
     fine-tuned (models.layers.FineTunable, backbone_lr_mult < 1) gets discriminative rates: the head at `lr`
     (the first groups: the lr the log shows), the backbone at `lr * backbone_lr_mult` [M36]."""
     parts = [(model.head_parameters(), 1.0), (model.backbone_parameters(), model.backbone_lr_mult)] if getattr(
         model, "backbone_lr_mult", 1.0) < 1 else [(list(model.parameters()), 1.0)]
-    return [{"params": [p for p in params if p.requires_grad and (p.ndim > 1) == decays], "lr": lr * mult,
-             "weight_decay": weight_decay if decays else 0.0}
+    return [{"params": [p for p in params if p.requires_grad and (p.ndim > 1) == decays],
+             "lr": lr * mult * (1.0 if decays else bias_lr_mult), "weight_decay": weight_decay if decays else 0.0}
             for params, mult in parts for decays in (True, False)]
 
 
@@ -36,10 +37,53 @@ OPTIMIZERS = {  # optim=NAME; momentum is SGD's momentum or AdamW's beta1
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
-                    nesterov: bool = True) -> torch.optim.Optimizer:
+                    nesterov: bool = True, bias_lr_mult: float = 1.0) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ConfigError(f"[config] optim={name!r} is not an optimizer; choose one of {list(OPTIMIZERS)}.")
-    return OPTIMIZERS[name].build(param_groups(model, weight_decay, lr), lr, momentum, nesterov)
+    return OPTIMIZERS[name].build(param_groups(model, weight_decay, lr, bias_lr_mult), lr, momentum, nesterov)
+
+
+class Lookahead:
+    """Weight averaging as the CIFAR-10 speed runs do it (airbench's lookahead): from `start` (a share of the
+    steps) on, every `every` steps an average of the weights (BatchNorm statistics too) moves toward them and the
+    weights are set to it, the average's memory growing with training, (step / total)^3 x 0.95^every; at the end
+    of each epoch the weights are the average, so validation, checkpoints and the test see it.
+    torch.optim.swa_utils.AveragedModel keeps a separate copy with a fixed decay; here the decay changes with the
+    step and the copy goes back into the model, so the dozen lines are ours."""
+
+    def __init__(self, model: nn.Module, total_steps: int, start: float = 0.3, every: int = 5):
+        self.model, self.total, self.every = model, total_steps, every
+        self.first, self.step, self.average = int(start * total_steps), 0, None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.model.state_dict().values() if t.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.step += 1
+        if self.step < self.first or self.step % self.every:
+            return
+        if self.average is None:
+            self.average = [t.detach().clone() for t in self._tensors()]
+            return
+        decay = 0.95 ** self.every * (self.step / self.total) ** 3
+        for a, t in zip(self.average, self._tensors()):
+            a.lerp_(t, 1 - decay)
+            t.copy_(a)
+
+    @torch.no_grad()
+    def after_epoch(self) -> None:
+        if self.average is not None:
+            for a, t in zip(self.average, self._tensors()):
+                t.copy_(a)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.average = state["step"], state["average"]
+        if self.average is not None:
+            self.average = [a.to(t.device) for a, t in zip(self.average, self._tensors())]
 
 
 def _plateau(optimizer, *, mode, factor, patience, min_lr, **_):

@@ -34,7 +34,7 @@ from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
 from safetrain.monitors import (Monitors, StepGuard, label_noise, label_noise_finding, predicted_probs,
                                 suspected_mislabeled)
-from safetrain.optim import LRSchedule, build_optimizer
+from safetrain.optim import Lookahead, LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
 from safetrain.resume import command, finished
 from safetrain.report import balance_lines, per_class_table, write_report
@@ -93,6 +93,7 @@ class Setup:
     parameters: int
     custom_model: bool  # the user's nn.Module: safetrain's model.* settings do not apply to it
     trainable: nn.Module  # what trains: the model, or DistributedDataParallel around it (torchrun), compiled or not
+    average: Optional[Lookahead] = None  # optim.lookahead: the weight average
 
 
 @dataclass
@@ -272,6 +273,8 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
                                                       width=facts.width, num_classes=facts.num_classes,
                                                       classes=facts.classes)
     net = net.to(ctx.device, memory_format=torch.channels_last)
+    if hasattr(net, "fit_whitening") and not getattr(cfg.model, "init_from", None):
+        net.fit_whitening(_training_images(data))
     check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size, dist.world())  # [M12] per process
     n_params = count_parameters(net)
     log.info("[5/9] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
@@ -284,7 +287,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     o, s = cfg.optim, cfg.sched
 
     def make_optimizer(m, lr):
-        return build_optimizer(dist.unwrap(m), o.name, lr, o.weight_decay, o.momentum, o.nesterov)
+        return build_optimizer(dist.unwrap(m), o.name, lr, o.weight_decay, o.momentum, o.nesterov, o.bias_lr_mult)
 
     trainable = dist.wrap(net)  # under torchrun: global-batch BatchNorm and DistributedDataParallel
     if cfg.trainer.compile:  # the training steps only; evaluation and checkpoints use the plain model
@@ -302,10 +305,22 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     steps = cfg.trainer.max_epochs * len(data.loaders.train)
     schedule = LRSchedule(optimizer, s.name, mode=selection[1], total_steps=steps, factor=s.factor, patience=s.patience,
                           min_lr=s.min_lr, warmup_fraction=s.warmup_fraction)
-    log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias), schedule %s on val %s "
-             "(%s)", type(loss_fn).__name__, balance, why, o.name, lr, s.name, *selection)
+    log.info("[6/9] loss %s, balance %s: %s [M24] | %s lr %.1e (no decay on norm/bias%s), schedule %s on val %s "
+             "(%s)%s", type(loss_fn).__name__, balance, why, o.name, lr,
+             f", which learn at {o.bias_lr_mult:g}x" if o.bias_lr_mult != 1 else "", s.name, *selection,
+             ", lookahead weight averaging" if o.lookahead else "")
     return Setup(net, loss_fn, selection, lr, optimizer, schedule, make_optimizer,
-                 build_metrics(facts.num_classes, ctx.device), n_params, model is not None, trainable)
+                 build_metrics(facts.num_classes, ctx.device), n_params, model is not None, trainable,
+                 Lookahead(net, steps) if o.lookahead else None)
+
+
+def _training_images(data: Prepared, n: int = 5000) -> torch.Tensor:
+    """`n` training images spread evenly over the split (every class), normalized and not augmented, as the model
+    sees them in evaluation: what a layer fitted to the data (model=fastcnn's whitening) is measured on [M02]."""
+    ids = data.splits["train"].ids
+    picked = [ids[i] for i in range(0, len(ids), max(1, len(ids) // n))][:n]
+    return data.eval_pipeline(D.pick_images(data.splits["train"], picked, data.loader_kw["shape"],
+                                            data.loader_kw["resize"]))
 
 
 def preflight(ctx: Context, data: Prepared, setup: Setup) -> list[Finding]:
@@ -358,7 +373,8 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
     checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, data_facts=data.facts.to_dict(),
                                config=ctx.config, lr=setup.lr, optimizer=setup.optimizer, schedule=setup.schedule,
                                loader=data.loaders.train, monitors=monitors,
-                               **({"scaler": ctx.prec.scaler} if ctx.prec.scaler else {}))  # fp16: its scale too
+                               **({"scaler": ctx.prec.scaler} if ctx.prec.scaler else {}),  # fp16: its scale too
+                               **({"average": setup.average} if setup.average else {}))
     if resume_from:
         checkpoints.restore(resume_from)
     log.info("[8/9] training up to %d epochs -> %s%s", tr.max_epochs, out.path,
@@ -368,7 +384,7 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
                    setup.schedule, setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
                    early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
                    track=out.tracker.epoch if out.tracker else _no_track, progress=tr.progress, monitors=monitors,
-                   stop=stop, resume=resume_from)
+                   stop=stop, resume=resume_from, average=setup.average)
 
 
 def _no_track(*_, **__) -> None:

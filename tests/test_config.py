@@ -2,8 +2,9 @@
 import pytest
 
 from safetrain.cli import RECIPES_DIR, compose
-from safetrain.config import CNNConfig, Config, ResNetConfig, validate
+from safetrain.config import Config, validate
 from safetrain.errors import ConfigError
+from safetrain.models import MODELS
 from tests.conftest import run_cli
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -18,7 +19,7 @@ def test_every_recipe_composes_and_validates(recipe):
     extra = ["data.root=/some/folder"] if recipe == "imagefolder" else []
     cfg, _ = compose(recipe, extra)
     assert isinstance(cfg, Config)
-    assert isinstance(cfg.model, (CNNConfig, ResNetConfig))
+    assert isinstance(cfg.model, MODELS[cfg.model.name][0])  # the settings of the model it names
     assert cfg.data.name in ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashion_mnist")
 
 

@@ -134,6 +134,16 @@ def test_eval_pipeline_is_deterministic_and_train_pipeline_augments():
     torch.testing.assert_close(norm.denormalize(ev(x)), x.float() / 255)
 
 
+def test_shift_flip_moves_images_by_at_most_a_sixteenth_of_their_side():
+    x = torch.zeros(256, 1, 32, 32, dtype=torch.uint8)
+    x[:, :, 15, 15] = 255  # one bright pixel, away from the mirror axis
+    out = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"), "shift_flip", seed=0)(x)
+    where = torch.stack([torch.nonzero(o[0] > 0.5)[0] for o in out])  # (256, 2): where the pixel went
+    assert where[:, 0].min() == 13 and where[:, 0].max() == 17  # +-2 px vertically (2 = 32 / 16)
+    # columns: 15 +- 2 as it was, 16 +- 2 mirrored; 13 only unmirrored, 18 only mirrored: both happen
+    assert where[:, 1].min() == 13 and where[:, 1].max() == 18
+
+
 def test_train_loader_shuffles_and_drops_last_eval_loader_keeps_order():
     s = D.ImageSet(torch.arange(10) % 2, [str(i) for i in range(10)],
                    torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous())

@@ -148,6 +148,12 @@ def test_m05_flips_refused_where_they_change_the_label(tmp_path):
     assert "flip" not in compose("mnist", [])[0].data.augment
 
 
+def test_m05_mirror_tta_refused_where_a_mirror_changes_the_label(tmp_path):
+    msg = refused(tmp_path, ["data.augment=crop", "model.tta=true"], r"\[M05\] model\.tta=true.*hflip_keeps_label",
+                  recipe="mnist")
+    assert "Use model.tta=false" in msg
+
+
 def test_m05_large_rotation_refused_unless_unlocked_and_the_unlock_is_logged(tmp_path, caplog):
     refused(tmp_path, ["data.rotate_degrees=90"], r"\[M05\] data\.rotate_degrees=90.*data\.allow_large_rotation=true")
     caplog.set_level(logging.WARNING)

@@ -11,7 +11,8 @@ from safetrain.models import build_model
 
 @pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[8, 16], blocks=1)),
                                        ("resnet", dict(depth=20, base_width=8)),
-                                       ("resnet", dict(depth=18, base_width=8))])
+                                       ("resnet", dict(depth=18, base_width=8)),
+                                       ("fastcnn", dict(widths=[8, 16]))])
 @pytest.mark.parametrize("c,h,w,k", [(1, 8, 8, 3), (3, 28, 28, 10), (3, 40, 56, 7)])
 def test_builders_take_every_shape_from_the_data(name, arch, c, h, w, k):
     model = build_model(name, channels=c, height=h, width=w, num_classes=k, **arch)
@@ -52,9 +53,47 @@ def test_group_norm_option_replaces_batch_norm():
 @pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[24, 48, 96], blocks=1)),
                                        ("resnet", dict(depth=20, base_width=16)),
                                        ("resnet", dict(depth=56, base_width=16)),
-                                       ("resnet", dict(depth=18, base_width=32))])
+                                       ("resnet", dict(depth=18, base_width=32)),
+                                       ("fastcnn", dict(widths=[32, 128, 128]))])
 def test_initial_loss_is_near_chance(name, arch):
     torch.manual_seed(0)
     model = build_model(name, channels=3, height=32, width=32, num_classes=10, **arch)
     loss = nn.functional.cross_entropy(model(torch.randn(64, 3, 32, 32)), torch.randint(0, 10, (64,)))
     assert abs(loss.item() - math.log(10)) < 0.25
+
+
+def test_fastcnn_whitening_is_fitted_to_the_data_and_never_trained():
+    """The first layer decorrelates the training patches to unit variance; it is a buffer (saved, not trained),
+    and fine-tuning's unfreezing does not make it (or the fixed BatchNorm scales) trainable."""
+    torch.manual_seed(0)
+    mix = torch.tensor([[1.0, 0.8, 0.6], [0.0, 0.5, 0.4], [0.0, 0.0, 0.3]])  # strongly correlated channels
+    x = torch.einsum("ij,bjhw->bihw", mix, torch.randn(400, 3, 12, 12))
+    x = x + torch.roll(x, 1, dims=3)  # and correlated neighbours
+    model = build_model("fastcnn", channels=3, height=12, width=12, num_classes=4, widths=[8], init_from=None)
+    whitening = model.features[0]
+    whitening.fit(x)
+    out = nn.functional.conv2d(x, whitening.weight[:12])  # the 12 eigen-directions (the rest: their negatives)
+    cov = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert torch.equal(whitening.weight[12:], -whitening.weight[:12])
+    assert "features.0.weight" in model.state_dict()
+    assert all(p is not whitening.weight for p in model.parameters())
+    model.fine_tune(1, 0.1)
+    model.on_epoch(2)  # the backbone unfrozen
+    fixed = {n for n, _ in model.named_buffers()}
+    assert {"features.0.weight", "features.4.weight"} <= fixed  # whitening, first BatchNorm's scale
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_tta_averages_each_image_with_its_mirror_in_eval_only():
+    torch.manual_seed(0)
+    model = build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8], tta=True).eval()
+    x = torch.randn(4, 3, 8, 8)
+    plain = build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8]).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(x), (plain(x) + plain(x.flip(-1))) / 2, atol=1e-6)
+        assert not torch.allclose(model(x), plain(x), atol=1e-4)
+        model.train()
+        plain.train()
+        assert torch.allclose(model(x), plain(x), atol=1e-6)  # training sees single images

@@ -6,7 +6,7 @@ from torch import nn
 from safetrain.checkpoint import Checkpointer, load_checkpoint
 from safetrain.io import save_torch
 from safetrain.models import build_model
-from safetrain.optim import LRSchedule, build_optimizer, param_groups
+from safetrain.optim import Lookahead, LRSchedule, build_optimizer, param_groups
 
 
 def _model():
@@ -21,6 +21,51 @@ def test_no_weight_decay_on_norm_and_bias_parameters():
                      for n, p in m.named_parameters() if n == "bias" or isinstance(m, nn.BatchNorm2d)}
     assert norm_and_bias <= {id(p) for p in exempt["params"]}
     assert not norm_and_bias & {id(p) for p in decay["params"]}
+
+
+def test_bias_lr_mult_speeds_up_the_parameters_without_decay_only():
+    decay, exempt = param_groups(_model(), 0.05, 1e-3, bias_lr_mult=64)
+    assert decay["lr"] == 1e-3 and exempt["lr"] == pytest.approx(64e-3)
+    opt = build_optimizer(_model(), "sgd", 0.1, 5e-4, 0.9, bias_lr_mult=8)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, pytest.approx(0.8)]
+
+
+def _lookahead_run(steps: int, state=None):
+    """`steps` SGD steps on a fixed problem with lookahead (10 steps in all, averaging from step 3 every 2)."""
+    torch.manual_seed(0)
+    model = _model()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    la = Lookahead(model, total_steps=10, start=0.3, every=2)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        la.load_state_dict(state["la"])
+    seen = []
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        before = [t.clone() for t in la._tensors()]
+        la.after_step()
+        seen.append(any(not torch.equal(a, b) for a, b in zip(before, la._tensors())))
+    return model, opt, la, seen
+
+
+def test_lookahead_averages_from_its_start_and_resumes_exactly():
+    model, _, la, seen = _lookahead_run(10)
+    assert seen == [False] * 5 + [True, False, True, False, True]  # first average at step 4, moves from step 6
+    straight = {k: v.clone() for k, v in model.state_dict().items()}
+    model, opt, la, _ = _lookahead_run(6)
+    la.after_epoch()  # an epoch ends here: the weights are the average, and the checkpoint is written
+    assert all(torch.equal(a, t) for a, t in zip(la.average, la._tensors()))
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "la": la.state_dict()}
+    plain, _, _, _ = _lookahead_run(6)
+    model, _, _, _ = _lookahead_run(4, state)
+    resumed = model.state_dict()
+    # the epoch end set the weights to the average (as after step 6 anyway): resuming continues identically
+    assert torch.equal(plain.state_dict()["features.0.weight"], state["model"]["features.0.weight"])
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_plateau_steps_on_validation_metric_only_and_in_its_direction():

@@ -45,6 +45,22 @@ def test_smoke_recipe_end_to_end_in_a_subprocess(tmp_path):
     assert "[9/9] test" in (run_dir / "safetrain.log").read_text()
 
 
+def test_cifar10_fast_recipe_fits_its_whitening_averages_and_mirrors(tmp_path):
+    """recipe=cifar10_fast on synthetic data: the first layer measured on the training images, the lookahead's
+    average in the checkpoint (its step count that of the run), and a model that learns."""
+    cfg, _ = compose("cifar10_fast", ["data=synthetic", "data.batch_size=32", "model.widths=[16,32]",
+                                      "trainer.max_epochs=3", "trainer.progress=false"])
+    assert cfg.model.tta and cfg.optim.lookahead and cfg.optim.bias_lr_mult == 64
+    final = run(cfg, tmp_path / "run")
+    assert final["test_acc"] > 0.5  # 4 learnable classes: well above chance (0.25)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    whitening = ckpt["model"]["features.0.weight"]  # (24, 3, 2, 2): 12 directions and their negatives
+    assert (whitening[:12].flatten(1).norm(dim=1) > 0).all()  # fitted: before, 3 pass-through rows, 9 of zeros
+    assert torch.equal(whitening[12:], -whitening[:12])
+    assert ckpt["average"]["step"] == 3 * (320 // 32) and ckpt["average"]["average"] is not None
+    assert "lookahead weight averaging" in (tmp_path / "run" / "safetrain.log").read_text()
+
+
 @pytest.mark.parametrize("size,mode,channels", [((8, 8), "L", 1), ((28, 28), "RGB", 3), ((40, 56), "RGB", 3)])
 def test_imagefolder_run_infers_shapes(tmp_path, size, mode, channels):
     write_images(tmp_path / "imgs", classes=3, per_class=20, size=size, mode=mode)

@@ -72,9 +72,13 @@ def batch_crop_eighth(x: Tensor, g: torch.Generator, at: tuple[int, int] = (0, 1
     return batch_crop(x, max(1, round(x.shape[-1] / 8)), g, at)  # 4 px at 32x32
 
 
+def batch_crop_sixteenth(x: Tensor, g: torch.Generator, at: tuple[int, int] = (0, 1)) -> Tensor:
+    return batch_crop(x, max(1, round(x.shape[-1] / 16)), g, at)  # 2 px at 32x32: for schedules of a few epochs
+
+
 # data.augment=NAME -> the batch operations of the training pipeline, in order (eval pipelines have none [M04])
 AUGMENTS = {"none": (), "flip": (batch_flip,), "crop": (batch_crop_eighth,),
-            "crop_flip": (batch_crop_eighth, batch_flip)}
+            "crop_flip": (batch_crop_eighth, batch_flip), "shift_flip": (batch_crop_sixteenth, batch_flip)}
 
 
 def flips(augment: str) -> bool:

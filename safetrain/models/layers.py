@@ -38,6 +38,15 @@ class FineTunable(nn.Module):
     train() says [M37]; then every layer trains, the backbone at backbone_lr_mult x the lr (optim.param_groups)
     [M36]. Without starting weights nothing is frozen and every layer has the one lr."""
     freeze_epochs, backbone_lr_mult, frozen = 0, 1.0, False
+    flip_tta = False  # model.tta: evaluation averages the logits of each image and of its mirror
+
+    def logits(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        if self.training or not self.flip_tta:
+            return self.logits(x)
+        return (self.logits(x) + self.logits(x.flip(-1))) / 2
 
     def head_layer(self) -> nn.Module:
         raise NotImplementedError
@@ -84,7 +93,7 @@ class Classifier(FineTunable):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(feature_channels, num_classes))
 
-    def forward(self, x):
+    def logits(self, x):
         return self.head(self.features(x))
 
     def head_layer(self) -> nn.Module:

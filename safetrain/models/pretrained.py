@@ -48,6 +48,7 @@ class StartConfig:
     init_from: Optional[str] = None  # a safetrain checkpoint of this model (e.g. trained on another dataset)
     freeze_epochs: int = 1  # with starting weights: epochs the backbone stays frozen (BatchNorm too) [M36, M37]
     backbone_lr_mult: float = 0.1  # with starting weights: the backbone's lr as a share of optim.lr after that
+    tta: bool = False  # evaluate on each image and its mirror, logits averaged (needs data.hflip_keeps_label [M05])
 
     def check_start(self) -> None:
         if self.init_from and not Path(self.init_from).expanduser().is_file():
@@ -117,7 +118,7 @@ class Torchvision(FineTunable):
             log.info("model: %s's first convolution (%s) takes 1-channel images: its RGB kernels summed, so a gray "
                      "image gives the response the weights give it as R=G=B", arch, conv_name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def head_layer(self) -> nn.Module:
