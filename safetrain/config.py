@@ -99,6 +99,7 @@ class TrainerConfig:
     early_stop_patience: int = 10  # epochs without a better val metric; 0 turns it off
     progress: bool = True
     compile: bool = False  # torch.compile the training step's model (opt-in: minutes of compiling on a CPU)
+    max_minutes: Optional[float] = None  # a time budget: sets max_epochs to what fits on this machine (measured)
 
 
 @dataclass
@@ -222,6 +223,8 @@ def _check_values(c: Config) -> None:
                           "declares data.hflip_keeps_label=false (a mirrored digit or letter is another symbol). "
                           "Use model.tta=false.")
     check_range("trainer.max_epochs", c.trainer.max_epochs, 1, 100000)
+    if c.trainer.max_minutes is not None:
+        check_range("trainer.max_minutes", c.trainer.max_minutes, 0.1, 1e6)
     check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
     check_range("sched.factor", c.sched.factor, 0.01, 0.99)
     check_range("sched.warmup_fraction", c.sched.warmup_fraction, 0.0, 0.9)

@@ -324,3 +324,45 @@ def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: 
                 break
     model.load_state_dict(saved)
     return min(max(best_lr / 10, bounds[0]), bounds[1])
+
+
+def step_times(model: nn.Module, loader, eval_model: nn.Module, eval_loader, loss_fn, make_optimizer, prec, *,
+               steps: int = 8, warmup: int = 2) -> tuple[float, float]:
+    """Seconds per training step (the real loader, augmentation included) and per evaluation batch, measured
+    after `warmup` steps of each; the weights and BatchNorm statistics are restored afterwards (the caller
+    restores the loader's and the global random state)."""
+    saved = copy.deepcopy(eval_model.state_dict())
+    optimizer, trial = make_optimizer(model, 1e-9), prec.trial()
+
+    def timed(batches, fn) -> float:
+        t0 = 0.0
+        for i, (x, y) in enumerate(batches):
+            if i == warmup:
+                _sync(prec)
+                t0 = time.perf_counter()
+            fn(x, y)
+            if i == warmup + steps - 1:
+                break
+        _sync(prec)
+        return (time.perf_counter() - t0) / steps
+
+    model.train()
+    train_s = timed(_cycle(loader), lambda x, y: train_step(model, x, y, loss_fn, optimizer, trial))
+    eval_model.eval()
+    def evaluate_batch(x, y):
+        with torch.no_grad(), prec.autocast():
+            eval_model(prec.prepare(x)).float().sum().item()
+
+    eval_s = timed(_cycle(eval_loader), evaluate_batch)
+    eval_model.load_state_dict(saved)
+    return train_s, eval_s
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _sync(prec) -> None:
+    if prec.device.type == "cuda":
+        torch.cuda.synchronize()

@@ -20,11 +20,12 @@ from torch import nn
 from safetrain import data as D
 from safetrain import figures as F
 from safetrain import distributed as dist
-from safetrain.checkpoint import Checkpointer, load_checkpoint
+from safetrain.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
 from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
 from safetrain.data.audit import Audit, cached_audit, pair_images
 from safetrain.data.audit import findings as audit_findings
-from safetrain.engine import FitResult, Precision, StopRequest, choose_precision, find_lr, fit, test
+from safetrain.engine import (FitResult, Precision, StopRequest, choose_precision, find_lr, fit, step_times,
+                             test)
 from safetrain.errors import ConfigError, Interrupted
 from safetrain.findings import Finding, problems
 from safetrain.io import cache_root, write_json
@@ -302,6 +303,8 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
                      bounds=OPTIMIZERS[o.name].lr_range)
         log.info("optim.lr=auto: the range test chose lr %.2e", lr)
     optimizer = make_optimizer(net, lr)
+    if cfg.trainer.max_minutes and cfg.mode != "doctor":
+        epochs_in_budget(ctx, data, trainable, net, loss_fn, make_optimizer)
     steps = cfg.trainer.max_epochs * len(data.loaders.train)
     schedule = LRSchedule(optimizer, s.name, mode=selection[1], total_steps=steps, factor=s.factor, patience=s.patience,
                           min_lr=s.min_lr, warmup_fraction=s.warmup_fraction)
@@ -312,6 +315,37 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     return Setup(net, loss_fn, selection, lr, optimizer, schedule, make_optimizer,
                  build_metrics(facts.num_classes, ctx.device), n_params, model is not None, trainable,
                  Lookahead(net, steps) if o.lookahead else None)
+
+
+def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn.Module, loss_fn, make_optimizer,
+                     report_s: float = 15.0, margin: float = 0.05) -> int:
+    """trainer.max_minutes: time a few training steps and evaluation batches of this model on this machine, and
+    set trainer.max_epochs to the epochs that fit in what is left of the budget after the time spent so far
+    (decoding, audit), each epoch's validation, and the end (test, held-out predictions, mislabeled pass and
+    report: `report_s` beyond their evaluation passes); `margin` for the machine's noise. The config saved with
+    the run has that trainer.max_epochs and no max_minutes: re-running it repeats the run. Every step it times
+    is undone (weights, the loader's and the global random state), so the run is the one that config gives."""
+    cfg, loaders = ctx.cfg, data.loaders
+    state, rng = loaders.train.state_dict(), rng_state()
+    train_s, eval_s = step_times(trainable, loaders.train, net, loaders.val, loss_fn, make_optimizer, ctx.prec)
+    loaders.train.load_state_dict(state)
+    set_rng_state(rng)
+    per_epoch = (len(loaders.train) * train_s + len(loaders.val) * eval_s) * (1 + margin)
+    at_end = (2 * len(loaders.test) + len(loaders.val) + len(loaders.train_in_order)) * eval_s + report_s
+    left = cfg.trainer.max_minutes * 60 - (time.time() - ctx.t_start) - at_end
+    epochs = dist.share(int(left // per_epoch))
+    if epochs < 1:
+        need = (time.time() - ctx.t_start + at_end + per_epoch) / 60
+        raise ConfigError(f"[config] trainer.max_minutes={cfg.trainer.max_minutes:g} leaves no time for one epoch "
+                          f"on this machine ({per_epoch:.0f} s an epoch, {at_end:.0f} s for the test and the "
+                          f"report, {time.time() - ctx.t_start:.0f} s spent on the data). Use "
+                          f"trainer.max_minutes={need:.1f} or more, or a smaller model.")
+    log.info("trainer.max_minutes=%g: %.3f s a training step, %.0f s an epoch with validation on this machine: "
+             "%d epochs fit (trainer.max_epochs=%d in the saved config)", cfg.trainer.max_minutes, train_s,
+             per_epoch, epochs, epochs)
+    cfg.trainer.max_epochs, cfg.trainer.max_minutes = epochs, None
+    ctx.config["trainer"].update(max_epochs=epochs, max_minutes=None)
+    return epochs
 
 
 def _training_images(data: Prepared, n: int = 5000) -> torch.Tensor:

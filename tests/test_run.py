@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from safetrain.cli import compose
+from safetrain.errors import ConfigError
 from safetrain.run import resolve_device, run
 from tests.conftest import SHARED_CIFAR, run_cli, write_images
 
@@ -45,7 +46,27 @@ def test_smoke_recipe_end_to_end_in_a_subprocess(tmp_path):
     assert "[9/9] test" in (run_dir / "safetrain.log").read_text()
 
 
-def test_cifar10_fast_recipe_fits_its_whitening_averages_and_mirrors(tmp_path):
+def test_max_minutes_sizes_the_run_to_this_machine_and_saves_what_it_chose(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    cfg, _ = compose("smoke", ["trainer.max_minutes=0.4", "trainer.early_stop_patience=0", "trainer.progress=false"])
+    final = run(cfg, tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trainer"]
+    assert saved["max_minutes"] is None and saved["max_epochs"] > 10  # a smoke epoch takes a fraction of a second
+    assert final["wall_time_s"] < 24 + 4  # the budget (24 s), give or take a shared machine's noise
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= saved["max_epochs"]
+    assert f"epochs fit (trainer.max_epochs={saved['max_epochs']}" in caplog.text
+    again, _ = compose("smoke", [f"trainer.max_epochs={saved['max_epochs']}", "trainer.progress=false"])
+    assert run(again, tmp_path / "again")["test_loss"] == final["test_loss"]  # the timing steps left no trace
+    monkeypatch.setattr("safetrain.stages.step_times", lambda *a, **k: (5.0, 1.0))  # a very slow machine
+    cfg, _ = compose("smoke", ["trainer.max_minutes=0.5", "trainer.progress=false"])
+    with pytest.raises(ConfigError, match=r"trainer\.max_minutes=0\.5 leaves no time for one epoch.*"
+                                          r"trainer\.max_minutes=\d+\.\d or more"):
+        run(cfg, tmp_path / "slow")
+    assert not (tmp_path / "slow").exists()
+
+
+def test_cifar10_fast_recipe_fits_its_whitening_averages_and_mirrors(tmp_path, caplog):
+    caplog.set_level("INFO")
     """recipe=cifar10_fast on synthetic data: the first layer measured on the training images, the lookahead's
     average in the checkpoint (its step count that of the run), and a model that learns."""
     cfg, _ = compose("cifar10_fast", ["data=synthetic", "data.batch_size=32", "model.widths=[16,32]",
@@ -58,7 +79,7 @@ def test_cifar10_fast_recipe_fits_its_whitening_averages_and_mirrors(tmp_path):
     assert (whitening[:12].flatten(1).norm(dim=1) > 0).all()  # fitted: before, 3 pass-through rows, 9 of zeros
     assert torch.equal(whitening[12:], -whitening[:12])
     assert ckpt["average"]["step"] == 3 * (320 // 32) and ckpt["average"]["average"] is not None
-    assert "lookahead weight averaging" in (tmp_path / "run" / "safetrain.log").read_text()
+    assert "lookahead weight averaging" in caplog.text and "which learn at 64x" in caplog.text
 
 
 @pytest.mark.parametrize("size,mode,channels", [((8, 8), "L", 1), ((28, 28), "RGB", 3), ((40, 56), "RGB", 3)])
