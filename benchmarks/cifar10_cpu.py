@@ -1,7 +1,7 @@
 """CIFAR-10 on this machine's CPU: `recipe=cifar10_fast` against the first CNN people write, at equal wall time.
 
-    python benchmarks/cifar10_cpu.py --seeds 0 1 2               # safetrain 3x (fresh cache each), then the baseline
-    python benchmarks/cifar10_cpu.py --seeds 0 --no-baseline trainer.max_epochs=6   # extra safetrain overrides
+    python benchmarks/cifar10_cpu.py --seeds 0 1 2 trainer.precision=bf16   # CPUs with AVX512-BF16 / AMX
+    python benchmarks/cifar10_cpu.py --seeds 0 --no-baseline trainer.max_minutes=10   # any CPU
 
 Each safetrain run is the README's CPU command, timed from the process start with a fresh cache (JPEG decoding,
 the data audit, preflight, monitors, figures and report all included). The baseline is the code people usually

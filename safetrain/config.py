@@ -94,7 +94,7 @@ class SchedConfig:
 class TrainerConfig:
     max_epochs: int = 30
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 where native (GPU 8.0+, AVX512-BF16/AMX CPU), fp16 on older GPUs, else fp32
+    precision: str = "auto"  # auto: bf16 on GPUs 8.0+, fp16 + scaler on older, fp32 on CPU (bf16: opt-in)
     grad_clip: float = 5.0  # max global grad norm; 0 turns clipping off
     early_stop_patience: int = 10  # epochs without a better val metric; 0 turns it off
     progress: bool = True

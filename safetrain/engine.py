@@ -41,17 +41,22 @@ def cpu_has_bf16() -> bool:
 
 def choose_precision(requested: str, device: torch.device, capability: Optional[tuple[int, int]],
                      cpu_bf16: Optional[bool] = None) -> str:
-    """trainer.precision -> "fp32", "bf16" or "fp16". auto: bf16 where the hardware computes it natively (GPUs of
-    compute capability 8.0 and up: Ampere, Hopper, ...; CPUs with AVX512-BF16 or AMX: `cpu_bf16`, measured when
-    None), fp16 with a gradient scaler on older GPUs, fp32 on other CPUs. Refused: bf16 on a GPU without it
-    (emulated, slow), fp16 on the CPU (no speed-up there, only the risk)."""
+    """trainer.precision -> "fp32", "bf16" or "fp16". auto: bf16 where the GPU computes it natively (compute
+    capability 8.0 and up: Ampere, Hopper, ...), fp16 with a gradient scaler on older GPUs, fp32 on the CPU.
+    bf16 on a CPU is opt-in, and only where it computes it natively (AVX512-BF16 or AMX: `cpu_bf16`, read from
+    the CPU when None): 1.5-2x fp32 there, but CPU bf16 kernels turned some torchvision models' (RegNet, ResNet at
+    16x16) first steps to NaN where fp32 trains, so it is not the default. Refused: bf16 on a GPU or CPU without
+    it (emulated, slow), fp16 on the CPU (no speed-up there, only the risk)."""
     if device.type != "cuda":
         if requested == "fp16":
             raise ConfigError("[config] trainer.precision=fp16 is for GPUs (with a gradient scaler); on the CPU it "
-                              "is slower than fp32. Use trainer.precision=auto or bf16.")
-        if requested == "auto":
-            return "bf16" if (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16) else "fp32"
-        return requested
+                              "is slower than fp32. Use trainer.precision=auto (fp32), or bf16 on a CPU with "
+                              "AVX512-BF16 or AMX.")
+        if requested == "bf16" and not (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16):
+            raise ConfigError("[config] trainer.precision=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX: "
+                              "Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), so it would be "
+                              "emulated, slowly. Use trainer.precision=auto (fp32).")
+        return "bf16" if requested == "bf16" else "fp32"
     native_bf16 = capability is not None and tuple(capability) >= (8, 0)
     if requested == "auto":
         return "bf16" if native_bf16 else "fp16"
@@ -349,6 +354,7 @@ def step_times(model: nn.Module, loader, eval_model: nn.Module, eval_loader, los
     model.train()
     train_s = timed(_cycle(loader), lambda x, y: train_step(model, x, y, loss_fn, optimizer, trial))
     eval_model.eval()
+
     def evaluate_batch(x, y):
         with torch.no_grad(), prec.autocast():
             eval_model(prec.prepare(x)).float().sum().item()

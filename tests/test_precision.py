@@ -19,12 +19,14 @@ def test_auto_picks_bf16_only_where_the_gpu_has_it_natively(capability, chosen):
     assert choose_precision("fp16", CUDA, capability) == "fp16"
 
 
-def test_the_cpu_trains_in_bf16_where_it_has_it_natively_and_impossible_choices_are_refused():
-    assert choose_precision("auto", CPU, None, cpu_bf16=False) == "fp32"
-    assert choose_precision("auto", CPU, None, cpu_bf16=True) == "bf16"  # AVX512-BF16 / AMX
-    assert choose_precision("auto", CPU, None) == ("bf16" if cpu_has_bf16() else "fp32")
-    assert choose_precision("bf16", CPU, None) == "bf16"
-    assert choose_precision("fp32", CPU, None, cpu_bf16=True) == "fp32"
+def test_the_cpu_trains_in_fp32_unless_bf16_is_asked_where_native_and_impossible_choices_are_refused():
+    for native in (False, True):
+        assert choose_precision("auto", CPU, None, cpu_bf16=native) == "fp32"
+        assert choose_precision("fp32", CPU, None, cpu_bf16=native) == "fp32"
+    assert choose_precision("bf16", CPU, None, cpu_bf16=True) == "bf16"  # AVX512-BF16 / AMX
+    with pytest.raises(ConfigError, match=r"this CPU has no native bf16.*trainer\.precision=auto \(fp32\)"):
+        choose_precision("bf16", CPU, None, cpu_bf16=False)
+    assert isinstance(cpu_has_bf16(), bool)
     with pytest.raises(ConfigError, match=r"trainer\.precision=fp16 is for GPUs"):
         choose_precision("fp16", CPU, None)
     with pytest.raises(ConfigError, match=r"compute capability 7\.5\) has no native bf16.*trainer\.precision=auto"):

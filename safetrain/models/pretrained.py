@@ -173,8 +173,8 @@ def start_from(model: FineTunable, path: str, settings: dict, classes: Optional[
     aside). The head is kept when the classes are the same ones, else it stays new; a first convolution trained on
     the other channel count is summed over RGB (1 channel) or spread over it (3 channels) [M38]."""
     ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    saved = {k: v for k, v in architecture(ckpt["config"]["model"]).items() if k not in ("freeze_epochs",
-                                                                                        "backbone_lr_mult")}
+    saved = {k: v for k, v in architecture(ckpt["config"]["model"]).items()  # what decides the weights' shapes
+             if k not in ("freeze_epochs", "backbone_lr_mult", "tta")}
     if saved != {k: v for k, v in architecture(settings).items() if k in saved} or saved.keys() - settings.keys():
         raise ConfigError(f"[M38] model.init_from={path} was trained with model settings {saved}, which are not "
                           f"these ({architecture(settings)}): its weights would not fit. Use the same model.* "
