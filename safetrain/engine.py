@@ -196,8 +196,7 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
     D.together(lambda: _checks(guard, stop, f"in {desc}"))
     if average is not None:
         average.after_epoch()
-    if prec.device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(prec)
     dt = time.perf_counter() - t0
     seen = int(D.total(torch.tensor(seen)))
     return {"loss": D.total(total_loss).item() / seen, "acc": D.total(correct).item() / seen,

@@ -318,7 +318,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
 
 
 def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn.Module, loss_fn, make_optimizer,
-                     report_s: float = 15.0, margin: float = 0.05) -> int:
+                     report_s: float = 15.0, margin: float = 0.05) -> None:
     """trainer.max_minutes: time a few training steps and evaluation batches of this model on this machine, and
     set trainer.max_epochs to the epochs that fit in what is left of the budget after the time spent so far
     (decoding, audit), each epoch's validation, and the end (test, held-out predictions, mislabeled pass and
@@ -332,20 +332,18 @@ def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn
     set_rng_state(rng)
     per_epoch = (len(loaders.train) * train_s + len(loaders.val) * eval_s) * (1 + margin)
     at_end = (2 * len(loaders.test) + len(loaders.val) + len(loaders.train_in_order)) * eval_s + report_s
-    left = cfg.trainer.max_minutes * 60 - (time.time() - ctx.t_start) - at_end
-    epochs = dist.share(int(left // per_epoch))
+    spent = time.time() - ctx.t_start  # decoding, audit, model, this timing
+    epochs = dist.share(int((cfg.trainer.max_minutes * 60 - spent - at_end) // per_epoch))
     if epochs < 1:
-        need = (time.time() - ctx.t_start + at_end + per_epoch) / 60
         raise ConfigError(f"[config] trainer.max_minutes={cfg.trainer.max_minutes:g} leaves no time for one epoch "
                           f"on this machine ({per_epoch:.0f} s an epoch, {at_end:.0f} s for the test and the "
-                          f"report, {time.time() - ctx.t_start:.0f} s spent on the data). Use "
-                          f"trainer.max_minutes={need:.1f} or more, or a smaller model.")
+                          f"report, {spent:.0f} s spent on the data). Use trainer.max_minutes="
+                          f"{(spent + at_end + per_epoch) / 60:.1f} or more, or a smaller model.")
     log.info("trainer.max_minutes=%g: %.3f s a training step, %.0f s an epoch with validation on this machine: "
              "%d epochs fit (trainer.max_epochs=%d in the saved config)", cfg.trainer.max_minutes, train_s,
              per_epoch, epochs, epochs)
     cfg.trainer.max_epochs, cfg.trainer.max_minutes = epochs, None
     ctx.config["trainer"].update(max_epochs=epochs, max_minutes=None)
-    return epochs
 
 
 def _training_images(data: Prepared, n: int = 5000) -> torch.Tensor:

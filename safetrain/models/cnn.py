@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from safetrain.errors import ConfigError, check_range
-from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
+from safetrain.errors import check_range
+from safetrain.models.layers import Classifier, activation, check_widths, conv_norm_act, norm, plan_sizes
 from safetrain.models.pretrained import StartConfig
 
 
@@ -23,8 +23,7 @@ class CNNConfig(StartConfig):
     dropout: float = 0.0
 
     def check(self) -> None:
-        if not self.widths or min(self.widths) < 1:
-            raise ConfigError(f"[config] model.widths={self.widths} needs at least one positive width.")
+        check_widths(self.widths)
         check_range("model.blocks", self.blocks, 0, 16)
         self.check_start()
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from safetrain.errors import ConfigError, check_range
-from safetrain.models.layers import Classifier, activation, norm, plan_sizes
+from safetrain.errors import check_range
+from safetrain.models.layers import Classifier, activation, check_widths, norm, plan_sizes
 from safetrain.models.pretrained import StartConfig
 
 LOGIT_SCALE = 1 / 9  # airbench's: with its learning rates, larger logits overfit the label smoothing target
@@ -35,8 +35,7 @@ class FastCNNConfig(StartConfig):
     dropout: float = 0.0
 
     def check(self) -> None:
-        if not self.widths or min(self.widths) < 1:
-            raise ConfigError(f"[config] model.widths={self.widths} needs at least one positive width.")
+        check_widths(self.widths)
         check_range("model.whiten_kernel", self.whiten_kernel, 1, 5)
         self.check_start()
 
@@ -48,7 +47,7 @@ class Whitening(nn.Conv2d):
 
     def __init__(self, channels: int, k: int, eps: float = 5e-4):
         super().__init__(channels, 2 * channels * k * k, k, bias=False)
-        self.k, self.eps = k, eps
+        self.eps = eps
         del self.weight
         self.register_buffer("weight", torch.zeros(2 * channels * k * k, channels, k, k))
         nn.init.dirac_(self.weight[:channels])  # until fitted: the first channels pass the input through
@@ -56,7 +55,7 @@ class Whitening(nn.Conv2d):
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> None:
         """`x`: (N, C, H, W) normalized training images (never validation or test ones [M02])."""
-        c, k = x.shape[1], self.k
+        c, k = x.shape[1], self.kernel_size[0]
         patches = x.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
         eigenvalues, vectors = torch.linalg.eigh(patches.T @ patches / len(patches))
         w = (vectors.T / torch.sqrt(eigenvalues.clamp_min(0) + self.eps)[:, None]).flip(0).reshape(-1, c, k, k)

@@ -116,6 +116,11 @@ def init_weights(model: nn.Module, act: str) -> None:
             nn.init.zeros_(m.bias)
 
 
+def check_widths(widths: list[int]) -> None:
+    if not widths or min(widths) < 1:
+        raise ConfigError(f"[config] model.widths={widths} needs at least one positive width.")
+
+
 def plan_sizes(height: int, width: int, halvings: int, what: str) -> list[tuple[int, int]]:
     """Spatial size after each of `halvings` stride-2 stages; refuse a plan that pools below 1x1 [M10]."""
     sizes = [(height, width)]
