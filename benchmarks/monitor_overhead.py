@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from safetrain.engine import Precision, train_epoch  # noqa: E402
+from safetrain.engine import Limits, Precision, Setup, train_epoch  # noqa: E402
 from safetrain.models import build_model  # noqa: E402
 from safetrain.monitors import StepGuard, dead_unit_share, suspected_mislabeled  # noqa: E402
 from safetrain.optim import LRSchedule, build_optimizer  # noqa: E402
@@ -47,12 +47,13 @@ def main() -> None:
     x = torch.randn(a.steps * 256, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (len(x),), device=device)
     batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
-    net = build_model("cnn", channels=3, height=32, width=32, num_classes=10, widths=[24, 48, 96], blocks=1)
+    net = build_model({"name": "cnn", "widths": [24, 48, 96], "blocks": 1}, (3, 32, 32), 10)
     net = net.to(device, memory_format=torch.channels_last)
     opt = build_optimizer(net, "adamw", 1e-3, 0.05, 0.9)
     sched = LRSchedule(opt, "plateau", mode="max", total_steps=1)
     loss = nn.CrossEntropyLoss()
-    run = lambda guard: train_epoch(net, batches, loss, opt, sched, prec, 5.0, False, "bench", guard)
+    setup, limits = Setup(net, loss, opt, sched), Limits(1, grad_clip=5.0)
+    run = lambda guard: train_epoch(setup, batches, prec, limits, "bench", guard)
     run(None)  # warm-up
     plain, guarded = [], []
     for _ in range(3):  # alternate, to share the machine's noise

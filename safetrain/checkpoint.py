@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from safetrain import distributed as D
+from safetrain import distributed as dist
 from safetrain.data.pipelines import Normalize
 from safetrain.errors import TrainingStopped
 from safetrain.io import save_torch
@@ -24,14 +24,16 @@ class Checkpointer:
     that a resumed run ends exactly as an uninterrupted one: the model (unwrapped, on the CPU) and the `parts`
     (anything with state_dict/load_state_dict: optimizer, schedule, the training loader's shuffling and
     augmentation generators, the detectors) and every global random generator; and what never changes in a run:
-    the data facts (with the normalization, the model's input contract [M02]), the resolved config, the lr.
+    the data facts (with the normalization, the model's input contract [M02]), the data spec (what data, split how:
+    the commands after training rebuild the splits from it), the resolved config, the lr.
     Under torchrun every rank calls `save` (each rank's random generators are kept, for dropout) and rank 0 writes;
     a failed write stops every rank."""
 
     def __init__(self, folder: Path, *, model: nn.Module, data_facts: dict, config: dict, lr: float | None = None,
-                 **parts):
+                 data_spec: dict | None = None, **parts):
         self.folder, self.model, self.parts = Path(folder), model, parts
-        self.fixed = {"data_facts": data_facts, "config": config, "lr": lr, "processes": D.world()}
+        self.fixed = {"data_facts": data_facts, "data_spec": data_spec, "config": config, "lr": lr,
+                      "processes": dist.world()}
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.pt"
@@ -39,8 +41,8 @@ class Checkpointer:
     def save(self, name: str, state: dict) -> None:
         """`state`: epoch, metrics, best, history. A failed write (disk full, no permission) stops training: the
         previous file of that name is still whole (atomic writes), so the last complete checkpoint is kept."""
-        rng = D.gather(rng_state()) if D.active() else rng_state()
-        D.together(lambda: self._write(name, state, rng) if D.is_main() else None)
+        rng = dist.gather(rng_state()) if dist.active() else rng_state()
+        dist.together(lambda: self._write(name, state, rng) if dist.is_main() else None)
 
     def _write(self, name: str, state: dict, rng) -> None:
         try:
@@ -59,7 +61,7 @@ class Checkpointer:
         self.model.load_state_dict(ckpt["model"])
         for k, part in self.parts.items():
             part.load_state_dict(ckpt[k])
-        set_rng_state(ckpt["rng"][D.rank()] if isinstance(ckpt["rng"], list) else ckpt["rng"])  # list: per rank
+        set_rng_state(ckpt["rng"][dist.rank()] if isinstance(ckpt["rng"], list) else ckpt["rng"])  # list: per rank
 
 
 def rng_state() -> dict:
@@ -98,7 +100,7 @@ def classifier(ckpt: dict, model=None) -> nn.Sequential:
     """`load_classifier` for a checkpoint already loaded: Normalize (from its data facts) + the model, eval mode."""
     f = ckpt["data_facts"]
     if model is None:
-        model = build_model(**architecture(ckpt["config"]["model"]), channels=f["channels"], height=f["height"],
-                            width=f["width"], num_classes=len(f["classes"]))
+        model = build_model(architecture(ckpt["config"]["model"]), (f["channels"], f["height"], f["width"]),
+                            len(f["classes"]))
     model.load_state_dict(ckpt["model"])
     return nn.Sequential(Normalize(f["mean"], f["std"]), model).eval()

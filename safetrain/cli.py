@@ -10,8 +10,12 @@ import logging
 import sys
 from pathlib import Path
 
+from dataclasses import dataclass
+from typing import Optional
+
 from safetrain import distributed as dist
-from safetrain.errors import Interrupted, SafetrainError, TrainingStopped
+from safetrain.errors import ConfigError, Interrupted, SafetrainError, TrainingStopped
+from safetrain.runtime import refuse_used_run_dir
 from safetrain.sweep import job_overrides, record, summarize
 
 PKG = Path(__file__).resolve().parent
@@ -107,69 +111,84 @@ def refuse_code_overrides(overrides: list[str]) -> None:
                               "command line. Put it in a recipe you trust (--config-dir) if you really need it.")
 
 
+@dataclass(frozen=True)
+class Command:
+    """The command line, read once: what to do (`kind`, a key of COMMANDS) and with what."""
+    kind: str  # list, train, doctor, sweep, resume, predict, evaluate, export
+    settings: list[str]  # key=value settings (and Hydra's flags, for train/doctor/sweep)
+    recipe: Optional[str] = None
+    run_dir: Optional[Path] = None  # resume: the run to go on with
+
+
+def parse(argv: list[str]) -> Command:
+    modes = {a.split("=", 1)[1] for a in argv if a.startswith("mode=")}
+    after = next((m for m in ("predict", "evaluate", "export") if m in modes), None)
+    if after:  # the checkpoint has the recipe
+        return Command(after, [a for a in argv if not a.startswith("recipe=")])
+    resumed = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if resumed is not None:
+        return Command("resume", [a for a in argv if not a.startswith("resume=")], run_dir=Path(resumed))
+    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
+    rest = [a for a in argv if not a.startswith("recipe=")]
+    if recipe is None:
+        return Command("list", rest)
+    kind = "sweep" if {"-m", "--multirun"} & set(rest) else "doctor" if "doctor" in modes else "train"
+    return Command(kind, rest, recipe)
+
+
 def main(argv: list[str] | None = None) -> int:
+    command = parse(list(sys.argv[1:] if argv is None else argv))
     try:
-        return _main(argv)
+        return COMMANDS[command.kind](command)
+    except SafetrainError as e:  # a refusal before any run started: its real type and its row ID
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     finally:
         dist.close()  # under torchrun: leave the process group before exit
 
 
-def _main(argv: list[str] | None) -> int:
+def list_command(command: Command) -> int:
     from hydra._internal.utils import get_args_parser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in argv for a in ("mode=predict", "mode=evaluate", "mode=export")):
-        if dist.requested():
-            print("ConfigError: [config] mode=predict/evaluate/export run in one process: use `python -m safetrain`, "
-                  "not torchrun.", file=sys.stderr)
-            return 2
-        return after_training([a for a in argv if not a.startswith("recipe=")])  # the checkpoint has the recipe
+    print(list_recipes(get_args_parser().parse_args(command.settings).config_dir))
+    return 0 if not command.settings else 2
+
+
+def train_command(command: Command) -> int:
+    """train, doctor and sweep: compose and validate every job first, then Hydra runs them."""
+    from hydra._internal.utils import get_args_parser
+
     dist.init()  # under torchrun: join the other processes (no-op otherwise)
     if not dist.is_main():
         _log_to(level=logging.WARNING, rank=dist.rank())  # warnings and errors only; rank 0 keeps the run's log
-    resumed = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
-    if resumed is not None:
-        return resume(Path(resumed), [a for a in argv if not a.startswith("resume=")])
-    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
-    rest = [a for a in argv if not a.startswith("recipe=")]
-    args = get_args_parser().parse_args(rest)
-    if recipe is None:
-        print(list_recipes(args.config_dir))
-        return 0 if not rest else 2
+    args = get_args_parser().parse_args(command.settings)
     task_overrides = [o for o in args.overrides if not o.startswith("hydra.")]
-    try:
-        refuse_code_overrides(args.overrides)
-        if args.multirun and dist.active():
-            raise SafetrainError("[config] a sweep (-m) under torchrun is not supported: launch one torchrun per "
-                                 "job (each job's settings on its own command line).")
-        if not (args.help or args.hydra_help):  # fail fast, before Hydra makes a run dir: every job of a sweep
-            for job in job_overrides(task_overrides) if args.multirun else [task_overrides]:
-                cfg, _ = compose(recipe, job, args.config_dir)
-            run_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
-            if run_dir and not args.multirun and cfg.mode != "doctor":
-                from safetrain.stages import refuse_used_run_dir
-                refuse_used_run_dir(Path(run_dir))  # before Hydra writes its log there
-    except SafetrainError as e:
-        print(f"ConfigError: {e}", file=sys.stderr)
-        return 2
+    refuse_code_overrides(args.overrides)
+    if args.multirun and dist.active():
+        raise ConfigError("[config] a sweep (-m) under torchrun is not supported: launch one torchrun per job (each "
+                          "job's settings on its own command line).")
+    if not (args.help or args.hydra_help):  # fail fast, before Hydra makes a run dir: every job of a sweep
+        for job in job_overrides(task_overrides) if args.multirun else [task_overrides]:
+            cfg, _ = compose(command.recipe, job, args.config_dir)
+        run_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
+        if run_dir and not args.multirun and cfg.mode != "doctor":
+            refuse_used_run_dir(Path(run_dir))  # before Hydra writes its log there
     if not dist.is_main() and not (args.help or args.hydra_help):  # rank 0's Hydra job decides the run directory
         from safetrain.run import run as run_training  # (its ${now:} would differ per process)
 
         run_dir = Path(dist.share(None))
         return _attempt(lambda: run_training(cfg, run_dir, task_overrides), run_dir)[2]
-    flags = [a for a in rest if a not in args.overrides]  # argparse wants the overrides together
-    sys.argv = [sys.argv[0], *args.overrides, _searchpath(), *flags, f"--config-name={recipe}"]
+    flags = [a for a in command.settings if a not in args.overrides]  # argparse wants the overrides together
+    sys.argv = [sys.argv[0], *args.overrides, _searchpath(), *flags, f"--config-name={command.recipe}"]
     import hydra
 
-    hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_job)()
-    if args.multirun and _SWEEP_DIR:
-        rows, text = summarize(_SWEEP_DIR)
-        print(text + f"\n{_SWEEP_DIR / 'summary.md'}")
+    sweeps: list[Path] = []  # the sweep directory, as the jobs of a sweep report it
+    hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(lambda raw: _job(raw, sweeps))()
+    if args.multirun and sweeps:
+        rows, text = summarize(sweeps[0])
+        print(text + f"\n{sweeps[0] / 'summary.md'}")
         return 0 if all(r["status"] == "done" for r in rows) else 1
     return 0
-
-
-_SWEEP_DIR: Path | None = None  # set by the jobs of a sweep, read by main() once they are all done
 
 
 def _attempt(work, run_dir: Path) -> tuple[str, object, int]:
@@ -179,23 +198,23 @@ def _attempt(work, run_dir: Path) -> tuple[str, object, int]:
     try:
         return "done", work(), 0
     except SafetrainError as e:  # a refusal (2), training stopped on purpose (1), a signal (130/143)
-        go_on = f"\nContinue it with: python -m safetrain resume={run_dir}" if getattr(e, "resumable", False) else ""
+        go_on = f"\nContinue it with: python -m safetrain resume={run_dir}" if e.resumable else ""
         log.error("%s: %s%s", type(e).__name__, e, go_on)
         if isinstance(e, Interrupted):
             return "interrupted", str(e), e.exit_code
         return ("stopped", str(e), 1) if isinstance(e, TrainingStopped) else ("refused", str(e), 2)
 
 
-def _job(raw) -> None:
-    """One Hydra job: validate, then run in Hydra's run directory. In a sweep, a job that is refused, stopped or
-    crashes is recorded and the next one runs; an interrupted one stops the sweep."""
+def _job(raw, sweeps: list[Path]) -> None:
+    """One Hydra job: validate, then run in Hydra's run directory. In a sweep (whose directory goes into `sweeps`),
+    a job that is refused, stopped or crashes is recorded and the next one runs; an interrupted one stops the
+    sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from safetrain.config import validate
     from safetrain.run import run
 
-    global _SWEEP_DIR
     hc = HydraConfig.get()
     run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
     if hc.mode != RunMode.MULTIRUN:
@@ -206,13 +225,13 @@ def _job(raw) -> None:
         if code:
             sys.exit(code)
         return
-    _SWEEP_DIR = Path(hc.sweep.dir)
+    sweeps[:] = [Path(hc.sweep.dir)]
     try:
         status, out, code = _attempt(lambda: run(validate(raw), run_dir, overrides), run_dir)
     except Exception as e:  # noqa: BLE001  a crash ends one job of a sweep, not the sweep
         logging.getLogger("safetrain").exception("job %d crashed", hc.job.num)
         status, out, code = "crashed", f"{type(e).__name__}: {e}", 1
-    record(_SWEEP_DIR, hc.job.num, overrides, status, **({"final": out} if status == "done" else {"message": out}))
+    record(sweeps[0], hc.job.num, overrides, status, **({"final": out} if status == "done" else {"message": out}))
     if status == "interrupted":
         sys.exit(code)
 
@@ -227,52 +246,56 @@ def _log_to(*handlers: logging.Handler, level: int = logging.INFO, rank: int | N
     logging.getLogger("safetrain").setLevel(level)
 
 
-def after_training(args: list[str]) -> int:
+def after_training(command: Command) -> int:
     """`python -m safetrain mode=predict|evaluate|export predict.checkpoint=... [predict.KEY=VALUE ...]`."""
     from safetrain.config import validate_after_training
 
+    if dist.requested():
+        raise ConfigError(f"[config] mode={command.kind} runs in one process: use `python -m safetrain`, not "
+                          "torchrun.")
     _log_to()
-    try:
-        cfg = validate_after_training(args)
-        if cfg.mode == "export":
-            from safetrain.export import export
-            export(cfg)
-        else:
-            from safetrain import inference
-            getattr(inference, cfg.mode)(cfg)
-    except SafetrainError as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    cfg = validate_after_training(command.settings)
+    if cfg.mode == "export":
+        from safetrain.export import export
+        export(cfg)
+    else:
+        from safetrain.inference import evaluate, predict
+        {"predict": predict, "evaluate": evaluate}[cfg.mode](cfg)
     return 0
 
 
-def resume(run_dir: Path, args: list[str]) -> int:
+def resume_command(command: Command) -> int:
     """`python -m safetrain resume=RUN_DIR [trainer.max_epochs=N ...]`: the run goes on in RUN_DIR, logging to its
     safetrain.log, with its saved config (safetrain/resume.py); no Hydra job, so nothing else is composed."""
     from omegaconf import OmegaConf
 
-    from safetrain import resume as R
+    from safetrain import resume as resuming
     from safetrain.run import run
 
-    try:
-        bad = [a for a in args if "=" not in a or a.startswith(("-", "hydra.", "recipe="))]
-        if bad:
-            raise SafetrainError(f"[config] resume={run_dir} takes key=value settings only, not {' '.join(bad)} "
-                                 "(the run keeps its recipe and directory).")
+    dist.init()
+    run_dir, args = command.run_dir, command.settings
+    bad = [a for a in args if "=" not in a or a.startswith(("-", "hydra.", "recipe="))]
+    if bad:
+        raise ConfigError(f"[config] resume={run_dir} takes key=value settings only, not {' '.join(bad)} (the run "
+                          "keeps its recipe and directory).")
 
-        def checked():
-            cfg = R.saved_config(run_dir, args)
-            R.check(run_dir, cfg)
-            return cfg
+    def checked():
+        cfg = resuming.saved_config(run_dir, args)
+        resuming.check(run_dir, cfg)
+        return cfg
 
-        cfg = dist.from_main(checked)  # under torchrun the run directory is rank 0's (other machines need not see it)
-    except SafetrainError as e:
-        print(f"ConfigError: {e}", file=sys.stderr)
-        return 2
+    cfg = dist.from_main(checked)  # under torchrun the run directory is rank 0's (other machines need not see it)
     overrides = []
     if dist.is_main():
         _log_to(logging.FileHandler(run_dir / "safetrain.log"))  # the log goes on in the same file
         if (run_dir / "overrides.yaml").exists():
             overrides = list(OmegaConf.load(run_dir / "overrides.yaml"))
+    else:
+        _log_to(level=logging.WARNING, rank=dist.rank())
     logging.getLogger("safetrain").info("resuming %s%s", run_dir, f" with {' '.join(args)}" if args else "")
     return _attempt(lambda: run(cfg, run_dir, overrides, resume=True), run_dir)[2]
+
+
+# what each kind of command runs; a new mode joins here
+COMMANDS = {"list": list_command, "train": train_command, "doctor": train_command, "sweep": train_command,
+            "resume": resume_command, "predict": after_training, "evaluate": after_training, "export": after_training}

@@ -13,7 +13,7 @@ from typing import Any, Optional, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from safetrain.data import AUGMENTS, SOURCES, flips
+from safetrain.data import AUGMENTS, SOURCES, DataSpec, flips
 from safetrain.errors import ConfigError, check_range
 from safetrain.findings import Finding
 from safetrain.losses import BALANCE, LOSSES
@@ -196,12 +196,13 @@ def validate(cfg: DictConfig | dict) -> Config:
 
 
 def _check_values(c: Config) -> None:
+    own = c.model.builder_settings()
     choices = {"task": (c.task, LOSSES), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
                "data.augment": (c.data.augment, AUGMENTS), "data.loader": (c.data.loader, LOADERS),
                "data.bad_files": (c.data.bad_files, ("refuse", "skip")),
                "loss.balance": (c.loss.balance, ("auto", *BALANCE)),
-               **{f"model.{k}": (getattr(c.model, k), allowed) for k, allowed in
-                  (("activation", ACTIVATIONS), ("norm", NORMS)) if hasattr(c.model, k)},  # safetrain's own models
+               **{f"model.{k}": (own[k], allowed) for k, allowed in (("activation", ACTIVATIONS), ("norm", NORMS))
+                  if k in own},  # safetrain's own models
                "optim": (c.optim.name, OPTIMIZERS), "sched.name": (c.sched.name, SCHEDULES),
                "trainer.device": (c.trainer.device, DEVICES), "trainer.precision": (c.trainer.precision, PRECISIONS)}
     for key, (value, allowed) in choices.items():
@@ -210,15 +211,15 @@ def _check_values(c: Config) -> None:
         raise ConfigError(f"[M13] loss.name={c.loss.name!r} does not fit task {c.task!r}: {c.task} "
                           f"classification needs {' or '.join(LOSSES[c.task])} (softmax over one logit per class). "
                           f"Use loss.name=auto; safetrain derives the loss from the task.")
-    _check_data(c.data, getattr(c.model, "norm", None))
+    _check_data(c.data, own.get("norm"))
     _check_optim(c.optim)
     check_range("optim.weight_decay", c.optim.weight_decay, 0.0, 0.5, "M21")
     check_range("optim.momentum", c.optim.momentum, 0.0, 0.999)
-    if hasattr(c.model, "dropout"):
-        check_range("model.dropout", c.model.dropout, 0.0, 0.7, "M21")
+    if "dropout" in own:
+        check_range("model.dropout", own["dropout"], 0.0, 0.7, "M21")
     check_range("loss.label_smoothing", c.loss.label_smoothing, 0.0, 0.4)
     check_range("optim.bias_lr_mult", c.optim.bias_lr_mult, 0.01, 1000.0)
-    if getattr(c.model, "tta", False) and not c.data.hflip_keeps_label:
+    if c.model.tta and not c.data.hflip_keeps_label:
         raise ConfigError("[M05] model.tta=true averages each image with its mirror at evaluation, but this recipe "
                           "declares data.hflip_keeps_label=false (a mirrored digit or letter is another symbol). "
                           "Use model.tta=false.")
@@ -289,6 +290,15 @@ def unlocks(c: Config) -> list[Finding]:
                            "train/val/test are allowed, so validation and test scores may be optimistic.",
                            source="unlock"))
     return out
+
+
+def data_spec(c: Config, weights_size: Optional[int] = None) -> DataSpec:
+    """The run's one description of its data (data/sources.py): the data settings, with image folders resized to
+    data.image_size or else to `weights_size`, the resolution of the starting weights [M35]."""
+    d = c.data
+    return DataSpec(d.name, d.root, d.image_size or weights_size, d.loader, d.num_workers, d.download, d.bad_files,
+                    tuple(vars(d.synthetic).items()), c.seed, d.val_fraction, d.test_fraction,
+                    d.min_samples_per_class, d.imbalance_ratio, d.min_eval_per_class)
 
 
 def to_container(c: Config) -> dict:

@@ -19,7 +19,7 @@ import pickle
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from safetrain.errors import DataError
@@ -34,15 +34,15 @@ def requested() -> bool:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return torch_dist.get_rank() if active() else 0
 
 
 def world() -> int:
-    return dist.get_world_size() if active() else 1
+    return torch_dist.get_world_size() if active() else 1
 
 
 def local_rank() -> int:
@@ -61,19 +61,19 @@ def part() -> tuple[int, int]:
 def init() -> None:
     """Join torchrun's process group once: gloo for CPU tensors, NCCL for CUDA ones (both where there are GPUs,
     so trainer.device=cpu works on a GPU machine too). Other ranks than 0 log warnings and errors only."""
-    if not requested() or dist.is_initialized():
+    if not requested() or torch_dist.is_initialized():
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
+    torch_dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     if not is_main():
         log.setLevel(logging.WARNING)
 
 
 def close() -> None:
     """Leave the process group (the end of a command): every rank's sockets close in order, not at exit."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def device(name: str) -> torch.device:
@@ -82,7 +82,7 @@ def device(name: str) -> torch.device:
 
 
 def _flag_device() -> torch.device:
-    return torch.device("cuda", local_rank()) if dist.get_backend() != "gloo" else torch.device("cpu")
+    return torch.device("cuda", local_rank()) if torch_dist.get_backend() != "gloo" else torch.device("cpu")
 
 
 def raise_any(error: Optional[BaseException]) -> None:
@@ -92,12 +92,12 @@ def raise_any(error: Optional[BaseException]) -> None:
             raise error
         return
     who = torch.tensor([rank() if error is not None else world()], device=_flag_device())
-    dist.all_reduce(who, op=dist.ReduceOp.MIN)
+    torch_dist.all_reduce(who, op=torch_dist.ReduceOp.MIN)
     src = int(who)
     if src == world():
         return
     box = [_portable(error) if rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
+    torch_dist.broadcast_object_list(box, src=src)
     if error is not None:
         raise error
     raise box[0]
@@ -141,7 +141,7 @@ def from_main(fn: Callable[[], Any]) -> Any:
     out, error = _attempt(fn) if is_main() else (None, None)
     raise_any(error)
     box = [out]
-    dist.broadcast_object_list(box, src=0)
+    torch_dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -150,7 +150,7 @@ def share(value: Any) -> Any:
     if not active():
         return value
     box = [value if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
+    torch_dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -159,7 +159,7 @@ def gather(obj: Any) -> list:
     if not active():
         return [obj]
     out = [None] * world()
-    dist.all_gather_object(out, obj)
+    torch_dist.all_gather_object(out, obj)
     return out
 
 
@@ -167,7 +167,7 @@ def total(t: Tensor) -> Tensor:
     """The sum of `t` over the ranks (a new tensor)."""
     t = t.detach().clone()
     if active():
-        dist.all_reduce(t)
+        torch_dist.all_reduce(t)
     return t
 
 
@@ -186,13 +186,13 @@ class _Sum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor) -> Tensor:
         t = t.clone()
-        dist.all_reduce(t)
+        torch_dist.all_reduce(t)
         return t
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.clone()
-        dist.all_reduce(grad)
+        torch_dist.all_reduce(grad)
         return grad
 
 

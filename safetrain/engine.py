@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safetrain import distributed as D
+from safetrain import distributed as dist
 from safetrain.errors import ConfigError, Interrupted
 from safetrain.losses import chance_losses
 from safetrain.metrics import to_plain
+from safetrain.models.layers import hooks
 from safetrain.monitors import layer_grad_norms
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,36 @@ class StopRequest:
                               "complete epochs are kept (checkpoints/last.pt, best.pt).", self.signal)
 
 
+@dataclass
+class Setup:
+    """The training side of a run: model, loss, optimizer and schedule, all derived from the data facts
+    (stages.build_training); what fit() trains."""
+    model: nn.Module  # the plain module: evaluation and checkpoints use it
+    loss_fn: nn.Module  # a losses.TaskLoss: the loop calls its on_epoch hook
+    optimizer: torch.optim.Optimizer
+    schedule: object  # optim.LRSchedule: after_step, after_validation
+    selection: tuple[str, str] = ("acc", "max")  # (val metric, direction): checkpoint, scheduler, early stop [M29]
+    metrics: object = None  # metrics.build_metrics
+    lr: Optional[float] = None
+    make_optimizer: Optional[Callable] = None  # (model, lr) -> optimizer, for the range test and the overfit check
+    parameters: int = 0
+    custom_model: bool = False  # the user's nn.Module: safetrain's model.* settings do not apply to it
+    trainable: Optional[nn.Module] = None  # what trains: `model`, or DDP around it (torchrun), compiled or not
+    average: Optional[object] = None  # optim.Lookahead (optim.lookahead): the weight average
+
+    def __post_init__(self):
+        self.trainable = self.model if self.trainable is None else self.trainable
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The loop's limits (trainer.*)."""
+    max_epochs: int
+    grad_clip: float = 0.0  # max global gradient norm; 0: measured, not clipped
+    early_stop_patience: int = 0  # 0: off
+    progress: bool = False
+
+
 class Step(NamedTuple):
     logits: torch.Tensor  # (B, C)
     loss: torch.Tensor  # () on the device
@@ -160,22 +191,26 @@ def train_step(model: nn.Module, x, y, loss_fn, optimizer, prec: Precision, grad
     return Step(logits, loss, grad_norm)
 
 
-def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Precision, grad_clip: float,
-                progress: bool, desc: str, guard=None, stop: StopRequest | None = None, average=None) -> dict:
-    """One pass over `loader`. `guard` (a monitors.StepGuard) watches every step and stops a diverging run;
-    `average` (optim.Lookahead, optim.lookahead=true) averages the weights after the steps and at the end.
-    Under torchrun `model` is the DistributedDataParallel wrapper; the guard and a signal are checked by every rank
-    at the same steps and stop all of them together; the epoch's numbers are those of the global batches."""
+def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc: str, guard=None,
+                stop: StopRequest | None = None) -> dict:
+    """One pass over `loader` with `setup`'s trainable model, loss, optimizer and schedule. `guard` (a
+    monitors.StepGuard) watches every step and stops a diverging run; `setup.average` (optim.Lookahead,
+    optim.lookahead=true) averages the weights after the steps and at the end.
+    Under torchrun `setup.trainable` is the DistributedDataParallel wrapper; the guard and a signal are checked by
+    every rank at the same steps and stop all of them together; the epoch's numbers are those of the global batches."""
+    model, loss_fn, optimizer, schedule, average = (setup.trainable, setup.loss_fn, setup.optimizer, setup.schedule,
+                                                    setup.average)
     model.train()
     total_loss = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device)
     drawn = None  # (C,) labels per class as the loader drew them (a class-balanced sampler changes them)
     seen, t0, grad_norm, norms, last = 0, time.perf_counter(), torch.zeros(()), {}, len(loader) - 1
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and D.is_main()) or None, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (limits.progress and dist.is_main()) or None,
+               dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         # per-layer gradient norms, once an epoch, before clipping [M26]
-        probe = (lambda: norms.update(layer_grad_norms(D.unwrap(model)))) if step == last else None
-        logits, loss, grad_norm = train_step(model, x, y, loss_fn, optimizer, prec, grad_clip, probe)
+        probe = (lambda: norms.update(layer_grad_norms(dist.unwrap(model)))) if step == last else None
+        logits, loss, grad_norm = train_step(model, x, y, loss_fn, optimizer, prec, limits.grad_clip, probe)
         if guard is not None:  # a step the fp16 scaler skipped is not a divergence (the scaler's own check is)
             guard.update(loss, grad_norm if prec.scaler is None else torch.nan_to_num(grad_norm, 0.0, 0.0, 0.0))
         schedule.after_step()
@@ -187,21 +222,21 @@ def train_epoch(model: nn.Module, loader, loss_fn, optimizer, schedule, prec: Pr
             drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
         drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
         seen += len(y)
-        if stop is not None and not D.active():
+        if stop is not None and not dist.active():
             stop.check(f"in {desc}, step {step + 1}")
         if step % 20 == 0:  # the loop syncs with the device here anyway
-            D.together(lambda: _checks(guard, stop, f"in {desc}, step {step + 1}"))
+            dist.together(lambda: _checks(guard, stop, f"in {desc}, step {step + 1}"))
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    D.together(lambda: _checks(guard, stop, f"in {desc}"))
+    dist.together(lambda: _checks(guard, stop, f"in {desc}"))
     if average is not None:
         average.after_epoch()
     _sync(prec)
     dt = time.perf_counter() - t0
-    seen = int(D.total(torch.tensor(seen)))
-    return {"loss": D.total(total_loss).item() / seen, "acc": D.total(correct).item() / seen,
+    seen = int(dist.total(torch.tensor(seen)))
+    return {"loss": dist.total(total_loss).item() / seen, "acc": dist.total(correct).item() / seen,
             "grad_norm": float(grad_norm), "images_per_s": seen / dt, "seconds": dt,
-            "layer_grad_norms": {k: float(v) for k, v in norms.items()}, "label_counts": D.total(drawn)}
+            "layer_grad_norms": {k: float(v) for k, v in norms.items()}, "label_counts": dist.total(drawn)}
 
 
 def _checks(guard, stop: StopRequest | None, where: str) -> None:
@@ -224,7 +259,7 @@ def evaluate(model: nn.Module, loader, loss_fn, metrics, prec: Precision) -> dic
         total_loss += loss_fn(logits, y) * len(y)
         seen += len(y)
         metrics.update(logits, y)
-    return {"loss": D.total(total_loss).item() / int(D.total(torch.tensor(seen))), **metrics.compute()}
+    return {"loss": dist.total(total_loss).item() / int(dist.total(torch.tensor(seen))), **metrics.compute()}
 
 
 @dataclass
@@ -247,38 +282,35 @@ def epoch_scalars(tr: dict, val: dict, loss_fn, lr: float) -> dict:
             **{f"grad_norm/{k}": v for k, v in norms.items()}}
 
 
-def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, *, prec: Precision,
-        max_epochs: int, grad_clip: float, early_stop_patience: int, selection: tuple[str, str],
-        save: Callable[[str, dict], None], track: Callable, progress: bool, monitors=None,
-        stop: StopRequest | None = None, resume: dict | None = None, average=None) -> FitResult:
-    """Train up to max_epochs; after each epoch validate, step the schedule on the selection metric, let the
-    `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
+def fit(setup: Setup, train_loader, val_loader, limits: Limits, *, prec: Precision, save: Callable[[str, dict], None],
+        track: Callable, monitors=None, stop: StopRequest | None = None, resume: dict | None = None) -> FitResult:
+    """Train `setup` up to limits.max_epochs; after each epoch validate, step the schedule on the selection metric, let
+    the `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
     and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model.
     `resume`: the state a checkpoint saved (epoch, best, history), everything else already restored.
-    `model` may be the DistributedDataParallel wrapper (safetrain/distributed.py); it is evaluated unwrapped."""
-    net = D.unwrap(model)
-    metric, mode = selection
+    `setup.trainable` may be the DistributedDataParallel wrapper (safetrain/distributed.py); evaluation uses
+    `setup.model`, unwrapped."""
+    net, max_epochs, patience = setup.model, limits.max_epochs, limits.early_stop_patience
+    metric, mode = setup.selection
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
     epoch, history = 0, []
     if resume:
         epoch, best, history = resume["epoch"], resume["best"], list(resume["history"])
-    while epoch < max_epochs and not (early_stop_patience and epoch - best["epoch"] >= early_stop_patience):
+    while epoch < max_epochs and not (patience and epoch - best["epoch"] >= patience):
         epoch += 1
-        if hasattr(loss_fn, "on_epoch"):  # losses that change during training (deferred re-weighting)
-            loss_fn.on_epoch(epoch, max_epochs)
-        if hasattr(net, "on_epoch"):  # fine-tuning: the backbone frozen for the first epochs [M36, M37]
-            net.on_epoch(epoch)
-            model = D.rewrap(model)  # under torchrun: DDP for the parameters that train now
-        tr = train_epoch(model, train_loader, loss_fn, optimizer, schedule, prec, grad_clip, progress,
-                         f"epoch {epoch}/{max_epochs}", monitors and monitors.guard, stop, average)
-        val = evaluate(net, val_loader, loss_fn, metrics, prec)
+        setup.loss_fn.on_epoch(epoch, max_epochs)  # losses that change during training (deferred re-weighting)
+        hooks(net).on_epoch(epoch)  # fine-tuning: the backbone frozen for the first epochs [M36, M37]
+        setup.trainable = dist.rewrap(setup.trainable)  # under torchrun: DDP for the parameters that train now
+        tr = train_epoch(setup, train_loader, prec, limits, f"epoch {epoch}/{max_epochs}", monitors and monitors.guard,
+                         stop)
+        val = evaluate(net, val_loader, setup.loss_fn, setup.metrics, prec)
         value = float(val[metric])
-        schedule.after_validation(value)
+        setup.schedule.after_validation(value)
         improved = better(value, best["value"])
         if improved:
             best = {"metric": metric, "value": value, "epoch": epoch}
-        history.append(epoch_scalars(tr, val, loss_fn, optimizer.param_groups[0]["lr"]))
+        history.append(epoch_scalars(tr, val, setup.loss_fn, setup.optimizer.param_groups[0]["lr"]))
         if monitors:
             monitors.after_epoch(epoch, history, val["confusion"], net)
         track(epoch, history[-1], [])
@@ -288,7 +320,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, schedule, metrics, 
         log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | lr %.2e | "
                  "%.0f img/s%s", epoch, max_epochs, tr["loss"], tr["acc"], val["loss"], val["acc"],
                  val["macro_f1"], history[-1]["lr"], tr["images_per_s"], "  * best" if improved else "")
-        if early_stop_patience and epoch - best["epoch"] >= early_stop_patience:
+        if patience and epoch - best["epoch"] >= patience:
             log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
                      metric, epoch - best["epoch"], best["value"], best["epoch"])
     found = monitors.at_end(best["epoch"]) if monitors else []  # what holds for the kept or the last model
@@ -317,7 +349,7 @@ def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: 
         for x, y in loader:
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss = D.total(train_step(model, x, y, loss_fn, optimizer, prec).loss).item() / D.world()
+            loss = dist.total(train_step(model, x, y, loss_fn, optimizer, prec).loss).item() / dist.world()
             avg = 0.95 * avg + 0.05 * loss  # every rank decides on the same (mean) loss
             smooth = avg / (1 - 0.95 ** (i + 1))
             if smooth < best:

@@ -4,6 +4,8 @@
 class SafetrainError(Exception):
     """Base class of safetrain's own stops."""
 
+    resumable = False  # whether `python -m safetrain resume=RUN_DIR` can go on from the last complete epoch
+
 
 class ConfigError(SafetrainError):
     """A setting that cannot work (names the key, the value, the reason and the fix). Raised before training."""

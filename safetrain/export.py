@@ -97,7 +97,7 @@ def parity_images(trained: Trained, n: int = 256) -> tuple[torch.Tensor, str]:
     try:
         src, splits = run_splits(trained)
         test = splits["test"].subset(torch.arange(min(n, len(splits["test"]))))
-        x = next(D.uint8_batches(test, shape=src.shape, resize=src.resize, num_workers=0, batch_size=n))
+        x = next(D.uint8_batches(test, src.decoding(num_workers=0), batch_size=n))
         return x, f"{len(x)} images of the run's test split"
     except (SafetrainError, OSError, RuntimeError) as e:
         f = trained.facts

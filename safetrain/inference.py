@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -18,17 +18,16 @@ from tqdm.auto import tqdm
 
 from safetrain import data as D
 from safetrain.checkpoint import classifier, load_checkpoint
-from safetrain.config import AfterTrainingConfig, PredictConfig, validate
+from safetrain.config import AfterTrainingConfig, PredictConfig
 from safetrain.data.audit import MIN_SIDE, near_duplicates, reference, typical_distance
 from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, header, hidden, list_images
 from safetrain.data.sources import CheckedFiles, ImageSet, file_loader
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
-from safetrain.models.pretrained import architecture
 from safetrain.metrics import build_metrics, to_plain
-from safetrain import figures as F
+from safetrain import figures as draw
 from safetrain.report import figure, per_class_table, write_with_figures
-from safetrain.stages import resolve_device
+from safetrain.runtime import resolve_device
 
 log = logging.getLogger("safetrain")
 
@@ -159,11 +158,11 @@ def _prediction_figures(trained: Trained, files: list[Path], decoded: list[int],
     """How many images each class got, and the 32 least confident predictions as a labelled grid (decoded again:
     a prediction run does not keep its images)."""
     f, classes = trained.facts, trained.facts["classes"]
-    figures = {"class_counts": F.class_counts({"predicted": counts.tolist()}, classes)}
+    figures = {"class_counts": draw.class_counts({"predicted": counts.tolist()}, classes)}
     doubt = sorted(decoded, key=lambda i: float(p[i]))[:32]
     if doubt:
         again = CheckedFiles([str(files[i]) for i in doubt], f["channels"], (f["height"], f["width"]))
-        figures["least_confident"] = F.image_grid(torch.stack([again[j][1] for j in range(len(doubt))]), [
+        figures["least_confident"] = draw.image_grid(torch.stack([again[j][1] for j in range(len(doubt))]), [
             f"{files[i].name}\n{classes[pred[i]]} ({float(p[i]):.2f})" for i in doubt],
             "the least confident predictions: the predicted class and its probability")
     return figures
@@ -231,18 +230,14 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
 
 
 def run_splits(trained: Trained) -> tuple[D.Source, dict[str, ImageSet]]:
-    """The run's splits rebuilt as training built them (same config, seed and code; from the caches where they
-    are). Raises SafetrainError or OSError when the data cannot be reached any more."""
-    config, model = trained.ckpt["config"], trained.ckpt["config"]["model"]
-    size = config["data"]["image_size"] or (trained.facts["height"] if model.get("weights") or model.get("init_from")
-                                            else None)  # a run on pretrained weights resized to their resolution
-    cfg = validate({**config, "model": architecture(model), "data": {**config["data"], "image_size": size}})
-    d = cfg.data
-    src = D.load_source(d.name, root=d.root, download=False, image_size=d.image_size, loader=d.loader,
-                        num_workers=d.num_workers, cache_dir=cache_root(d.cache_dir), seed=cfg.seed,
-                        synthetic=vars(d.synthetic), bad_files=d.bad_files)
-    return src, D.make_splits(src, d.val_fraction, d.test_fraction, cfg.seed, d.min_samples_per_class,
-                              d.imbalance_ratio, d.min_eval_per_class)
+    """The run's splits rebuilt from the data spec its checkpoint holds, as training built them (the same code; from
+    the caches where they are). Raises SafetrainError or OSError when the data cannot be reached any more."""
+    if not trained.ckpt.get("data_spec"):
+        raise ConfigError(f"[config] {trained.path} holds no data spec (an older safetrain wrote it), so its splits "
+                          "cannot be rebuilt.")
+    spec = replace(D.DataSpec.from_dict(trained.ckpt["data_spec"]), download=False)
+    src = D.load_source(spec, cache_root(trained.ckpt["config"]["data"]["cache_dir"]))
+    return src, D.split_source(src, spec)
 
 
 def seen_in_training(trained: Trained, images: ImageSet) -> dict:
@@ -276,13 +271,13 @@ def _evaluation_figures(final: dict, logits: torch.Tensor, labels: torch.Tensor,
                         files: list[Path]) -> dict:
     """Per-class scores, the confusion matrix, and the most confident mistakes as a labelled grid."""
     classes = final["classes"]
-    figures = {"per_class": F.per_class(final["per_class"], "evaluation"),
-               "confusion_matrix": F.confusion(final["confusion_matrix"], classes, "evaluation")}
+    figures = {"per_class": draw.per_class(final["per_class"], "evaluation"),
+               "confusion_matrix": draw.confusion(final["confusion_matrix"], classes, "evaluation")}
     p, pred = logits.softmax(1).max(1)
     wrong = (pred != labels).nonzero().squeeze(1)
     worst = wrong[p[wrong].argsort(descending=True)][:32].tolist()
     if worst:
-        figures["mistakes"] = F.image_grid(images[worst], [
+        figures["mistakes"] = draw.image_grid(images[worst], [
             f"{files[i].name}\n{classes[labels[i]]}\npredicted {classes[pred[i]]} ({float(p[i]):.2f})" for i in worst],
             "the most confident mistakes: the true class, then what the model predicted")
     return figures

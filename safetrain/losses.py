@@ -35,7 +35,14 @@ def class_weights(counts: list[int], method: str, beta: float = 0.9999) -> Tenso
     return (w / w.mean()).float()
 
 
-class LogitAdjustedLoss(nn.CrossEntropyLoss):
+class TaskLoss(nn.CrossEntropyLoss):
+    """Cross-entropy, the multiclass loss, with the hook the loop calls before each epoch (a no-op here)."""
+
+    def on_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Losses that change during training (deferred re-weighting) change here."""
+
+
+class LogitAdjustedLoss(TaskLoss):
     """Cross-entropy on logits + tau * log(class prior) (Menon et al. 2021): training pushes the raw
     logits, which predictions use, to be fair to rare classes."""
 
@@ -48,7 +55,7 @@ class LogitAdjustedLoss(nn.CrossEntropyLoss):
         return super().forward(logits + self.shift, y)
 
 
-class DeferredReweightedLoss(nn.CrossEntropyLoss):
+class DeferredReweightedLoss(TaskLoss):
     """Plain cross-entropy, then effective-number class weights from `start` (a share of the epochs)
     on: deferred re-weighting, DRW (Cao et al. 2019). The loop calls `on_epoch`."""
 
@@ -64,18 +71,18 @@ class DeferredReweightedLoss(nn.CrossEntropyLoss):
 # loss.balance=NAME (after `auto` is resolved) -> the loss for (training class counts, label smoothing).
 # `sampler` balances the batches instead (data.make_loader), so its loss is plain cross-entropy.
 BALANCE = {
-    "none": lambda counts, **kw: nn.CrossEntropyLoss(**kw),
-    "inverse": lambda counts, **kw: nn.CrossEntropyLoss(weight=class_weights(counts, "inverse"), **kw),
-    "effective": lambda counts, **kw: nn.CrossEntropyLoss(weight=class_weights(counts, "effective"), **kw),
+    "none": lambda counts, **kw: TaskLoss(**kw),
+    "inverse": lambda counts, **kw: TaskLoss(weight=class_weights(counts, "inverse"), **kw),
+    "effective": lambda counts, **kw: TaskLoss(weight=class_weights(counts, "effective"), **kw),
     "drw": lambda counts, **kw: DeferredReweightedLoss(counts, **kw),
     "logit_adjust": lambda counts, **kw: LogitAdjustedLoss(counts, **kw),
-    "sampler": lambda counts, **kw: nn.CrossEntropyLoss(**kw),
+    "sampler": lambda counts, **kw: TaskLoss(**kw),
 }
 LOSSES = {"multiclass": ("cross_entropy",)}  # task -> the losses that fit it (loss.name=auto takes the first)
 
 
 def build_loss(task: str, name: str = "auto", label_smoothing: float = 0.0, balance: str = "none",
-               counts: Optional[list[int]] = None) -> nn.Module:
+               counts: Optional[list[int]] = None) -> TaskLoss:
     """`balance` is a resolved method (see resolve_balance)."""
     if name not in ("auto", *LOSSES.get(task, ())) or balance not in BALANCE:
         raise ValueError(f"no loss {name!r} with balance {balance!r} for task {task!r}")  # validate refuses earlier

@@ -9,6 +9,7 @@ import logging
 import math
 import torch
 
+from safetrain.data.pipelines import flips
 from safetrain.errors import TrainingStopped
 from safetrain.findings import Finding
 
@@ -71,18 +72,46 @@ class StepGuard:
                 "Training stopped; the last good checkpoint is kept.")
 
 
-# What to change, per kind of finding. The run replaces these with advice built from its own config
-# (stages.monitor_fixes): never a setting that is already in effect.
-FIXES = {
-    "collapse": "Try optim.lr=auto; check that the labels match the images (report.md lists suspects).",
-    "plateau": "Try optim.lr=auto; check that the labels match the images.",
-    "vanishing": "Use model.norm=batch, a ResNet, or model.activation=relu.",
-    "exploding": "Lower optim.lr, keep trainer.grad_clip on.",
-    "dead": "Try model.activation=leaky_relu (or prelu), or a lower optim.lr.",
-    "overfitting": "More augmentation or regularization, or a smaller model; the best checkpoint (on validation) "
-                   "is kept either way.",
-    "underfitting": "Try a wider model, optim.lr=auto, less regularization.",
-}
+def advice(*, lr=1e-3, weight_decay: float = 0.05, grad_clip: float = 5.0, augment: tuple[str, bool] = ("none", True),
+           model=None) -> dict[str, str]:
+    """What to change, per kind of finding, in the run's own settings: only changes that are not in effect already,
+    and only settings that exist for this run. `lr`: optim.lr (a number or "auto"); `augment`: (data.augment,
+    data.hflip_keeps_label); `model`: the model settings (models/), None for a user's nn.Module. The defaults give
+    the generic advice."""
+    aug, flips_keep = augment
+    own = model.builder_settings() if model is not None else {}  # torchvision's models: no model.dropout etc.
+    lr_auto = [] if lr == "auto" else ["optim.lr=auto"]
+    lower_lr = ["a lower optim.lr than the range test chose"] if lr == "auto" else [f"optim.lr={lr / 10:.1e}"]
+    more_augment = []
+    if "crop" not in aug:
+        more_augment = ["data.augment=crop_flip" if flips_keep else "data.augment=crop"]
+    elif flips_keep and not flips(aug):
+        more_augment = ["data.augment=crop_flip"]
+    regularize = more_augment + ([] if not own or own["dropout"] >= 0.2 else ["model.dropout=0.2"])
+    regularize += [f"optim.weight_decay={min(0.5, max(0.1, 2 * weight_decay)):g}"] if weight_decay < 0.25 else []
+    relax = [] if not own or own["dropout"] == 0 else ["model.dropout=0"]
+    relax += [f"optim.weight_decay={weight_decay / 10:g}"] if weight_decay > 0.01 else []
+    if not own:
+        deeper, wider = ["normalization layers or residual connections in the model"], ["a wider model"]
+        leaky = ["LeakyReLU instead of ReLU in the model"]
+    else:
+        deeper = [f"model.{k}={v}" for k, v in (("norm", "batch"), ("activation", "relu")) if own[k] != v]
+        deeper += [] if model.name == "resnet" else ["model=resnet"]
+        wider = ["a wider model (model.widths)" if model.name == "cnn" else "a wider model (model.base_width)"]
+        leaky = [] if own["activation"] in ("leaky_relu", "prelu") else ["model.activation=leaky_relu"]
+    labels = "check that the labels match the images (report.md lists suspects)."
+
+    def say(changes: list[str], then: str = "") -> str:
+        return "Try " + ", ".join(changes) + (f"; {then}" if then else ".") if changes else then.capitalize()
+
+    return {"collapse": say(lr_auto, labels), "plateau": say(lr_auto, labels), "vanishing": say(deeper),
+            "exploding": say(lower_lr + ([] if grad_clip > 0 else ["trainer.grad_clip=5"])),
+            "dead": say(leaky + lower_lr),
+            "overfitting": say(regularize, "a smaller model; the best checkpoint (on validation) is kept anyway."),
+            "underfitting": say(wider + lr_auto + relax)}
+
+
+FIXES = advice()  # the generic advice, for detectors called outside a run
 MIN_GAP = 0.05  # train accuracy above val accuracy by at least this much before overfitting is called
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from safetrain.errors import ConfigError
+from safetrain.models.layers import hooks
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_mult: float = 1.0) -> list[dict]:
@@ -16,8 +17,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_mult:
     `bias_lr_mult` x the lr (airbench's 64 for BatchNorm shifts next to scale-invariant conv weights). A model that is
     fine-tuned (models.layers.FineTunable, backbone_lr_mult < 1) gets discriminative rates: the head at `lr`
     (the first groups: the lr the log shows), the backbone at `lr * backbone_lr_mult` [M36]."""
-    parts = [(model.head_parameters(), 1.0), (model.backbone_parameters(), model.backbone_lr_mult)] if getattr(
-        model, "backbone_lr_mult", 1.0) < 1 else [(list(model.parameters()), 1.0)]
+    parts = [(model.head_parameters(), 1.0), (model.backbone_parameters(), model.backbone_lr_mult)] if hooks(
+        model).backbone_lr_mult < 1 else [(list(model.parameters()), 1.0)]
     return [{"params": [p for p in params if p.requires_grad and (p.ndim > 1) == decays],
              "lr": lr * mult * (1.0 if decays else bias_lr_mult), "weight_decay": weight_decay if decays else 0.0}
             for params, mult in parts for decays in (True, False)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import markdown
 from matplotlib.figure import Figure
 
-from safetrain import figures as F
+from safetrain import figures as draw
 from safetrain.findings import Finding, by_row
 from safetrain.io import write_text
 from safetrain.preflight import table
@@ -33,7 +33,7 @@ def write_with_figures(path: Path, lines: list[str], figures: dict[str, Figure],
     NAME.md) and the same content as one self-contained HTML file next to it (the figures inlined; no external
     resource). `lines` show figures with `figure()`. Returns the figures as PNG, by name."""
     folder = "figures" if path.name == "report.md" else f"{path.stem}_figures"  # one folder per report
-    saved = {name: F.save(fig, path.parent / folder / f"{name}.png") for name, fig in figures.items()}
+    saved = {name: draw.save(fig, path.parent / folder / f"{name}.png") for name, fig in figures.items()}
     text = ("\n".join(lines) + "\n").replace("](figures/", f"]({folder}/")
     write_text(path, text)
     body = markdown.markdown(text, extensions=["tables"])

@@ -1,4 +1,11 @@
-"""The spine: one call per stage (safetrain/stages.py), in the order the data flows."""
+"""The spine: one call per stage (safetrain/stages.py, safetrain/end.py), in the order the data flows.
+
+Under torchrun every process runs this same spine, and the rule that keeps them together is: every process makes
+the same collective calls (safetrain/distributed.py: together, from_main, share, gather, same_everywhere, total, and
+DDP's own) in the same order. A stage that decides something on rank 0 alone (the run directory, a refusal, a
+checkpoint read) does it inside `from_main`/`together`, which hand the decision (or the error) to every process
+before any acts on it; a stage that would call a collective on some ranks only hangs the others. The torchrun tests
+(tests/test_distributed.py) run this spine in two processes and guard the rule."""
 from __future__ import annotations
 
 import logging
@@ -14,10 +21,12 @@ from safetrain.errors import ConfigError, Interrupted, TrainingStopped
 from safetrain.findings import FAIL, Finding, problems, verdict
 from safetrain.preflight import overfit_one_batch, table
 from safetrain.resume import check as check_resume, resume_point
-from safetrain.stages import (Prepared, RunDir, Setup, build_training, finish, open_run_dir, preflight,
-                              prepare_data, record_stop, refuse_used_run_dir, resolve_device, start, train)
+from safetrain.end import finish, record_stop
+from safetrain.engine import Setup
+from safetrain.runtime import refuse_used_run_dir
+from safetrain.stages import Prepared, RunDir, build_training, open_run_dir, preflight, prepare_data, start, train
 
-__all__ = ["run", "doctor", "resolve_device"]
+__all__ = ["run", "doctor"]
 log = logging.getLogger("safetrain")
 
 
@@ -46,8 +55,8 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     if cfg.mode == "doctor":
         return doctor(data, setup, checks)
     findings = ctx.findings + data.findings + problems(checks)
-    at = (saved["epoch"] if saved else 0) if resume else None
-    out = dist.together(lambda: open_run_dir(ctx, run_dir, overrides, data, findings, at) if dist.is_main()
+    resumed_at = (saved["epoch"] if saved else 0) if resume else None
+    out = dist.together(lambda: open_run_dir(ctx, run_dir, overrides, data, findings, resumed_at) if dist.is_main()
                         else RunDir(Path(run_dir), None))  # nothing was written before this line
     try:
         result = train(ctx, data, setup, out, saved)
@@ -65,7 +74,7 @@ def doctor(data: Prepared, setup: Setup, checks: list[Finding]) -> dict:
     few = data.splits["train"].subset(torch.cat([(labels == k).nonzero().squeeze(1)[:per_class]
                                                  for k in labels.unique().tolist()]))
     xb, yb = next(iter(D.make_loader(few, data.eval_pipeline, batch_size=len(few), train=False, seed=0,
-                                     **data.loader_kw)))
+                                     decoding=data.decoding)))
     found = audit_findings(data.audit) + [f for f in data.findings if f.verdict == FAIL]
     checks = checks + [overfit_one_batch(setup.model, xb, yb, setup.loss_fn, setup.make_optimizer, setup.lr),
                        Finding("M06", "data audit", "data audit: " + ("; ".join(str(f) for f in found) if found else

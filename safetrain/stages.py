@@ -6,40 +6,36 @@ a small dataclass; each can be called on its own (tests do). Only these and `run
 from __future__ import annotations
 
 import logging
-import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from safetrain import data as D
-from safetrain import figures as F
 from safetrain import distributed as dist
-from safetrain.checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
-from safetrain.config import OPTIMIZERS, Config, to_container, unlocks
-from safetrain.data.audit import Audit, cached_audit, pair_images
+from safetrain import figures as draw
+from safetrain.checkpoint import Checkpointer, rng_state, set_rng_state
+from safetrain.config import OPTIMIZERS, Config, data_spec, to_container, unlocks
+from safetrain.data.audit import Audit, cached_audit
 from safetrain.data.audit import findings as audit_findings
-from safetrain.engine import (FitResult, Precision, StopRequest, choose_precision, find_lr, fit, step_times,
-                             test)
-from safetrain.errors import ConfigError, Interrupted
+from safetrain.engine import (FitResult, Limits, Precision, Setup, StopRequest, choose_precision, find_lr, fit,
+                              step_times)
+from safetrain.errors import ConfigError
 from safetrain.findings import Finding, problems
 from safetrain.io import cache_root, write_json
 from safetrain.losses import build_loss, resolve_balance
 from safetrain.metrics import build_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
-from safetrain.monitors import (Monitors, StepGuard, label_noise, label_noise_finding, predicted_probs,
-                                suspected_mislabeled)
+from safetrain.models.layers import hooks
+from safetrain.monitors import Monitors, StepGuard, advice
 from safetrain.optim import Lookahead, LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
-from safetrain.resume import command, finished
-from safetrain.report import balance_lines, per_class_table, write_report
-from safetrain.tracking import Tracker, environment, flatten, records, snapshot, write_config
+from safetrain.runtime import resolve_device, seed_everything
+from safetrain.tracking import Tracker, environment, snapshot, write_config
 
 log = logging.getLogger("safetrain")
 
@@ -51,9 +47,13 @@ class Context:
     device: torch.device
     prec: Precision
     cache: Path
-    config: dict  # the resolved config as plain data (config.yaml, checkpoints, hparams)
     findings: list[Finding]  # unlocked safety bounds
     t_start: float = field(default_factory=time.time)
+
+    @property
+    def config(self) -> dict:
+        """The resolved config as plain data (config.yaml, checkpoints, hparams), always as `cfg` is now."""
+        return to_container(self.cfg)
 
 
 @dataclass
@@ -68,81 +68,23 @@ class Loaders:
 class Prepared:
     """The data side of a run: splits checked for leaks, facts measured on train, loaders built once."""
     name: str
+    spec: D.DataSpec  # what was loaded and how it was split: saved in the checkpoints for the commands after training
     splits: dict[str, D.ImageSet]
     facts: D.DataFacts
     audit: Audit
     balance: tuple[str, str]  # (loss.balance method, why): decided from the facts
     loaders: Loaders
     eval_pipeline: D.BatchPipeline
-    loader_kw: dict  # shape, resize, num_workers: for any further loader of these splits
+    decoding: D.Decoding  # how the splits' files are decoded: for any further loader of them
     first_batch: tuple[torch.Tensor, torch.Tensor]  # (x, y) of the training loader, as the model sees it
     input_check: Finding  # [M33] on a batch in the split's own class mix
     findings: list[Finding]  # audit and data findings
 
 
 @dataclass
-class Setup:
-    """The training side: model, loss, optimizer and schedule, all derived from the data facts."""
-    model: nn.Module
-    loss_fn: nn.Module
-    selection: tuple[str, str]  # (val metric, direction): checkpoint, scheduler and early stop [M29]
-    lr: float
-    optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
-    make_optimizer: Callable  # (model, lr) -> optimizer, for the range test and the overfit check
-    metrics: Any
-    parameters: int
-    custom_model: bool  # the user's nn.Module: safetrain's model.* settings do not apply to it
-    trainable: nn.Module  # what trains: the model, or DistributedDataParallel around it (torchrun), compiled or not
-    average: Optional[Lookahead] = None  # optim.lookahead: the weight average
-
-
-@dataclass
 class RunDir:
     path: Path
     tracker: Optional[Tracker]  # None on the ranks other than 0 under torchrun: they write nothing
-
-
-@dataclass
-class RunResult:
-    metrics: dict  # metrics.json
-    findings: list[Finding]
-
-
-def seed_everything(seed: int) -> None:
-    """One seed drives splits, init, shuffling and augmentation [M32]; 0 is a valid seed."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return dist.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("[config] trainer.device=cuda but no CUDA device is visible. "
-                          "Use trainer.device=auto (or cpu).")
-    return dist.device(name)  # under torchrun: this process's GPU
-
-
-RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl", "metrics.json")  # what marks a directory as a run's
-
-
-def refuse_used_run_dir(run_dir: Path) -> None:
-    """A run never writes into a directory that holds another run's files (they would mix) [M31]."""
-    ancestor = Path(run_dir).absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
-        raise ConfigError(f"[config] cannot create or write the run directory {run_dir}: {ancestor} is not a "
-                          "writable folder. Choose another one with hydra.run.dir=... (or run from a writable folder).")
-    used = [f for f in RUN_FILES if (Path(run_dir) / f).exists()]
-    if used:
-        go_on = "" if finished(run_dir) else f" If it is this run, stopped before its end, continue it: " \
-                                              f"{command(run_dir)}"
-        raise ConfigError(f"[M31] {run_dir} already holds a run ({', '.join(used)}); writing into it would mix two "
-                          "runs' checkpoints and metrics. Choose another directory (hydra.run.dir=...), or move that "
-                          f"run away first.{go_on}")
 
 
 def start(cfg: Config) -> Context:
@@ -152,7 +94,7 @@ def start(cfg: Config) -> Context:
     name = choose_precision(cfg.trainer.precision, device,
                             torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
     prec = Precision(device, bf16=name == "bf16", fp16=name == "fp16")
-    ctx = Context(cfg, device, prec, cache_root(cfg.data.cache_dir), to_container(cfg), unlocks(cfg))
+    ctx = Context(cfg, device, prec, cache_root(cfg.data.cache_dir), unlocks(cfg))
     for f in ctx.findings:
         log.warning("unlocked %s", f)
     log.info("[1/9] seed %d | device %s | %s%s", cfg.seed, device, {"bf16": "bf16 autocast", "fp32": "fp32",
@@ -165,23 +107,19 @@ def start(cfg: Config) -> Context:
 def prepare_data(ctx: Context, dataset=None) -> Prepared:
     """Source -> seeded stratified splits -> exact-copy refusal [M06] -> facts -> audit -> loaders -> [M33]."""
     d, seed = ctx.cfg.data, ctx.cfg.seed
-    contract = getattr(ctx.cfg.model, "input_contract", lambda: None)()  # pretrained weights' input [M34, M35]
-    size = d.image_size or (contract.size if contract else None)  # folders resized to the weights' resolution
-    src = (D.load_dataset(dataset) if dataset is not None else
-           D.load_source(d.name, root=d.root, download=d.download, image_size=size, loader=d.loader,
-                         num_workers=d.num_workers, cache_dir=ctx.cache, seed=seed, synthetic=vars(d.synthetic),
-                         bad_files=d.bad_files))
-    splits = D.make_splits(src, d.val_fraction, d.test_fraction, seed, d.min_samples_per_class,
-                           d.imbalance_ratio, d.min_eval_per_class)
+    contract = ctx.cfg.model.input_contract()  # pretrained weights' input [M34, M35]
+    spec = data_spec(ctx.cfg, contract and contract.size)
+    src = D.load_dataset(dataset) if dataset is not None else D.load_source(spec, ctx.cache)
+    splits = D.split_source(src, spec)
     copies = D.exact_duplicates(splits)
     if ctx.cfg.mode != "doctor":  # the doctor reports them as a FAIL instead
         D.refuse_duplicates(copies, d.allow_duplicates_across_splits)
     name = "custom Dataset" if dataset is not None else d.name
     log.info("[2/9] data %s: %s (stratified, seed %d)", name, ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
              seed)
-    loader_kw = dict(shape=src.shape, resize=src.resize, num_workers=d.num_workers)
+    decoding = src.decoding(d.num_workers)
     facts = D.measure_facts(src.classes, D.class_counts(splits, len(src.classes)), splits["train"].ids, src.shape,
-                            src.fingerprint, lambda: D.uint8_batches(splits["train"], **loader_kw), ctx.cache,
+                            src.fingerprint, lambda: D.uint8_batches(splits["train"], decoding), ctx.cache,
                             src.left_out)
     audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device)
     found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
@@ -209,9 +147,10 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                              "model will favour the large classes (see the rarest class's recall in report.md).",
                              "Use loss.balance=auto (logit adjustment on imbalanced data).", "data"))
         log.warning("%s", found[-1])
-    loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", loader_kw,
+    loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", decoding,
                                                       contract)
-    return Prepared(name, splits, facts, audit, balance, loaders, eval_pipeline, loader_kw, first, checked, found)
+    return Prepared(name, spec, splits, facts, audit, balance, loaders, eval_pipeline, decoding, first, checked,
+                    found)
 
 
 def _follow_the_weights(facts: D.DataFacts, contract) -> list[Finding]:
@@ -237,7 +176,7 @@ def _follow_the_weights(facts: D.DataFacts, contract) -> list[Finding]:
                     evidence={"size": side, "weights": contract.size})]
 
 
-def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw: dict, contract=None):
+def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, decoding: D.Decoding, contract=None):
     """The loaders of every split, built once on the one normalization [M02]; the first training batch and
     the [M33] input check on it. -> (Loaders, eval pipeline, (x, y), Finding)"""
     d, seed = ctx.cfg.data, ctx.cfg.seed
@@ -248,11 +187,11 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, loader_kw:
     def train_loader(class_balanced: bool):
         pipeline = D.BatchPipeline(normalize, ctx.device, d.augment, seed, d.rotate_degrees, at)
         return D.make_loader(splits["train"], pipeline, batch_size=d.batch_size, train=True, seed=seed, at=at,
-                             class_counts=facts.counts["train"] if class_balanced else None, **loader_kw)
+                             class_counts=facts.counts["train"] if class_balanced else None, decoding=decoding)
 
     train = train_loader(sampler)
     eval_pipe = D.BatchPipeline(normalize, ctx.device)  # deterministic: normalization only [M04]
-    evaluation = dict(batch_size=2 * d.batch_size, train=False, seed=seed, **loader_kw)
+    evaluation = dict(batch_size=2 * d.batch_size, train=False, seed=seed, decoding=decoding)
     val = D.make_loader(splits["val"], eval_pipe, at=at, **evaluation)
     x0, y0 = next(iter(train))
     # inputs are checked as the split gives them: a class-balanced sampler shifts the class mix on purpose [M33]
@@ -270,17 +209,16 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     AdamW/SGD without decay on norm/bias, the schedule stepped on the selection metric. `lr`: the one a resumed
     run chose (optim.lr=auto is not measured again)."""
     cfg, facts, (x0, _) = ctx.cfg, data.facts, data.first_batch
-    net = model if model is not None else build_model(**vars(cfg.model), channels=facts.channels, height=facts.height,
-                                                      width=facts.width, num_classes=facts.num_classes,
-                                                      classes=facts.classes)
+    net = model if model is not None else build_model(cfg.model, (facts.channels, facts.height, facts.width),
+                                                      facts.num_classes, facts.classes)
     net = net.to(ctx.device, memory_format=torch.channels_last)
-    if hasattr(net, "fit_whitening") and not getattr(cfg.model, "init_from", None):
-        net.fit_whitening(_training_images(data))
+    if not cfg.model.init_from:  # layers measured on the training images (fastcnn's whitening)
+        hooks(net).fit_to_data(lambda: _training_images(data))
     check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size, dist.world())  # [M12] per process
     n_params = count_parameters(net)
     log.info("[5/9] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
              else cfg.model.name, f"{n_params:,}", len(data.splits["train"]),
-             f", stage sizes {net.sizes}" if hasattr(net, "sizes") else "")
+             f", stage sizes {hooks(net).sizes}" if hooks(net).sizes else "")
     balance, why = data.balance
     loss_fn = build_loss(cfg.task, cfg.loss.name, cfg.loss.label_smoothing, balance, facts.counts["train"])
     loss_fn = loss_fn.to(ctx.device)
@@ -312,9 +250,8 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
              "(%s)%s", type(loss_fn).__name__, balance, why, o.name, lr,
              f", which learn at {o.bias_lr_mult:g}x" if o.bias_lr_mult != 1 else "", s.name, *selection,
              ", lookahead weight averaging" if o.lookahead else "")
-    return Setup(net, loss_fn, selection, lr, optimizer, schedule, make_optimizer,
-                 build_metrics(facts.num_classes, ctx.device), n_params, model is not None, trainable,
-                 Lookahead(net, steps) if o.lookahead else None)
+    return Setup(net, loss_fn, optimizer, schedule, selection, build_metrics(facts.num_classes, ctx.device), lr,
+                 make_optimizer, n_params, model is not None, trainable, Lookahead(net, steps) if o.lookahead else None)
 
 
 def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn.Module, loss_fn, make_optimizer,
@@ -343,7 +280,6 @@ def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn
              "%d epochs fit (trainer.max_epochs=%d in the saved config)", cfg.trainer.max_minutes, train_s,
              per_epoch, epochs, epochs)
     cfg.trainer.max_epochs, cfg.trainer.max_minutes = epochs, None
-    ctx.config["trainer"].update(max_epochs=epochs, max_minutes=None)
 
 
 def _training_images(data: Prepared, n: int = 5000) -> torch.Tensor:
@@ -351,15 +287,14 @@ def _training_images(data: Prepared, n: int = 5000) -> torch.Tensor:
     sees them in evaluation: what a layer fitted to the data (model=fastcnn's whitening) is measured on [M02]."""
     ids = data.splits["train"].ids
     picked = [ids[i] for i in range(0, len(ids), max(1, len(ids) // n))][:n]
-    return data.eval_pipeline(D.pick_images(data.splits["train"], picked, data.loader_kw["shape"],
-                                            data.loader_kw["resize"]))
+    return data.eval_pipeline(D.pick_images(data.splits["train"], picked, data.decoding))
 
 
 def preflight(ctx: Context, data: Prepared, setup: Setup) -> list[Finding]:
     """Checks on the real first batch before any training: inputs [M33], loss at init [M19], gradient reach [M26]."""
     x, y = data.first_batch
     checks = [data.input_check, *init_and_gradient_checks(setup.model, x, y, setup.loss_fn, data.facts.num_classes,
-                                                           ctx.prec, getattr(ctx.cfg.model, "init_from", None))]
+                                                           ctx.prec, ctx.cfg.model.init_from)]
     for c in problems(checks):
         log.warning("preflight: %s", c)
     log.info("[7/9] preflight: %d/%d checks passed", sum(c.passed for c in checks), len(checks))
@@ -384,7 +319,7 @@ def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, finding
     if findings:  # audit and preflight findings: epoch 0 of metrics.jsonl and TensorBoard text
         tracker.epoch(0, {}, findings)
     # at once, to check what training sees; the other figures come with the report
-    tracker.figure("train/augmented_batch", F.png(augmented_batch(data)))
+    tracker.figure("train/augmented_batch", draw.png(augmented_batch(data)))
     f = data.facts
     tracker.text("data/counts", "\n".join(f"{c}: {n}" for c, n in zip(f.classes, f.counts["train"])))
     return RunDir(run_dir, tracker)
@@ -398,12 +333,13 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
                       scaler=ctx.prec.scaler)
     val = data.loaders.val if not dist.active() else D.make_loader(  # the same probe batch on every rank
         data.splits["val"], data.eval_pipeline, batch_size=2 * ctx.cfg.data.batch_size, train=False, seed=0,
-        **data.loader_kw)
+        decoding=data.decoding)
     monitors = Monitors(guard, next(iter(val))[0], c,
                         f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images",
-                        monitor_fixes(ctx.cfg, setup.custom_model))
+                        advice_for(ctx.cfg, setup.custom_model))
     checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, data_facts=data.facts.to_dict(),
-                               config=ctx.config, lr=setup.lr, optimizer=setup.optimizer, schedule=setup.schedule,
+                               data_spec=data.spec.to_dict(), config=ctx.config, lr=setup.lr,
+                               optimizer=setup.optimizer, schedule=setup.schedule,
                                loader=data.loaders.train, monitors=monitors,
                                **({"scaler": ctx.prec.scaler} if ctx.prec.scaler else {}),  # fp16: its scale too
                                **({"average": setup.average} if setup.average else {}))
@@ -412,201 +348,28 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
     log.info("[8/9] training up to %d epochs -> %s%s", tr.max_epochs, out.path,
              f" (resumed after epoch {resume_from['epoch']})" if resume_from else "")
     with StopRequest().installed() as stop:  # SIGINT/SIGTERM: stop cleanly after the current step
-        return fit(setup.trainable, data.loaders.train, data.loaders.val, setup.loss_fn, setup.optimizer,
-                   setup.schedule, setup.metrics, prec=ctx.prec, max_epochs=tr.max_epochs, grad_clip=tr.grad_clip,
-                   early_stop_patience=tr.early_stop_patience, selection=setup.selection, save=checkpoints.save,
-                   track=out.tracker.epoch if out.tracker else _no_track, progress=tr.progress, monitors=monitors,
-                   stop=stop, resume=resume_from, average=setup.average)
+        return fit(setup, data.loaders.train, data.loaders.val,
+                   Limits(tr.max_epochs, tr.grad_clip, tr.early_stop_patience, tr.progress), prec=ctx.prec,
+                   save=checkpoints.save, track=out.tracker.epoch if out.tracker else _no_track, monitors=monitors,
+                   stop=stop, resume=resume_from)
 
 
 def _no_track(*_, **__) -> None:
     """The ranks other than 0 write no metrics."""
 
 
-def monitor_fixes(cfg: Config, custom_model: bool) -> dict[str, str]:
-    """The advice each detector gives, built from this run's settings: only changes that are not in effect
-    already, and only settings that exist for this run (a custom nn.Module has no model.* settings)."""
-    d, m, o = cfg.data, cfg.model, cfg.optim
-    custom_model = custom_model or not hasattr(m, "activation")  # torchvision's models: no model.dropout etc.
-    lr_auto = [] if o.lr == "auto" else ["optim.lr=auto"]
-    lower_lr = ["a lower optim.lr than the range test chose"] if o.lr == "auto" else [f"optim.lr={o.lr / 10:.1e}"]
-    augment = []
-    if "crop" not in d.augment:
-        augment = ["data.augment=crop_flip" if d.hflip_keeps_label else "data.augment=crop"]
-    elif d.hflip_keeps_label and not D.flips(d.augment):
-        augment = ["data.augment=crop_flip"]
-    regularize = augment + ([] if custom_model or m.dropout >= 0.2 else ["model.dropout=0.2"])
-    regularize += [f"optim.weight_decay={min(0.5, max(0.1, 2 * o.weight_decay)):g}"] if o.weight_decay < 0.25 else []
-    relax = ([] if custom_model or m.dropout == 0 else ["model.dropout=0"])
-    relax += [f"optim.weight_decay={o.weight_decay / 10:g}"] if o.weight_decay > 0.01 else []
-    if custom_model:
-        deeper, wider = ["normalization layers or residual connections in the model"], ["a wider model"]
-        leaky = ["LeakyReLU instead of ReLU in the model"]
-    else:
-        deeper = [f"model.{k}={v}" for k, v in (("norm", "batch"), ("activation", "relu")) if getattr(m, k) != v]
-        deeper += [] if m.name == "resnet" else ["model=resnet"]
-        wider = ["a wider model (model.widths)" if m.name == "cnn" else "a wider model (model.base_width)"]
-        leaky = [] if m.activation in ("leaky_relu", "prelu") else ["model.activation=leaky_relu"]
-    labels = "check that the labels match the images (report.md lists suspects)."
-
-    def say(changes: list[str], then: str = "") -> str:
-        return "Try " + ", ".join(changes) + (f"; {then}" if then else ".") if changes else then.capitalize()
-
-    return {"collapse": say(lr_auto, labels), "plateau": say(lr_auto, labels), "vanishing": say(deeper),
-            "exploding": say(lower_lr + ([] if cfg.trainer.grad_clip > 0 else ["trainer.grad_clip=5"])),
-            "dead": say(leaky + lower_lr),
-            "overfitting": say(regularize, "a smaller model; the best checkpoint (on validation) is kept anyway."),
-            "underfitting": say(wider + lr_auto + relax)}
-
-
-def data_figures(data: Prepared) -> dict:
-    """The figures of the data, known before training: class counts per split, the near-duplicate pairs (left: the
-    val/test image, right: its training match) and the first training batch as the network sees it."""
-    classes = data.facts.classes
-    figures = {"class_counts": F.class_counts(data.facts.counts, classes)}
-    pairs = pair_images(data.audit, data.splits)
-    if pairs is not None:
-        figures["near_duplicates"] = F.image_grid(*pairs, "near-duplicates across splits: each val/test image, then "
-                                                          "its training match")
-    figures["augmented_batch"] = augmented_batch(data)
-    return figures
+def advice_for(cfg: Config, custom_model: bool) -> dict[str, str]:
+    """The detectors' advice (monitors.advice) in this run's settings; a custom nn.Module has no model.* settings."""
+    d, o = cfg.data, cfg.optim
+    return advice(lr=o.lr, weight_decay=o.weight_decay, grad_clip=cfg.trainer.grad_clip,
+                  augment=(d.augment, d.hflip_keeps_label), model=None if custom_model else cfg.model)
 
 
 def augmented_batch(data: Prepared):
     x, y = data.first_batch
-    return F.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]),
+    return draw.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]),
                         [data.facts.classes[k] for k in y[:32].tolist()],
                         "the first training batch as the network sees it (augmented, denormalized), with its labels")
-
-
-def report_figures(data: Prepared, run_dir: Path, selection: str, final: Optional[dict] = None,
-                   suspects: list[dict] = ()) -> dict:
-    """Every figure of the report: the data's, the learning curves (from metrics.jsonl, so a stopped or resumed
-    run has them too), and with the test results the per-class scores, the confusion matrix and the suspected
-    mislabeled samples."""
-    figures = data_figures(data)
-    curves = F.learning_curves(records(Path(run_dir) / "metrics.jsonl"), selection, final and final["best_epoch"])
-    if curves is not None:
-        figures["learning_curves"] = curves
-    if final:
-        figures["per_class"] = F.per_class(final["per_class"])
-        figures["confusion_matrix"] = F.confusion(final["confusion_matrix"], final["classes"])
-    if suspects:
-        images = D.pick_images(data.splits["train"], [m["id"] for m in suspects[:16]], data.loader_kw["shape"],
-                               data.loader_kw["resize"])
-        figures["suspected_mislabeled"] = F.image_grid(images, [
-            f"{m['id']}\nlabel {m['given']}\nlooks like {m['predicted']} ({float(m['p_predicted']):.2f})"
-            for m in suspects[:16]], "suspected mislabeled training samples [M08]: the given label, and what the "
-                                     "final model sees")
-    return figures
-
-
-def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding], findings: list[Finding],
-                error: Exception) -> None:
-    """Training stopped on purpose or by a signal: say why in metrics.json, report.md and TensorBoard; the
-    checkpoints of the complete epochs stay."""
-    key = "interrupted" if isinstance(error, Interrupted) else "stopped"
-    why = str(error) + (f" Continue it with: {command(out.path)}" if error.resumable else "")
-    try:  # best effort: the stop may be a full disk
-        write_json(out.path / "metrics.json", {key: why, "wall_time_s": time.time() - ctx.t_start})
-        selection = selection_metric(ctx.cfg.task, data.facts.imbalanced)[0]
-        write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
-                     findings=findings, stopped=why, figures=report_figures(data, out.path, selection))
-        out.tracker.text("warnings", why)
-        out.tracker.close()
-    except OSError as e:
-        log.error("could not record the stop in %s (%s)", out.path, e)
-
-
-def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list[Finding], findings: list[Finding],
-           result: FitResult) -> RunResult:
-    """The best checkpoint on the test split, once [M07]; suspected mislabeled samples [M08]; metrics.json,
-    report.md, TensorBoard; the summary in the log. Under torchrun every rank tests its share of the test split and
-    of the held-out predictions; rank 0 writes, and every rank returns its result."""
-    setup.model.load_state_dict(dist.from_main(lambda: load_checkpoint(out.path / "checkpoints" / "best.pt")["model"]))
-    t = test(setup.model, data.loaders.test, setup.loss_fn, setup.metrics, ctx.prec)
-    held_out = [predicted_probs(setup.model, loader, ctx.prec) for loader in (data.loaders.val, data.loaders.test)]
-    held_out = [part for parts in dist.gather(held_out) for part in parts]  # every rank's share
-    return dist.from_main(lambda: _report(ctx, data, setup, out, checks, findings, result, t, held_out))
-
-
-def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> RunResult:
-    train_ids, facts = data.splits["train"].ids, data.facts
-    suspects, n_suspects = suspected_mislabeled(setup.model, data.loaders.train_in_order, train_ids, facts.classes,
-                                                ctx.prec)
-    log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
-             n_suspects, len(suspects))
-    estimate, noise = _label_noise(data, held_out, suspects)
-    findings = findings + explained_by(noise, result.findings)
-    final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
-    final["label_noise_estimate"] = estimate
-    write_json(out.path / "metrics.json", final)
-    figures = write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks,
-                           findings=findings, final=final, mislabeled=suspects,
-                           figures=report_figures(data, out.path, setup.selection[0], final, suspects))
-    _final_tensorboard(out.tracker, figures, t, ctx.config, final)
-    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f | %.0f s | %s\n"
-             "%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"], final["wall_time_s"],
-             out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
-             "\n".join(per_class_table(final)))
-    log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
-             out.path / "report.md")
-    return RunResult(final, findings)
-
-
-def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]], examples: list[dict]):
-    """(estimate or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
-    validation and test splits, which it never trained on (the checkpoint is already chosen: nothing is selected on
-    test here). No estimate from a model no better than chance: its doubts say nothing."""
-    probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
-    if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
-        log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
-        return None, None
-    estimate, off = label_noise(probs, labels)
-    log.info("label noise: about %.1f%% of the held-out labels look wrong (confident learning, kept model)",
-             100 * estimate)
-    return estimate, label_noise_finding(estimate, off, len(labels), examples)
-
-
-def explained_by(noise: Optional[Finding], found: list[Finding]) -> list[Finding]:
-    """Wrong labels are the root cause of the overfitting they produce (the model memorizes them): with an [M08]
-    label-noise finding, an [M09] overfitting finding becomes part of it instead of a second diagnosis."""
-    if noise is None:
-        return found
-    over = [f for f in found if (f.row, f.kind) == ("M09", "overfitting")]
-    if over:
-        noise.message += f" The validation loss rising from epoch {over[0].evidence['best_val_loss_epoch']} on is " \
-                         "the model memorizing those labels."
-    log.warning("%s", noise)
-    return [f for f in found if f not in over] + [noise]
-
-
-def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) -> dict:
-    classes = data.facts.classes
-    return {
-        "selection_metric": setup.selection[0], "best_val": result.best["value"], "best_epoch": result.best["epoch"],
-        "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": setup.lr,
-        "balance": {"method": data.balance[0], "why": data.balance[1]},
-        "test_acc": t["acc"], "test_balanced_acc": t["balanced_acc"], "test_macro_f1": t["macro_f1"],
-        "test_loss": t["loss"], "classes": classes,
-        "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
-                      for i, c in enumerate(classes)},
-        "confusion_matrix": t["confusion"], "parameters": setup.parameters,
-        "wall_time_s": time.time() - ctx.t_start, "warnings": [str(f) for f in findings],
-        "findings": [f.to_dict() for f in findings], "suspected_mislabeled": {"count": n_suspects, "top": suspects},
-    }
-
-
-def _final_tensorboard(tracker: Tracker, figures: dict[str, bytes], t, config: dict, final: dict) -> None:
-    for name, tag in (("suspected_mislabeled", "train/suspected_mislabeled"), ("per_class", "test/per_class"),
-                      ("learning_curves", "train/learning_curves"), ("near_duplicates", "audit/near_duplicates"),
-                      ("class_counts", "data/class_counts")):
-        if name in figures:
-            tracker.figure(tag, figures[name])
-    tracker.confusion(torch.tensor(t["confusion"]), final["classes"], figures["confusion_matrix"])
-    tracker.hparams(flatten(config), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
-                                      "best_val": final["best_val"]})
-    tracker.close()
 
 
 def _fmt(xs) -> str:

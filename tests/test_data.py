@@ -23,9 +23,8 @@ def test_stratified_split_is_stratified_disjoint_and_seeded():
 
 
 def test_make_splits_carves_val_and_test_without_overlap(tmp_path):
-    src = D.load_source("synthetic", root=None, download=False, image_size=None, loader="auto", num_workers=0,
-                        cache_dir=tmp_path, seed=0,
-                        synthetic=dict(classes=3, samples_per_class=50, channels=1, size=8))
+    src = D.load_source(D.DataSpec("synthetic", synthetic=tuple(dict(classes=3, samples_per_class=50, channels=1,
+                                                                     size=8).items())), tmp_path)
     splits = D.make_splits(src, val_fraction=0.2, test_fraction=0.1, seed=0)
     ids = {k: set(v.ids) for k, v in splits.items()}
     assert ids["train"].isdisjoint(ids["val"]) and ids["train"].isdisjoint(ids["test"])
@@ -116,8 +115,7 @@ def test_download_failure_gives_one_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tvd, "CIFAR10", offline)
     with pytest.raises(DataError) as e:
-        D.load_source("cifar10", root=str(tmp_path), download=True, image_size=None, loader="auto",
-                      num_workers=0, cache_dir=tmp_path, seed=0, synthetic={})
+        D.load_source(D.DataSpec("cifar10", root=str(tmp_path), num_workers=0), tmp_path)
     msg = str(e.value)
     assert str(tmp_path) in msg and "data.root" in msg and "data=imagefolder" in msg
 
@@ -148,7 +146,7 @@ def test_train_loader_shuffles_and_drops_last_eval_loader_keeps_order():
     s = D.ImageSet(torch.arange(10) % 2, [str(i) for i in range(10)],
                    torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous())
     pipe = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"))
-    kw = dict(shape=(1, 4, 4), resize=None, num_workers=0, seed=0)
+    kw = dict(seed=0)
     train = D.make_loader(s, pipe, batch_size=4, train=True, **kw)
     ev = D.make_loader(s, pipe, batch_size=4, train=False, **kw)
     assert len(train) == 2 and len(ev) == 3
@@ -165,7 +163,7 @@ def test_stream_workers_are_spawned_once_cuda_is_initialized(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     loader = D.make_loader(src.parts["all"], D.BatchPipeline(D.Normalize([0.5] * 3, [0.2] * 3), torch.device("cpu")),
-                           batch_size=4, train=False, seed=0, shape=src.shape, resize=None, num_workers=1)
+                           batch_size=4, train=False, seed=0, decoding=src.decoding(num_workers=1))
     assert loader.loader.multiprocessing_context.get_start_method() == "spawn"
     x, y = next(iter(loader))
     assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 0, 0, 0]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from safetrain import data as D
 from safetrain.cli import compose
-from safetrain.losses import (DeferredReweightedLoss, LogitAdjustedLoss, build_loss, class_weights,
+from safetrain.losses import (DeferredReweightedLoss, LogitAdjustedLoss, TaskLoss, build_loss, class_weights,
                               resolve_balance)
 from safetrain.run import run
 from tests.conftest import write_images
@@ -23,9 +23,8 @@ def two_class_folder(tmp_path, majority: int, minority: int):
 
 
 def test_m24_long_tailed_split_follows_the_exponential_profile_and_keeps_val_test_balanced(tmp_path):
-    src = D.load_source("synthetic", root=None, download=False, image_size=None, loader="auto", num_workers=0,
-                        cache_dir=tmp_path, seed=0, synthetic=dict(classes=5, samples_per_class=400, channels=1,
-                                                                   size=8))
+    src = D.load_source(D.DataSpec("synthetic", synthetic=tuple(dict(classes=5, samples_per_class=400, channels=1,
+                                                                     size=8).items())), tmp_path)
     splits = D.make_splits(src, 0.1, 0.1, seed=0, imbalance_ratio=20)
     train = torch.bincount(splits["train"].labels).tolist()
     n_max = train[0]
@@ -49,7 +48,7 @@ def test_m24_class_weights():
 def test_m24_none_is_plain_cross_entropy_and_auto_leaves_balanced_data_alone():
     logits, y = torch.randn(16, 4), torch.randint(0, 4, (16,))
     loss = build_loss("multiclass", "auto", 0.0, "none", [10, 10, 10, 10])
-    assert type(loss) is torch.nn.CrossEntropyLoss and loss.weight is None
+    assert type(loss) is TaskLoss and loss.weight is None  # cross-entropy, unweighted, nothing added
     torch.testing.assert_close(loss(logits, y), F.cross_entropy(logits, y))
     def facts(train):
         return D.DataFacts([str(k) for k in range(len(train))], 3, 8, 8, [0.5] * 3, [0.2] * 3, {"train": train}, "")
@@ -75,7 +74,7 @@ def test_m24_class_balanced_sampler_draws_classes_evenly():
     labels = torch.tensor([0] * 900 + [1] * 100)
     s = D.ImageSet(labels, [str(i) for i in range(1000)], torch.zeros(1000, 1, 2, 2, dtype=torch.uint8))
     loader = D.make_loader(s, D.BatchPipeline(D.Normalize([0.5], [0.5]), torch.device("cpu")), batch_size=100,
-                           train=True, seed=0, shape=(1, 2, 2), resize=None, num_workers=0, class_counts=[900, 100])
+                           train=True, seed=0, class_counts=[900, 100])
     drawn = torch.cat([y for _, y in loader])
     assert 0.4 < drawn.float().mean().item() < 0.6  # ~half minority, from 10% of the data
 
@@ -153,7 +152,8 @@ class Scripted(torch.nn.Module):
 
 @pytest.mark.parametrize("selection", [("macro_f1", "max"), ("acc", "max")])
 def test_m24_m29_checkpoint_schedule_and_early_stop_follow_the_selection_metric(tmp_path, selection):
-    from safetrain.engine import Precision, fit
+    from safetrain.engine import Limits, Precision, Setup, fit
+    from safetrain.losses import TaskLoss
     from safetrain.metrics import build_metrics
     y = torch.tensor([0] * 90 + [1] * 10)  # validation: 90 majority, 10 minority
     x = torch.zeros(100, 1, 2, 2)
@@ -167,11 +167,12 @@ def test_m24_m29_checkpoint_schedule_and_early_stop_follow_the_selection_metric(
         def after_validation(self, value):
             seen.append(value)
 
-    result = fit(net, [(x, y)], [(x, y)], torch.nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), 0.0),
-                 Spy(), build_metrics(2, torch.device("cpu")), prec=Precision(torch.device("cpu"), False),
-                 max_epochs=5, grad_clip=1.0, early_stop_patience=1, selection=selection,
+    setup = Setup(net, TaskLoss(), torch.optim.SGD(net.parameters(), 0.0), Spy(), selection,
+                  build_metrics(2, torch.device("cpu")))
+    result = fit(setup, [(x, y)], [(x, y)], Limits(5, grad_clip=1.0, early_stop_patience=1),
+                 prec=Precision(torch.device("cpu"), False),
                  save=lambda name, state: saved.setdefault(f"{name}.pt", []).append(state["epoch"]),
-                 track=lambda *a: None, progress=False)
+                 track=lambda *a: None)
     # epoch 1: acc 0.90, macro-F1 (0.947 + 0) / 2; epoch 2: acc 0.80, macro-F1 (0.875 + 0.5) / 2
     f1 = [(2 * 0.9 / 1.9) / 2, (2 * 70 / 160 + 2 * 10 / 40) / 2, (2 * 0.9 / 1.9) / 2]
     if selection[0] == "macro_f1":  # the minority-aware epoch wins; one epoch without gain then stops

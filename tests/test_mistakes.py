@@ -15,7 +15,7 @@ from torch import nn
 from safetrain import data as D
 from safetrain.checkpoint import load_checkpoint, load_classifier
 from safetrain.cli import compose
-from safetrain.engine import Precision, evaluate, train_epoch
+from safetrain.engine import Limits, Precision, Setup, evaluate, train_epoch
 from safetrain.errors import ConfigError, DataError, TrainingStopped
 from safetrain.metrics import build_metrics
 from safetrain.models import build_model
@@ -94,7 +94,7 @@ def test_m02_one_normalization_travels_with_the_checkpoint_and_the_loaded_model(
     assert "normalization" not in ckpt  # stored once, with the data facts
     clf = load_classifier(run_dir / "checkpoints" / "best.pt")  # takes raw uint8 images
     x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
-    net = build_model(**ckpt["config"]["model"], channels=3, height=16, width=16, num_classes=4)
+    net = build_model({**ckpt["config"]["model"]}, (3, 16, 16), 4)
     net.load_state_dict(ckpt["model"])
     expected = net.eval()((x.float() / 255 - torch.tensor(facts["mean"]).view(1, 3, 1, 1))
                           / torch.tensor(facts["std"]).view(1, 3, 1, 1))
@@ -105,9 +105,8 @@ def test_m03_normalization_stats_come_from_the_training_split_only(tmp_path):
     _, run_dir = train(tmp_path)
     facts = json.loads((run_dir / "data_facts.json").read_text())
     splits = json.loads((run_dir / "splits.json").read_text())
-    src = D.load_source("synthetic", root=None, download=False, image_size=None, loader="auto", num_workers=0,
-                        cache_dir=tmp_path, seed=0, synthetic=dict(classes=4, samples_per_class=120, channels=3,
-                                                                   size=16))
+    src = D.load_source(D.DataSpec("synthetic", synthetic=tuple(dict(classes=4, samples_per_class=120, channels=3,
+                                                                     size=16).items())), tmp_path)
     imgs = src.parts["all"].images
     train_idx = [int(i.split("/")[1]) for i in splits["train"]]
     every_idx = list(range(len(imgs)))
@@ -206,7 +205,7 @@ def test_m07_a_validation_split_always_exists(tmp_path):
 
 def test_m07_test_split_is_touched_once_after_training_with_the_validation_choice(tmp_path, monkeypatch):
     import safetrain.engine as engine
-    import safetrain.stages as spine
+    import safetrain.end as spine
     calls = []
     real_evaluate, real_test = engine.evaluate, spine.test
 
@@ -327,7 +326,7 @@ def test_m11_functional_relu_output_is_refused_but_logits_that_happen_to_be_posi
 
 
 def test_m11_built_heads_emit_raw_logits():
-    net = build_model("resnet", channels=3, height=16, width=16, num_classes=5, depth=20, base_width=8)
+    net = build_model({"name": "resnet", "depth": 20, "base_width": 8}, (3, 16, 16), 5)
     assert isinstance(list(net.modules())[-1], nn.Linear)
     assert (net(torch.randn(8, 3, 16, 16)) < 0).any()
 
@@ -370,7 +369,7 @@ def test_m15_sgd_without_momentum_is_refused_with_momentum_accepted(tmp_path):
 
 def test_m15_weight_decay_never_touches_norm_or_bias():
     from safetrain.optim import build_optimizer
-    net = build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8], blocks=1)
+    net = build_model({"name": "cnn", "widths": [8], "blocks": 1}, (3, 8, 8), 3)
     opt = build_optimizer(net, "adamw", 1e-3, 0.05, 0.9)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in net.named_parameters():
@@ -396,7 +395,7 @@ def test_m17_plateau_schedule_is_default_and_steps_on_the_validation_metric(tmp_
     cfg, _ = compose("imagefolder", ["data.root=/x"])
     assert cfg.sched.name == "plateau"
     refused(tmp_path, ["+sched.monitor=train_loss"], r"unknown setting 'sched\.monitor'")
-    net = build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8], blocks=0)
+    net = build_model({"name": "cnn", "widths": [8], "blocks": 0}, (3, 8, 8), 3)
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     s = LRSchedule(opt, "plateau", mode="max", total_steps=10, patience=0)
     for _ in range(30):
@@ -429,8 +428,8 @@ def test_m18_the_loop_owns_modes_no_grad_and_zero_grad():
     x, y = torch.ones(8, 1, 2, 2), torch.zeros(8, dtype=torch.long)
     sched = LRSchedule(opt, "plateau", mode="max", total_steps=2)
     net.drop.p = 0.0  # same batch twice, lr 0: gradients must be equal, not accumulated
-    train_epoch(net, [(x, y), (x, y)], nn.CrossEntropyLoss(), opt, sched, Precision(torch.device("cpu"), False),
-                0.0, False, "")
+    train_epoch(Setup(net, nn.CrossEntropyLoss(), opt, sched), [(x, y), (x, y)], Precision(torch.device("cpu"), False),
+                Limits(1), "")
     torch.testing.assert_close(grads[0], grads[1])
     evaluate(net, [(x, y)], nn.CrossEntropyLoss(), build_metrics(3, torch.device("cpu")),
              Precision(torch.device("cpu"), False))
@@ -440,8 +439,7 @@ def test_m18_the_loop_owns_modes_no_grad_and_zero_grad():
 def test_m19_init_follows_the_activation_and_starts_at_chance_loss():
     torch.manual_seed(0)
     for act in ("relu", "leaky_relu", "prelu", "gelu", "silu"):
-        net = build_model("resnet", channels=3, height=32, width=32, num_classes=10, depth=20, base_width=16,
-                          activation=act)
+        net = build_model({"name": "resnet", "depth": 20, "base_width": 16, "activation": act}, (3, 32, 32), 10)
         loss = nn.functional.cross_entropy(net(torch.randn(64, 3, 32, 32)), torch.randint(0, 10, (64,)))
         assert abs(loss.item() - math.log(10)) < 0.25, act
         assert all(torch.all(m.bias == 0) for m in net.modules() if isinstance(m, nn.Linear))
@@ -450,7 +448,7 @@ def test_m19_init_follows_the_activation_and_starts_at_chance_loss():
 @pytest.mark.parametrize("act,cls", [("leaky_relu", nn.LeakyReLU), ("prelu", nn.PReLU)])
 def test_m20_leaky_activations_are_one_override_away(tmp_path, act, cls):
     cfg, _ = compose("cifar10", [f"model.activation={act}"])
-    net = build_model(**vars(cfg.model), channels=3, height=32, width=32, num_classes=10)
+    net = build_model({**vars(cfg.model)}, (3, 32, 32), 10)
     assert any(isinstance(m, cls) for m in net.modules()) and not any(isinstance(m, nn.ReLU) for m in net.modules())
 
 
@@ -464,7 +462,7 @@ def test_m22_training_batches_are_shuffled_validation_is_not(tmp_path):
     s = D.ImageSet(torch.arange(40) % 2, [str(i) for i in range(40)],
                    torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous())
     pipe = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"))
-    kw = dict(shape=(1, 2, 2), resize=None, num_workers=0, seed=0, batch_size=8)
+    kw = dict(seed=0, batch_size=8)
     order = lambda loader: [round(v * 255) for x, _ in loader for v in x[:, 0, 0, 0].tolist()]
     assert order(D.make_loader(s, pipe, train=False, **kw)) == list(range(40))
     assert order(D.make_loader(s, pipe, train=True, **kw)) != list(range(40))
@@ -508,8 +506,8 @@ def test_m26_gradient_clipping_is_on_by_default_and_applied():
     opt.step = lambda: (norms.append(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()]))),
                         real_step())[1]
     x, y = 1000 * torch.randn(8, 1, 2, 2), torch.zeros(8, dtype=torch.long)
-    train_epoch(net, [(x, y)], nn.CrossEntropyLoss(), opt, LRSchedule(opt, "plateau", mode="max", total_steps=1),
-                Precision(torch.device("cpu"), False), 0.5, False, "")
+    train_epoch(Setup(net, nn.CrossEntropyLoss(), opt, LRSchedule(opt, "plateau", mode="max", total_steps=1)),
+                [(x, y)], Precision(torch.device("cpu"), False), Limits(1, grad_clip=0.5), "")
     assert norms[0] <= 0.5 + 1e-4
 
 
@@ -518,7 +516,7 @@ class NaNAfter(nn.Module):
 
     def __init__(self, after_calls: int):
         super().__init__()
-        self.net = build_model("cnn", channels=3, height=16, width=16, num_classes=4, widths=[8], blocks=0)
+        self.net = build_model({"name": "cnn", "widths": [8], "blocks": 0}, (3, 16, 16), 4)
         self.calls, self.after = 0, after_calls
 
     def forward(self, x):

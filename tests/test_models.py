@@ -15,7 +15,7 @@ from safetrain.models import build_model
                                        ("fastcnn", dict(widths=[8, 16]))])
 @pytest.mark.parametrize("c,h,w,k", [(1, 8, 8, 3), (3, 28, 28, 10), (3, 40, 56, 7)])
 def test_builders_take_every_shape_from_the_data(name, arch, c, h, w, k):
-    model = build_model(name, channels=c, height=h, width=w, num_classes=k, **arch)
+    model = build_model({"name": name, **arch}, (c, h, w), k)
     out = model(torch.randn(2, c, h, w))
     assert out.shape == (2, k)
     assert isinstance(list(model.modules())[-1], nn.Linear)  # raw logits: no activation after the head
@@ -23,15 +23,14 @@ def test_builders_take_every_shape_from_the_data(name, arch, c, h, w, k):
 
 def test_plan_that_pools_below_1x1_is_refused_with_sizes_per_stage():
     with pytest.raises(ConfigError, match=r"\[M10\].*8x8 -> 4x4 -> 2x2 -> 1x1 -> 0x0.*at most 3"):
-        build_model("cnn", channels=1, height=8, width=8, num_classes=2, widths=[4, 4, 4, 4], blocks=0)
+        build_model({"name": "cnn", "widths": [4, 4, 4, 4], "blocks": 0}, (1, 8, 8), 2)
 
 
 @pytest.mark.parametrize("act,gain", [("relu", math.sqrt(2)), ("leaky_relu", math.sqrt(2 / (1 + 0.01 ** 2))),
                                       ("prelu", math.sqrt(2 / (1 + 0.25 ** 2)))])
 def test_kaiming_init_matches_the_activation(act, gain):
     torch.manual_seed(0)
-    model = build_model("cnn", channels=3, height=16, width=16, num_classes=5, widths=[64, 128], blocks=1,
-                        activation=act)
+    model = build_model({"name": "cnn", "widths": [64, 128], "blocks": 1, "activation": act}, (3, 16, 16), 5)
     conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
     fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
     assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(fan_out), rel=0.05)
@@ -45,7 +44,7 @@ def test_kaiming_init_matches_the_activation(act, gain):
 
 
 def test_group_norm_option_replaces_batch_norm():
-    model = build_model("cnn", channels=3, height=8, width=8, num_classes=2, widths=[8], blocks=1, norm="group")
+    model = build_model({"name": "cnn", "widths": [8], "blocks": 1, "norm": "group"}, (3, 8, 8), 2)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
 
@@ -57,7 +56,7 @@ def test_group_norm_option_replaces_batch_norm():
                                        ("fastcnn", dict(widths=[32, 128, 128]))])
 def test_initial_loss_is_near_chance(name, arch):
     torch.manual_seed(0)
-    model = build_model(name, channels=3, height=32, width=32, num_classes=10, **arch)
+    model = build_model({"name": name, **arch}, (3, 32, 32), 10)
     loss = nn.functional.cross_entropy(model(torch.randn(64, 3, 32, 32)), torch.randint(0, 10, (64,)))
     assert abs(loss.item() - math.log(10)) < 0.25
 
@@ -69,7 +68,7 @@ def test_fastcnn_whitening_is_fitted_to_the_data_and_never_trained():
     mix = torch.tensor([[1.0, 0.8, 0.6], [0.0, 0.5, 0.4], [0.0, 0.0, 0.3]])  # strongly correlated channels
     x = torch.einsum("ij,bjhw->bihw", mix, torch.randn(400, 3, 12, 12))
     x = x + torch.roll(x, 1, dims=3)  # and correlated neighbours
-    model = build_model("fastcnn", channels=3, height=12, width=12, num_classes=4, widths=[8], init_from=None)
+    model = build_model({"name": "fastcnn", "widths": [8], "init_from": None}, (3, 12, 12), 4)
     whitening = model.features[0]
     whitening.fit(x)
     out = nn.functional.conv2d(x, whitening.weight[:12])  # the 12 eigen-directions (the rest: their negatives)
@@ -87,9 +86,9 @@ def test_fastcnn_whitening_is_fitted_to_the_data_and_never_trained():
 
 def test_tta_averages_each_image_with_its_mirror_in_eval_only():
     torch.manual_seed(0)
-    model = build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8], tta=True).eval()
+    model = build_model({"name": "cnn", "widths": [8], "tta": True}, (3, 8, 8), 3).eval()
     x = torch.randn(4, 3, 8, 8)
-    plain = build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8]).eval()
+    plain = build_model({"name": "cnn", "widths": [8]}, (3, 8, 8), 3).eval()
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.allclose(model(x), (plain(x) + plain(x.flip(-1))) / 2, atol=1e-6)

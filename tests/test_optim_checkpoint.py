@@ -10,7 +10,7 @@ from safetrain.optim import Lookahead, LRSchedule, build_optimizer, param_groups
 
 
 def _model():
-    return build_model("cnn", channels=3, height=8, width=8, num_classes=3, widths=[8], blocks=1)
+    return build_model({"name": "cnn", "widths": [8], "blocks": 1}, (3, 8, 8), 3)
 
 
 def test_no_weight_decay_on_norm_and_bias_parameters():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from safetrain.engine import Precision, choose_precision, cpu_has_bf16, train_epoch
+from safetrain.engine import Limits, Precision, Setup, choose_precision, cpu_has_bf16, train_epoch
 from safetrain.errors import ConfigError, TrainingStopped
 from safetrain.monitors import StepGuard
 
@@ -46,7 +46,7 @@ class _NoSchedule:
 def _epoch(model, prec, batches):
     guard = StepGuard(3, CPU, 0.1, model, scaler=prec.scaler)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return train_epoch(model, batches, nn.CrossEntropyLoss(), opt, _NoSchedule(), prec, 0.0, False, "epoch 1/1",
+    return train_epoch(Setup(model, nn.CrossEntropyLoss(), opt, _NoSchedule()), batches, prec, Limits(1), "epoch 1/1",
                        guard)
 
 

@@ -27,8 +27,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_listed_arch_builds_for_the_data_facts(arch):
     for channels, classes in ((1, 3), (3, 17)):
-        model = build_model("torchvision", arch=arch, channels=channels, height=32, width=32,
-                            num_classes=classes).eval()
+        model = build_model({"name": "torchvision", "arch": arch}, (channels, 32, 32), classes).eval()
         assert model(torch.zeros(2, channels, 32, 32)).shape == (2, classes)
 
 
@@ -42,10 +41,13 @@ def weights(tmp_path_factory):
     return folder
 
 
+def _tv(arch: str, weights) -> dict:
+    return {"name": "torchvision", "arch": arch, "weights": str(weights)}
+
+
 def test_m38_weights_load_whole_or_are_refused_naming_the_keys(weights):
     state = torch.load(weights / "mobilenet_v3_small.pth", weights_only=True)
-    model = build_model("torchvision", arch="mobilenet_v3_small", weights=str(weights / "mobilenet_v3_small.pth"),
-                        channels=3, height=32, width=32, num_classes=5)
+    model = build_model(_tv("mobilenet_v3_small", weights / "mobilenet_v3_small.pth"), (3, 32, 32), 5)
     own = model.net.state_dict()
     for k, v in state.items():
         if not k.startswith(model.head_name + "."):
@@ -53,20 +55,16 @@ def test_m38_weights_load_whole_or_are_refused_naming_the_keys(weights):
     assert own[f"{model.head_name}.weight"].shape == (5, 1024)  # the head re-made for 5 classes
     with pytest.raises(ConfigError, match=r"\[M38\].*does not fit model.arch=mobilenet_v3_small: missing keys "
                                           r"\['features.0.0.weight'.*unexpected keys \['conv1.weight'"):
-        build_model("torchvision", arch="mobilenet_v3_small", weights=str(weights / "resnet18.pth"), channels=3,
-                    height=32, width=32, num_classes=5)
+        build_model(_tv("mobilenet_v3_small", weights / "resnet18.pth"), (3, 32, 32), 5)
     half = {k: v for i, (k, v) in enumerate(state.items()) if i % 7}  # a file missing some layers
     torch.save(half, weights / "half.pth")
     with pytest.raises(ConfigError, match=r"\[M38\].*missing keys"):
-        build_model("torchvision", arch="mobilenet_v3_small", weights=str(weights / "half.pth"), channels=3,
-                    height=32, width=32, num_classes=5)
+        build_model(_tv("mobilenet_v3_small", weights / "half.pth"), (3, 32, 32), 5)
 
 
 def test_grayscale_data_sums_the_first_convolution_over_rgb(weights):
-    rgb = build_model("torchvision", arch="resnet18", weights=str(weights / "resnet18.pth"), channels=3, height=32,
-                      width=32, num_classes=4)
-    gray = build_model("torchvision", arch="resnet18", weights=str(weights / "resnet18.pth"), channels=1, height=32,
-                       width=32, num_classes=4)
+    rgb = build_model(_tv("resnet18", weights / "resnet18.pth"), (3, 32, 32), 4)
+    gray = build_model(_tv("resnet18", weights / "resnet18.pth"), (1, 32, 32), 4)
     assert torch.allclose(gray.net.conv1.weight, rgb.net.conv1.weight.sum(1, keepdim=True))
     x = torch.rand(2, 1, 32, 32)  # a gray image fed as R=G=B gives the same features
     body = lambda m, v: torch.nn.Sequential(*list(m.net.children())[:-1])(v)  # noqa: E731
@@ -143,7 +141,7 @@ def test_default_weights_offline_say_where_to_put_the_file(monkeypatch, tmp_path
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(ConfigError, match=r"model.weights=DEFAULT: ResNet18_Weights.IMAGENET1K_V1 is not in torch's "
                                           r"cache.*put it at .*torch/hub/checkpoints/resnet18-f37072fd\.pth"):
-        build_model("torchvision", arch="resnet18", weights="DEFAULT", channels=3, height=32, width=32, num_classes=2)
+        build_model({"name": "torchvision", "arch": "resnet18", "weights": "DEFAULT"}, (3, 32, 32), 2)
 
 
 def test_settings_of_the_torchvision_model_are_checked():

@@ -9,7 +9,8 @@ import yaml
 
 from safetrain.cli import compose
 from safetrain.errors import ConfigError
-from safetrain.run import resolve_device, run
+from safetrain.run import run
+from safetrain.runtime import resolve_device
 from tests.conftest import SHARED_CIFAR, run_cli, write_images
 
 RUN_FILES = ["config.yaml", "overrides.yaml", "env.json", "data_facts.json", "splits.json", "metrics.jsonl",

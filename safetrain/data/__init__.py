@@ -1,13 +1,14 @@
 """Data: sources -> stratified splits -> data facts -> normalize/augment pipelines -> loaders."""
 from safetrain.data.pipelines import (AUGMENTS, BatchPipeline, Normalize, flips, make_loader, pick_images,
                                       uint8_batches)
-from safetrain.data.sources import SOURCES, ImageSet, Source, load_dataset, load_source
+from safetrain.data.sources import SOURCES, DataSpec, Decoding, ImageSet, Source, load_dataset, load_source
 from safetrain.data.splits import (class_counts, describe, duplicates_finding, exact_duplicates, long_tailed,
-                                   make_splits, refuse_duplicates, stratified_split, thin_eval_classes)
+                                   make_splits, refuse_duplicates, split_source, stratified_split,
+                                   thin_eval_classes)
 from safetrain.data.stats import DataFacts, channel_stats, measure_facts
 
 __all__ = ["AUGMENTS", "BatchPipeline", "Normalize", "flips", "make_loader", "pick_images", "uint8_batches",
-           "SOURCES", "ImageSet",
+           "SOURCES", "DataSpec", "Decoding", "ImageSet", "split_source",
            "Source", "load_dataset", "load_source", "class_counts", "describe", "duplicates_finding",
            "exact_duplicates", "long_tailed", "make_splits", "refuse_duplicates", "stratified_split",
            "thin_eval_classes", "DataFacts", "channel_stats", "measure_facts"]

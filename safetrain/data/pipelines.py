@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safetrain.data.sources import FileDataset, ImageSet, file_loader
+from safetrain.data.sources import Decoding, FileDataset, ImageSet, file_loader
 from safetrain.distributed import chunk, share_of
 from safetrain.errors import DataError
 
@@ -156,8 +156,9 @@ class StreamLoader(_RandomState):
     """Batches decoded from files by DataLoader workers (folders too large for memory)."""
 
     def __init__(self, data: ImageSet, pipeline: Optional[BatchPipeline], batch_size: int, shuffle: bool,
-                 drop_last: bool, seed: int = 0, shape: tuple = (3, 32, 32), resize: Optional[int] = None,
-                 num_workers: int = 4, sample_weights: Optional[Tensor] = None, at: tuple = (0, 1)):
+                 drop_last: bool, decoding: Decoding, seed: int = 0, sample_weights: Optional[Tensor] = None,
+                 at: tuple = (0, 1)):
+        shape, resize, num_workers = decoding
         self.data, self.pipeline, self.shape = data, pipeline, shape
         self.g = g = torch.Generator().manual_seed(seed)  # the order and the workers' seeds
         if sample_weights is not None:
@@ -215,39 +216,37 @@ class _LabelledFiles(FileDataset):
 
 
 def make_loader(data: ImageSet, pipeline: Optional[BatchPipeline], *, batch_size: int, train: bool, seed: int,
-                shape: tuple, resize: Optional[int], num_workers: int, class_counts: Optional[list[int]] = None,
+                decoding: Optional[Decoding] = None, class_counts: Optional[list[int]] = None,
                 at: tuple[int, int] = (0, 1)):
     """Train: shuffled, augmented, last partial batch dropped [M22]; given `class_counts` (the split's), samples
     are drawn with probability 1/(count of their class): class-balanced batches [M24]. Eval: in order, whole, plain.
     `at` (rank, ranks) under torchrun: train yields this rank's share of each global batch of `batch_size` (the
-    pipeline's `at` must be the same), eval this rank's share of the split."""
+    pipeline's `at` must be the same), eval this rank's share of the split. `decoding`: for a split of files."""
     weights = None
     if class_counts is not None:
         weights = 1.0 / torch.tensor(class_counts, dtype=torch.float64)[data.labels]
     kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed, sample_weights=weights, at=at)
     if data.images is not None:
         return TensorLoader(data, pipeline, **kw)
-    return StreamLoader(data, pipeline, shape=shape, resize=resize, num_workers=num_workers, **kw)
+    return StreamLoader(data, pipeline, decoding=decoding, **kw)
 
 
-def uint8_batches(data: ImageSet, *, shape: tuple, resize: Optional[int], num_workers: int,
-                  batch_size: int = 1024) -> Iterator[Tensor]:
+def uint8_batches(data: ImageSet, decoding: Decoding, batch_size: int = 1024) -> Iterator[Tensor]:
     """The split's images as plain uint8 batches, in order, from memory or decoded from files."""
     if data.images is not None:
         for i in range(0, len(data), batch_size):
             yield data.images[i:i + batch_size]
         return
-    loader = StreamLoader(data, None, batch_size, shuffle=False, drop_last=False, shape=shape, resize=resize,
-                          num_workers=num_workers)
+    loader = StreamLoader(data, None, batch_size, shuffle=False, drop_last=False, decoding=decoding)
     for x, _ in loader:
         yield x
 
 
-def pick_images(data: ImageSet, ids: list[str], shape: tuple, resize: Optional[int]) -> Tensor:
+def pick_images(data: ImageSet, ids: list[str], decoding: Decoding) -> Tensor:
     """The images of the samples `ids` as uint8 (N, C, H, W): from memory, or decoded from their files."""
     where = {sid: i for i, sid in enumerate(data.ids)}
     idx = [where[sid] for sid in ids]
     if data.images is not None:
         return data.images[idx]
-    files = FileDataset([data.files[i] for i in idx], shape[0], resize)
+    files = FileDataset([data.files[i] for i in idx], decoding.shape[0], decoding.resize)
     return torch.stack([files[i] for i in range(len(idx))])

@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -45,6 +45,41 @@ class ImageSet:
                         None if self.files is None else [self.files[i] for i in pick])
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a run's data is and how it is split: made once from the data settings (config.data_spec), saved in the
+    checkpoints, and read by training, predict, evaluate and export alike, so they all load the same splits."""
+    name: str
+    root: Optional[str] = None
+    image_size: Optional[int] = None  # data.image_size, else the starting weights' resolution [M35]
+    loader: str = "auto"
+    num_workers: int = 4
+    download: bool = True
+    bad_files: str = "refuse"
+    synthetic: tuple = ()  # data.synthetic's (key, value) pairs
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    min_samples_per_class: int = 5
+    imbalance_ratio: Optional[float] = None
+    min_eval_per_class: int = 20
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "synthetic": dict(self.synthetic)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DataSpec":
+        return cls(**{**values, "synthetic": tuple(values["synthetic"].items())})
+
+
+class Decoding(NamedTuple):
+    """How a split's files become images: the (C, H, W) every image has after decoding, the square size files are
+    resized to (None: they already have it), and how many worker processes decode them."""
+    shape: tuple[int, int, int]
+    resize: Optional[int] = None
+    num_workers: int = 0
+
+
 @dataclass
 class Source:
     classes: list[str]
@@ -53,6 +88,9 @@ class Source:
     shape: tuple[int, int, int]  # (C, H, W) every image has after decoding
     resize: Optional[int] = None  # streaming decode resizes to this square size
     left_out: dict = field(default_factory=dict)  # {"skipped": hidden/non-image entries, "bad": {file: why}}
+
+    def decoding(self, num_workers: int) -> Decoding:
+        return Decoding(self.shape, self.resize, num_workers)
 
 
 def digest(*chunks) -> str:
@@ -300,12 +338,13 @@ SOURCES = {
 }
 
 
-def load_source(name: str, *, root: Optional[str], download: bool, image_size: Optional[int], loader: str,
-                num_workers: int, cache_dir: Path, seed: int, synthetic: dict, bad_files: str = "refuse") -> Source:
-    if name not in SOURCES:
-        raise DataError(f"[config] data={name!r} is not a dataset; choose one of {list(SOURCES)}.")
-    return SOURCES[name](root=root, download=download, image_size=image_size, loader=loader, num_workers=num_workers,
-                         cache_dir=cache_dir, seed=seed, synthetic=synthetic, bad_files=bad_files)
+def load_source(spec: DataSpec, cache_dir: Path) -> Source:
+    """The source `spec` names, decoded (or checked) once and cached under `cache_dir`."""
+    if spec.name not in SOURCES:
+        raise DataError(f"[config] data={spec.name!r} is not a dataset; choose one of {list(SOURCES)}.")
+    return SOURCES[spec.name](root=spec.root, download=spec.download, image_size=spec.image_size, loader=spec.loader,
+                              num_workers=spec.num_workers, cache_dir=cache_dir, seed=spec.seed,
+                              synthetic=dict(spec.synthetic), bad_files=spec.bad_files)
 
 
 # ---------------------------------------------------------------- a user's own Dataset

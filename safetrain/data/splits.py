@@ -6,7 +6,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from safetrain.data.sources import ImageSet, Source
+from safetrain.data.sources import DataSpec, ImageSet, Source
 from safetrain.errors import DataError
 from safetrain.findings import FAIL, Finding
 
@@ -38,6 +38,12 @@ def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
         n = min(len(idx), max(1, int(n_max * ratio ** (-k / max(1, classes - 1)))))
         keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
     return data.subset(torch.cat(keep).sort().values)
+
+
+def split_source(src: Source, spec: DataSpec) -> dict[str, ImageSet]:
+    """The splits `spec` describes, of `src` (training and the commands after it make them through here)."""
+    return make_splits(src, spec.val_fraction, spec.test_fraction, spec.seed, spec.min_samples_per_class,
+                       spec.imbalance_ratio, spec.min_eval_per_class)
 
 
 def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: int, min_per_class: int = 1,

@@ -40,4 +40,4 @@ class CNN(Classifier):
             for _ in range(blocks):
                 layers += conv_norm_act(w, w, norm_name, activation_name)
             cin = w
-        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes)
+        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes, init=activation_name)

@@ -2,7 +2,7 @@
 epochs) are its purpose: every choice below makes large learning rates safe from the first step.
 
 - a first layer that whitens k x k patches with the training images' own covariance: a measured data fact
-  (fitted on the training split by `fit_whitening`, frozen, saved with the weights), so the first stage sees
+  (fitted on the training split by `fit_to_data`, frozen, saved with the weights), so the first stage sees
   decorrelated unit-variance inputs from step one;
 - stages of two 3x3 convs (the first followed by 2x2 max-pooling), each conv initialised to pass its input
   through (identity on the first channels: an implicit residual) on top of PyTorch's default init, which the
@@ -80,7 +80,7 @@ def _shift_only(layer: nn.Module) -> nn.Module:
 
 
 class FastCNN(Classifier):
-    keeps_its_init = True  # PyTorch's default init + identity convs (above): build_model leaves it alone
+    """PyTorch's default init + identity convs (above): Classifier's init is not applied (init=None)."""
 
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int, widths: list[int],
                  whiten_kernel: int = 2, activation_name: str = "gelu", norm_name: str = "batch", dropout: float = 0.0):
@@ -93,12 +93,13 @@ class FastCNN(Classifier):
                        activation(activation_name), _identity_conv(w, w), _shift_only(norm(norm_name, w)),
                        activation(activation_name)]
             cin = w
-        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes)
+        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes, init=None)
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(cin, num_classes, bias=False))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return super().logits(x) * LOGIT_SCALE
 
-    def fit_whitening(self, images: torch.Tensor) -> None:
-        self.features[0].fit(images)
+    def fit_to_data(self, images) -> None:
+        """The whitening layer, fitted on `images()` (normalized training images)."""
+        self.features[0].fit(images())

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from safetrain.errors import ConfigError
 
@@ -32,12 +33,36 @@ def conv_norm_act(cin: int, cout: int, norm_name: str, act: str, stride: int = 1
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(norm_name, cout), activation(act)]
 
 
-class FineTunable(nn.Module):
+class Model(nn.Module):
+    """What a model may offer the trainer, each with a default that does nothing, so the trainer calls them on every
+    model without asking (`hooks` gives a user's plain nn.Module these defaults). A new model overrides what it
+    needs; its weights are its constructor's to set (Classifier initializes them there, before anything a subclass
+    loads after `super().__init__()`)."""
+    sizes: Optional[list[tuple[int, int]]] = None  # (H, W) after each downsampling stage, for the log
+    backbone_lr_mult = 1.0  # below 1: fine-tuning, the backbone learns at this share of the lr [M36]
+
+    def fit_to_data(self, images: Callable[[], Tensor]) -> None:
+        """Fit layers that are measured on the data, not trained (fastcnn's whitening): `images()` gives normalized
+        training images (never validation or test ones [M02]). Not called when the model starts from weights."""
+
+    def on_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (1-based): changes in what trains (fine-tuning's frozen backbone)."""
+
+
+_PLAIN = Model()  # the hooks of a model that is not a safetrain Model: all defaults
+
+
+def hooks(model: nn.Module) -> Model:
+    """`model`'s hooks: its own, or the defaults for a user's nn.Module that is not a safetrain Model."""
+    return model if isinstance(model, Model) else _PLAIN
+
+
+class FineTunable(Model):
     """A backbone and a head (`head_layer()`, one Linear). Given starting weights (`fine_tune`), epochs
     1..freeze_epochs train the head alone, the backbone's parameters and BatchNorm statistics frozen whatever
     train() says [M37]; then every layer trains, the backbone at backbone_lr_mult x the lr (optim.param_groups)
     [M36]. Without starting weights nothing is frozen and every layer has the one lr."""
-    freeze_epochs, backbone_lr_mult, frozen = 0, 1.0, False
+    freeze_epochs, frozen = 0, False
     flip_tta = False  # model.tta: evaluation averages the logits of each image and of its mirror
 
     def logits(self, x):
@@ -84,14 +109,18 @@ class FineTunable(nn.Module):
 
 class Classifier(FineTunable):
     """`features` (B, C, H, W) -> (B, F, h, w), then global average pooling and one linear layer:
-    (B, num_classes) raw logits, no activation after it [M11]; the loss owns the link function."""
+    (B, num_classes) raw logits, no activation after it [M11]; the loss owns the link function. The constructor
+    initializes every layer for the activation `init` [M19] (None: the layers keep PyTorch's init and whatever
+    `features` came with); a subclass that loads weights does so after `super().__init__()`, and keeps them."""
 
     def __init__(self, features: nn.Module, feature_channels: int, num_classes: int, dropout: float,
-                 sizes: list[tuple[int, int]]):
+                 sizes: list[tuple[int, int]], init: Optional[str] = "relu"):
         super().__init__()
         self.features, self.sizes = features, sizes
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(feature_channels, num_classes))
+        if init is not None:
+            init_weights(self, init)
 
     def logits(self, x):
         return self.head(self.features(x))
@@ -100,9 +129,16 @@ class Classifier(FineTunable):
         return self.head[-1]
 
 
+class ResidualBlock(nn.Module):
+    """A block `act(body(x) + skip(x))` whose branch can start at zero (init_weights calls it)."""
+
+    def zero_init_residual(self) -> None:
+        raise NotImplementedError
+
+
 def init_weights(model: nn.Module, act: str) -> None:
     """Kaiming for convs (matching the activation and its slope), Xavier for linear layers,
-    zero biases, norm weights 1 and biases 0 (residual blocks then zero their last norm)."""
+    zero biases, norm weights 1 and biases 0; then residual blocks zero their last norm."""
     nonlinearity, slope = ACTIVATIONS[act][1]
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -114,6 +150,9 @@ def init_weights(model: nn.Module, act: str) -> None:
             nn.init.zeros_(m.bias)
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
             nn.init.zeros_(m.bias)
+    for block in model.modules():
+        if isinstance(block, ResidualBlock):
+            block.zero_init_residual()
 
 
 def check_widths(widths: list[int]) -> None:

@@ -57,6 +57,11 @@ class StartConfig:
         check_range("model.freeze_epochs", self.freeze_epochs, 0, 1000)
         check_range("model.backbone_lr_mult", self.backbone_lr_mult, 1e-4, 1.0, fix=" 0.1 is the usual choice.")
 
+    def builder_settings(self) -> dict:
+        """The settings of safetrain's own builders that this model has (activation, norm, dropout): what the checks
+        and the detectors' advice may name. torchvision's models have none."""
+        return {k: getattr(self, k) for k in ("activation", "norm", "dropout") if hasattr(self, k)}
+
     def input_contract(self) -> Optional[Contract]:
         """The normalization and resolution the starting weights expect (a checkpoint's data facts), or None."""
         if not self.init_from:
@@ -97,8 +102,8 @@ class TorchvisionConfig(StartConfig):
 
 
 class Torchvision(FineTunable):
-    """A torchvision model with a head for this data; its weights, if given, loaded whole [M38]."""
-    keeps_its_init = True  # torchvision initializes it (or the weights do): build_model leaves it alone
+    """A torchvision model with a head for this data; its weights, if given, loaded whole [M38]. torchvision
+    initializes it (or the weights do)."""
 
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int, arch: str = "resnet18",
                  weights: Optional[str] = None, **_):

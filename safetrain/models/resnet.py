@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from safetrain.errors import ConfigError
-from safetrain.models.layers import Classifier, activation, conv_norm_act, norm, plan_sizes
+from safetrain.models.layers import Classifier, ResidualBlock, activation, conv_norm_act, norm, plan_sizes
 from safetrain.models.pretrained import StartConfig
 
 
@@ -28,7 +28,7 @@ class ResNetConfig(StartConfig):
         self.check_start()
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     def __init__(self, cin: int, cout: int, stride: int, norm_name: str, act: str):
         super().__init__()
         self.body = nn.Sequential(*conv_norm_act(cin, cout, norm_name, act, stride),
@@ -59,4 +59,4 @@ class ResNet(Classifier):
                 w = base_width * 2 ** i
                 layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, norm_name, activation_name))
                 cin = w
-        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes)
+        super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes, init=activation_name)

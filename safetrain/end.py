@@ -1,0 +1,179 @@
+"""The end of a run: the best checkpoint on the test split once [M07], the suspected mislabeled samples and the
+label-noise estimate [M08], metrics.json, report.md/html, the final TensorBoard entries; or, when training stopped,
+why it stopped and how to continue. The run's figures are drawn here."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from safetrain import data as D
+from safetrain import distributed as dist
+from safetrain import figures as draw
+from safetrain.checkpoint import load_checkpoint
+from safetrain.data.audit import pair_images
+from safetrain.engine import FitResult, Setup, test
+from safetrain.errors import Interrupted
+from safetrain.findings import Finding
+from safetrain.io import write_json
+from safetrain.metrics import selection_metric
+from safetrain.monitors import label_noise, label_noise_finding, predicted_probs, suspected_mislabeled
+from safetrain.report import balance_lines, per_class_table, write_report
+from safetrain.resume import command
+from safetrain.stages import Context, Prepared, RunDir, augmented_batch
+from safetrain.tracking import Tracker, flatten, records
+
+log = logging.getLogger("safetrain")
+
+
+@dataclass
+class RunResult:
+    metrics: dict  # metrics.json
+    findings: list[Finding]
+
+
+
+def data_figures(data: Prepared) -> dict:
+    """The figures of the data, known before training: class counts per split, the near-duplicate pairs (left: the
+    val/test image, right: its training match) and the first training batch as the network sees it."""
+    classes = data.facts.classes
+    figures = {"class_counts": draw.class_counts(data.facts.counts, classes)}
+    pairs = pair_images(data.audit, data.splits)
+    if pairs is not None:
+        figures["near_duplicates"] = draw.image_grid(*pairs, "near-duplicates across splits: each val/test image, then "
+                                                          "its training match")
+    figures["augmented_batch"] = augmented_batch(data)
+    return figures
+
+
+def report_figures(data: Prepared, run_dir: Path, selection: str, final: Optional[dict] = None,
+                   suspects: list[dict] = ()) -> dict:
+    """Every figure of the report: the data's, the learning curves (from metrics.jsonl, so a stopped or resumed
+    run has them too), and with the test results the per-class scores, the confusion matrix and the suspected
+    mislabeled samples."""
+    figures = data_figures(data)
+    curves = draw.learning_curves(records(Path(run_dir) / "metrics.jsonl"), selection, final and final["best_epoch"])
+    if curves is not None:
+        figures["learning_curves"] = curves
+    if final:
+        figures["per_class"] = draw.per_class(final["per_class"])
+        figures["confusion_matrix"] = draw.confusion(final["confusion_matrix"], final["classes"])
+    if suspects:
+        images = D.pick_images(data.splits["train"], [m["id"] for m in suspects[:16]], data.decoding)
+        figures["suspected_mislabeled"] = draw.image_grid(images, [
+            f"{m['id']}\nlabel {m['given']}\nlooks like {m['predicted']} ({float(m['p_predicted']):.2f})"
+            for m in suspects[:16]], "suspected mislabeled training samples [M08]: the given label, and what the "
+                                     "final model sees")
+    return figures
+
+
+def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding], findings: list[Finding],
+                error: Exception) -> None:
+    """Training stopped on purpose or by a signal: say why in metrics.json, report.md and TensorBoard; the
+    checkpoints of the complete epochs stay."""
+    key = "interrupted" if isinstance(error, Interrupted) else "stopped"
+    why = str(error) + (f" Continue it with: {command(out.path)}" if error.resumable else "")
+    try:  # best effort: the stop may be a full disk
+        write_json(out.path / "metrics.json", {key: why, "wall_time_s": time.time() - ctx.t_start})
+        selection = selection_metric(ctx.cfg.task, data.facts.imbalanced)[0]
+        write_report(out.path / "report.md", facts=data.facts, audit=data.audit.summary(), checks=checks,
+                     findings=findings, stopped=why, figures=report_figures(data, out.path, selection))
+        out.tracker.text("warnings", why)
+        out.tracker.close()
+    except OSError as e:
+        log.error("could not record the stop in %s (%s)", out.path, e)
+
+
+def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list[Finding], findings: list[Finding],
+           result: FitResult) -> RunResult:
+    """The best checkpoint on the test split, once [M07]; suspected mislabeled samples [M08]; metrics.json,
+    report.md, TensorBoard; the summary in the log. Under torchrun every rank tests its share of the test split and
+    of the held-out predictions; rank 0 writes, and every rank returns its result."""
+    setup.model.load_state_dict(dist.from_main(lambda: load_checkpoint(out.path / "checkpoints" / "best.pt")["model"]))
+    t = test(setup.model, data.loaders.test, setup.loss_fn, setup.metrics, ctx.prec)
+    held_out = [predicted_probs(setup.model, loader, ctx.prec) for loader in (data.loaders.val, data.loaders.test)]
+    held_out = [part for parts in dist.gather(held_out) for part in parts]  # every rank's share
+    return dist.from_main(lambda: _report(ctx, data, setup, out, checks, findings, result, t, held_out))
+
+
+def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> RunResult:
+    train_ids, facts = data.splits["train"].ids, data.facts
+    suspects, n_suspects = suspected_mislabeled(setup.model, data.loaders.train_in_order, train_ids, facts.classes,
+                                                ctx.prec)
+    log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
+             n_suspects, len(suspects))
+    estimate, noise = _label_noise(data, held_out, suspects)
+    findings = findings + explained_by(noise, result.findings)
+    final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
+    final["label_noise_estimate"] = estimate
+    write_json(out.path / "metrics.json", final)
+    figures = write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks,
+                           findings=findings, final=final, mislabeled=suspects,
+                           figures=report_figures(data, out.path, setup.selection[0], final, suspects))
+    _final_tensorboard(out.tracker, figures, t, ctx.config, final)
+    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f | %.0f s | %s\n"
+             "%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"], final["wall_time_s"],
+             out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
+             "\n".join(per_class_table(final)))
+    log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
+             out.path / "report.md")
+    return RunResult(final, findings)
+
+
+def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]], examples: list[dict]):
+    """(estimate or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
+    validation and test splits, which it never trained on (the checkpoint is already chosen: nothing is selected on
+    test here). No estimate from a model no better than chance: its doubts say nothing."""
+    probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
+    if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
+        log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
+        return None, None
+    estimate, off = label_noise(probs, labels)
+    log.info("label noise: about %.1f%% of the held-out labels look wrong (confident learning, kept model)",
+             100 * estimate)
+    return estimate, label_noise_finding(estimate, off, len(labels), examples)
+
+
+def explained_by(noise: Optional[Finding], found: list[Finding]) -> list[Finding]:
+    """Wrong labels are the root cause of the overfitting they produce (the model memorizes them): with an [M08]
+    label-noise finding, an [M09] overfitting finding becomes part of it instead of a second diagnosis."""
+    if noise is None:
+        return found
+    over = [f for f in found if (f.row, f.kind) == ("M09", "overfitting")]
+    if over:
+        noise.message += f" The validation loss rising from epoch {over[0].evidence['best_val_loss_epoch']} on is " \
+                         "the model memorizing those labels."
+    log.warning("%s", noise)
+    return [f for f in found if f not in over] + [noise]
+
+
+def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) -> dict:
+    classes = data.facts.classes
+    return {
+        "selection_metric": setup.selection[0], "best_val": result.best["value"], "best_epoch": result.best["epoch"],
+        "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": setup.lr,
+        "balance": {"method": data.balance[0], "why": data.balance[1]},
+        "test_acc": t["acc"], "test_balanced_acc": t["balanced_acc"], "test_macro_f1": t["macro_f1"],
+        "test_loss": t["loss"], "classes": classes,
+        "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
+                      for i, c in enumerate(classes)},
+        "confusion_matrix": t["confusion"], "parameters": setup.parameters,
+        "wall_time_s": time.time() - ctx.t_start, "warnings": [str(f) for f in findings],
+        "findings": [f.to_dict() for f in findings], "suspected_mislabeled": {"count": n_suspects, "top": suspects},
+    }
+
+
+def _final_tensorboard(tracker: Tracker, figures: dict[str, bytes], t, config: dict, final: dict) -> None:
+    for name, tag in (("suspected_mislabeled", "train/suspected_mislabeled"), ("per_class", "test/per_class"),
+                      ("learning_curves", "train/learning_curves"), ("near_duplicates", "audit/near_duplicates"),
+                      ("class_counts", "data/class_counts")):
+        if name in figures:
+            tracker.figure(tag, figures[name])
+    tracker.confusion(torch.tensor(t["confusion"]), final["classes"], figures["confusion_matrix"])
+    tracker.hparams(flatten(config), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
+                                      "best_val": final["best_val"]})
+    tracker.close()
