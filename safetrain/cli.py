@@ -7,6 +7,7 @@ the job, so a bad key or value fails within seconds with a message, before any d
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from typing import Optional
 
 from safetrain import distributed as dist
 from safetrain.errors import ConfigError, Interrupted, SafetrainError, TrainingStopped
+from safetrain.resume import command as resume_cmd
 from safetrain.runtime import refuse_used_run_dir
 from safetrain.sweep import job_overrides, record, summarize
 
@@ -96,19 +98,35 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
                 return ConfigError(f"[config] unknown setting '{key}' in `{ov}`.{nearest_key(key)}")
             value_line = next((ln.strip() for ln in msg.splitlines() if ln.strip().startswith("Value")), msg)
             return ConfigError(f"[config] {key}: {value_line} (in `{ov}`).")
+    if "full_key:" in msg:  # a key the recipe sets that the schema lacks (e.g. a _target_)
+        key = msg.split("full_key:")[1].split()[0]
+        near = "" if key.split(".")[-1].startswith("_") else nearest_key(key)
+        return ConfigError(f"[config] recipe '{recipe}' sets '{key}', which is not a setting.{near} Remove "
+                           "it from the recipe (safetrain builds objects from registry names, never from _target_).")
     return ConfigError(f"[config] {msg.splitlines()[0]}")
 
 
-def refuse_code_overrides(overrides: list[str]) -> None:
-    """hydra.callbacks (and hydra.job_logging / hydra.hydra_logging handlers) can name any Python callable: from the
-    command line that is code execution. Recipes and --config-dir folders are code you trust; overrides are not."""
-    from safetrain.config import ConfigError
+# Hydra's own settings a command line may change: where runs go and what they are called. Everything else under
+# `hydra` (callbacks, logging handlers, env_set, launchers, ...) can run code or write anywhere: recipes and
+# --config-dir folders are code the user trusts, command-line overrides are not.
+HYDRA_SAFE = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.job.name", "hydra.verbose")
+OPTION = re.compile(r"[A-Za-z0-9_.,()-]+")  # a config-group option (or a sweep over options), never a path
 
+
+def refuse_code_overrides(overrides: list[str]) -> None:
+    """Only the known-safe Hydra settings, and config-group options by name (data=cifar10), on the command line."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     for ov in overrides:
-        key = ov.split("=", 1)[0].lstrip("+~")
-        if key.startswith(("hydra.callbacks", "hydra.job_logging", "hydra.hydra_logging")):
-            raise ConfigError(f"[config] `{ov}`: {key} can run arbitrary Python, so it is not accepted on the "
-                              "command line. Put it in a recipe you trust (--config-dir) if you really need it.")
+        key, _, value = ov.partition("=")
+        bare = key.lstrip("+~")
+        if bare == "hydra" or bare.startswith("hydra/") or (bare.startswith("hydra.") and bare not in HYDRA_SAFE):
+            raise ConfigError(f"[config] `{ov}`: {bare} is one of Hydra's own settings, which can run code or write "
+                              f"files anywhere; only {', '.join(HYDRA_SAFE)} are accepted on the command line. Put "
+                              "others in a recipe you trust (--config-dir) if you really need them.")
+        if (bare in groups or "/" in bare) and (not OPTION.fullmatch(value) or ".." in value):
+            options = sorted(p.stem for p in (CONF_DIR / bare.split("/")[0]).glob("*.yaml"))
+            raise ConfigError(f"[config] `{ov}`: {bare} takes the name of an option, not a path. Choose one of "
+                              f"{options}, or put your own YAML in a recipe folder you trust (--config-dir).")
 
 
 @dataclass(frozen=True)
@@ -198,7 +216,7 @@ def _attempt(work, run_dir: Path) -> tuple[str, object, int]:
     try:
         return "done", work(), 0
     except SafetrainError as e:  # a refusal (2), training stopped on purpose (1), a signal (130/143)
-        go_on = f"\nContinue it with: python -m safetrain resume={run_dir}" if e.resumable else ""
+        go_on = f"\nContinue it with: {resume_cmd(run_dir, dist.world())}" if e.resumable else ""
         log.error("%s: %s%s", type(e).__name__, e, go_on)
         if isinstance(e, Interrupted):
             return "interrupted", str(e), e.exit_code

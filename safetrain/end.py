@@ -76,7 +76,7 @@ def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding]
     """Training stopped on purpose or by a signal: say why in metrics.json, report.md and TensorBoard; the
     checkpoints of the complete epochs stay."""
     key = "interrupted" if isinstance(error, Interrupted) else "stopped"
-    why = str(error) + (f" Continue it with: {command(out.path)}" if error.resumable else "")
+    why = str(error) + (f" Continue it with: {command(out.path, dist.world())}" if error.resumable else "")
     try:  # best effort: the stop may be a full disk
         write_json(out.path / "metrics.json", {key: why, "wall_time_s": time.time() - ctx.t_start})
         selection = selection_metric(ctx.cfg.task, data.facts.imbalanced)[0]

@@ -8,6 +8,7 @@ whose schedule and loss do not depend on it."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -22,8 +23,10 @@ from safetrain.tracking import flatten
 SAFE = ("trainer.max_epochs", "trainer.progress", "data.num_workers")  # may differ from the saved config
 
 
-def command(run_dir: Path) -> str:
-    return f"python -m safetrain resume={run_dir}"
+def command(run_dir: Path, processes: int = 1) -> str:
+    """The command that continues the run in `run_dir` (quoted for a shell), with as many processes as it started."""
+    launch = "python -m safetrain" if processes == 1 else f"torchrun --nproc_per_node={processes} -m safetrain"
+    return f"{launch} {shlex.quote(f'resume={run_dir}')}"
 
 
 def finished(run_dir: Path) -> dict | None:
@@ -38,15 +41,47 @@ def finished(run_dir: Path) -> dict | None:
 def saved_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     """The config saved in `run_dir` with the command line's `overrides` on top (checked by `check`)."""
     path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"[config] resume={run_dir}: there is no such folder. Give the directory of the run to go on "
+                          "with (the one that holds its config.yaml and checkpoints/).")
     if not path.is_file():
         raise ConfigError(f"[config] resume={run_dir}: there is no config.yaml in it, so no run started there "
                           "(a run stopped before training began writes none). Start it again with its command.")
     return validate(OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))))
 
 
+def last_checkpoint(run_dir: Path) -> dict | None:
+    """checkpoints/last.pt of the run, or None where the run stopped before its first epoch ended; a damaged file or
+    a missing one beside best.pt is refused with what to do (starting over would overwrite best.pt)."""
+    folder = Path(run_dir) / "checkpoints"
+    last, best = folder / "last.pt", folder / "best.pt"
+    if not last.exists():
+        if best.exists():
+            raise ConfigError(f"[config] resume={run_dir}: {best} exists but {last} does not, so the run cannot go on "
+                              f"from its last epoch, and starting over would overwrite best.pt. Copy best.pt to "
+                              f"last.pt to go on from the best epoch, or start a new run.")
+        return None
+    try:
+        return load_checkpoint(last)
+    except Exception as e:  # noqa: BLE001  cut short (a full disk, an unfinished copy) or not a checkpoint
+        fix = f" To go on from the best epoch instead, copy {best} over it" if best.exists() else ""
+        raise ConfigError(f"[config] resume={run_dir}: {last} cannot be read ({type(e).__name__}: {str(e)[:120]}): it "
+                          f"was cut short or damaged.{fix}; or start a new run.") from None
+
+
 def check(run_dir: Path, cfg: Config) -> None:
-    """Refuse a resume that could not end as the uninterrupted run would: another config, or a finished run."""
-    before, now = flatten(to_container(saved_config(run_dir))), flatten(to_container(cfg))
+    """Refuse a resume that could not end as the uninterrupted run would: a config.yaml edited since the checkpoint
+    was written, other settings on the command line, or a finished run."""
+    saved = flatten(to_container(saved_config(run_dir)))
+    ckpt = last_checkpoint(run_dir)
+    trained = flatten(ckpt["config"]) if ckpt else saved
+    edited = [k for k in sorted(saved.keys() | trained.keys()) if saved.get(k) != trained.get(k) and k not in SAFE]
+    if edited:
+        raise ConfigError(f"[config] resume={run_dir}: config.yaml was edited after the run trained: " + ", ".join(
+            f"{k}={saved.get(k)} (the checkpoint was trained with {trained.get(k)})" for k in edited)
+            + ". A resumed run goes on with the settings it trained with: put those values back in config.yaml, or "
+            "start a new run with the new ones.")
+    before, now = saved, flatten(to_container(cfg))
     changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k) and k not in SAFE]
     if changed:
         raise ConfigError(f"[config] resume={run_dir}: " + ", ".join(f"{k}={now.get(k)} (the run has {before.get(k)})"
@@ -67,8 +102,10 @@ def check(run_dir: Path, cfg: Config) -> None:
                           f"val {final['selection_metric']} for trainer.early_stop_patience epochs); more epochs would "
                           "not change it. Start a new run with another trainer.early_stop_patience.")
     if final and not extended:
+        processes = ckpt.get("processes", 1) if ckpt else 1
         raise ConfigError(f"[config] resume={run_dir}: the run finished (metrics.json has its test results). To train "
-                          f"it longer: {command(run_dir)} trainer.max_epochs=N (N > {cfg.trainer.max_epochs}).")
+                          f"it longer: {command(run_dir, processes)} trainer.max_epochs=N (N > "
+                          f"{cfg.trainer.max_epochs}).")
 
 
 def resume_point(run_dir: Path, data_facts: dict, max_epochs: int) -> dict | None:
@@ -78,18 +115,17 @@ def resume_point(run_dir: Path, data_facts: dict, max_epochs: int) -> dict | Non
     for tmp in run_dir.rglob(".*.tmp"):
         tmp.unlink()
     path = run_dir / "checkpoints" / "last.pt"
-    if not path.exists():
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
         return None
-    ckpt = load_checkpoint(path)
     if "loader" not in ckpt:
         raise ConfigError(f"[config] {path} was written by an older safetrain without the state a resume needs "
                           "(the generators, the detectors). It still loads for inference; train a new run.")
     processes = ckpt.get("processes", 1)
     if processes != world():
-        launch = "python -m safetrain" if processes == 1 else f"torchrun --nproc_per_node={processes} -m safetrain"
         raise ConfigError(f"[config] resume={run_dir}: the run trained in {processes} process(es), this is {world()}; "
                           "each process's random generators are saved (dropout), so it goes on exactly only with as "
-                          f"many processes as it started with: {launch} resume={run_dir}")
+                          f"many processes as it started with: {command(run_dir, processes)}")
     if ckpt["data_facts"] != data_facts:
         changed = [k for k in data_facts if ckpt["data_facts"].get(k) != data_facts[k]]
         raise ConfigError(f"[M31] resume={run_dir}: the data is not what the run trained on (changed: "

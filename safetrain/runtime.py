@@ -30,21 +30,40 @@ def resolve_device(name: str) -> torch.device:
     return dist.device(name)  # under torchrun: this process's GPU
 
 
-RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl", "metrics.json")  # what marks a directory as a run's
+MARK = "safetrain-run.json"  # written first into a run directory: what marks it as a run's
+RUN_FILES = (MARK, "config.yaml", "checkpoints", "metrics.jsonl", "metrics.json")  # a run's own files
+HYDRA_LOG = "safetrain.log"  # Hydra writes it into the run directory before the run starts
+SYSTEM = tuple(Path(p) for p in ("/proc", "/sys", "/dev", "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+                                  "/usr", "/run", "/snap"))
 
 
 def refuse_used_run_dir(run_dir: Path) -> None:
-    """A run never writes into a directory that holds another run's files (they would mix) [M31]."""
-    ancestor = Path(run_dir).absolute()
+    """A run writes only into a folder that is new or empty (Hydra's log aside), never into another run's (they would
+    mix [M31]), a folder of the user's (its files would be overwritten), or a system folder."""
+    path = Path(run_dir).expanduser().absolute()
+    real = path.resolve()
+    home, system = Path.home().resolve(), [s for s in SYSTEM if s == real or s in real.parents]
+    if real in (Path(real.anchor), home) or system:
+        what = "your home folder" if real == home else "a system folder" if real == Path(real.anchor) or \
+            system[0] == real else f"inside the system folder {system[0]}"
+        raise ConfigError(f"[config] {run_dir} is {what}: a run writes a dozen files and folders into its directory. "
+                          "Give it a folder of its own, e.g. hydra.run.dir=runs/my_run.")
+    ancestor = path
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
         raise ConfigError(f"[config] cannot create or write the run directory {run_dir}: {ancestor} is not a "
                           "writable folder. Choose another one with hydra.run.dir=... (or run from a writable folder).")
-    used = [f for f in RUN_FILES if (Path(run_dir) / f).exists()]
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    used = [f for f in RUN_FILES if f in entries]
     if used:
         go_on = "" if finished(run_dir) else f" If it is this run, stopped before its end, continue it: " \
                                               f"{command(run_dir)}"
         raise ConfigError(f"[M31] {run_dir} already holds a run ({', '.join(used)}); writing into it would mix two "
                           "runs' checkpoints and metrics. Choose another directory (hydra.run.dir=...), or move that "
                           f"run away first.{go_on}")
+    theirs = [e for e in entries if e != HYDRA_LOG]
+    if theirs:
+        raise ConfigError(f"[config] {run_dir} is not empty ({', '.join(theirs[:5])}{' ...' if len(theirs) > 5 else ''})"
+                          ": a run writes report.md, figures/, checkpoints/ and more into its directory and would "
+                          "overwrite files there. Give a new or empty folder (hydra.run.dir=...).")

@@ -34,7 +34,7 @@ from safetrain.models.layers import hooks
 from safetrain.monitors import Monitors, StepGuard, advice
 from safetrain.optim import Lookahead, LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
-from safetrain.runtime import resolve_device, seed_everything
+from safetrain.runtime import MARK, resolve_device, seed_everything
 from safetrain.tracking import Tracker, environment, snapshot, write_config
 
 log = logging.getLogger("safetrain")
@@ -311,6 +311,7 @@ def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, finding
         write_config(run_dir, ctx.config)
         return RunDir(run_dir, Tracker(run_dir, keep_through=resumed_at))
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / MARK, {"run": str(run_dir.resolve()), "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # first
     snapshot(run_dir, ctx.config, overrides, {**environment(ctx.device), "processes": dist.world()})
     write_json(run_dir / "splits.json", D.describe(data.splits))
     write_json(run_dir / "data_facts.json", data.facts.to_dict())

@@ -116,8 +116,11 @@ def test_resume_refuses_what_would_not_end_as_the_uninterrupted_run(tmp_path):
         run(saved_config(tmp_path / "r", ["seed=4", "trainer.max_epochs=3"]), tmp_path / "r", resume=True)
     with pytest.raises(ConfigError, match=r"the run finished.*trainer\.max_epochs=N"):
         run(saved_config(tmp_path / "r"), tmp_path / "r", resume=True)
-    with pytest.raises(ConfigError, match="no config.yaml"):
+    with pytest.raises(ConfigError, match="there is no such folder"):  # not "no config.yaml in it"
         run(cfg, tmp_path / "nothing", resume=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        run(cfg, tmp_path / "empty", resume=True)
     one, _ = compose("smoke", ["trainer.max_epochs=2", "trainer.progress=false", "sched.name=onecycle"])
     run(one, tmp_path / "o")
     with pytest.raises(ConfigError, match=r"sched\.name=onecycle is sized to trainer\.max_epochs=2"):
