@@ -83,9 +83,16 @@ def set_rng_state(state: dict) -> None:
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {ckpt.get('format_version')} is not {FORMAT_VERSION}; "
-                         "it was written by another safetrain version.")
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"{path} is a plain state dict (layer name -> tensor), not a safetrain checkpoint: it has no "
+                         "classes, data facts or normalization. Use it as starting weights (model=torchvision "
+                         "model.weights=FILE, or model.init_from for a safetrain checkpoint), then use that run's "
+                         "checkpoints/best.pt.")
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
+        version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+        raise ValueError(f"{path}: checkpoint format {version} is not {FORMAT_VERSION}; it was written by another "
+                         "safetrain version (or another program). Use it with the safetrain version that wrote it, "
+                         "or train again.")
     return ckpt
 
 

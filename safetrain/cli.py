@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     except SafetrainError as e:  # a refusal before any run started: its real type and its row ID
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a run started (composing, Hydra's setup) or after it ended
+        print("Interrupted: SIGINT received; nothing of a run was written after that point.", file=sys.stderr)
+        return 130
     finally:
         dist.close()  # under torchrun: leave the process group before exit
 
@@ -188,8 +191,9 @@ def train_command(command: Command) -> int:
     if not (args.help or args.hydra_help):  # fail fast, before Hydra makes a run dir: every job of a sweep
         for job in job_overrides(task_overrides) if args.multirun else [task_overrides]:
             cfg, _ = compose(command.recipe, job, args.config_dir)
-        run_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
-        if run_dir and not args.multirun and cfg.mode != "doctor":
+        given = "hydra.sweep.dir=" if args.multirun else "hydra.run.dir="
+        run_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith(given)), None)
+        if run_dir and cfg.mode != "doctor":
             refuse_used_run_dir(Path(run_dir))  # before Hydra writes its log there
     if not dist.is_main() and not (args.help or args.hydra_help):  # rank 0's Hydra job decides the run directory
         from safetrain.run import run as run_training  # (its ${now:} would differ per process)
@@ -273,12 +277,16 @@ def after_training(command: Command) -> int:
                           "torchrun.")
     _log_to()
     cfg = validate_after_training(command.settings)
-    if cfg.mode == "export":
-        from safetrain.export import export
-        export(cfg)
-    else:
-        from safetrain.inference import evaluate, predict
-        {"predict": predict, "evaluate": evaluate}[cfg.mode](cfg)
+    try:
+        if cfg.mode == "export":
+            from safetrain.export import export
+            export(cfg)
+        else:
+            from safetrain.inference import evaluate, predict
+            {"predict": predict, "evaluate": evaluate}[cfg.mode](cfg)
+    except OSError as e:  # a read-only or full file system where the results go
+        raise ConfigError(f"[io] mode={cfg.mode}: could not write {e.filename or 'its results'} ({e.strerror or e}). "
+                          "Free space there, or write elsewhere: predict.output=PATH.") from None
     return 0
 
 

@@ -84,8 +84,8 @@ def record_stop(ctx: Context, data: Prepared, out: RunDir, checks: list[Finding]
                      findings=findings, stopped=why, figures=report_figures(data, out.path, selection))
         out.tracker.text("warnings", why)
         out.tracker.close()
-    except OSError as e:
-        log.error("could not record the stop in %s (%s)", out.path, e)
+    except (OSError, KeyboardInterrupt) as e:  # a full disk, or Ctrl-C again
+        log.error("could not record the stop in %s (%s)", out.path, type(e).__name__ if not str(e) else e)
 
 
 def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list[Finding], findings: list[Finding],

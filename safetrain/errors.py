@@ -18,14 +18,13 @@ class DataError(SafetrainError):
 class Interrupted(SafetrainError):
     """SIGINT or SIGTERM: training stopped after the current step; the last complete epoch's checkpoint is kept."""
 
-    resumable = True  # `python -m safetrain resume=RUN_DIR` goes on from the last complete epoch
-
-    def __init__(self, message: str, signal_number: int):
+    def __init__(self, message: str, signal_number: int, resumable: bool = True):
         super().__init__(message)
         self.exit_code = 128 + signal_number  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+        self.resumable = resumable  # False before the run directory was written: the command is simply run again
 
     def __reduce__(self):  # rebuilt whole on the other ranks of a distributed run
-        return Interrupted, (str(self), self.exit_code - 128)
+        return Interrupted, (str(self), self.exit_code - 128, self.resumable)
 
 
 class TrainingStopped(SafetrainError):

@@ -52,9 +52,8 @@ def load_trained(checkpoint: str, device: str = "auto") -> Trained:
                           "checkpoints/best.pt (or at the run directory).")
     try:
         ckpt = load_checkpoint(path)
-    except ValueError as e:  # another safetrain version's format
-        raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {e} Predict with the safetrain version that "
-                          "trained it, or train again.") from None
+    except ValueError as e:  # a plain state dict, another safetrain version's format
+        raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {e}") from None
     except Exception as e:  # noqa: BLE001  not a checkpoint at all (another tool's file, a text file, a pickle)
         raise ConfigError(f"[config] predict.checkpoint={checkpoint} is not a safetrain checkpoint "
                           f"({type(e).__name__}: {str(e)[:120]}). Point it at RUN_DIR/checkpoints/best.pt.") from None

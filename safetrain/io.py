@@ -4,10 +4,12 @@ Every file safetrain writes goes through `atomic_write`: a temp file in the same
 `os.replace`, so a crash or a signal leaves the previous file (or none), never half of one."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -22,7 +24,7 @@ os.umask(UMASK)  # read once: the process's umask, for files created through tem
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~UMASK)  # as open() would create it (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
@@ -36,7 +38,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 
 def save_torch(path: Path, obj) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError of its own
+        if "inline_container" not in str(e) and "write" not in str(e).lower():
+            raise  # not a write: a bug
+        raise OSError(errno.EIO, f"the write failed: {str(e).splitlines()[0][:160]}", str(path)) from None
 
 
 def write_text(path: Path, text: str) -> None:
@@ -58,17 +65,52 @@ FORMATS = {  # suffix -> (load(path), save(path, value))
 }
 
 
-def cached(path: Path, compute: Callable[[], Any]) -> tuple[Any, bool]:
+def sweep_temp_files(folder: Path, min_age_s: float = 60.0) -> None:
+    """Remove the temp files of writes that never finished (a process killed mid-write): those of processes that no
+    longer run (the pid is in the name), a minute old at least."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        try:
+            if pid is not None and not _alive(pid) and time.time() - tmp.stat().st_mtime > min_age_s:
+                tmp.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def cached(path: Path, compute: Callable[[], Any], keys: tuple[str, ...] = ()) -> tuple[Any, bool]:
     """(value, hit): the value stored at `path` (a fingerprint-keyed name, .json or .pt), or `compute()`
-    stored there atomically. A cache hit never calls `compute`."""
+    stored there atomically. A cache hit never calls `compute`. An entry that cannot be read, or is not a dict with
+    `keys`, is discarded and rebuilt; a cache that cannot be written is said, and the run goes on without it."""
     load, save = FORMATS[Path(path).suffix]
+    if Path(path).parent.is_dir():
+        sweep_temp_files(Path(path).parent)
     if Path(path).exists():
         try:
-            return load(Path(path)), True
-        except Exception as e:  # a half-written or damaged entry: it must not break every later run
-            log.warning("cache entry %s is unreadable (%s: %s); discarded and rebuilt", path, type(e).__name__,
-                        str(e)[:100])
-            Path(path).unlink(missing_ok=True)
+            value = load(Path(path))
+            missing = [k for k in keys if not isinstance(value, dict) or k not in value]
+            if not missing:
+                return value, True
+            why = f"ValueError: not an entry of this kind (missing {', '.join(missing)})"
+        except Exception as e:  # noqa: BLE001  a half-written or damaged entry: it must not break every later run
+            why = f"{type(e).__name__}: {str(e)[:100]}"
+        log.warning("cache entry %s is unreadable (%s); discarded and rebuilt", path, why)
+        Path(path).unlink(missing_ok=True)
     value = compute()
-    save(path, value)
+    try:
+        save(path, value)
+    except OSError as e:
+        log.warning("could not write the cache entry %s (%s): going on without it, so this work is redone next time. "
+                    "Free space there, or put the cache elsewhere with data.cache_dir=DIR or SAFETRAIN_CACHE=DIR.",
+                    path, e.strerror or e)
     return value, False

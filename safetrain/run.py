@@ -9,6 +9,7 @@ before any acts on it; a stage that would call a collective on some ranks only h
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -38,6 +39,38 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     `run_dir` from its last complete epoch (`cfg` is its saved config; safetrain/resume.py).
     Under torchrun (safetrain/distributed.py) every process calls this with the same `run_dir`; rank 0 writes."""
     dist.init()
+    try:
+        ctx, data, setup, checks, saved = _prepare(cfg, run_dir, dataset, model, resume)
+        if cfg.mode == "doctor":
+            return doctor(data, setup, checks)
+        findings = ctx.findings + data.findings + problems(checks)
+        resumed_at = (saved["epoch"] if saved else 0) if resume else None
+        out = dist.together(lambda: open_run_dir(ctx, run_dir, overrides, data, findings, resumed_at)
+                            if dist.is_main() else RunDir(Path(run_dir), None))  # nothing was written before this
+    except KeyboardInterrupt:  # Ctrl-C while the data and the model were prepared
+        raise Interrupted("SIGINT received before training began: nothing of the run was written (what was decoded "
+                          "and measured is cached); run the same command again.", signal.SIGINT, resumable=resume) \
+            from None
+    try:
+        result = train(ctx, data, setup, out, saved)
+        return finish(ctx, data, setup, out, checks, findings, result).metrics
+    except KeyboardInterrupt:  # a second Ctrl-C in training (the first stops it cleanly), or one during the test
+        error = Interrupted("SIGINT received after training began: the checkpoints of the complete epochs are "
+                            "kept, and resuming goes on from the last one (or writes the test results and the report "
+                            "if training was over).", signal.SIGINT)
+    except OSError as e:  # the disk filled up during the test and the report
+        error = TrainingStopped(f"[io] could not write {e.filename or run_dir} ({e.strerror or e}). The checkpoints "
+                                "are complete: free space, and resuming writes the test results and the report.",
+                                resumable=True)
+    except (TrainingStopped, Interrupted) as e:  # checkpoints of the epochs before stay as they were
+        error = e
+    if dist.is_main():
+        record_stop(ctx, data, out, checks, findings, error)
+    raise error
+
+
+def _prepare(cfg: Config, run_dir: Path, dataset, model, resume: bool):
+    """Everything before the run directory is written: (ctx, data, setup, preflight checks, resume checkpoint)."""
     if dist.active() and cfg.mode == "doctor":
         raise ConfigError("[config] mode=doctor checks the data and the model in one process: run it with "
                           "`python -m safetrain`, not torchrun.")
@@ -51,20 +84,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
     saved = dist.from_main(lambda: resume_point(run_dir, data.facts.to_dict(), cfg.trainer.max_epochs)) \
         if resume else None
     setup = build_training(ctx, data, model, saved and saved["lr"])  # model, loss, balance, optimizer, schedule
-    checks = preflight(ctx, data, setup)                  # inputs, loss at init, gradient reach
-    if cfg.mode == "doctor":
-        return doctor(data, setup, checks)
-    findings = ctx.findings + data.findings + problems(checks)
-    resumed_at = (saved["epoch"] if saved else 0) if resume else None
-    out = dist.together(lambda: open_run_dir(ctx, run_dir, overrides, data, findings, resumed_at) if dist.is_main()
-                        else RunDir(Path(run_dir), None))  # nothing was written before this line
-    try:
-        result = train(ctx, data, setup, out, saved)
-    except (TrainingStopped, Interrupted) as e:  # checkpoints of the epochs before stay as they were
-        if dist.is_main():
-            record_stop(ctx, data, out, checks, findings, e)
-        raise
-    return finish(ctx, data, setup, out, checks, findings, result).metrics
+    return ctx, data, setup, preflight(ctx, data, setup), saved   # preflight: inputs, loss at init, gradient reach
 
 
 def doctor(data: Prepared, setup: Setup, checks: list[Finding]) -> dict:

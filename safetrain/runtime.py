@@ -64,6 +64,6 @@ def refuse_used_run_dir(run_dir: Path) -> None:
                           f"run away first.{go_on}")
     theirs = [e for e in entries if e != HYDRA_LOG]
     if theirs:
-        raise ConfigError(f"[config] {run_dir} is not empty ({', '.join(theirs[:5])}{' ...' if len(theirs) > 5 else ''})"
-                          ": a run writes report.md, figures/, checkpoints/ and more into its directory and would "
+        shown = ", ".join(theirs[:5]) + (" ..." if len(theirs) > 5 else "")
+        raise ConfigError(f"[config] {run_dir} is not empty ({shown}): a run writes report.md, figures/, checkpoints/ and more into its directory and would "
                           "overwrite files there. Give a new or empty folder (hydra.run.dir=...).")

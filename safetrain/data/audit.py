@@ -16,7 +16,7 @@ images. Images smaller than MIN_SIDE pixels a side are too small to tell a copy 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -218,7 +218,8 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
     key = digest("audit v6", fingerprint, *(i for s in splits.values() for i in s.ids))
-    stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device)))
+    stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device)),
+                       keys=tuple(f.name for f in fields(Audit)))
     return Audit(**stored)
 
 

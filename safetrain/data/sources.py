@@ -308,7 +308,7 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
         return {"images": out, "bad": bad}
 
     path = cache_dir / ("decoded" if keep else "checked") / f"{fp}.pt"
-    entry, hit = cached(path, decode)
+    entry, hit = cached(path, decode, keys=("images", "bad"))
     log.info("%s %s", "decoded images loaded from cache" if hit else "every image decoded once, cached at", path)
     return entry["images"], entry["bad"]
 

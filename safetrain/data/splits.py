@@ -63,7 +63,7 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
     if imbalance_ratio:  # after val and test are carved, so they stay balanced
         train = long_tailed(train, imbalance_ratio, seed + 2)
     splits = {"train": train, "val": parts["val"], "test": parts["test"]}
-    _check_labels(splits, src.classes, min_per_class)
+    _check_labels(splits, src.classes, min_per_class, set(src.parts) & {"val", "test"})
     return splits
 
 
@@ -72,19 +72,32 @@ def class_counts(splits: dict[str, ImageSet], num_classes: int) -> dict[str, lis
     return {name: torch.bincount(s.labels, minlength=num_classes).tolist() for name, s in splits.items()}
 
 
-def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int) -> None:
+def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int, given: set[str]) -> None:
+    """Labels in range; every class scored in val and test [M25]; splits not empty [M07]; enough training images
+    per class [M08]. `given`: the splits the source itself defines (folders of the user's), not carved."""
     num_classes = len(classes)
     for name, s in splits.items():
-        if len(s) == 0:
-            raise DataError(f"[M07] the {name} split is empty. Add images, or raise data.val_fraction / "
-                            "data.test_fraction so every split gets some.")
         bad = (s.labels < 0) | (s.labels >= num_classes)
         if bad.any():
             i = int(bad.nonzero()[0])
             raise DataError(f"[M08] {name} sample {s.ids[i]} has label {int(s.labels[i])}, outside "
                             f"[0, {num_classes}). Labels must be class indices 0..{num_classes - 1}.")
-    counts = class_counts(splits, num_classes)["train"]
-    few = {classes[k]: n for k, n in enumerate(counts) if n < min_per_class}
+    counts = class_counts(splits, num_classes)
+    fix = ("Give every class at least 3 images (one each for training, validation and test; more for a trustworthy "
+           "score)", "Add images of those classes to the {}/ folder")
+    for name in ("val", "test"):  # a class no one can score would vanish from every metric and every choice [M25]
+        unscored = {classes[k]: sum(c[k] for c in counts.values()) for k in range(num_classes) if counts[name][k] == 0}
+        if unscored:
+            shown = ", ".join(f"{c} ({n} image{'s' * (n != 1)} in all)" for c, n in list(unscored.items())[:5])
+            raise DataError(f"[M25] {len(unscored)} class(es) have no {name} images after the split: {shown}"
+                            f"{' ...' if len(unscored) > 5 else ''}. They could never be scored: their recall and F1 "
+                            f"would not exist, and the {'checkpoint would be chosen' if name == 'val' else 'test'} "
+                            f"blind to them. {fix[name in given].format(name)}, or remove those classes.")
+    for name, s in splits.items():
+        if len(s) == 0:
+            raise DataError(f"[M07] the {name} split is empty. Add images, or raise data.val_fraction / "
+                            "data.test_fraction so every split gets some.")
+    few = {classes[k]: n for k, n in enumerate(counts["train"]) if n < min_per_class}
     if few:
         raise DataError(f"[M08] classes with fewer than {min_per_class} training samples: {few}. A class needs "
                         "examples to be learned: add images, merge or remove those classes, or lower "

@@ -74,7 +74,7 @@ def measure_facts(classes: list[str], counts: dict[str, list[int]], train_ids: l
     a cache hit never reads a pixel."""
     fp = digest(source_fp, *train_ids)
     path = cache_dir / "stats" / f"{fp}.json"
-    stored, hit = cached(path, lambda: {"mean_std": channel_stats(train_batches())})
+    stored, hit = cached(path, lambda: {"mean_std": channel_stats(train_batches())}, keys=("mean_std",))
     mean, std = stored["mean_std"]
     if hit:
         log.info("normalization stats from cache %s", path)

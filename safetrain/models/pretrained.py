@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -67,6 +68,11 @@ class StartConfig:
         if not self.init_from:
             return None
         f = torch.load(Path(self.init_from).expanduser(), map_location="cpu", weights_only=True)["data_facts"]
+        if not all(math.isfinite(v) for v in f["mean"] + f["std"]) or min(f["std"]) < 1e-3:
+            raise ConfigError(f"[M34] model.init_from={self.init_from}: its normalization (mean {f['mean']}, std "
+                              f"{f['std']}) is degenerate: that run saw images of (almost) one colour, or the file is "
+                              "damaged, and dividing these images by that std would blow them up. Start from a "
+                              "checkpoint of a run on real images, or from scratch.")
         mean, std = (f["mean"] * 3, f["std"] * 3) if f["channels"] == 1 else (f["mean"], f["std"])
         return Contract(mean, std, min(f["height"], f["width"]), f"the checkpoint {self.init_from}")
 
