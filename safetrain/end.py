@@ -115,8 +115,9 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
                            findings=findings, final=final, mislabeled=suspects,
                            figures=report_figures(data, out.path, setup.selection[0], final, suspects))
     _final_tensorboard(out.tracker, figures, t, ctx.config, final)
-    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f | %.0f s | %s\n"
-             "%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"], final["wall_time_s"],
+    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f (over all %d "
+             "classes) | %.0f s | %s\n%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"],
+             facts.num_classes, final["wall_time_s"],
              out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
              "\n".join(per_class_table(final)))
     log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
@@ -159,6 +160,7 @@ def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) 
         "balance": {"method": data.balance[0], "why": data.balance[1]},
         "test_acc": t["acc"], "test_balanced_acc": t["balanced_acc"], "test_macro_f1": t["macro_f1"],
         "test_loss": t["loss"], "classes": classes,
+        "scored_over": f"Every score is over all {len(classes)} classes: each has validation and test images [M25]",
         "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
                       for i, c in enumerate(classes)},
         "confusion_matrix": t["confusion"], "parameters": setup.parameters,

@@ -80,7 +80,7 @@ def _result_lines(final: dict, facts) -> list[str]:
     lines = ["## Result", "", f"Test accuracy **{final['test_acc']:.4f}**, macro-F1 {final['test_macro_f1']:.4f}, "
              f"balanced accuracy {final['test_balanced_acc']:.4f} (checkpoint of epoch {final['best_epoch']}, "
              f"chosen on validation {final['selection_metric']} = {final['best_val']:.4f}; "
-             f"{final['epochs_run']} epochs, {final['wall_time_s']:.0f} s).", ""]
+             f"{final['epochs_run']} epochs, {final['wall_time_s']:.0f} s). {final['scored_over']}.", ""]
     return lines + [line for b in balance_lines(final, facts.counts["train"], facts.imbalanced) for line in (b, "")]
 
 
