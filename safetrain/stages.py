@@ -1,7 +1,8 @@
-"""The stages of a run, in order. Each takes the config and what the stages before it returned, and returns
-a small dataclass; each can be called on its own (tests do). Only these and `run` read the config tree.
+"""The stages of a run up to training, in order. Each takes the config and what the stages before it returned, and
+returns a small dataclass; each can be called on its own (tests do). Only these, the end of a run (end.py) and
+`run` read the config tree.
 
-    start -> prepare_data -> build_training -> preflight -> open_run_dir -> train -> finish
+    start -> prepare_data -> build_training -> preflight -> open_run_dir -> train -> (end.py) finish
 """
 from __future__ import annotations
 
