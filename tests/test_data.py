@@ -167,3 +167,25 @@ def test_stream_workers_are_spawned_once_cuda_is_initialized(tmp_path, monkeypat
     assert loader.loader.multiprocessing_context.get_start_method() == "spawn"
     x, y = next(iter(loader))
     assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 0, 0, 0]
+
+
+def test_m06_exact_copies_stay_within_one_split_when_safetrain_splits():
+    """A folder where some photos were saved twice (even under two classes): safetrain's own split keeps every
+    group of copies on one side, so no held-out image is a copy of a training one; without copies the split is
+    the one of single samples (the golden runs hold it bit for bit)."""
+    g = torch.Generator().manual_seed(0)
+    unique = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.arange(200) % 4
+    copies = torch.arange(0, 120, 2)  # 60 images saved again, a third of them under another class
+    images = torch.cat([unique, unique[copies]])
+    labels = torch.cat([labels, torch.where(copies % 3 == 0, (labels[copies] + 1) % 4, labels[copies])])
+    src = D.Source([f"c{k}" for k in range(4)], {"all": D.ImageSet(labels, [str(i) for i in range(260)], images)},
+                   "fp", (3, 8, 8))
+    splits = D.make_splits(src, 0.2, 0.2, seed=0)
+    assert D.exact_duplicates(splits) == [] and sum(len(s) for s in splits.values()) == 260
+    assert min(len(splits["val"]), len(splits["test"])) >= 40  # still about a fifth each
+    plain = D.Source(src.classes, {"all": D.ImageSet(labels[:200], [str(i) for i in range(200)], unique)}, "fp",
+                     (3, 8, 8))
+    keep, cut = D.stratified_split(labels[:200], 0.2, 0, 1)
+    assert torch.equal(cut, D.stratified_split(labels[:200], 0.2, 0, 1, torch.arange(200))[1])
+    assert D.make_splits(plain, 0.2, 0.2, seed=0)["test"].ids == [str(i) for i in cut.tolist()]

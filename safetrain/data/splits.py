@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 from torch import Tensor
@@ -10,20 +11,35 @@ from safetrain.data.sources import DataSpec, ImageSet, Source
 from safetrain.errors import DataError
 from safetrain.findings import FAIL, Finding
 
+log = logging.getLogger(__name__)
 
-def stratified_split(labels: Tensor, fraction: float, seed: int, minimum: int = 1) -> tuple[Tensor, Tensor]:
+
+def stratified_split(labels: Tensor, fraction: float, seed: int, minimum: int = 1,
+                     groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(kept, carved) sorted indices; `fraction` of every class is carved out, raised towards `minimum`
-    where that takes at most a fifth of the class, and at least one sample of every class that has two."""
+    where that takes at most a fifth of the class, and at least one sample of every class that has two.
+    `groups` (N,): samples with the same id (exact copies) land on the same side, the group counted in the class of
+    its first member; without copies the split is the one of single samples."""
     g = torch.Generator().manual_seed(seed)
+    y = labels.tolist()
+    units: dict[int, list[list[int]]] = {}  # class -> its groups' members, groups in order of their first member
+    members: dict[int, list[int]] = {}
+    for i, k in enumerate(range(len(y)) if groups is None else groups.tolist()):
+        if k not in members:
+            members[k] = []
+            units.setdefault(y[i], []).append(members[k])
+        members[k].append(i)
     kept, carved = [], []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n = max(round(len(idx) * fraction), min(minimum, len(idx) // 5), 1)
-        n = min(n, len(idx) - 1) if len(idx) >= 2 else 0
-        carved.append(idx[:n])
-        kept.append(idx[n:])
-    return torch.cat(kept).sort().values, torch.cat(carved).sort().values
+    for c in sorted(units):
+        size = sum(len(m) for m in units[c])
+        n = max(round(size * fraction), min(minimum, size // 5), 1)
+        n = min(n, size - 1) if size >= 2 else 0
+        out: list[int] = []
+        for m in (units[c][j] for j in torch.randperm(len(units[c]), generator=g).tolist()):
+            take = len(out) < n and size - len(out) - len(m) >= 1  # a class always keeps a training sample
+            (out if take else kept).extend(m)
+        carved += out
+    return torch.tensor(sorted(kept), dtype=torch.int64), torch.tensor(sorted(carved), dtype=torch.int64)
 
 
 def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
@@ -50,21 +66,35 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
                 imbalance_ratio: float | None = None, min_eval_per_class: int = 1) -> dict[str, ImageSet]:
     """train/val/test. A source's own splits are kept; what is missing is carved from train
     (test first, then val from the rest), stratified and seeded, so the splits never overlap, with
-    `min_eval_per_class` samples of a class where it can spare them. `imbalance_ratio` then makes the
+    `min_eval_per_class` samples of a class where it can spare them; exact copies (byte-identical images) stay
+    together on one side of every cut [M06]. `imbalance_ratio` then makes the
     training split long-tailed."""
     parts = dict(src.parts)
     train = parts.pop("train", None) or parts.pop("all")
+    groups = copy_groups(train) if not {"val", "test"} <= parts.keys() else None
     if "test" not in parts:
-        keep, cut = stratified_split(train.labels, test_fraction, seed, min_eval_per_class)
-        train, parts["test"] = train.subset(keep), train.subset(cut)
+        keep, cut = stratified_split(train.labels, test_fraction, seed, min_eval_per_class, groups)
+        train, parts["test"], groups = train.subset(keep), train.subset(cut), groups[keep]
     if "val" not in parts:
-        keep, cut = stratified_split(train.labels, val_fraction, seed + 1, min_eval_per_class)
+        keep, cut = stratified_split(train.labels, val_fraction, seed + 1, min_eval_per_class, groups)
         train, parts["val"] = train.subset(keep), train.subset(cut)
     if imbalance_ratio:  # after val and test are carved, so they stay balanced
         train = long_tailed(train, imbalance_ratio, seed + 2)
     splits = {"train": train, "val": parts["val"], "test": parts["test"]}
     _check_labels(splits, src.classes, min_per_class, set(src.parts) & {"val", "test"})
     return splits
+
+
+def copy_groups(data: ImageSet) -> Tensor:
+    """(N,) a group id per sample, shared by byte-identical images (the first copy's index) [M06]."""
+    first: dict[bytes, int] = {}
+    groups = torch.tensor([first.setdefault(_hash(data, i), i) for i in range(len(data))], dtype=torch.int64)
+    copies = len(groups) - len(first)
+    if copies:
+        sizes = torch.bincount(groups)
+        log.info("[M06] %d groups of exact copies (%d images) found; each group is kept within one split",
+                 int((sizes > 1).sum()), int(sizes[sizes > 1].sum()))
+    return groups
 
 
 def class_counts(splits: dict[str, ImageSet], num_classes: int) -> dict[str, list[int]]:
@@ -147,7 +177,9 @@ def duplicates_finding(pairs: list[tuple[str, str]]) -> Finding | None:
     shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3])
     return Finding("M06", "exact copies across splits", f"{len(pairs)} images appear in two splits as exact copies "
                    f"({shown}{' ...' if len(pairs) > 3 else ''}): scores on val/test would be inflated.",
-                   "Remove the copies, or set data.allow_duplicates_across_splits=true to train anyway.", "data",
+                   "Remove the copies; or, if you gave the splits (train/ val/ test/ folders), put every image in one "
+                   "folder per class and let safetrain split them (it keeps copies within one split); or set "
+                   "data.allow_duplicates_across_splits=true to train anyway.", "data",
                    verdict=FAIL, evidence={"count": len(pairs), "pairs": pairs[:20]})
 
 
