@@ -14,6 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from safetrain.data import AUGMENTS, SOURCES, DataSpec, flips
+from safetrain.data.files import FITS
 from safetrain.errors import ConfigError, check_range
 from safetrain.findings import Finding
 from safetrain.losses import BALANCE, LOSSES
@@ -53,7 +54,8 @@ class DataConfig:
     min_samples_per_class: int = 5  # in the training split [M08]
     min_eval_per_class: int = 20  # carved val/test take this many of a class where it spares them; fewer: warned [M25]
     imbalance_ratio: Optional[float] = None  # R: make the training split long-tailed (largest/smallest = R)
-    image_size: Optional[int] = None  # resize folder images to this square size
+    image_size: Optional[int] = None  # train folder images at this square size (None: theirs, or chosen if they differ)
+    resize: str = "crop"  # how an image of another shape gets there: crop (aspect kept), pad (nothing cut), squash
     bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
     loader: str = "auto"
     num_workers: int = 4
@@ -199,7 +201,7 @@ def _check_values(c: Config) -> None:
     own = c.model.builder_settings()
     choices = {"task": (c.task, LOSSES), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
                "data.augment": (c.data.augment, AUGMENTS), "data.loader": (c.data.loader, LOADERS),
-               "data.bad_files": (c.data.bad_files, ("refuse", "skip")),
+               "data.bad_files": (c.data.bad_files, ("refuse", "skip")), "data.resize": (c.data.resize, FITS),
                "loss.balance": (c.loss.balance, ("auto", *BALANCE)),
                **{f"model.{k}": (own[k], allowed) for k, allowed in (("activation", ACTIVATIONS), ("norm", NORMS))
                   if k in own},  # safetrain's own models
@@ -296,8 +298,8 @@ def data_spec(c: Config, weights_size: Optional[int] = None) -> DataSpec:
     """The run's one description of its data (data/sources.py): the data settings, with image folders resized to
     data.image_size or else to `weights_size`, the resolution of the starting weights [M35]."""
     d = c.data
-    return DataSpec(d.name, d.root, d.image_size or weights_size, d.loader, d.num_workers, d.download, d.bad_files,
-                    tuple(vars(d.synthetic).items()), c.seed, d.val_fraction, d.test_fraction,
+    return DataSpec(d.name, d.root, d.image_size or weights_size, d.resize, d.loader, d.num_workers, d.download,
+                    d.bad_files, tuple(vars(d.synthetic).items()), c.seed, d.val_fraction, d.test_fraction,
                     d.min_samples_per_class, d.imbalance_ratio, d.min_eval_per_class)
 
 

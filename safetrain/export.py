@@ -115,7 +115,8 @@ def sidecar(trained: Trained, parity: dict) -> dict:
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "shape": ["N", f["channels"], f["height"],
                                                                                    f["width"]],
                   "channels": "grayscale" if f["channels"] == 1 else "RGB", "range": "0-255, not normalized",
-                  "resize": f"to {f['height']}x{f['width']} (bilinear) as training did"},
+                  "resize": f"to {f['height']}x{f['width']} (bilinear, data.resize="
+                            f"{(trained.ckpt.get('data_spec') or {}).get('resize', 'squash')}) as training did"},
         "output": {"name": "logits", "shape": ["N", len(f["classes"])], "probabilities": "softmax over axis 1"},
         "normalization": {"mean": f["mean"], "std": f["std"], "inside_the_model": True,
                           "formula": "(x / 255 - mean) / std per channel, from the training split"},

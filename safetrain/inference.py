@@ -20,7 +20,7 @@ from safetrain import data as D
 from safetrain.checkpoint import classifier, load_checkpoint
 from safetrain.config import AfterTrainingConfig, PredictConfig
 from safetrain.data.audit import MIN_SIDE, near_duplicates, reference, typical_distance
-from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, header, hidden, list_images
+from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images
 from safetrain.data.sources import CheckedFiles, ImageSet, file_loader
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
@@ -63,6 +63,12 @@ def load_trained(checkpoint: str, device: str = "auto") -> Trained:
                    dev)
 
 
+def input_fit(trained: Trained) -> Fit:
+    """How training brought images to the model's size (data.resize; checkpoints without a data spec squashed)."""
+    return Fit((trained.facts["height"], trained.facts["width"]), (trained.ckpt.get("data_spec") or {}).get(
+        "resize", "squash"))
+
+
 def image_files(where: str) -> list[Path]:
     """An image file, or every image under a folder (recursive; hidden and non-image entries skipped)."""
     path = Path(where).expanduser()
@@ -90,7 +96,7 @@ def logits_of(trained: Trained, files: list[Path], p: PredictConfig, keep_images
     good = [i for i in range(len(files)) if i not in bad]
     out = torch.full((len(files), len(f["classes"])), float("nan"))
     kept = {}
-    loader = file_loader(CheckedFiles([str(files[i]) for i in good], c, size), batch_size=p.batch_size,
+    loader = file_loader(CheckedFiles([str(files[i]) for i in good], c, input_fit(trained)), batch_size=p.batch_size,
                          num_workers=p.num_workers, collate_fn=_stack_decoded)
     for rows, x, failed in tqdm(loader, desc="predict", disable=not p.progress or None, dynamic_ncols=True):
         bad.update({good[i]: why for i, why in failed.items()})
@@ -160,7 +166,7 @@ def _prediction_figures(trained: Trained, files: list[Path], decoded: list[int],
     figures = {"class_counts": draw.class_counts({"predicted": counts.tolist()}, classes)}
     doubt = sorted(decoded, key=lambda i: float(p[i]))[:32]
     if doubt:
-        again = CheckedFiles([str(files[i]) for i in doubt], f["channels"], (f["height"], f["width"]))
+        again = CheckedFiles([str(files[i]) for i in doubt], f["channels"], input_fit(trained))
         figures["least_confident"] = draw.image_grid(torch.stack([again[j][1] for j in range(len(doubt))]), [
             f"{files[i].name}\n{classes[pred[i]]} ({float(p[i]):.2f})" for i in doubt],
             "the least confident predictions: the predicted class and its probability")

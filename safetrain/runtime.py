@@ -65,5 +65,6 @@ def refuse_used_run_dir(run_dir: Path) -> None:
     theirs = [e for e in entries if e != HYDRA_LOG]
     if theirs:
         shown = ", ".join(theirs[:5]) + (" ..." if len(theirs) > 5 else "")
-        raise ConfigError(f"[config] {run_dir} is not empty ({shown}): a run writes report.md, figures/, checkpoints/ and more into its directory and would "
-                          "overwrite files there. Give a new or empty folder (hydra.run.dir=...).")
+        raise ConfigError(f"[config] {run_dir} is not empty ({shown}): a run writes report.md, figures/, "
+                          "checkpoints/ and more into its directory and would overwrite files there. Give a new or "
+                          "empty folder (hydra.run.dir=...).")

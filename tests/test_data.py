@@ -87,15 +87,14 @@ def test_streaming_and_memory_paths_give_identical_splits_and_stats(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_folder_with_mixed_sizes_asks_for_image_size(tmp_path):
+def test_folder_with_mixed_sizes_trains_at_a_chosen_size_or_the_given_one(tmp_path):
     write_images(tmp_path / "a", 1, 3, size=(8, 8))
     write_images(tmp_path / "b", 1, 3, size=(12, 12))
     (tmp_path / "a" / "class_0").rename(tmp_path / "cat")
     (tmp_path / "b" / "class_0").rename(tmp_path / "dog")
     (tmp_path / "a").rmdir(), (tmp_path / "b").rmdir()
-    with pytest.raises(DataError, match=r"data\.image_size"):
-        load_folder(str(tmp_path), None, "memory", tmp_path / "cache", 0)
-    src = load_folder(str(tmp_path), 10, "memory", tmp_path / "cache", 0)
+    assert load_folder(str(tmp_path), None, "memory", tmp_path / ".cache", 0).parts["all"].images.shape == (6, 3, 32, 32)
+    src = load_folder(str(tmp_path), 10, "memory", tmp_path / ".cache", 0)
     assert src.parts["all"].images.shape == (6, 3, 10, 10)
 
 

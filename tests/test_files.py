@@ -4,10 +4,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from safetrain.data.files import header, list_images, to_array
-from safetrain.data.sources import load_folder
+from safetrain.data.files import Fit, fit_image, header, list_images, to_array
+from safetrain.data.sources import decode_image, load_folder
 from safetrain.errors import DataError
 from tests.conftest import write_images
 
@@ -115,9 +116,30 @@ def test_the_files_left_out_are_in_data_facts_and_the_report(tmp_path):
     assert "class_0/cut_body.jpg: cannot be decoded" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_images_of_different_sizes_are_refused_up_front_in_either_loader(tmp_path):
-    root = write_images(tmp_path / "imgs", classes=2, per_class=6, size=(8, 8))
-    Image.new("RGB", (12, 10)).save(root / "class_1" / "odd.png")
-    for loader in ("memory", "stream"):
-        with pytest.raises(DataError, match=r"2 sizes.*odd\.png 10x12.*data\.image_size=8"):
-            load_folder(str(root), None, loader, tmp_path / "cache", 0)
+def test_images_of_different_sizes_train_at_a_size_chosen_from_them_in_either_loader(tmp_path, caplog):
+    caplog.set_level("INFO", logger="safetrain")
+    """No setting needed (the message once suggested the smallest side): the median shorter side within 32-128 px,
+    each image fitted by the same rule (data.resize=crop: aspect kept) in memory, streamed, and at inference."""
+    root = write_images(tmp_path / "imgs", classes=2, per_class=6, size=(40, 40))
+    odd = np.zeros((50, 100, 3), dtype=np.uint8)
+    odd[:, 25:75] = 200  # the centre square of a wide image: what crop keeps
+    Image.fromarray(odd).save(root / "class_1" / "odd.png")
+    memory = load_folder(str(root), None, "memory", tmp_path / "cache", 0)
+    stream = load_folder(str(root), None, "stream", tmp_path / "cache", 0)
+    assert memory.shape == stream.shape == (3, 40, 40) and memory.resize == Fit((40, 40), "crop")
+    assert "the images have 2 sizes (shorter side 40 to 50 px, median 40); training at 40x40" in caplog.text
+    i = memory.parts["all"].ids.index("class_1/odd.png")
+    kept = memory.parts["all"].images[i]
+    assert kept.float().mean() > 190  # the bright centre, not the black sides squashed in
+    j = stream.parts["all"].files.index(str(root / "class_1" / "odd.png"))
+    torch.testing.assert_close(decode_image(stream.parts["all"].files[j], 3, stream.resize), kept)
+
+
+def test_fit_image_crops_pads_or_squashes():
+    arr = np.arange(20 * 40, dtype=np.float64).reshape(20, 40) % 256
+    arr = arr.astype(np.uint8)
+    assert fit_image(arr, Fit((10, 10), "crop")).shape == (10, 10)
+    padded = fit_image(np.full((20, 40), 255, np.uint8), Fit((10, 10), "pad"))
+    assert padded.shape == (10, 10) and padded[:2].max() == 0 and padded[8:].max() == 0 and padded[3:7].min() == 255
+    assert fit_image(np.full((20, 40), 255, np.uint8), Fit((10, 10), "squash")).min() == 255
+    assert fit_image(arr, Fit((20, 40), "crop")) is arr  # the size already: untouched

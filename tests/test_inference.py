@@ -13,6 +13,7 @@ from PIL import Image
 from safetrain.checkpoint import load_classifier
 from safetrain.cli import compose
 from safetrain.config import validate_after_training
+from safetrain.data.files import Fit
 from safetrain.data.sources import decode_image
 from safetrain.errors import ConfigError, DataError
 from safetrain.export import export
@@ -61,7 +62,7 @@ def test_predict_decodes_as_training_did_and_lists_what_it_could_not_read(traine
     assert "1 could not be decoded" in caplog.text and "1 resized to 12x12, 1 converted to RGB" in caplog.text
     model = load_classifier(trained / "run" / "checkpoints" / "best.pt")
     files = [inp / "same_0.png", inp / "sub" / "bigger.png", inp / "sub" / "gray.png"]
-    x = torch.stack([decode_image(str(f), 3, (12, 12)) for f in files])
+    x = torch.stack([decode_image(str(f), 3, Fit((12, 12), "crop")) for f in files])  # the run's data.resize
     probs = model(x).softmax(1).detach()
     for f, p in zip(files, probs):  # the CSV is what load_classifier gives on the same decoded images
         r = got[str(f.relative_to(inp))]

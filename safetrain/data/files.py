@@ -11,6 +11,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -60,6 +61,46 @@ def header(path: Path) -> tuple[str, tuple[int, int]] | str:
         return f"more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb, or an image far too large)"
     except (OSError, ValueError, SyntaxError) as e:
         return f"not a readable image ({type(e).__name__}: {str(e)[:80]})"
+
+
+FITS = ("crop", "pad", "squash")  # data.resize: how an image of another shape is brought to the training size
+AUTO_SIDE = (32, 128)  # bounds of the size chosen for mixed sizes (data.image_size sets any other)
+
+
+class Fit(NamedTuple):
+    """The size (H, W) images are decoded to, and how another shape gets there (data.resize)."""
+    size: tuple[int, int]
+    mode: str = "crop"
+
+
+def fit_image(arr: np.ndarray, fit: Fit) -> np.ndarray:
+    """(h, w[, C]) uint8 -> fit.size: `crop` scales the shorter side to fit and keeps the centre (the aspect ratio
+    kept, the edges cut), `pad` scales the longer side to fit and pads the rest with black (nothing cut), `squash`
+    resizes to the size (the aspect ratio changed). Bilinear, antialiased when shrinking."""
+    (h, w), (H, W) = arr.shape[:2], fit.size
+    if (h, w) == (H, W):
+        return arr
+    im = Image.fromarray(arr)
+    if fit.mode == "squash":
+        return np.asarray(im.resize((W, H), Image.BILINEAR))
+    scale = max(H / h, W / w) if fit.mode == "crop" else min(H / h, W / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = (max(nh, H), max(nw, W)) if fit.mode == "crop" else (min(nh, H), min(nw, W))
+    small = np.asarray(im.resize((nw, nh), Image.BILINEAR))
+    if fit.mode == "crop":
+        top, left = (nh - H) // 2, (nw - W) // 2
+        return small[top:top + H, left:left + W]
+    out = np.zeros((H, W, *arr.shape[2:]), dtype=np.uint8)
+    top, left = (H - nh) // 2, (W - nw) // 2
+    out[top:top + nh, left:left + nw] = small
+    return out
+
+
+def auto_side(sides: list[int]) -> int:
+    """The training size for images whose shorter sides are `sides`: their median, to a multiple of 8, within
+    AUTO_SIDE (what the default models train at on a CPU in minutes; data.image_size sets another)."""
+    median = sorted(sides)[len(sides) // 2]
+    return int(min(max(8 * round(median / 8), AUTO_SIDE[0]), AUTO_SIDE[1]))
 
 
 def channels_of(modes: set[str]) -> int:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from safetrain.data.files import Fit
 from safetrain.data.sources import Decoding, FileDataset, ImageSet, file_loader
 from safetrain.distributed import chunk, share_of
 from safetrain.errors import DataError
@@ -202,12 +203,12 @@ def _stack(items, shape: tuple) -> tuple[Tensor, Tensor]:
     for img, _, path in items:
         if tuple(img.shape) != shape:
             raise DataError(f"[data] {path} decodes to {tuple(img.shape)} but the dataset's images are {shape}. "
-                            "Set data.image_size=N to resize every image to NxN.")
+                            "Set data.image_size=N to train every image at NxN.")
     return torch.stack([i for i, _, _ in items]), torch.tensor([y for _, y, _ in items])
 
 
 class _LabelledFiles(FileDataset):
-    def __init__(self, data: ImageSet, channels: int, resize: Optional[int]):
+    def __init__(self, data: ImageSet, channels: int, resize: Optional[Fit]):
         super().__init__(data.files, channels, resize)
         self.labels = data.labels.tolist()
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from safetrain.data.files import IMAGE_EXTENSIONS, channels_of, header, hidden, list_images, to_array
+from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, channels_of, fit_image, header, hidden,
+                                  list_images, to_array)
 from safetrain.errors import DataError
 from safetrain.io import cached
 
@@ -52,6 +53,7 @@ class DataSpec:
     name: str
     root: Optional[str] = None
     image_size: Optional[int] = None  # data.image_size, else the starting weights' resolution [M35]
+    resize: str = "crop"  # data.resize: how images of another shape are fitted to it (files.Fit)
     loader: str = "auto"
     num_workers: int = 4
     download: bool = True
@@ -76,7 +78,7 @@ class Decoding(NamedTuple):
     """How a split's files become images: the (C, H, W) every image has after decoding, the square size files are
     resized to (None: they already have it), and how many worker processes decode them."""
     shape: tuple[int, int, int]
-    resize: Optional[int] = None
+    resize: Optional[Fit] = None
     num_workers: int = 0
 
 
@@ -86,7 +88,7 @@ class Source:
     parts: dict[str, ImageSet]  # "train" always; "val"/"test" when the source defines them
     fingerprint: str  # identifies the pixels and labels, for caches
     shape: tuple[int, int, int]  # (C, H, W) every image has after decoding
-    resize: Optional[int] = None  # streaming decode resizes to this square size
+    resize: Optional[Fit] = None  # files are decoded to this size (None: they all have it)
     left_out: dict = field(default_factory=dict)  # {"skipped": hidden/non-image entries, "bad": {file: why}}
 
     def decoding(self, num_workers: int) -> Decoding:
@@ -161,7 +163,7 @@ def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
     return classes, skipped
 
 
-def decode_image(path: str, channels: int, resize: Optional[int]) -> Tensor:
+def decode_image(path: str, channels: int, resize: Optional[Fit]) -> Tensor:
     """One file -> (C, H, W) uint8 with the dataset's channel count (and size, if resizing)."""
     try:
         return _decode(path, channels, resize)
@@ -169,20 +171,20 @@ def decode_image(path: str, channels: int, resize: Optional[int]) -> Tensor:
         raise DataError(f"[data] cannot decode image {path} ({e}). Remove or replace the file.") from None
 
 
-def _decode(path: str, channels: int, resize: int | tuple[int, int] | None) -> Tensor:
-    """`resize`: N (NxN, data.image_size) or (H, W) (inference: the size the model was trained on)."""
+def _decode(path: str, channels: int, resize: Optional[Fit]) -> Tensor:
+    """`resize`: the size and the rule (training's, and inference's from the checkpoint), or None."""
     with Image.open(path) as im:
         arr = to_array(im, channels)  # reads every pixel: a file cut after its header fails here
-    size = (resize, resize) if isinstance(resize, int) else resize
-    if size and arr.shape[:2] != tuple(size):  # antialiased when shrinking
-        arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
+    if resize:
+        arr = fit_image(arr, resize)
     t = torch.from_numpy(np.array(arr))  # a writable copy
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def _scan(files: list[Path], resize: Optional[int]) -> tuple[list[Path], dict, int, tuple[int, int]]:
-    """Every file's header: (the good files, the bad ones {file: why}, channels, (H, W)). Sizes that differ
-    need data.image_size."""
+def _scan(files: list[Path], image_size: Optional[int]) -> tuple[list[Path], dict, int, tuple[int, int], bool]:
+    """Every file's header: (the good files, the bad ones {file: why}, channels, the size (H, W) they are trained at,
+    whether they are resized to it): `image_size`, or for images of several sizes one chosen from their shorter
+    sides, or the one size they all have."""
     heads = {f: header(f) for f in files}
     bad = {f: h for f, h in heads.items() if isinstance(h, str)}
     good = {f: h for f, h in heads.items() if f not in bad}
@@ -191,11 +193,15 @@ def _scan(files: list[Path], resize: Optional[int]) -> tuple[list[Path], dict, i
     sizes = {}
     for f, (_, size) in good.items():
         sizes.setdefault(size, f)
-    if len(sizes) > 1 and not resize:
-        raise DataError(f"[data] the images have {len(sizes)} sizes (HxW), e.g. " + ", ".join(
-            f"{f} {h}x{w}" for (h, w), f in list(sizes.items())[:3]) + ". Set data.image_size=N to resize every "
-            f"image to NxN (e.g. data.image_size={min(min(s) for s in sizes)}).")
-    return list(good), bad, channels_of({m for m, _ in good.values()}), max(sizes)
+    side = image_size
+    if len(sizes) > 1 and not image_size:
+        sides = [min(size) for _, size in good.values()]
+        side = auto_side(sides)
+        log.info("data.image_size not set: the images have %d sizes (shorter side %d to %d px, median %d); training "
+                 "at %dx%d, their median within %d-%d px (data.image_size=N sets another)", len(sizes), min(sides),
+                 max(sides), sorted(sides)[len(sides) // 2], side, side, *AUTO_SIDE)
+    return list(good), bad, channels_of({m for m, _ in good.values()}), (side, side) if side else max(sizes), \
+        bool(side)
 
 
 def _refuse_or_skip(bad: dict, total: int, policy: str) -> dict:
@@ -214,7 +220,7 @@ def _refuse_or_skip(bad: dict, total: int, policy: str) -> dict:
 
 
 def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path,
-                num_workers: int, bad_files: str = "refuse") -> Source:
+                num_workers: int, bad_files: str = "refuse", resize: str = "crop") -> Source:
     folder = Path(root).expanduser()
     if not folder.is_dir():
         raise DataError(f"[data] data.root={root!r} is not a folder. Point data.root at a folder with "
@@ -236,17 +242,17 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
         if extra:
             raise DataError(f"[data] {layout[part]} has class folders {sorted(extra)} that {layout[first]} "
                             f"lacks. Every split must use the training split's classes.")
-    good, bad_headers, channels, (h, w) = _scan([f for found in per_part.values() for fs in found.values() for f in fs],
-                                                image_size)
+    good, bad_headers, channels, (h, w), resized = _scan(
+        [f for found in per_part.values() for fs in found.values() for f in fs], image_size)
+    fit = Fit((h, w), resize) if resized else None
     good = set(good)
     listed = [(part, str(f), classes.index(c)) for part, found in per_part.items() for c, fs in found.items()
               for f in fs if f in good]
-    h, w = (image_size, image_size) if image_size else (h, w)
     stat = [(str(Path(f).relative_to(folder)), Path(f).stat().st_size, Path(f).stat().st_mtime_ns)
             for _, f, _ in listed]
-    fp = digest("folder v2", str(folder.resolve()), image_size, channels, *stat)
+    fp = digest("folder v3", str(folder.resolve()), fit, channels, *stat)
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
-    images, bad = _decode_all([f for _, f, _ in listed], (channels, h, w), image_size, cache_dir, fp, num_workers,
+    images, bad = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers,
                               keep=not stream)
     unusable = _refuse_or_skip(dict(sorted({**bad_headers, **{Path(listed[i][1]): why for i, why in bad.items()}}
                                            .items())), len(listed) + len(bad_headers), bad_files)  # one list to fix
@@ -258,7 +264,7 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
                                None if images is None else images[idx], files=[listed[i][1] for i in idx])
     left_out = {"skipped": skipped, "bad": {str(Path(f).relative_to(folder)): why
                                             for f, why in unusable.items()}}
-    src = Source(classes, parts, fp, (channels, h, w), resize=image_size, left_out=left_out)
+    src = Source(classes, parts, fp, (channels, h, w), resize=fit, left_out=left_out)
     all_files = [f for s in parts.values() for f in s.files]
     log.info("image folder %s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries "
              "skipped", folder, len(all_files), len(classes), f"{channels}x{h}x{w}", "streaming" if stream else
@@ -289,7 +295,7 @@ def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoad
                                        multiprocessing_context="spawn" if spawn else None, **kw)
 
 
-def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[int], cache_dir: Path, fp: str,
+def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[Fit], cache_dir: Path, fp: str,
                 num_workers: int, keep: bool) -> tuple[Optional[Tensor], dict[int, str]]:
     """Decode every file once, before training, in worker processes: (the images (N, C, H, W) uint8 if `keep`, else
     None: a streamed folder is only checked; {index: why} of the files that cannot be decoded). Cached by the
@@ -332,8 +338,8 @@ def _torchvision_source(name: str):
 # data=NAME -> loader; every loader takes the same keywords and uses those it needs
 SOURCES = {
     **{name: _torchvision_source(name) for name in TORCHVISION},
-    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, **_: load_folder(
-        root, image_size, loader, cache_dir, num_workers, bad_files),
+    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, **_: load_folder(
+        root, image_size, loader, cache_dir, num_workers, bad_files, resize),
     "synthetic": lambda *, seed, synthetic, **_: load_synthetic(seed=seed, **synthetic),
 }
 
@@ -344,7 +350,7 @@ def load_source(spec: DataSpec, cache_dir: Path) -> Source:
         raise DataError(f"[config] data={spec.name!r} is not a dataset; choose one of {list(SOURCES)}.")
     return SOURCES[spec.name](root=spec.root, download=spec.download, image_size=spec.image_size, loader=spec.loader,
                               num_workers=spec.num_workers, cache_dir=cache_dir, seed=spec.seed,
-                              synthetic=dict(spec.synthetic), bad_files=spec.bad_files)
+                              synthetic=dict(spec.synthetic), bad_files=spec.bad_files, resize=spec.resize)
 
 
 # ---------------------------------------------------------------- a user's own Dataset
