@@ -143,3 +143,24 @@ def test_fit_image_crops_pads_or_squashes():
     assert padded.shape == (10, 10) and padded[:2].max() == 0 and padded[8:].max() == 0 and padded[3:7].min() == 255
     assert fit_image(np.full((20, 40), 255, np.uint8), Fit((10, 10), "squash")).min() == 255
     assert fit_image(arr, Fit((20, 40), "crop")) is arr  # the size already: untouched
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_image_is_decoded_straight_to_about_the_size_used(tmp_path, fmt):
+    """JPEG's DCT scaling (draft) or a whole-factor reduce before the exact resize: the pixels a full decode and
+    resize would give, to within a few levels, without computing most of the large image."""
+    from safetrain.data.files import shrink_on_load
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)).resize((1800, 1200), Image.BICUBIC)
+    path = tmp_path / f"big.{fmt.lower()}"
+    big.save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    fit = Fit((64, 64), "crop")
+    with Image.open(path) as im:
+        small = shrink_on_load(im, fit)
+        small.load()
+        assert 96 <= small.size[0] < 900 and 64 <= small.size[1] < 600  # reduced, never below what the crop needs
+    with Image.open(path) as im:
+        full = fit_image(to_array(im, 3), fit)
+    ours = decode_image(str(path), 3, fit).permute(1, 2, 0).numpy()
+    assert np.abs(ours.astype(int) - full.astype(int)).mean() < 2

@@ -7,6 +7,7 @@ in the README); palette and CMYK images converted. Bad (unreadable, empty, not a
 not permitted): listed by path and reason, refused together (`data.bad_files=refuse`) or left out (`skip`)."""
 from __future__ import annotations
 
+import math
 import os
 import stat
 import warnings
@@ -94,6 +95,22 @@ def fit_image(arr: np.ndarray, fit: Fit) -> np.ndarray:
     top, left = (H - nh) // 2, (W - nw) // 2
     out[top:top + nh, left:left + nw] = small
     return out
+
+
+def shrink_on_load(im: Image.Image, fit: Fit) -> Image.Image:
+    """A large image decoded straight to about the size `fit` needs, never below it: JPEGs through PIL's `draft`
+    (the decoder's DCT scaling by 1/2, 1/4 or 1/8: most of the pixels are never computed), other formats reduced by
+    a whole factor (box filter) before fit_image's exact resize."""
+    (w, h), (H, W) = im.size, fit.size
+    sx, sy = W / w, H / h
+    if fit.mode != "squash":
+        sx = sy = max(sx, sy) if fit.mode == "crop" else min(sx, sy)
+    need = (max(1, math.ceil(w * sx)), max(1, math.ceil(h * sy)))
+    if im.format == "JPEG":
+        im.draft(im.mode, need)
+        return im
+    factor = min(w // need[0], h // need[1])
+    return im.reduce(factor) if factor >= 2 else im
 
 
 def auto_side(sides: list[int]) -> int:

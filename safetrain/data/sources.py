@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, channels_of, fit_image, header, hidden,
-                                  list_images, to_array)
+                                  list_images, shrink_on_load, to_array)
 from safetrain.errors import DataError
 from safetrain.io import cached
 
@@ -173,8 +173,8 @@ def decode_image(path: str, channels: int, resize: Optional[Fit]) -> Tensor:
 
 def _decode(path: str, channels: int, resize: Optional[Fit]) -> Tensor:
     """`resize`: the size and the rule (training's, and inference's from the checkpoint), or None."""
-    with Image.open(path) as im:
-        arr = to_array(im, channels)  # reads every pixel: a file cut after its header fails here
+    with Image.open(path) as im:  # to_array reads every pixel: a file cut after its header fails here
+        arr = to_array(shrink_on_load(im, resize) if resize else im, channels)
     if resize:
         arr = fit_image(arr, resize)
     t = torch.from_numpy(np.array(arr))  # a writable copy
