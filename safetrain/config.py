@@ -56,6 +56,9 @@ class DataConfig:
     imbalance_ratio: Optional[float] = None  # R: make the training split long-tailed (largest/smallest = R)
     image_size: Optional[int] = None  # train folder images at this square size (None: theirs, or chosen if they differ)
     resize: str = "crop"  # how an image of another shape gets there: crop (aspect kept), pad (nothing cut), squash
+    path_column: str = "path"  # data=csv: the column of image paths (relative to the CSV file, or absolute)
+    label_column: str = "label"  # data=csv: the column of labels (class names)
+    split_column: Optional[str] = None  # data=csv: a column of train/val/test (None: safetrain splits)
     bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
     loader: str = "auto"
     num_workers: int = 4
@@ -238,6 +241,9 @@ def _check_data(d: DataConfig, norm: str) -> None:
     if d.name == "imagefolder" and not d.root:
         raise ConfigError("[config] data=imagefolder needs data.root=<folder with train/ or class "
                           "subfolders>. Add data.root=/path/to/images to the command.")
+    if d.name == "csv" and not d.root:
+        raise ConfigError("[config] data=csv needs data.root=<a CSV or TSV file> with a column of image paths "
+                          f"(data.path_column={d.path_column}) and one of labels (data.label_column={d.label_column}).")
     if flips(d.augment) and not d.hflip_keeps_label:
         raise ConfigError(f"[M05] data.augment={d.augment} flips images horizontally, but this "
                           "recipe declares data.hflip_keeps_label=false (a mirrored digit or letter is "
@@ -298,9 +304,12 @@ def data_spec(c: Config, weights_size: Optional[int] = None) -> DataSpec:
     """The run's one description of its data (data/sources.py): the data settings, with image folders resized to
     data.image_size or else to `weights_size`, the resolution of the starting weights [M35]."""
     d = c.data
-    return DataSpec(d.name, d.root, d.image_size or weights_size, d.resize, d.loader, d.num_workers, d.download,
-                    d.bad_files, tuple(vars(d.synthetic).items()), c.seed, d.val_fraction, d.test_fraction,
-                    d.min_samples_per_class, d.imbalance_ratio, d.min_eval_per_class)
+    return DataSpec(name=d.name, root=d.root, image_size=d.image_size or weights_size, resize=d.resize,
+                    path_column=d.path_column, label_column=d.label_column, split_column=d.split_column,
+                    loader=d.loader, num_workers=d.num_workers, download=d.download, bad_files=d.bad_files,
+                    synthetic=tuple(vars(d.synthetic).items()), seed=c.seed, val_fraction=d.val_fraction,
+                    test_fraction=d.test_fraction, min_samples_per_class=d.min_samples_per_class,
+                    imbalance_ratio=d.imbalance_ratio, min_eval_per_class=d.min_eval_per_class)
 
 
 def to_container(c: Config) -> dict:

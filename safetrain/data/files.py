@@ -56,6 +56,8 @@ def header(path: Path) -> tuple[str, tuple[int, int]] | str:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 return im.mode, im.size[::-1]
+    except FileNotFoundError:
+        return "no such file"
     except PermissionError:
         return "permission denied"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):

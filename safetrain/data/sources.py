@@ -5,7 +5,9 @@ need to know where the pixels came from.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -54,6 +56,9 @@ class DataSpec:
     root: Optional[str] = None
     image_size: Optional[int] = None  # data.image_size, else the starting weights' resolution [M35]
     resize: str = "crop"  # data.resize: how images of another shape are fitted to it (files.Fit)
+    path_column: str = "path"  # data=csv: the columns of the image paths, the labels, and (optional) the splits
+    label_column: str = "label"
+    split_column: Optional[str] = None
     loader: str = "auto"
     num_workers: int = 4
     download: bool = True
@@ -219,8 +224,22 @@ def _refuse_or_skip(bad: dict, total: int, policy: str) -> dict:
     return bad
 
 
+class Listing(NamedTuple):
+    """Image files as a source lists them, before any is opened."""
+    rows: list[tuple[str, Path, int]]  # (part: all/train/val/test, file, class index)
+    classes: list[str]
+    base: Path  # sample ids are file paths relative to it
+    skipped: int  # hidden, non-image or special entries left out
+    what: str  # for the log: "image folder DIR", "CSV FILE"
+
+
 def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path,
                 num_workers: int, bad_files: str = "refuse", resize: str = "crop") -> Source:
+    return load_files(list_folder(root), image_size, loader, cache_dir, num_workers, bad_files, resize)
+
+
+def list_folder(root: str) -> Listing:
+    """A folder of class folders (`train/`, `val/`, `test/` above them where the user split the data)."""
     folder = Path(root).expanduser()
     if not folder.is_dir():
         raise DataError(f"[data] data.root={root!r} is not a folder. Point data.root at a folder with "
@@ -242,15 +261,77 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
         if extra:
             raise DataError(f"[data] {layout[part]} has class folders {sorted(extra)} that {layout[first]} "
                             f"lacks. Every split must use the training split's classes.")
-    good, bad_headers, channels, (h, w), resized = _scan(
-        [f for found in per_part.values() for fs in found.values() for f in fs], image_size)
+    rows = [(part, f, classes.index(c)) for part, found in per_part.items() for c, fs in found.items() for f in fs]
+    return Listing(rows, classes, folder, skipped, f"image folder {folder}")
+
+
+class Columns(NamedTuple):
+    """data=csv: which columns hold the image paths, the labels and (optionally) the splits."""
+    path: str = "path"
+    label: str = "label"
+    split: Optional[str] = None
+
+
+SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+
+
+def list_csv(root: str, columns: Columns) -> Listing:
+    """A CSV or TSV file (the delimiter sniffed) of image paths (relative to the file, or absolute) and labels, and
+    optionally the split of each row. Classes are the labels' names, sorted. One label per row here; the rows keep
+    their label text, so several labels per image can join without another reader."""
+    path = Path(root).expanduser()
+    if not path.is_file():
+        raise DataError(f"[data] data.root={root!r} is not a file. With data=csv, data.root is a CSV or TSV file with "
+                        f"a column of image paths ({columns.path}) and one of labels ({columns.label}).")
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        dialect = csv.Sniffer().sniff(text[:8192], delimiters=",\t;")
+    except csv.Error:
+        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+    table = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    names = list(table[0]) if table else []
+    wanted = [c for c in (columns.path, columns.label, columns.split) if c]
+    if [c for c in wanted if c not in names]:
+        raise DataError(f"[data] {path} has no column {[c for c in wanted if c not in names]}; its columns are "
+                        f"{names}. Name them with data.path_column=..., data.label_column=... (and "
+                        "data.split_column=... for a column of train/val/test).")
+    rows, problems = [], []
+    for line, r in enumerate(table, start=2):
+        file, label = (r[columns.path] or "").strip(), (r[columns.label] or "").strip()
+        split = SPLIT_VALUES.get((r[columns.split] or "").strip().lower()) if columns.split else "all"
+        if not file or not label or split is None:
+            problems.append(f"line {line}: " + ("no path" if not file else "no label" if not label else
+                                                f"split {r[columns.split]!r}"))
+        else:
+            rows.append((split, (path.parent / file).resolve(), label))
+    if problems:
+        raise DataError(f"[data] {path}: {len(problems)} rows cannot be used ({'; '.join(problems[:10])}"
+                        f"{' ...' if len(problems) > 10 else ''}). Every row needs a path and a label"
+                        + (f", and {columns.split} one of {sorted(SPLIT_VALUES)}" if columns.split else "")
+                        + ". Fix or remove those rows.")
+    classes = sorted({label for _, _, label in rows})
+    if len(classes) < 2:
+        raise DataError(f"[M08] {path} has {len(classes)} label(s) {classes} in column {columns.label}; a classifier "
+                        "needs at least 2.")
+    if columns.split and "train" not in {s for s, _, _ in rows}:
+        raise DataError(f"[data] {path}: no row has split 'train' in column {columns.split}. Mark the training rows, "
+                        "or leave data.split_column unset for safetrain to split.")
+    index = {c: k for k, c in enumerate(classes)}
+    return Listing([(s, f, index[label]) for s, f, label in rows], classes, path.parent, 0, f"CSV {path}")
+
+
+def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
+               bad_files: str = "refuse", resize: str = "crop") -> Source:
+    """Listed files -> Source: every header read (bad files refused or skipped, one list), the training size and
+    rule decided, every image decoded once (or checked, when streamed) and cached by the files' fingerprint."""
+    base, classes = listing.base, listing.classes
+    good, bad_headers, channels, (h, w), resized = _scan([f for _, f, _ in listing.rows], image_size)
     fit = Fit((h, w), resize) if resized else None
     good = set(good)
-    listed = [(part, str(f), classes.index(c)) for part, found in per_part.items() for c, fs in found.items()
-              for f in fs if f in good]
-    stat = [(str(Path(f).relative_to(folder)), Path(f).stat().st_size, Path(f).stat().st_mtime_ns)
-            for _, f, _ in listed]
-    fp = digest("folder v3", str(folder.resolve()), fit, channels, *stat)
+    listed = [(part, str(f), y) for part, f, y in listing.rows if f in good]
+    stat = [(os.path.relpath(f, base), Path(f).stat().st_size, Path(f).stat().st_mtime_ns, part, y)
+            for part, f, y in listed]
+    fp = digest("files v1", str(base.resolve()), fit, channels, classes, *stat)
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
     images, bad = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers,
                               keep=not stream)
@@ -260,16 +341,14 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
     for part in dict.fromkeys(p for p, _, _ in listed):
         idx = [i for i, (p, _, _) in enumerate(listed) if p == part and i not in bad]
         parts[part] = ImageSet(torch.tensor([listed[i][2] for i in idx], dtype=torch.int64),
-                               [str(Path(listed[i][1]).relative_to(folder)) for i in idx],
+                               [os.path.relpath(listed[i][1], base) for i in idx],
                                None if images is None else images[idx], files=[listed[i][1] for i in idx])
-    left_out = {"skipped": skipped, "bad": {str(Path(f).relative_to(folder)): why
-                                            for f, why in unusable.items()}}
-    src = Source(classes, parts, fp, (channels, h, w), resize=fit, left_out=left_out)
-    all_files = [f for s in parts.values() for f in s.files]
-    log.info("image folder %s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries "
-             "skipped", folder, len(all_files), len(classes), f"{channels}x{h}x{w}", "streaming" if stream else
-             "in-memory", skipped)
-    return src
+    left_out = {"skipped": listing.skipped, "bad": {os.path.relpath(f, base): why
+                                                    for f, why in unusable.items()}}
+    log.info("%s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries skipped", listing.what,
+             sum(len(s) for s in parts.values()), len(classes), f"{channels}x{h}x{w}",
+             "streaming" if stream else "in-memory", listing.skipped)
+    return Source(classes, parts, fp, (channels, h, w), resize=fit, left_out=left_out)
 
 
 class FileDataset(torch.utils.data.Dataset):
@@ -340,6 +419,8 @@ SOURCES = {
     **{name: _torchvision_source(name) for name in TORCHVISION},
     "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, **_: load_folder(
         root, image_size, loader, cache_dir, num_workers, bad_files, resize),
+    "csv": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, columns, **_: load_files(
+        list_csv(root, columns), image_size, loader, cache_dir, num_workers, bad_files, resize),
     "synthetic": lambda *, seed, synthetic, **_: load_synthetic(seed=seed, **synthetic),
 }
 
@@ -350,7 +431,8 @@ def load_source(spec: DataSpec, cache_dir: Path) -> Source:
         raise DataError(f"[config] data={spec.name!r} is not a dataset; choose one of {list(SOURCES)}.")
     return SOURCES[spec.name](root=spec.root, download=spec.download, image_size=spec.image_size, loader=spec.loader,
                               num_workers=spec.num_workers, cache_dir=cache_dir, seed=spec.seed,
-                              synthetic=dict(spec.synthetic), bad_files=spec.bad_files, resize=spec.resize)
+                              synthetic=dict(spec.synthetic), bad_files=spec.bad_files, resize=spec.resize,
+                              columns=Columns(spec.path_column, spec.label_column, spec.split_column))
 
 
 # ---------------------------------------------------------------- a user's own Dataset

@@ -1,0 +1,68 @@
+"""data=csv: labels from a CSV/TSV file, with the folders' checks and messages."""
+import csv
+
+import pytest
+
+from safetrain import data as D
+from safetrain.cli import compose
+from safetrain.data.sources import Columns, list_csv, load_files
+from safetrain.errors import DataError
+from safetrain.run import run
+from tests.conftest import write_images
+
+
+def _table(tmp_path, rows, name="labels.csv", header=("path", "label"), delimiter=","):
+    with open(tmp_path / name, "w", newline="") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return tmp_path / name
+
+
+def _images(tmp_path, classes=3, per_class=10):
+    root = write_images(tmp_path / "imgs", classes=classes, per_class=per_class, size=(12, 12))
+    return sorted(root.rglob("*.png"))
+
+
+def test_a_csv_lists_images_with_labels_and_splits_relative_to_the_file(tmp_path):
+    files = _images(tmp_path)
+    rows = [(str(f.relative_to(tmp_path)), f"kind {f.parent.name[-1]}", "validation" if i % 5 == 0 else "train")
+            for i, f in enumerate(files)]
+    path = _table(tmp_path, rows, "meta.tsv", ("file", "tag", "subset"), "\t")
+    listing = list_csv(str(path), Columns("file", "tag", "subset"))
+    assert listing.classes == ["kind 0", "kind 1", "kind 2"] and {s for s, _, _ in listing.rows} == {"train", "val"}
+    src = load_files(listing, None, "memory", tmp_path / ".cache", 0)
+    assert len(src.parts["train"]) == 24 and len(src.parts["val"]) == 6 and src.shape == (3, 12, 12)
+    assert src.parts["val"].ids[0] == str(files[0].relative_to(tmp_path))  # ids: relative to the CSV file
+
+
+def test_csv_problems_are_named_by_line_and_column(tmp_path):
+    files = _images(tmp_path, classes=2, per_class=4)
+    good = [(str(f.relative_to(tmp_path)), f.parent.name) for f in files]
+    with pytest.raises(DataError, match=r"has no column \['label'\]; its columns are \['path', 'class'\].*"
+                                        r"data\.label_column="):
+        list_csv(str(_table(tmp_path, good, header=("path", "class"))), Columns())
+    with pytest.raises(DataError, match=r"2 rows cannot be used \(line 3: no label; line 5: split 'holdout'\).*"
+                                        r"subset one of"):
+        rows = [(p, "" if i == 1 else c, "holdout" if i == 3 else "train") for i, (p, c) in enumerate(good)]
+        list_csv(str(_table(tmp_path, rows, header=("path", "label", "subset"))), Columns(split="subset"))
+    with pytest.raises(DataError, match=r"data\.root='.*nope\.csv' is not a file"):
+        list_csv(str(tmp_path / "nope.csv"), Columns())
+    missing = _table(tmp_path, good + [("imgs/gone.png", "class_0")])
+    with pytest.raises(DataError, match=r"(?s)1 of 9 files cannot be used:\n  .*gone\.png: no such file.*"
+                                        r"data\.bad_files=skip"):
+        load_files(list_csv(str(missing), Columns()), None, "memory", tmp_path / ".cache", 0)
+    src = load_files(list_csv(str(missing), Columns()), None, "memory", tmp_path / ".cache", 0, bad_files="skip")
+    assert len(src.parts["all"]) == 8 and list(src.left_out["bad"]) == ["imgs/gone.png"]
+
+
+def test_a_run_from_a_csv_trains_and_keeps_its_spec(tmp_path):
+    files = _images(tmp_path, classes=3, per_class=20)
+    path = _table(tmp_path, [(str(f), f.parent.name) for f in files])  # absolute paths work too
+    cfg, _ = compose("imagefolder", ["data=csv", f"data.root={path}", "trainer.max_epochs=1", "data.batch_size=16",
+                                     "model=cnn", "model.widths=[8,16]", "trainer.progress=false"])
+    final = run(cfg, tmp_path / "run")
+    assert final["classes"] == ["class_0", "class_1", "class_2"] and final["epochs_run"] == 1
+    spec = D.DataSpec.from_dict(__import__("torch").load(tmp_path / "run" / "checkpoints" / "best.pt",
+                                                         weights_only=True)["data_spec"])
+    assert spec.name == "csv" and spec.path_column == "path" and spec.root == str(path)
