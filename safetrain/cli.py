@@ -139,6 +139,8 @@ class Command:
 
 
 def parse(argv: list[str]) -> Command:
+    """mode=predict|evaluate|export (the checkpoint has the recipe), resume=RUN_DIR, recipe=NAME (train, doctor or a
+    sweep with -m), or nothing: the list of recipes."""
     modes = {a.split("=", 1)[1] for a in argv if a.startswith("mode=")}
     after = next((m for m in ("predict", "evaluate", "export") if m in modes), None)
     if after:  # the checkpoint has the recipe
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before a run started (composing, Hydra's setup) or after it ended
-        print("Interrupted: SIGINT received; nothing of a run was written after that point.", file=sys.stderr)
+        print("Interrupted: SIGINT received before a run began (or after it ended); run the command again.",
+              file=sys.stderr)
         return 130
     finally:
         dist.close()  # under torchrun: leave the process group before exit

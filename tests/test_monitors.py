@@ -1,5 +1,6 @@
 """Detectors, preflight, doctor mode and report: each planted fault is caught and named."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 from safetrain.cli import compose
 from safetrain.monitors import fit_findings, gradient_findings
 from safetrain.run import run
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_images
 from tests.test_mistakes import ImagesDataset
 
 
@@ -146,6 +147,14 @@ def test_doctor_has_three_verdicts_and_fails_only_where_training_would_be_wrong(
     fine = ImagesDataset(n=120, size=16)  # 16 px: large enough for the near-duplicate search
     cfg, _ = compose("smoke", ["mode=doctor"])
     out = run(cfg, tmp_path / "a", dataset=ConcatDataset([fine, Subset(fine, range(0, 120, 3))]))  # 40 exact copies
+    audit = {c["kind"]: c for c in out["checks"]}["data audit"]
+    assert "exact copies" not in audit["message"]  # safetrain's split keeps each group of copies in one split
+    root = write_images(tmp_path / "given" / "train", classes=3, per_class=30, size=(16, 16))
+    write_images(tmp_path / "given" / "test", classes=3, per_class=10, size=(16, 16), seed=1)
+    for f in sorted(root.glob("class_0/*.png"))[:3]:  # the user's own test folder shares 3 training images
+        shutil.copy(f, tmp_path / "given" / "test" / "class_0" / f"copy_{f.name}")
+    folder, _ = compose("imagefolder", [f"data.root={tmp_path / 'given'}", "mode=doctor", "data.batch_size=16"])
+    out = run(folder, tmp_path / "c")
     audit = {c["kind"]: c for c in out["checks"]}["data audit"]
     assert out["verdict"] == "fail" and audit["verdict"] == "fail" and "exact copies" in audit["message"]
     blurred = ImagesDataset(n=120, size=16, pixels=lambda x: x.clamp(0.05, 0.95))  # same images, slightly changed: WARN
