@@ -289,7 +289,8 @@ def after_training(command: Command) -> int:
             {"predict": predict, "evaluate": evaluate}[cfg.mode](cfg)
     except OSError as e:  # a read-only or full file system where the results go
         raise ConfigError(f"[io] mode={cfg.mode}: could not write {e.filename or 'its results'} ({e.strerror or e}). "
-                          "Free space there, or write elsewhere: predict.output=PATH.") from None
+                          "Write elsewhere with predict.output=PATH (or free space, or fix the permissions there).") \
+            from None
     return 0
 
 

@@ -288,6 +288,7 @@ def test_export_and_predict_onto_a_place_that_cannot_be_written_say_so(tmp_path)
     out = run_cli("mode=predict", f"predict.checkpoint={run_dir}", f"predict.input={tmp_path / 'imgs'}",
                   f"predict.output={tmp_path / 'a_file' / 'p.csv'}")
     assert out.returncode == 2 and "[io] mode=predict: could not write" in out.stderr and "predict.output" in out.stderr
+    assert f"{tmp_path / 'a_file' / 'p.csv'} (" in out.stderr  # the file meant, not a temp name
 
 
 @pytest.mark.slow
