@@ -56,6 +56,7 @@ def test_csv_problems_are_named_by_line_and_column(tmp_path):
     assert len(src.parts["all"]) == 8 and list(src.left_out["bad"]) == ["imgs/gone.png"]
 
 
+@pytest.mark.slow
 def test_a_run_from_a_csv_trains_and_keeps_its_spec(tmp_path):
     files = _images(tmp_path, classes=3, per_class=20)
     path = _table(tmp_path, [(str(f), f.parent.name) for f in files])  # absolute paths work too

@@ -47,6 +47,7 @@ def test_system_folders_are_refused_before_anything_is_written(folder, says):
         refuse_used_run_dir(Path(folder).expanduser())
 
 
+@pytest.mark.slow
 def test_the_command_line_leaves_a_users_folder_as_it_was(tmp_path):
     mine = tmp_path / "p"
     mine.mkdir()
