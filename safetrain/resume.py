@@ -69,9 +69,10 @@ def last_checkpoint(run_dir: Path) -> dict | None:
                           f"was cut short or damaged.{fix}; or start a new run.") from None
 
 
-def check(run_dir: Path, cfg: Config) -> None:
+def check(run_dir: Path, cfg: Config) -> dict | None:
     """Refuse a resume that could not end as the uninterrupted run would: a config.yaml edited since the checkpoint
-    was written, other settings on the command line, or a finished run."""
+    was written, other settings on the command line, or a finished run. -> the last checkpoint (read once here, for
+    resume_point)."""
     saved = flatten(to_container(saved_config(run_dir)))
     ckpt = last_checkpoint(run_dir)
     trained = flatten(ckpt["config"]) if ckpt else saved
@@ -106,16 +107,16 @@ def check(run_dir: Path, cfg: Config) -> None:
         raise ConfigError(f"[config] resume={run_dir}: the run finished (metrics.json has its test results). To train "
                           f"it longer: {command(run_dir, processes)} trainer.max_epochs=N (N > "
                           f"{cfg.trainer.max_epochs}).")
+    return ckpt
 
 
-def resume_point(run_dir: Path, data_facts: dict, max_epochs: int) -> dict | None:
-    """The last complete epoch's checkpoint (None: the run stopped before its first epoch ended, so it starts over
-    in place). Temp files a killed process left behind are removed."""
+def resume_point(run_dir: Path, ckpt: dict | None, data_facts: dict, max_epochs: int) -> dict | None:
+    """`ckpt` (the last complete epoch's checkpoint, as `check` read it) if the run can go on from it; None: the run
+    stopped before its first epoch ended, so it starts over in place. Temp files a killed process left are removed."""
     run_dir = Path(run_dir)
     for tmp in run_dir.rglob(".*.tmp"):
         tmp.unlink()
     path = run_dir / "checkpoints" / "last.pt"
-    ckpt = last_checkpoint(run_dir)
     if ckpt is None:
         return None
     if "loader" not in ckpt:

@@ -74,15 +74,16 @@ def _prepare(cfg: Config, run_dir: Path, dataset, model, resume: bool):
     if dist.active() and cfg.mode == "doctor":
         raise ConfigError("[config] mode=doctor checks the data and the model in one process: run it with "
                           "`python -m safetrain`, not torchrun.")
+    last = {"ckpt": None}  # rank 0's: the checkpoint the resume check read, for resume_point (read once)
     if resume:
-        dist.from_main(lambda: check_resume(run_dir, cfg))  # same config, not finished
+        dist.from_main(lambda: last.update(ckpt=check_resume(run_dir, cfg)))  # same config, not finished
     elif cfg.mode != "doctor":  # the doctor writes nothing
         dist.from_main(lambda: refuse_used_run_dir(run_dir))  # one run, one directory
     ctx = start(cfg)                                      # seed, device, precision; unlocked bounds
     data = dist.together(lambda: prepare_data(ctx, dataset), local_first=True)  # splits, leaks, facts, audit, loaders
     dist.same_everywhere("data facts", data.facts.to_dict(), "Give every process the same data (data.root).")
-    saved = dist.from_main(lambda: resume_point(run_dir, data.facts.to_dict(), cfg.trainer.max_epochs)) \
-        if resume else None
+    saved = dist.from_main(lambda: resume_point(run_dir, last["ckpt"], data.facts.to_dict(),
+                                                cfg.trainer.max_epochs)) if resume else None
     setup = build_training(ctx, data, model, saved and saved["lr"])  # model, loss, balance, optimizer, schedule
     return ctx, data, setup, preflight(ctx, data, setup), saved   # preflight: inputs, loss at init, gradient reach
 

@@ -37,6 +37,7 @@ class ImageSet:
     ids: list[str]
     images: Optional[Tensor] = None  # (N, C, H, W) uint8: the in-memory fast path
     files: Optional[list[str]] = None  # absolute paths: the streaming path
+    digests: Optional[list[bytes]] = None  # content hashes, once computed (splits.copy_groups): kept by subsets
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,7 +46,8 @@ class ImageSet:
         pick = idx.tolist()
         return ImageSet(self.labels[idx], [self.ids[i] for i in pick],
                         None if self.images is None else self.images[idx],
-                        None if self.files is None else [self.files[i] for i in pick])
+                        None if self.files is None else [self.files[i] for i in pick],
+                        None if self.digests is None else [self.digests[i] for i in pick])
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,11 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
 
 
 def copy_groups(data: ImageSet) -> Tensor:
-    """(N,) a group id per sample, shared by byte-identical images (the first copy's index) [M06]."""
+    """(N,) a group id per sample, shared by byte-identical images (the first copy's index) [M06]. The hashes stay
+    with `data` (and its subsets), so the check across splits does not read the files again."""
+    data.digests = [_hash(data, i) for i in range(len(data))]
     first: dict[bytes, int] = {}
-    groups = torch.tensor([first.setdefault(_hash(data, i), i) for i in range(len(data))], dtype=torch.int64)
+    groups = torch.tensor([first.setdefault(h, i) for i, h in enumerate(data.digests)], dtype=torch.int64)
     copies = len(groups) - len(first)
     if copies:
         sizes = torch.bincount(groups)
@@ -166,6 +168,8 @@ def exact_duplicates(splits: dict[str, ImageSet]) -> list[tuple[str, str]]:
 
 
 def _hash(s: ImageSet, i: int) -> bytes:
+    if s.digests is not None:  # hashed already, before the split
+        return s.digests[i]
     data = s.images[i].numpy().tobytes() if s.images is not None else open(s.files[i], "rb").read()
     return hashlib.blake2b(data, digest_size=16).digest()
 
