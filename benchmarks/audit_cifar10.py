@@ -87,7 +87,7 @@ def main() -> None:
     print(f"audit of {sum(len(v) for v in splits.values())} images on {device}: {dt:.1f} s")
     fractions = ", ".join(f"{k} {v:.2%}" for k, v in s["near_duplicate_fraction"].items())
     print(f"near-duplicates: {s['near_duplicates']} ({fractions}); conflicting copies in train: "
-          f"{s['conflicting_copies_in_train']}; blank: {s['blank_images']}")
+          f"{s['conflicting_copies']}; blank: {s['blank_images']}")
     found = sorted(res.near_duplicates, key=lambda p: p["diff"])
     (a.out / "pairs.json").write_text(json.dumps(found, indent=1))  # every pair, for judging by eye
     if found:

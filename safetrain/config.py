@@ -13,8 +13,8 @@ from typing import Any, Optional, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from safetrain.data import AUGMENTS, SOURCES, DataSpec, flips
-from safetrain.data.files import FITS
+from safetrain.data import AUGMENTS, MIXES, SOURCES, DataSpec, flips
+from safetrain.data.files import AUTO_SIDE, FITS
 from safetrain.errors import ConfigError, check_range
 from safetrain.findings import Finding
 from safetrain.losses import BALANCE, LOSSES
@@ -29,6 +29,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("auto", "memory", "stream")
 MODES = ("train", "doctor")
 MAX_ROTATION = 30.0  # degrees, beyond which digits, text and most objects change meaning [M05]
+MIN_CROP_SCALE = 0.08  # random resized crops: a smaller share of the image often leaves the object out [M05]
+MAX_CROP_RATIO = 2.0  # ... and a box more than 2:1 (or 1:2) stretches the object beyond recognition
 
 
 @dataclass
@@ -46,7 +48,12 @@ class DataConfig:
     batch_size: int = 128
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # only used when the source has no test split
-    augment: str = "crop_flip"
+    augment: str = "crop_flip"  # a name of data.AUGMENTS, or auto: rrc_flip for images of varied sizes, else crop_flip
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # random resized crop: share of the area [M05]
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # ... and width/height of the box [M05]
+    allow_strong_crop: bool = False  # crops below MIN_CROP_SCALE or beyond MAX_CROP_RATIO
+    mix: str = "none"  # none, mixup, cutmix: pairs of training images mixed, their labels in the same proportion
+    mix_alpha: float = 1.0  # the mixing share is drawn from Beta(alpha, alpha)
     hflip_keeps_label: bool = True  # a recipe fact: False for digits and text [M05]
     rotate_degrees: float = 0.0  # random rotation in [-d, d]; at most 30 unless allow_large_rotation [M05]
     allow_large_rotation: bool = False
@@ -60,6 +67,7 @@ class DataConfig:
     label_column: str = "label"  # data=csv: the column of labels (class names)
     split_column: Optional[str] = None  # data=csv: a column of train/val/test (None: safetrain splits)
     bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
+    max_image_pixels: Optional[int] = None  # larger files are bad files; None: PIL's decompression-bomb limit (89 MP)
     loader: str = "auto"
     num_workers: int = 4
     cache_dir: Optional[str] = None  # default: $SAFETRAIN_CACHE or ~/.cache/safetrain
@@ -203,7 +211,8 @@ def validate(cfg: DictConfig | dict) -> Config:
 def _check_values(c: Config) -> None:
     own = c.model.builder_settings()
     choices = {"task": (c.task, LOSSES), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
-               "data.augment": (c.data.augment, AUGMENTS), "data.loader": (c.data.loader, LOADERS),
+               "data.augment": (c.data.augment, ("auto", *AUGMENTS)), "data.mix": (c.data.mix, MIXES),
+               "data.loader": (c.data.loader, LOADERS),
                "data.bad_files": (c.data.bad_files, ("refuse", "skip")), "data.resize": (c.data.resize, FITS),
                "loss.balance": (c.loss.balance, ("auto", *BALANCE)),
                **{f"model.{k}": (own[k], allowed) for k, allowed in (("activation", ACTIVATIONS), ("norm", NORMS))
@@ -244,7 +253,10 @@ def _check_data(d: DataConfig, norm: str) -> None:
     if d.name == "csv" and not d.root:
         raise ConfigError("[config] data=csv needs data.root=<a CSV or TSV file> with a column of image paths "
                           f"(data.path_column={d.path_column}) and one of labels (data.label_column={d.label_column}).")
-    if flips(d.augment) and not d.hflip_keeps_label:
+    _check_crops(d)
+    if d.mix != "none":
+        check_range("data.mix_alpha", d.mix_alpha, 0.05, 10.0)
+    if d.augment != "auto" and flips(d.augment) and not d.hflip_keeps_label:
         raise ConfigError(f"[M05] data.augment={d.augment} flips images horizontally, but this "
                           "recipe declares data.hflip_keeps_label=false (a mirrored digit or letter is "
                           "another symbol). Use data.augment=crop or data.augment=none.")
@@ -264,8 +276,29 @@ def _check_data(d: DataConfig, norm: str) -> None:
                           f"fewer than {BN_MIN_BATCH} samples are noise, and 1 fails outright). Use model.norm=group, "
                           f"or data.batch_size={BN_MIN_BATCH * 4} or more.")
     check_range("data.batch_size", d.batch_size, 1, 65536, "M23")
+    if d.max_image_pixels is not None:
+        check_range("data.max_image_pixels", d.max_image_pixels, 10**6, 10**10)
     check_range("data.val_fraction", d.val_fraction, 0.01, 0.5)
     check_range("data.test_fraction", d.test_fraction, 0.01, 0.5)
+
+
+def _check_crops(d: DataConfig) -> None:
+    """data.crop_scale and data.crop_ratio: [low, high] pairs, within the bounds that keep the label [M05]."""
+    for key, pair in (("data.crop_scale", d.crop_scale), ("data.crop_ratio", d.crop_ratio)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            example = "[0.35,1.0]" if key.endswith("scale") else "[0.75,1.33]"
+            raise ConfigError(f"[M05] {key}={list(pair)} must be two numbers [low, high] with 0 < low <= high, "
+                              f"e.g. {key}={example}.")
+    if d.crop_scale[1] > 1:
+        raise ConfigError(f"[M05] data.crop_scale={list(d.crop_scale)}: a crop cannot take more than the whole "
+                          "image (1.0). Use e.g. data.crop_scale=[0.35,1.0].")
+    (lo, _), (r_lo, r_hi) = d.crop_scale, d.crop_ratio
+    if not d.allow_strong_crop and (lo < MIN_CROP_SCALE or max(r_hi, 1 / r_lo) > MAX_CROP_RATIO):
+        raise ConfigError(f"[M05] data.crop_scale={list(d.crop_scale)}, data.crop_ratio={list(d.crop_ratio)}: "
+                          f"crops of less than {MIN_CROP_SCALE:.0%} of the image often leave the object out, and boxes "
+                          f"beyond {MAX_CROP_RATIO:g}:1 stretch it out of shape, so the label may no longer hold. Keep "
+                          f"the low scale >= {MIN_CROP_SCALE} and the ratios within [{1 / MAX_CROP_RATIO:g}, "
+                          f"{MAX_CROP_RATIO:g}], or add data.allow_strong_crop=true if the classes survive it.")
 
 
 def _check_optim(o: OptimConfig) -> None:
@@ -293,6 +326,9 @@ def unlocks(c: Config) -> list[Finding]:
     if c.data.allow_large_rotation:
         out.append(Finding("M05", "unlocked", f"data.allow_large_rotation=true: rotations up to "
                            f"{c.data.rotate_degrees} degrees.", source="unlock"))
+    if c.data.allow_strong_crop:
+        out.append(Finding("M05", "unlocked", f"data.allow_strong_crop=true: random resized crops of "
+                           f"{c.data.crop_scale} of the area, ratios {c.data.crop_ratio}.", source="unlock"))
     if c.data.allow_duplicates_across_splits:
         out.append(Finding("M06", "unlocked", "data.allow_duplicates_across_splits=true: exact copies across "
                            "train/val/test are allowed, so validation and test scores may be optimistic.",
@@ -300,11 +336,14 @@ def unlocks(c: Config) -> list[Finding]:
     return out
 
 
-def data_spec(c: Config, weights_size: Optional[int] = None) -> DataSpec:
+def data_spec(c: Config, weights_size: Optional[int] = None, device_type: str = "cpu") -> DataSpec:
     """The run's one description of its data (data/sources.py): the data settings, with image folders resized to
-    data.image_size or else to `weights_size`, the resolution of the starting weights [M35]."""
+    data.image_size or else to `weights_size`, the resolution of the starting weights [M35], or else (mixed sizes)
+    to a size chosen from the images within what the device (`device_type`) affords."""
     d = c.data
     return DataSpec(name=d.name, root=d.root, image_size=d.image_size or weights_size, resize=d.resize,
+                    auto_side=AUTO_SIDE["cpu" if device_type == "cpu" else "accelerator"],
+                    max_image_pixels=d.max_image_pixels,
                     path_column=d.path_column, label_column=d.label_column, split_column=d.split_column,
                     loader=d.loader, num_workers=d.num_workers, download=d.download, bad_files=d.bad_files,
                     synthetic=tuple(vars(d.synthetic).items()), seed=c.seed, val_fraction=d.val_fraction,

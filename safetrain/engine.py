@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from safetrain import data as D
 from safetrain import distributed as dist
 from safetrain.errors import ConfigError, Interrupted
 from safetrain.losses import chance_losses
@@ -216,6 +217,7 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
         schedule.after_step()
         if average is not None:
             average.after_step()
+        y = D.hard_labels(y)  # data.mix: the larger share's class
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         if drawn is None:

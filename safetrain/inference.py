@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from safetrain import data as D
 from safetrain.checkpoint import classifier, load_checkpoint
 from safetrain.config import AfterTrainingConfig, PredictConfig
-from safetrain.data.audit import MIN_SIDE, near_duplicates, reference, typical_distance
-from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images
+from safetrain.data.audit import MIN_SIDE, search
+from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images, pixel_limit
 from safetrain.data.sources import CheckedFiles, ImageSet, file_loader
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
@@ -57,6 +57,7 @@ def load_trained(checkpoint: str, device: str = "auto") -> Trained:
     except Exception as e:  # noqa: BLE001  not a checkpoint at all (another tool's file, a text file, a pickle)
         raise ConfigError(f"[config] predict.checkpoint={checkpoint} is not a safetrain checkpoint "
                           f"({type(e).__name__}: {str(e)[:120]}). Point it at RUN_DIR/checkpoints/best.pt.") from None
+    pixel_limit((ckpt.get("data_spec") or {}).get("max_image_pixels"))  # the limit the run was trained with
     dev = resolve_device(device)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return Trained(classifier(ckpt).to(dev, memory_format=torch.channels_last), ckpt["data_facts"], ckpt, path, run_dir,
@@ -241,8 +242,9 @@ def run_splits(trained: Trained) -> tuple[D.Source, dict[str, ImageSet]]:
         raise ConfigError(f"[config] {trained.path} holds no data spec (an older safetrain wrote it), so its splits "
                           "cannot be rebuilt.")
     spec = replace(D.DataSpec.from_dict(trained.ckpt["data_spec"]), download=False)
-    src = D.load_source(spec, cache_root(trained.ckpt["config"]["data"]["cache_dir"]))
-    return src, D.split_source(src, spec)
+    cache = cache_root(trained.ckpt["config"]["data"]["cache_dir"])
+    src = D.load_source(spec, cache)
+    return src, D.split_source(src, spec, cache)
 
 
 def seen_in_training(trained: Trained, images: ImageSet) -> dict:
@@ -258,9 +260,7 @@ def seen_in_training(trained: Trained, images: ImageSet) -> dict:
     if min(train.images.shape[-2:]) < MIN_SIDE:
         return {"checked": False, "why": f"images of {tuple(train.images.shape[-2:])} pixels are too small to tell a "
                                           "copy from a look-alike"}
-    refs = reference(train, trained.device)
-    pairs = near_duplicates(train, images, "evaluation", typical_distance(train, refs, trained.device), refs,
-                            trained.device)
+    pairs, _ = search(train, {"evaluation": images}, trained.device)
     return {"checked": True, "near_duplicates": len(pairs), "of": len(images), "pairs": pairs[:100]}
 
 

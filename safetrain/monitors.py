@@ -83,7 +83,9 @@ def advice(*, lr=1e-3, weight_decay: float = 0.05, grad_clip: float = 5.0, augme
     lr_auto = [] if lr == "auto" else ["optim.lr=auto"]
     lower_lr = ["a lower optim.lr than the range test chose"] if lr == "auto" else [f"optim.lr={lr / 10:.1e}"]
     more_augment = []
-    if "crop" not in aug:
+    if aug == "auto":  # crops, and flips where they keep the label
+        pass
+    elif "crop" not in aug and "rrc" not in aug:
         more_augment = ["data.augment=crop_flip" if flips_keep else "data.augment=crop"]
     elif flips_keep and not flips(aug):
         more_augment = ["data.augment=crop_flip"]

@@ -109,9 +109,9 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     """Source -> seeded stratified splits -> exact-copy refusal [M06] -> facts -> audit -> loaders -> [M33]."""
     d, seed = ctx.cfg.data, ctx.cfg.seed
     contract = ctx.cfg.model.input_contract()  # pretrained weights' input [M34, M35]
-    spec = data_spec(ctx.cfg, contract and contract.size)
+    spec = data_spec(ctx.cfg, contract and contract.size, ctx.device.type)
     src = D.load_dataset(dataset) if dataset is not None else D.load_source(spec, ctx.cache)
-    splits = D.split_source(src, spec)
+    splits = D.split_source(src, spec, ctx.cache, ctx.device)
     copies = D.exact_duplicates(splits)
     if ctx.cfg.mode != "doctor":  # the doctor reports them as a FAIL instead
         D.refuse_duplicates(copies, d.allow_duplicates_across_splits)
@@ -185,8 +185,11 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, decoding: 
 
     at = dist.part()  # under torchrun: this rank's share of every global batch and of the eval splits
 
+    augment = D.Augment(D.resolve_augment(d.augment, decoding.resize is not None, d.hflip_keeps_label),
+                        d.rotate_degrees, tuple(d.crop_scale), tuple(d.crop_ratio), d.mix, d.mix_alpha)
+
     def train_loader(class_balanced: bool):
-        pipeline = D.BatchPipeline(normalize, ctx.device, d.augment, seed, d.rotate_degrees, at)
+        pipeline = D.BatchPipeline(normalize, ctx.device, augment, seed, at, facts.num_classes)
         return D.make_loader(splits["train"], pipeline, batch_size=d.batch_size, train=True, seed=seed, at=at,
                              class_counts=facts.counts["train"] if class_balanced else None, decoding=decoding)
 
@@ -197,11 +200,22 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, decoding: 
     x0, y0 = next(iter(train))
     # inputs are checked as the split gives them: a class-balanced sampler shifts the class mix on purpose [M33]
     checked = input_check(x0 if not sampler else next(iter(train_loader(False)))[0], contract and contract.source)
-    log.info("[4/9] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only", d.augment,
-             f" rotate<={d.rotate_degrees:g}deg" if d.rotate_degrees else "", d.batch_size, len(train))
+    log.info("[4/9] pipelines: train augment=%s%s, batch %d, %d steps/epoch; eval normalize only",
+             _described(augment, d.augment), f" rotate<={d.rotate_degrees:g}deg" if d.rotate_degrees else "",
+             d.batch_size, len(train))
     loaders = Loaders(train, val, D.make_loader(splits["test"], eval_pipe, at=at, **evaluation),
                       D.make_loader(splits["train"], eval_pipe, **evaluation))  # whole: rank 0's report
     return loaders, eval_pipe, (x0, y0), checked
+
+
+def _described(augment: D.Augment, asked: str) -> str:
+    """The training augmentation for the log, with what `auto` chose and the settings that apply."""
+    out = augment.name + (" (data.augment=auto: the images had varied sizes)" if asked == "auto" and
+                          D.resized_crops(augment.name) else " (data.augment=auto)" if asked == "auto" else "")
+    if D.resized_crops(augment.name):
+        out += f", random resized crops of {augment.crop_scale} of the area, ratios {augment.crop_ratio}"
+    return out + (f", {augment.mix} (alpha {augment.mix_alpha:g}): soft labels, training accuracy against the "
+                  "larger share" if augment.mix != "none" else "")
 
 
 def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = None,
@@ -370,7 +384,7 @@ def advice_for(cfg: Config, custom_model: bool) -> dict[str, str]:
 def augmented_batch(data: Prepared):
     x, y = data.first_batch
     return draw.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]),
-                        [data.facts.classes[k] for k in y[:32].tolist()],
+                        [data.facts.classes[k] for k in D.hard_labels(y[:32]).tolist()],
                         "the first training batch as the network sees it (augmented, denormalized), with its labels")
 
 

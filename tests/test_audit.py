@@ -68,7 +68,7 @@ def test_m08_blank_images_and_conflicting_copies_are_reported(tmp_path):
     final, run_dir = _run(root, tmp_path)
     text = " ".join(final["warnings"])
     assert "[M08] 1 images are blank or constant (e.g. train/class_0/blank.png)" in text
-    assert "[M08] 1 identical training images carry different labels" in text
+    assert "[M08] 1 identical images carry different labels" in text
     assert "train/class_0/5.png" in text and "train/class_1/dup.png" in text
 
 
@@ -127,3 +127,59 @@ def test_m06_images_too_small_to_tell_copies_from_look_alikes_are_not_searched()
             "test": ImageSet(torch.zeros(5, dtype=torch.long), [f"x{i}" for i in range(5)], near)}
     a = audit(sets)
     assert a.near_duplicates == [] and "too small" in a.summary()["near_duplicate_search"]
+
+
+def _planted_copies(root, n=50, copies=16, conflicting=3):
+    """One folder per class (safetrain splits): `copies` images of each class also saved moved by a pixel and
+    re-encoded as JPEG, the last `conflicting` of class 1's copies filed under class 0. -> [(original, copy) ids]."""
+    pairs = []
+    for k in range(2):
+        (root / f"class_{k}").mkdir(parents=True)
+        for i, arr in enumerate(smooth_images(n, 100 * k)):
+            Image.fromarray(arr).save(root / f"class_{k}" / f"{i}.png")
+            if i < copies:
+                into = 0 if k == 1 and i >= copies - conflicting else k
+                Image.fromarray(np.roll(arr, 1, axis=1)).save(root / f"class_{into}" / f"copy_{k}_{i}.jpg", quality=75)
+                pairs.append((f"class_{k}/{i}.png", f"class_{into}/copy_{k}_{i}.jpg"))
+    return root, pairs
+
+
+def test_m06_near_duplicates_stay_in_one_split_when_safetrain_splits(tmp_path):
+    root, pairs = _planted_copies(tmp_path / "imgs")
+    final, run_dir = _run(root, tmp_path)
+    where = {sid: name for name, ids in json.loads((run_dir / "splits.json").read_text()).items() for sid in ids}
+    straddling = [(a, b) for a, b in pairs if where[a] != where[b]]
+    assert straddling == []  # each planted pair in one split: the copies of val/test images were moved into train
+    report = json.loads((run_dir / "audit.json").read_text())
+    kept = {(p["id"], p["train_id"]) for p in report["kept_together"]}
+    assert kept and report["summary"]["near_duplicates_kept_in_train"] == len(kept)
+    assert kept <= {(a, b) for a, b in pairs} | {(b, a) for a, b in pairs}  # only planted copies were moved
+    assert report["near_duplicates"] == []  # nothing left to flatter the scores
+    conflicts = [p for p in report["kept_together"] if p["labels"][0] != p["labels"][1]]
+    said = [w for w in final["warnings"] if "near-duplicate pairs kept together in train carry different" in w]
+    assert bool(said) == bool(conflicts)
+
+
+def test_m08_near_copies_with_different_labels_kept_together_are_a_finding():
+    from safetrain.data.audit import Audit, findings
+    from safetrain.data.splits import join_near_copies
+    img = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+    splits = {"train": ImageSet(torch.tensor([0, 1]), ["a", "b"], img[:2]),
+              "val": ImageSet(torch.tensor([1]), ["c"], img[2:3]), "test": ImageSet(torch.tensor([0]), ["d"], img[3:])}
+    joined = join_near_copies(splits, [{"split": "val", "id": "c", "train_id": "a"}])
+    assert joined["train"].ids == ["a", "b", "c"] and len(joined["val"]) == 0 and joined["test"].ids == ["d"]
+    said = [str(f) for f in findings(Audit(kept_together=joined["train"].joined))]
+    assert any(s.startswith("[M08] 1 of the 1 near-duplicate pairs kept together") and "c and a" in s for s in said)
+
+
+def test_m06_a_copy_between_carved_val_and_test_joins_val_and_follows_its_copy_into_train():
+    from safetrain.data.splits import join_near_copies
+    img = torch.zeros(6, 3, 16, 16, dtype=torch.uint8)
+    splits = {"train": ImageSet(torch.tensor([0, 1]), ["a", "b"], img[:2]),
+              "val": ImageSet(torch.tensor([0, 1]), ["v1", "v2"], img[2:4]),
+              "test": ImageSet(torch.tensor([0, 1]), ["t1", "t2"], img[4:])}
+    pairs = [{"split": "test", "id": "t1", "train_id": "v1", "into": "val"},  # t1 copies v1, which stays in val
+             {"split": "test", "id": "t2", "train_id": "v2", "into": "val"},  # t2 copies v2, which copies b
+             {"split": "val", "id": "v2", "train_id": "b"}]
+    out = join_near_copies(splits, pairs)
+    assert out["train"].ids == ["a", "b", "v2", "t2"] and out["val"].ids == ["v1", "t1"] and out["test"].ids == []

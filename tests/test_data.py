@@ -125,7 +125,7 @@ def test_eval_pipeline_is_deterministic_and_train_pipeline_augments():
     ev = D.BatchPipeline(norm, torch.device("cpu"))
     assert torch.equal(ev(x), ev(x))
     torch.testing.assert_close(ev(x), (x.float() / 255 - 0.5) / 0.25)
-    tr = D.BatchPipeline(norm, torch.device("cpu"), "crop_flip", seed=0)
+    tr = D.BatchPipeline(norm, torch.device("cpu"), D.Augment("crop_flip"), seed=0)
     a, b = tr(x), tr(x)
     assert a.shape == x.shape and not torch.equal(a, b)
     torch.testing.assert_close(norm.denormalize(ev(x)), x.float() / 255)
@@ -134,7 +134,7 @@ def test_eval_pipeline_is_deterministic_and_train_pipeline_augments():
 def test_shift_flip_moves_images_by_at_most_a_sixteenth_of_their_side():
     x = torch.zeros(256, 1, 32, 32, dtype=torch.uint8)
     x[:, :, 15, 15] = 255  # one bright pixel, away from the mirror axis
-    out = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"), "shift_flip", seed=0)(x)
+    out = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"), D.Augment("shift_flip"), seed=0)(x)
     where = torch.stack([torch.nonzero(o[0] > 0.5)[0] for o in out])  # (256, 2): where the pixel went
     assert where[:, 0].min() == 13 and where[:, 0].max() == 17  # +-2 px vertically (2 = 32 / 16)
     # columns: 15 +- 2 as it was, 16 +- 2 mirrored; 13 only unmirrored, 18 only mirrored: both happen
@@ -188,3 +188,72 @@ def test_m06_exact_copies_stay_within_one_split_when_safetrain_splits():
     keep, cut = D.stratified_split(labels[:200], 0.2, 0, 1)
     assert torch.equal(cut, D.stratified_split(labels[:200], 0.2, 0, 1, torch.arange(200))[1])
     assert D.make_splits(plain, 0.2, 0.2, seed=0)["test"].ids == [str(i) for i in cut.tolist()]
+
+
+def test_random_resized_crops_zoom_in_keep_the_shape_and_are_the_identity_at_full_scale():
+    x = torch.arange(32, dtype=torch.uint8).mul(8).view(1, 1, 1, 32).expand(64, 3, 32, 32).contiguous()  # a ramp
+    plain = D.BatchPipeline(D.Normalize([0.0] * 3, [1.0] * 3), torch.device("cpu"))(x)
+    whole = D.BatchPipeline(D.Normalize([0.0] * 3, [1.0] * 3), torch.device("cpu"),
+                            D.Augment("rrc", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)))(x)
+    torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)  # the whole image: unchanged
+    out = D.BatchPipeline(D.Normalize([0.0] * 3, [1.0] * 3), torch.device("cpu"),
+                          D.Augment("rrc", crop_scale=(0.25, 0.5)), seed=1)(x)
+    span = out[:, 0, 16].amax(1) - out[:, 0, 16].amin(1)  # the ramp's range left in the crop
+    assert out.shape == x.shape and (span < 0.8 * (plain[0, 0, 16].max() - plain[0, 0, 16].min())).all()
+    assert out[:, 0, 16].amin(1).unique().numel() > 10  # every sample its own box
+
+
+def test_photo_policies_are_seeded_per_sample_and_resume_exactly():
+    x = torch.randint(0, 256, (16, 3, 24, 24), dtype=torch.uint8)
+    make = lambda: D.BatchPipeline(D.Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"),  # noqa: E731
+                                   D.Augment("rrc_trivial"), seed=7)
+    a, b = make(), make()
+    first = a(x)
+    assert torch.equal(first, b(x))  # the seed decides every draw, torchvision's included
+    state = a.g.get_state()
+    second = a(x)
+    assert not torch.equal(first, second)
+    a.g.set_state(state)  # what a resumed run restores (loader state_dict)
+    assert torch.equal(a(x), second)
+
+
+def test_mix_makes_class_probabilities_and_training_counts_the_larger_share():
+    from safetrain.engine import Limits, Setup, train_epoch
+    from safetrain.engine import Precision
+    s = D.ImageSet(torch.arange(64) % 4, [str(i) for i in range(64)],
+                   torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8))
+    for mix in ("mixup", "cutmix"):
+        pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"), D.Augment("flip", mix=mix),
+                               num_classes=4)
+        x, y = next(iter(D.make_loader(s, pipe, batch_size=16, train=True, seed=0)))
+        assert y.shape == (16, 4) and torch.allclose(y.sum(1), torch.ones(16)) and (y.max(1).values < 1).any()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = type("NoSchedule", (), {"after_step": lambda self: None})()
+    out = train_epoch(Setup(net, torch.nn.CrossEntropyLoss(), opt, sched),
+                      D.make_loader(s, pipe, batch_size=16, train=True, seed=0), Precision(torch.device("cpu"), bf16=False),
+                      Limits(1), "mix")
+    assert 0 <= out["acc"] <= 1 and out["label_counts"].sum() == 64 and np.isfinite(out["loss"])
+
+
+def test_augment_auto_takes_resized_crops_for_resized_images_and_flips_only_where_they_keep_the_label():
+    assert D.resolve_augment("auto", True, True) == "rrc_flip" and D.resolve_augment("auto", True, False) == "rrc"
+    assert D.resolve_augment("auto", False, True) == "crop_flip" and D.resolve_augment("auto", False, False) == "crop"
+    assert D.resolve_augment("crop", True, True) == "crop"  # a name given is kept
+
+
+@pytest.mark.parametrize("setting, fine", [("data.crop_scale=[0.02,1.0]", False), ("data.crop_ratio=[0.3,3.0]", False),
+                                           ("data.crop_scale=[0.6,0.4]", False), ("data.crop_scale=[0.5,1.5]", False),
+                                           ("data.crop_scale=[0.08,1.0]", True)])
+def test_m05_random_resized_crops_beyond_the_bounds_are_refused_unless_unlocked(setting, fine, tmp_path):
+    from safetrain.config import unlocks
+    from safetrain.errors import ConfigError
+    args = [f"data.root={tmp_path}", "data.augment=rrc_flip", setting]
+    if fine:
+        compose("imagefolder", args)
+        return
+    with pytest.raises(ConfigError, match=r"^\[M05\] data.crop_"):
+        compose("imagefolder", args)
+    if "[0.6" not in setting and "1.5" not in setting:  # a shape error stays one; the bounds can be unlocked
+        cfg, _ = compose("imagefolder", [*args, "data.allow_strong_crop=true"])
+        assert any(f.row == "M05" and "allow_strong_crop" in f.message for f in unlocks(cfg))

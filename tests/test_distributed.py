@@ -181,8 +181,9 @@ def _set(n: int, folder: Path | None) -> ImageSet:
 
 
 def _batches(data: ImageSet, at, train: bool):
-    pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"), "crop_flip", seed=1,
-                           rotate_degrees=10 * train, at=at if train else (0, 1))
+    augment = D.Augment("rrc_trivial" if train else "none", rotate_degrees=10 * train)
+    pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"), augment, seed=1,
+                           at=at if train else (0, 1))
     return list(D.make_loader(data, pipe, batch_size=8, train=train, seed=3, decoding=D.Decoding((3, 8, 8)), at=at))
 
 

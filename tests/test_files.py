@@ -164,3 +164,22 @@ def test_a_large_image_is_decoded_straight_to_about_the_size_used(tmp_path, fmt)
         full = fit_image(to_array(im, 3), fit)
     ours = decode_image(str(path), 3, fit).permute(1, 2, 0).numpy()
     assert np.abs(ours.astype(int) - full.astype(int)).mean() < 2
+
+
+def test_the_decompression_bomb_limit_is_a_setting_the_refusal_names(tmp_path):
+    from safetrain.cli import compose
+    from safetrain.config import data_spec
+    from safetrain.data.files import pixel_limit
+    big = tmp_path / "big.png"
+    Image.new("L", (2000, 1000)).save(big)  # 2 megapixels
+    try:
+        pixel_limit(1_500_000)
+        why = header(big)
+        assert "more than 1,500,000 pixels" in why and "data.max_image_pixels=N" in why
+        pixel_limit(2_500_000)  # a user who trusts the file raises the limit
+        assert header(big) == ("L", (1000, 2000))
+    finally:
+        pixel_limit(None)
+    assert header(big) == ("L", (1000, 2000))  # PIL's own limit again
+    cfg = compose("imagefolder", [f"data.root={tmp_path}", "data.max_image_pixels=200000000"])[0]
+    assert data_spec(cfg).max_image_pixels == 200_000_000  # carried to loading, and in the checkpoints' spec

@@ -164,7 +164,7 @@ def test_m05_large_rotation_refused_unless_unlocked_and_the_unlock_is_logged(tmp
 def test_m05_rotation_stays_within_its_bound():
     x = torch.zeros(64, 1, 33, 33)
     x[:, :, 16, 16:] = 1  # a horizontal ray from the centre
-    out = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"), "none", rotate_degrees=20)
+    out = D.BatchPipeline(D.Normalize([0.0], [1.0]), torch.device("cpu"), D.Augment("none", rotate_degrees=20))
     rot = out.normalize.denormalize(out((x * 255).to(torch.uint8)))
     ys, xs = torch.meshgrid(torch.arange(33.0) - 16, torch.arange(33.0) - 16, indexing="ij")
     angle = torch.rad2deg(torch.atan2((rot[:, 0] * ys).sum((1, 2)), (rot[:, 0] * xs).sum((1, 2))))

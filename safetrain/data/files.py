@@ -47,6 +47,15 @@ def _regular(path: Path) -> bool:
         return True  # unreadable: reported as a bad file by `header`, not skipped silently
 
 
+PIL_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS  # PIL's guard against decompression bombs (about 89 megapixels)
+
+
+def pixel_limit(limit: int | None) -> None:
+    """data.max_image_pixels: the largest image decoded (None: PIL's own limit), in this process and the loader
+    workers it forks."""
+    Image.MAX_IMAGE_PIXELS = limit or PIL_PIXEL_LIMIT
+
+
 def header(path: Path) -> tuple[str, tuple[int, int]] | str:
     """(mode, (H, W)) from the file's header, or the reason it cannot be an image."""
     try:
@@ -61,13 +70,16 @@ def header(path: Path) -> tuple[str, tuple[int, int]] | str:
     except PermissionError:
         return "permission denied"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        return f"more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb, or an image far too large)"
+        return (f"more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb, or an image far too large; if "
+                "you trust the file, data.max_image_pixels=N raises the limit)")
     except (OSError, ValueError, SyntaxError) as e:
         return f"not a readable image ({type(e).__name__}: {str(e)[:80]})"
 
 
 FITS = ("crop", "pad", "squash")  # data.resize: how an image of another shape is brought to the training size
-AUTO_SIDE = (32, 128)  # bounds of the size chosen for mixed sizes (data.image_size sets any other)
+# bounds of the size chosen for images of mixed sizes, by the device that trains (data.image_size sets any other): on
+# a CPU a default model trains at 64x64 in minutes (4x the cost of 32x32), a GPU affords the usual photo sizes
+AUTO_SIDE = {"cpu": (32, 64), "accelerator": (32, 224)}
 
 
 class Fit(NamedTuple):
@@ -115,11 +127,11 @@ def shrink_on_load(im: Image.Image, fit: Fit) -> Image.Image:
     return im.reduce(factor) if factor >= 2 else im
 
 
-def auto_side(sides: list[int]) -> int:
+def auto_side(sides: list[int], bounds: tuple[int, int]) -> int:
     """The training size for images whose shorter sides are `sides`: their median, to a multiple of 8, within
-    AUTO_SIDE (what the default models train at on a CPU in minutes; data.image_size sets another)."""
+    `bounds` (AUTO_SIDE: what the device affords; data.image_size sets another)."""
     median = sorted(sides)[len(sides) // 2]
-    return int(min(max(8 * round(median / 8), AUTO_SIDE[0]), AUTO_SIDE[1]))
+    return int(min(max(8 * round(median / 8), bounds[0]), bounds[1]))
 
 
 def channels_of(modes: set[str]) -> int:

@@ -2,17 +2,22 @@
 
 Both loaders yield uint8 batches to one `BatchPipeline`, which normalizes with the single
 `Normalize` built from the data facts and, for training only, augments whole batches on
-the training device (random crop with reflect padding, horizontal flip), as airbench does.
+the training device (random crop with reflect padding, random resized crop, horizontal flip), as airbench
+does; photo policies (TrivialAugment, RandAugment: torchvision.transforms.v2) per sample on the uint8 images
+before that, and MixUp/CutMix (torchvision.transforms.v2) on the normalized batch, which turns the labels into
+class probabilities (the loss takes them as they are; training accuracy counts the larger share's class).
 Eval pipelines have no augmentation by construction [M04].
 """
 from __future__ import annotations
 
+import math
 from functools import partial
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.transforms import v2
 
 from safetrain.data.files import Fit
 from safetrain.data.sources import Decoding, FileDataset, ImageSet, file_loader
@@ -77,33 +82,116 @@ def batch_crop_sixteenth(x: Tensor, g: torch.Generator, at: tuple[int, int] = (0
     return batch_crop(x, max(1, round(x.shape[-1] / 16)), g, at)  # 2 px at 32x32: for schedules of a few epochs
 
 
-# data.augment=NAME -> the batch operations of the training pipeline, in order (eval pipelines have none [M04])
-AUGMENTS = {"none": (), "flip": (batch_flip,), "crop": (batch_crop_eighth,),
-            "crop_flip": (batch_crop_eighth, batch_flip), "shift_flip": (batch_crop_sixteenth, batch_flip)}
+def batch_resized_crop(x: Tensor, g: torch.Generator, at: tuple[int, int] = (0, 1),
+                       scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """Random resized crop, per sample, in one grid_sample: a box of `scale` (a share of the image's area) and
+    `ratio` (width / height, drawn log-uniformly) at a random place, resized back to the image's size (bilinear)."""
+    b = x.shape[0]
+    draws = share_of(torch.rand(4, b * at[1], device=x.device, generator=g), at)
+    area = scale[0] + (scale[1] - scale[0]) * draws[0]
+    r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draws[1])
+    w, h = (area * r).sqrt().clamp(max=1.0), (area / r).sqrt().clamp(max=1.0)  # shares of the side
+    cx, cy = (1 - w) * (2 * draws[2] - 1), (1 - h) * (2 * draws[3] - 1)  # the box's centre, inside the image
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# data.augment=NAME -> (the per-sample policy on uint8 images (torchvision.transforms.v2) or None, the batch
+# operations of the training pipeline in order). Eval pipelines have none [M04].
+AUGMENTS = {"none": (None, ()), "flip": (None, (batch_flip,)), "crop": (None, (batch_crop_eighth,)),
+            "crop_flip": (None, (batch_crop_eighth, batch_flip)),
+            "shift_flip": (None, (batch_crop_sixteenth, batch_flip)),
+            "rrc": (None, (batch_resized_crop,)), "rrc_flip": (None, (batch_resized_crop, batch_flip)),
+            "rrc_trivial": (v2.TrivialAugmentWide, (batch_resized_crop, batch_flip)),
+            "rrc_randaugment": (v2.RandAugment, (batch_resized_crop, batch_flip))}
+MIXES = {"none": None, "mixup": v2.MixUp, "cutmix": v2.CutMix}  # data.mix: mixing images and their labels
+# data.augment=auto -> (where flips keep the label, where they do not): for images brought to the training size from
+# their own (varied sizes, data.image_size), chosen by measurement (benchmarks/own_images.py); else shifted crops
+AUTO_AUGMENT = {True: ("rrc_flip", "rrc"), False: ("crop_flip", "crop")}
+
+
+def resolve_augment(name: str, resized: bool, flips_keep_label: bool) -> str:
+    """data.augment, with `auto` resolved: random resized crops for images `resized` to the training size from
+    their own, shifted crops for images that have it; flips where they keep the label [M05]."""
+    return AUTO_AUGMENT[resized][not flips_keep_label] if name == "auto" else name
+
+
+def hard_labels(y: Tensor) -> Tensor:
+    """Class indices of a batch's labels: as they are, or the larger share of data.mix's class probabilities."""
+    return y if y.ndim == 1 else y.argmax(1)
 
 
 def flips(augment: str) -> bool:
     """Whether data.augment mirrors images (refused where a mirror changes the label [M05])."""
-    return batch_flip in AUGMENTS[augment]
+    return batch_flip in AUGMENTS[augment][1]
+
+
+def resized_crops(augment: str) -> bool:
+    return batch_resized_crop in AUGMENTS[augment][1]
+
+
+class Augment(NamedTuple):
+    """The training pipeline's random operations: data.augment (a name of AUGMENTS, resolved), data.rotate_degrees,
+    the random resized crop's data.crop_scale and data.crop_ratio [M05], data.mix and data.mix_alpha."""
+    name: str = "none"
+    rotate_degrees: float = 0.0
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    mix: str = "none"
+    mix_alpha: float = 1.0
+
+
+def _seeded(g: torch.Generator, n: int, at: tuple[int, int]) -> list[int]:
+    """One seed per sample of this rank's share of the global batch, drawn from `g` (torchvision's transforms draw
+    from the global generator: each sample's draws are made under its own seed, so they do not depend on the
+    number of processes, and resume exactly with `g`)."""
+    seeds = torch.randint(0, 2 ** 62, (n * at[1],), device=g.device, generator=g)
+    return share_of(seeds, at).tolist()
 
 
 class BatchPipeline:
     """uint8 batch on any device -> normalized float batch on `device`, augmented if training. `at`: (rank, ranks)
-    when each batch is this rank's share of a global one."""
+    when each batch is this rank's share of a global one. `num_classes`: for data.mix (its labels are one-hot)."""
 
-    def __init__(self, normalize: Normalize, device: torch.device, augment: str = "none", seed: int = 0,
-                 rotate_degrees: float = 0.0, at: tuple[int, int] = (0, 1)):
+    def __init__(self, normalize: Normalize, device: torch.device, augment: Augment = Augment(), seed: int = 0,
+                 at: tuple[int, int] = (0, 1), num_classes: int = 0):
         self.normalize = normalize.to(device)
-        self.device, self.augment, self.rotate_degrees, self.at = device, augment, rotate_degrees, at
+        self.device, self.augment, self.at = device, augment, at
         self.g = torch.Generator(device=device).manual_seed(seed)
+        policy, ops = AUGMENTS[augment.name]
+        self.policy = policy() if policy else None
+        self.ops = [partial(op, scale=augment.crop_scale, ratio=augment.crop_ratio) if op is batch_resized_crop
+                    else op for op in ops]
+        mix = MIXES[augment.mix]
+        self.mix = mix(alpha=augment.mix_alpha, num_classes=num_classes) if mix else None
 
     def __call__(self, x: Tensor) -> Tensor:
-        x = self.normalize(x.to(self.device, non_blocking=True))
-        for op in AUGMENTS[self.augment]:
+        x = x.to(self.device, non_blocking=True)
+        if self.policy is not None:
+            x = torch.stack([self._policy(img, s) for img, s in zip(x, _seeded(self.g, len(x), self.at))])
+        x = self.normalize(x)
+        for op in self.ops:
             x = op(x, self.g, self.at)
-        if self.rotate_degrees:
-            x = batch_rotate(x, self.rotate_degrees, self.g, self.at)
+        if self.augment.rotate_degrees:
+            x = batch_rotate(x, self.augment.rotate_degrees, self.g, self.at)
         return x
+
+    def _policy(self, img: Tensor, seed: int) -> Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.policy(img)
+
+    def labelled(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """A training batch and its labels: with data.mix, pairs of images mixed (within this process's share) and
+        the labels turned into the matching class probabilities (B, C)."""
+        x, y = self(x), y.to(self.device, non_blocking=True)
+        if self.mix is None:
+            return x, y
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seeded(self.g, 1, (0, 1))[0])
+            return self.mix(x, y)
 
 
 class _RandomState:
@@ -150,7 +238,7 @@ class TensorLoader(_RandomState):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             if self.drop_last:
                 idx = share_of(idx, self.at)
-            yield self.pipeline(self.images[idx]), self.labels[idx]
+            yield self.pipeline.labelled(self.images[idx], self.labels[idx])
 
 
 class StreamLoader(_RandomState):
@@ -182,7 +270,7 @@ class StreamLoader(_RandomState):
             if self.pipeline is None:  # raw uint8 batches (statistics)
                 yield x, y
                 continue
-            yield self.pipeline(x), y.to(self.pipeline.device, non_blocking=True)
+            yield self.pipeline.labelled(x, y)
 
 
 class _Shares:

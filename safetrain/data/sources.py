@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, channels_of, fit_image, header, hidden,
-                                  list_images, shrink_on_load, to_array)
+                                  list_images, pixel_limit, shrink_on_load, to_array)
 from safetrain.errors import DataError
 from safetrain.io import cached
 
@@ -38,6 +38,7 @@ class ImageSet:
     images: Optional[Tensor] = None  # (N, C, H, W) uint8: the in-memory fast path
     files: Optional[list[str]] = None  # absolute paths: the streaming path
     digests: Optional[list[bytes]] = None  # content hashes, once computed (splits.copy_groups): kept by subsets
+    joined: list = field(default_factory=list)  # train: near-duplicates moved in from carved val/test (splits.py)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,6 +59,8 @@ class DataSpec:
     root: Optional[str] = None
     image_size: Optional[int] = None  # data.image_size, else the starting weights' resolution [M35]
     resize: str = "crop"  # data.resize: how images of another shape are fitted to it (files.Fit)
+    auto_side: tuple[int, int] = AUTO_SIDE["cpu"]  # bounds of the size chosen for mixed sizes: the device's
+    max_image_pixels: Optional[int] = None  # larger images are bad files (None: PIL's decompression-bomb limit)
     path_column: str = "path"  # data=csv: the columns of the image paths, the labels, and (optional) the splits
     label_column: str = "label"
     split_column: Optional[str] = None
@@ -188,10 +191,11 @@ def _decode(path: str, channels: int, resize: Optional[Fit]) -> Tensor:
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def _scan(files: list[Path], image_size: Optional[int]) -> tuple[list[Path], dict, int, tuple[int, int], bool]:
+def _scan(files: list[Path], image_size: Optional[int], bounds: tuple[int, int]
+          ) -> tuple[list[Path], dict, int, tuple[int, int], bool]:
     """Every file's header: (the good files, the bad ones {file: why}, channels, the size (H, W) they are trained at,
     whether they are resized to it): `image_size`, or for images of several sizes one chosen from their shorter
-    sides, or the one size they all have."""
+    sides within `bounds`, or the one size they all have."""
     heads = {f: header(f) for f in files}
     bad = {f: h for f, h in heads.items() if isinstance(h, str)}
     good = {f: h for f, h in heads.items() if f not in bad}
@@ -203,10 +207,10 @@ def _scan(files: list[Path], image_size: Optional[int]) -> tuple[list[Path], dic
     side = image_size
     if len(sizes) > 1 and not image_size:
         sides = [min(size) for _, size in good.values()]
-        side = auto_side(sides)
+        side = auto_side(sides, bounds)
         log.info("data.image_size not set: the images have %d sizes (shorter side %d to %d px, median %d); training "
-                 "at %dx%d, their median within %d-%d px (data.image_size=N sets another)", len(sizes), min(sides),
-                 max(sides), sorted(sides)[len(sides) // 2], side, side, *AUTO_SIDE)
+                 "at %dx%d, their median within %d-%d px, what this device affords (data.image_size=N sets another)",
+                 len(sizes), min(sides), max(sides), sorted(sides)[len(sides) // 2], side, side, *bounds)
     return list(good), bad, channels_of({m for m, _ in good.values()}), (side, side) if side else max(sizes), \
         bool(side)
 
@@ -235,9 +239,9 @@ class Listing(NamedTuple):
     what: str  # for the log: "image folder DIR", "CSV FILE"
 
 
-def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path,
-                num_workers: int, bad_files: str = "refuse", resize: str = "crop") -> Source:
-    return load_files(list_folder(root), image_size, loader, cache_dir, num_workers, bad_files, resize)
+def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
+                bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"]) -> Source:
+    return load_files(list_folder(root), image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side)
 
 
 def list_folder(root: str) -> Listing:
@@ -323,11 +327,11 @@ def list_csv(root: str, columns: Columns) -> Listing:
 
 
 def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
-               bad_files: str = "refuse", resize: str = "crop") -> Source:
+               bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"]) -> Source:
     """Listed files -> Source: every header read (bad files refused or skipped, one list), the training size and
     rule decided, every image decoded once (or checked, when streamed) and cached by the files' fingerprint."""
     base, classes = listing.base, listing.classes
-    good, bad_headers, channels, (h, w), resized = _scan([f for _, f, _ in listing.rows], image_size)
+    good, bad_headers, channels, (h, w), resized = _scan([f for _, f, _ in listing.rows], image_size, auto_side)
     fit = Fit((h, w), resize) if resized else None
     good = set(good)
     listed = [(part, str(f), y) for part, f, y in listing.rows if f in good]
@@ -419,10 +423,10 @@ def _torchvision_source(name: str):
 # data=NAME -> loader; every loader takes the same keywords and uses those it needs
 SOURCES = {
     **{name: _torchvision_source(name) for name in TORCHVISION},
-    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, **_: load_folder(
-        root, image_size, loader, cache_dir, num_workers, bad_files, resize),
-    "csv": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, columns, **_: load_files(
-        list_csv(root, columns), image_size, loader, cache_dir, num_workers, bad_files, resize),
+    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side, **_:
+    load_folder(root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side),
+    "csv": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side, columns, **_:
+    load_files(list_csv(root, columns), image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side),
     "synthetic": lambda *, seed, synthetic, **_: load_synthetic(seed=seed, **synthetic),
 }
 
@@ -431,9 +435,11 @@ def load_source(spec: DataSpec, cache_dir: Path) -> Source:
     """The source `spec` names, decoded (or checked) once and cached under `cache_dir`."""
     if spec.name not in SOURCES:
         raise DataError(f"[config] data={spec.name!r} is not a dataset; choose one of {list(SOURCES)}.")
+    pixel_limit(spec.max_image_pixels)
     return SOURCES[spec.name](root=spec.root, download=spec.download, image_size=spec.image_size, loader=spec.loader,
                               num_workers=spec.num_workers, cache_dir=cache_dir, seed=spec.seed,
                               synthetic=dict(spec.synthetic), bad_files=spec.bad_files, resize=spec.resize,
+                              auto_side=tuple(spec.auto_side),
                               columns=Columns(spec.path_column, spec.label_column, spec.split_column))
 
 

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from functools import partial
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from safetrain.data.audit import near_copies
 from safetrain.data.sources import DataSpec, ImageSet, Source
 from safetrain.errors import DataError
 from safetrain.findings import FAIL, Finding
@@ -56,19 +60,25 @@ def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
     return data.subset(torch.cat(keep).sort().values)
 
 
-def split_source(src: Source, spec: DataSpec) -> dict[str, ImageSet]:
-    """The splits `spec` describes, of `src` (training and the commands after it make them through here)."""
+def split_source(src: Source, spec: DataSpec, cache_dir: Path | None = None,
+                 device: torch.device = torch.device("cpu")) -> dict[str, ImageSet]:
+    """The splits `spec` describes, of `src` (training and the commands after it make them through here). With a
+    `cache_dir`, near-duplicates are kept with their training copies (the search cached there, run on `device`)."""
+    near = None if cache_dir is None else partial(near_copies, fingerprint=src.fingerprint, cache_dir=cache_dir,
+                                                  device=device)
     return make_splits(src, spec.val_fraction, spec.test_fraction, spec.seed, spec.min_samples_per_class,
-                       spec.imbalance_ratio, spec.min_eval_per_class)
+                       spec.imbalance_ratio, spec.min_eval_per_class, near)
 
 
 def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: int, min_per_class: int = 1,
-                imbalance_ratio: float | None = None, min_eval_per_class: int = 1) -> dict[str, ImageSet]:
+                imbalance_ratio: float | None = None, min_eval_per_class: int = 1,
+                near: Callable | None = None) -> dict[str, ImageSet]:
     """train/val/test. A source's own splits are kept; what is missing is carved from train
     (test first, then val from the rest), stratified and seeded, so the splits never overlap, with
     `min_eval_per_class` samples of a class where it can spare them; exact copies (byte-identical images) stay
-    together on one side of every cut [M06]. `imbalance_ratio` then makes the
-    training split long-tailed."""
+    together on one side of every cut [M06]. `imbalance_ratio` then makes the training split long-tailed. `near`
+    (splits, carved split names) -> the audit's near-duplicate pairs of training images in the carved splits
+    (audit.near_copies): those images join their copies in train [M06]."""
     parts = dict(src.parts)
     train = parts.pop("train", None) or parts.pop("all")
     groups = copy_groups(train) if not {"val", "test"} <= parts.keys() else None
@@ -81,8 +91,45 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
     if imbalance_ratio:  # after val and test are carved, so they stay balanced
         train = long_tailed(train, imbalance_ratio, seed + 2)
     splits = {"train": train, "val": parts["val"], "test": parts["test"]}
+    carved = [name for name in ("val", "test") if name not in src.parts]
+    if near is not None and carved:
+        splits = join_near_copies(splits, near(splits, carved))
     _check_labels(splits, src.classes, min_per_class, set(src.parts) & {"val", "test"})
     return splits
+
+
+def join_near_copies(splits: dict[str, ImageSet], pairs: list[dict]) -> dict[str, ImageSet]:
+    """Each val/test image that is a near-duplicate of a training image ({"split", "id", "train_id"}, audit.py)
+    moved into train, with its copy (or `into` val, a test image whose copy is there); train.joined lists them with
+    both labels (a pair that disagrees is a wrong label [M08]), for the report."""
+    if not pairs:
+        return splits
+    label = {sid: int(y) for s in splits.values() for sid, y in zip(s.ids, s.labels.tolist())}
+    out = dict(splits)
+
+    def move(ids: set, name: str, into: str) -> None:
+        go = torch.tensor([sid in ids for sid in out[name].ids], dtype=torch.bool)
+        if go.any():
+            out[into] = _concat([out[into], out[name].subset(go.nonzero().squeeze(1))])
+            out[name] = out[name].subset((~go).nonzero().squeeze(1))
+    to_train = {p["id"] for p in pairs if p.get("into", "train") == "train"}
+    to_train |= {p["id"] for p in pairs if p.get("into") == "val" and p["train_id"] in to_train}  # with its val copy
+    move({p["id"] for p in pairs if p.get("into") == "val"} - to_train, "test", "val")
+    move(to_train, "val", "train")
+    move(to_train, "test", "train")
+    out["train"].joined = [{**p, "labels": [label[p["id"]], label[p["train_id"]]]} for p in pairs]
+    log.info("[M06] %d val/test images are near-duplicates of training (or val) images: moved to join their copy, "
+             "each group within one split (audit.json lists them)", len(pairs))
+    return out
+
+
+def _concat(sets: list[ImageSet]) -> ImageSet:
+    def cat(values):
+        return None if any(v is None for v in values) else [x for v in values for x in v]
+    images = [s.images for s in sets]
+    return ImageSet(torch.cat([s.labels for s in sets]), cat([s.ids for s in sets]),
+                    None if any(i is None for i in images) else torch.cat(images), cat([s.files for s in sets]),
+                    cat([s.digests for s in sets]))
 
 
 def copy_groups(data: ImageSet) -> Tensor:

@@ -14,9 +14,11 @@ from safetrain.models.cnn import CNN, CNNConfig
 from safetrain.models.fastcnn import FastCNN, FastCNNConfig
 from safetrain.models.pretrained import Torchvision, TorchvisionConfig, architecture, start_from
 from safetrain.models.resnet import ResNet, ResNetConfig
+from safetrain.models.timmnet import Timm, TimmConfig
 
 MODELS = {"cnn": (CNNConfig, CNN), "resnet": (ResNetConfig, ResNet),  # model=NAME -> (settings, builder)
-          "fastcnn": (FastCNNConfig, FastCNN), "torchvision": (TorchvisionConfig, Torchvision)}
+          "fastcnn": (FastCNNConfig, FastCNN), "torchvision": (TorchvisionConfig, Torchvision),
+          "timm": (TimmConfig, Timm)}
 RUN_SETTINGS = ("name", "init_from", "freeze_epochs", "backbone_lr_mult", "tta")  # how it trains, not its layers
 
 
