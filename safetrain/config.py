@@ -203,6 +203,7 @@ def validate(cfg: DictConfig | dict) -> Config:
     _choice("model", model_raw.name, MODELS)
     _refuse_unknown(raw, Config, "")
     out: Config = _merge(Config, raw, "")  # model is Any here: a plain dict ...
+    model_raw = OmegaConf.create(OmegaConf.to_container(model_raw, resolve=True))  # ${data.x} resolved in place
     out.model = _merge(MODELS[model_raw.name][0], model_raw, "model")  # ... checked by its own schema
     _check_values(out)
     return out

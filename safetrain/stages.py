@@ -210,8 +210,7 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, decoding: 
 
 def _described(augment: D.Augment, asked: str) -> str:
     """The training augmentation for the log, with what `auto` chose and the settings that apply."""
-    out = augment.name + (" (data.augment=auto: the images had varied sizes)" if asked == "auto" and
-                          D.resized_crops(augment.name) else " (data.augment=auto)" if asked == "auto" else "")
+    out = augment.name + (" (data.augment=auto)" if asked == "auto" else "")
     if D.resized_crops(augment.name):
         out += f", random resized crops of {augment.crop_scale} of the area, ratios {augment.crop_ratio}"
     return out + (f", {augment.mix} (alpha {augment.mix_alpha:g}): soft labels, training accuracy against the "

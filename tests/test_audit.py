@@ -183,3 +183,13 @@ def test_m06_a_copy_between_carved_val_and_test_joins_val_and_follows_its_copy_i
              {"split": "val", "id": "v2", "train_id": "b"}]
     out = join_near_copies(splits, pairs)
     assert out["train"].ids == ["a", "b", "v2", "t2"] and out["val"].ids == ["v1", "t1"] and out["test"].ids == []
+
+
+def test_m08_identical_images_with_different_labels_are_found_in_any_split():
+    from safetrain.data.audit import conflicting_copies
+    img = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    same = torch.stack([img[0], img[0]])  # a group of copies kept together, in val, under two labels
+    splits = {"train": ImageSet(torch.tensor([0, 1]), ["a", "b"], img[1:]),
+              "val": ImageSet(torch.tensor([0, 1]), ["v1", "v2"], same), "test": ImageSet(torch.tensor([0]), ["t"], img[:1])}
+    found = conflicting_copies(splits)
+    assert [f["ids"] for f in found] == [["v1", "v2"]]  # t is a copy with v1's label: not a conflict, v2 is

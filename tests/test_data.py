@@ -236,8 +236,8 @@ def test_mix_makes_class_probabilities_and_training_counts_the_larger_share():
     assert 0 <= out["acc"] <= 1 and out["label_counts"].sum() == 64 and np.isfinite(out["loss"])
 
 
-def test_augment_auto_takes_resized_crops_for_resized_images_and_flips_only_where_they_keep_the_label():
-    assert D.resolve_augment("auto", True, True) == "rrc_flip" and D.resolve_augment("auto", True, False) == "rrc"
+def test_augment_auto_takes_the_measured_choice_and_flips_only_where_they_keep_the_label():
+    assert D.resolve_augment("auto", True, True) == "shift_flip" and D.resolve_augment("auto", True, False) == "shift"
     assert D.resolve_augment("auto", False, True) == "crop_flip" and D.resolve_augment("auto", False, False) == "crop"
     assert D.resolve_augment("crop", True, True) == "crop"  # a name given is kept
 

@@ -118,16 +118,20 @@ def test_the_files_left_out_are_in_data_facts_and_the_report(tmp_path):
 
 def test_images_of_different_sizes_train_at_a_size_chosen_from_them_in_either_loader(tmp_path, caplog):
     caplog.set_level("INFO", logger="safetrain")
-    """No setting needed (the message once suggested the smallest side): the median shorter side within 32-128 px,
-    each image fitted by the same rule (data.resize=crop: aspect kept) in memory, streamed, and at inference."""
+    """No setting needed (the message once suggested the smallest side): the median shorter side within the
+    device's bounds (a GPU's here), each image fitted by the same rule (data.resize=crop: aspect kept) in memory,
+    streamed, and at inference."""
+    from safetrain.data.files import AUTO_SIDE
     root = write_images(tmp_path / "imgs", classes=2, per_class=6, size=(40, 40))
     odd = np.zeros((50, 100, 3), dtype=np.uint8)
     odd[:, 25:75] = 200  # the centre square of a wide image: what crop keeps
     Image.fromarray(odd).save(root / "class_1" / "odd.png")
-    memory = load_folder(str(root), None, "memory", tmp_path / "cache", 0)
-    stream = load_folder(str(root), None, "stream", tmp_path / "cache", 0)
+    memory = load_folder(str(root), None, "memory", tmp_path / "cache", 0, auto_side=AUTO_SIDE["accelerator"])
+    stream = load_folder(str(root), None, "stream", tmp_path / "cache", 0, auto_side=AUTO_SIDE["accelerator"])
     assert memory.shape == stream.shape == (3, 40, 40) and memory.resize == Fit((40, 40), "crop")
     assert "the images have 2 sizes (shorter side 40 to 50 px, median 40); training at 40x40" in caplog.text
+    on_cpu = load_folder(str(root), None, "memory", tmp_path / "cache", 0)  # what 2 CPU cores afford: 32 px
+    assert on_cpu.shape == (3, 32, 32) and "training at 32x32, their median within 24-32 px" in caplog.text
     i = memory.parts["all"].ids.index("class_1/odd.png")
     kept = memory.parts["all"].images[i]
     assert kept.float().mean() > 190  # the bright centre, not the black sides squashed in

@@ -77,9 +77,10 @@ def header(path: Path) -> tuple[str, tuple[int, int]] | str:
 
 
 FITS = ("crop", "pad", "squash")  # data.resize: how an image of another shape is brought to the training size
-# bounds of the size chosen for images of mixed sizes, by the device that trains (data.image_size sets any other): on
-# a CPU a default model trains at 64x64 in minutes (4x the cost of 32x32), a GPU affords the usual photo sizes
-AUTO_SIDE = {"cpu": (32, 64), "accelerator": (32, 224)}
+# bounds of the size chosen for images of mixed sizes, by the device that trains (data.image_size sets any other). On
+# 2 CPU cores, 3 minutes (benchmarks/RESULTS.md, own images): 75.3% test accuracy at 32 px, 39.2% at 48 px (1 epoch
+# fit), none at 64 px (no epoch fit): a CPU affords 32 px; a GPU affords larger
+AUTO_SIDE = {"cpu": (24, 32), "accelerator": (32, 128)}
 
 
 class Fit(NamedTuple):
