@@ -93,11 +93,15 @@ def _plateau(optimizer, *, mode, factor, patience, min_lr, **_):
 
 
 def _onecycle(optimizer, *, total_steps, warmup_fraction, **_):
-    """Linear warmup to lr, then linear decay to ~0."""
+    """Linear warmup to lr, then linear decay to ~0; each phase at least 2 steps long (OneCycleLR divides by a
+    phase's length less one), and a flat lr for runs of fewer than 4 steps (too short for a cycle)."""
+    n = total_steps + 1
+    if n < 4:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 1,
-        pct_start=warmup_fraction, anneal_strategy="linear", cycle_momentum=False, div_factor=10.0,
-        final_div_factor=100.0)
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=n,
+        pct_start=min(max(warmup_fraction, 2 / n), 1 - 2 / n), anneal_strategy="linear", cycle_momentum=False,
+        div_factor=10.0, final_div_factor=100.0)
 
 
 def _cosine(optimizer, *, total_steps, warmup_fraction, **_):

@@ -45,7 +45,10 @@ def golden_run(tmp_path, name):
     else:
         write_images(tmp_path / "imgs", classes=3, per_class=30, size=(12, 12))
         cfg, _ = compose("imagefolder", [f"data.root={tmp_path / 'imgs'}", "trainer.max_epochs=2", "data.batch_size=16",
-                                         "model=cnn", "model.widths=[8,16]", "trainer.progress=false"])
+                                         "model=cnn", "model.widths=[8,16]", "trainer.progress=false",
+                                         # the recipe's training settings as they were recorded (it changed since)
+                                         "optim.lr=1e-3", "sched.name=plateau", "loss.label_smoothing=0",
+                                         "trainer.early_stop_patience=10"])
     final = run(cfg, tmp_path / name)
     return final, {k: tensor_digest(tmp_path / name / "checkpoints" / f"{k}.pt") for k in ("best", "last")}
 

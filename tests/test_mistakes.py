@@ -392,7 +392,7 @@ def test_m16_lr_auto_runs_a_range_test_and_picks_a_sane_rate(tmp_path, caplog):
 
 
 def test_m17_plateau_schedule_is_default_and_steps_on_the_validation_metric(tmp_path):
-    cfg, _ = compose("imagefolder", ["data.root=/x"])
+    cfg, _ = compose("smoke", [])  # a recipe that does not choose: the default (one-cycle is a recipe's choice)
     assert cfg.sched.name == "plateau"
     refused(tmp_path, ["+sched.monitor=train_loss"], r"unknown setting 'sched\.monitor'")
     net = build_model({"name": "cnn", "widths": [8], "blocks": 0}, (3, 8, 8), 3)

@@ -37,7 +37,8 @@ def small_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     write_images(tmp / "imgs", classes=3, per_class=60, size=(8, 8), mode="L")
     cfg, _ = compose("imagefolder", [f"data.root={tmp / 'imgs'}", "trainer.max_epochs=4", "data.batch_size=16",
-                                     "trainer.progress=false"])
+                                     "trainer.progress=false", "model=cnn", "optim.lr=1e-3", "sched.name=plateau",
+                                     "loss.label_smoothing=0"])  # a model that still makes mistakes to show
     saved, real = {}, F.save
 
     def keep(fig, path):

@@ -30,7 +30,8 @@ def _config(**over):
 
 
 @pytest.mark.parametrize("key,registry", [("optim__name", OPTIMIZERS), ("sched__name", SCHEDULES),
-                                          ("data__name", D.SOURCES), ("data__augment", D.AUGMENTS)])
+                                          ("data__name", D.SOURCES), ("data__augment", ["auto", *D.AUGMENTS]),
+                                          ("data__mix", D.MIXES)])
 def test_the_config_offers_exactly_the_registered_names(key, registry):
     with pytest.raises(ConfigError) as e:
         validate(_config(**{key: "no_such_thing"}))

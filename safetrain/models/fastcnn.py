@@ -8,10 +8,12 @@ epochs) are its purpose: every choice below makes large learning rates safe from
   through (identity on the first channels: an implicit residual) on top of PyTorch's default init, which the
   published settings were tuned with; BatchNorm learns its shift only (its scale is fixed at 1, so the
   optimizer's bias_lr_mult can move the shifts fast without touching a scale);
-- global max-pooling and a linear head without bias, its logits scaled by 1/9 (so the loss starts at ln C).
+- global max-pooling and a linear head without bias, its logits scaled by 1/9 (so the loss starts at ln C);
+- on images too small for every stage to halve (8x8 digits), the last stages keep the size they get.
 Shapes come from the data facts; the head emits raw logits [M11]."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -85,11 +87,14 @@ class FastCNN(Classifier):
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int, widths: list[int],
                  whiten_kernel: int = 2, activation_name: str = "gelu", norm_name: str = "batch", dropout: float = 0.0):
         k = whiten_kernel
-        sizes = plan_sizes(height - k + 1, width - k + 1, len(widths), f"model.widths={list(widths)}")
+        h, w = height - k + 1, width - k + 1
+        pools = min(len(widths), int(math.log2(max(1, min(h, w)))))  # small images: the last stages stop halving
+        sizes = plan_sizes(h, w, pools, f"model.widths={list(widths)}")
         layers: list[nn.Module] = [Whitening(in_channels, k), activation(activation_name)]
         cin = 2 * in_channels * k * k
-        for w in widths:
-            layers += [_identity_conv(cin, w), nn.MaxPool2d(2), _shift_only(norm(norm_name, w)),
+        for i, w in enumerate(widths):
+            layers += [_identity_conv(cin, w), nn.MaxPool2d(2) if i < pools else nn.Identity(),
+                       _shift_only(norm(norm_name, w)),
                        activation(activation_name), _identity_conv(w, w), _shift_only(norm(norm_name, w)),
                        activation(activation_name)]
             cin = w
