@@ -187,3 +187,27 @@ def test_the_decompression_bomb_limit_is_a_setting_the_refusal_names(tmp_path):
     assert header(big) == ("L", (1000, 2000))  # PIL's own limit again
     cfg = compose("imagefolder", [f"data.root={tmp_path}", "data.max_image_pixels=200000000"])[0]
     assert data_spec(cfg).max_image_pixels == 200_000_000  # carried to loading, and in the checkpoints' spec
+
+
+@pytest.mark.parametrize("mode", ["P", "P+transparency", "1", "I;16", "LA", "RGBA", "L", "CMYK"])
+def test_large_images_of_every_mode_decode_straight_to_the_training_size(tmp_path, mode):
+    """A real folder mixes palette, bilevel, 16-bit, gray+alpha files: each large one is shrunk on load (PIL
+    reduces no palette image: the palette is applied first) to about what a full decode then resize gives."""
+    from safetrain.data.files import Fit, fit_image, to_array
+    from safetrain.data.sources import _decode
+    g = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(g.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((400, 300), Image.BICUBIC))
+    im = Image.fromarray(smooth)
+    im = {"P+transparency": lambda: im.convert("P"), "I;16": lambda: im.convert("L").convert("I;16")}.get(
+        mode, lambda: im.convert(mode))()
+    if mode == "P+transparency":
+        im.info["transparency"] = 0
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    im.save(path)
+    fit = Fit((32, 32), "crop")
+    ours = _decode(str(path), 3, fit).permute(1, 2, 0).numpy().astype(float)
+    with Image.open(path) as full:
+        want = fit_image(to_array(full, 3), fit).astype(float)
+    limit = 40 if mode == "1" else 10  # bilevel: dithered; others: a box filter (reduce, JPEG's DCT scaling) before
+    # the resize, at 32 px: a few levels where colours change fast (a wrong or shifted image differs by ~60)
+    assert ours.shape == (32, 32, 3) and np.abs(ours - want).mean() < limit

@@ -25,6 +25,7 @@ def test_m31_a_run_never_writes_into_a_directory_that_holds_another_run(tmp_path
     assert before == {f: (tmp_path / "run" / f).read_bytes() for f in before}  # untouched
 
 
+@pytest.mark.slow  # four command-line runs (24 s): the API-level refusal above stays in the default tier
 def test_the_command_line_refuses_a_used_run_dir_and_default_dirs_never_collide(tmp_path):
     out = run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -125,7 +125,14 @@ def shrink_on_load(im: Image.Image, fit: Fit) -> Image.Image:
         im.draft(im.mode, need)
         return im
     factor = min(w // need[0], h // need[1])
-    return im.reduce(factor) if factor >= 2 else im
+    if factor < 2:
+        return im
+    if im.mode == "P":  # PIL reduces no palette image: its colours first (transparency kept for to_array)
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    try:  # the last partial block kept: cutting it would change the scale fit_image then applies
+        return im.reduce(factor)
+    except ValueError:  # a mode reduce does not take ("1", "I;16B", ...): decoded in full, resized exactly
+        return im
 
 
 def auto_side(sides: list[int], bounds: tuple[int, int]) -> int:

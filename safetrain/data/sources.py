@@ -337,7 +337,7 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
     listed = [(part, str(f), y) for part, f, y in listing.rows if f in good]
     stat = [(os.path.relpath(f, base), Path(f).stat().st_size, Path(f).stat().st_mtime_ns, part, y)
             for part, f, y in listed]
-    fp = digest("files v1", str(base.resolve()), fit, channels, classes, *stat)
+    fp = digest("files v2", str(base.resolve()), fit, channels, classes, *stat)
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
     images, bad = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers,
                               keep=not stream)
