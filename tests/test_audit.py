@@ -153,6 +153,7 @@ def test_m06_near_duplicates_stay_in_one_split_when_safetrain_splits(tmp_path):
     report = json.loads((run_dir / "audit.json").read_text())
     kept = {(p["id"], p["train_id"]) for p in report["kept_together"]}
     assert kept and report["summary"]["near_duplicates_kept_in_train"] == len(kept)
+    assert "near_duplicates_kept_in_train: " in (run_dir / "report.md").read_text()  # the report says how many
     assert kept <= {(a, b) for a, b in pairs} | {(b, a) for a, b in pairs}  # only planted copies were moved
     assert report["near_duplicates"] == []  # nothing left to flatter the scores
     conflicts = [p for p in report["kept_together"] if p["labels"][0] != p["labels"][1]]
@@ -193,3 +194,14 @@ def test_m08_identical_images_with_different_labels_are_found_in_any_split():
               "val": ImageSet(torch.tensor([0, 1]), ["v1", "v2"], same), "test": ImageSet(torch.tensor([0]), ["t"], img[:1])}
     found = conflicting_copies(splits)
     assert [f["ids"] for f in found] == [["v1", "v2"]]  # t is a copy with v1's label: not a conflict, v2 is
+
+
+def test_m06_the_audit_counts_the_groups_of_exact_copies_kept_in_one_split():
+    from safetrain.data import make_splits
+    from safetrain.data.sources import Source
+    imgs = torch.from_numpy(smooth_images(40, 3)).permute(0, 3, 1, 2).contiguous()
+    imgs = torch.cat([imgs, imgs[:5]])  # 5 images twice: 5 groups of copies
+    src = Source(["a", "b"], {"all": ImageSet(torch.arange(45) % 2, [str(i) for i in range(45)], imgs)}, "fp",
+                 (3, 32, 32))
+    splits = make_splits(src, 0.2, 0.2, seed=0)
+    assert audit(splits).summary()["exact_copy_groups_kept_in_one_split"] == 5

@@ -16,6 +16,7 @@ images. Images smaller than MIN_SIDE pixels a side are too small to tell a copy 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Audit:
     near_duplicates: list[dict] = field(default_factory=list)  # {"split", "id", "train_id", "cosine", "diff"}
     conflicting_copies: list[dict] = field(default_factory=list)  # same pixels, different labels
     kept_together: list[dict] = field(default_factory=list)  # near-duplicates moved into train with their copies
+    copy_groups: int = 0  # groups of exact copies that safetrain's split kept within one split
     blank: list[str] = field(default_factory=list)
     eval_sizes: dict = field(default_factory=dict)
     typical_distance: float = 0.0  # median nearest-neighbour distance within the training split
@@ -56,6 +58,7 @@ class Audit:
         return {"near_duplicates": len(self.near_duplicates),
                 "near_duplicate_fraction": {s: per_split[s] / max(1, n) for s, n in self.eval_sizes.items()},
                 "conflicting_copies": len(self.conflicting_copies), "blank_images": len(self.blank),
+                "exact_copy_groups_kept_in_one_split": self.copy_groups,
                 "near_duplicates_kept_in_train": len(self.kept_together),
                 "kept_together_with_other_label": sum(p["labels"][0] != p["labels"][1] for p in self.kept_together),
                 "typical_train_distance": round(self.typical_distance, 4),
@@ -256,13 +259,15 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
         a.near_duplicates, a.typical_distance = search(train, {s: splits[s] for s in ("val", "test")}, device)
     a.conflicting_copies = conflicting_copies(splits)
     a.kept_together = train.joined
+    hashed = Counter(d for s in splits.values() for d in (s.digests or []))  # digests: where safetrain split
+    a.copy_groups = sum(n > 1 for n in hashed.values())
     a.blank = [i for s in splits.values() for i in blank_images(s)]
     return a
 
 
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v8", fingerprint, *(i for s in splits.values() for i in s.ids))
+    key = digest("audit v9", fingerprint, *(i for s in splits.values() for i in s.ids))
     stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device)),
                        keys=tuple(f.name for f in fields(Audit)))
     return Audit(**stored)
