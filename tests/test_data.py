@@ -258,3 +258,26 @@ def test_m05_random_resized_crops_beyond_the_bounds_are_refused_unless_unlocked(
     if "[0.6" not in setting and "1.5" not in setting:  # a shape error stays one; the bounds can be unlocked
         cfg, _ = compose("imagefolder", [*args, "data.allow_strong_crop=true"])
         assert any(f.row == "M05" and "allow_strong_crop" in f.message for f in unlocks(cfg))
+
+
+def test_iterative_split_spreads_rare_labels_over_every_part_keeps_sizes_and_groups():
+    from safetrain.data.splits import iterative_split
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(600, 6, generator=g) < torch.tensor([0.5, 0.3, 0.1, 0.05, 0.02, 0.0])  # rare labels
+    labels[:5, 5] = True  # a label with 5 images in all
+    groups = torch.arange(600)
+    groups[300:320] = groups[280:300]  # 20 pairs of copies
+    parts = iterative_split(labels, [0.8, 0.1, 0.1], seed=3, groups=groups)
+    assert sorted(torch.cat(parts).tolist()) == list(range(600))  # a partition
+    assert [len(p) for p in parts] == pytest.approx([480, 60, 60], abs=6)
+    for p in parts[1:]:  # val and test: every label that has at least 10 images is in both
+        assert labels[p][:, :5].any(0).all()
+    counts = labels.sum(0).double()
+    for p, f in zip(parts, (0.8, 0.1, 0.1)):  # each label shared out in about the fractions
+        assert torch.allclose(labels[p].sum(0).double()[:5], f * counts[:5], atol=3)
+    where = torch.empty(600, dtype=torch.int64)
+    for k, p in enumerate(parts):
+        where[p] = k
+    assert torch.equal(where[300:320], where[280:300])  # copies on one side
+    again = iterative_split(labels, [0.8, 0.1, 0.1], seed=3, groups=groups)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))

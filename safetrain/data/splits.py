@@ -46,6 +46,49 @@ def stratified_split(labels: Tensor, fraction: float, seed: int, minimum: int = 
     return torch.tensor(sorted(kept), dtype=torch.int64), torch.tensor(sorted(carved), dtype=torch.int64)
 
 
+def iterative_split(labels: Tensor, fractions: list[float], seed: int, groups: Tensor | None = None) -> list[Tensor]:
+    """Multi-label stratification (iterative stratification, Sechidis et al. 2011): `labels` (N, C) multi-hot ->
+    one sorted index tensor per fraction. The rarest label still to place goes first: each of its samples (or
+    groups of copies, `groups` as in stratified_split, labelled by the union of their members') goes to the part
+    that still wants most of that label (ties: most samples wanted, then the seeded draw), so a rare label is
+    spread over the parts before common ones fill them; samples without labels fill what is left."""
+    g = torch.Generator().manual_seed(seed)
+    y = labels.bool()
+    ids = torch.arange(len(y)) if groups is None else groups
+    units: dict[int, list[int]] = {}
+    for i, k in enumerate(ids.tolist()):
+        units.setdefault(k, []).append(i)
+    members = list(units.values())
+    unit_labels = torch.stack([y[m].any(0) for m in members]) if members else y[:0]
+    sizes = torch.tensor([len(m) for m in members], dtype=torch.float64)
+    frac = torch.tensor(fractions, dtype=torch.float64)
+    want_total = frac * sizes.sum()
+    want_label = frac[:, None] * (unit_labels.double() * sizes[:, None]).sum(0)[None]  # (parts, C)
+    part_of = torch.full((len(members),), -1, dtype=torch.int64)
+    order = torch.randperm(len(members), generator=g)
+    tie = torch.rand(len(fractions), generator=g, dtype=torch.float64) * 1e-9
+    while (part_of < 0).any():
+        left = unit_labels & (part_of < 0)[:, None]
+        counts = left.sum(0)
+        if counts.sum() == 0:  # only unlabelled units remain
+            todo = [u for u in order.tolist() if part_of[u] < 0]
+            key = None
+        else:
+            key = int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+            todo = [u for u in order.tolist() if part_of[u] < 0 and left[u, key]]
+        for u in todo:
+            score = (want_label[:, key] if key is not None else want_total) * 1e6 + want_total + tie
+            p = int(score.argmax())
+            part_of[u] = p
+            want_total[p] -= sizes[u]
+            want_label[p] -= unit_labels[u].double() * sizes[u]
+    out = []
+    for p in range(len(fractions)):
+        idx = [i for u in (part_of == p).nonzero().squeeze(1).tolist() for i in members[u]]
+        out.append(torch.tensor(sorted(idx), dtype=torch.int64))
+    return out
+
+
 def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
     """The standard long-tailed subset (Cao et al. 2019): class k keeps n_max * ratio**(-k / (C - 1)) of
     its samples, so class 0 stays whole and the last class has n_max / ratio; seeded."""
