@@ -20,7 +20,7 @@ def _test_ids() -> set[str]:
 
 def test_every_row_in_the_docs_has_a_test_and_every_tested_row_is_documented():
     doc, tested = _doc_ids(), _test_ids()
-    assert doc == {f"M{i:02d}" for i in range(1, 39)}
+    assert doc == {f"M{i:02d}" for i in range(1, len(doc) + 1)} and len(doc) >= 38  # M01..M38, then the project's
     assert doc - tested == set(), f"rows without a test: {sorted(doc - tested)}"
     assert tested - doc == set(), f"tests for rows the page lacks: {sorted(tested - doc)}"
 
@@ -31,7 +31,9 @@ def test_the_docs_follow_the_catalogue_when_it_is_present():
     text = CATALOGUE.read_text()
     rows = set(re.findall(r"^\| (M\d\d) \|", text, re.M))
     planned = set(re.findall(r"^- \*\*(M\d\d)\*\*", text, re.M))  # "Planned rows": documented once built
-    assert rows | planned == _doc_ids()
+    shared, doc = rows | planned, _doc_ids()
+    assert shared <= doc  # every catalogue row; rows after its last ID are the project's own (new tasks)
+    assert all(m > max(shared) for m in doc - shared)
 
 
 def test_the_readme_layout_names_the_files_that_exist():
