@@ -46,6 +46,7 @@ class DataConfig:
     name: str = MISSING
     root: Optional[str] = None
     batch_size: int = 128
+    max_batch_share: Optional[float] = None  # a batch of at most this share of the training split (None: as given)
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # only used when the source has no test split
     augment: str = "crop_flip"  # a name of data.AUGMENTS, or auto: rrc_flip for images of varied sizes, else crop_flip
@@ -277,6 +278,8 @@ def _check_data(d: DataConfig, norm: str) -> None:
                           f"fewer than {BN_MIN_BATCH} samples are noise, and 1 fails outright). Use model.norm=group, "
                           f"or data.batch_size={BN_MIN_BATCH * 4} or more.")
     check_range("data.batch_size", d.batch_size, 1, 65536, "M23")
+    if d.max_batch_share is not None:
+        check_range("data.max_batch_share", d.max_batch_share, 0.01, 1.0, "M23")
     if d.max_image_pixels is not None:
         check_range("data.max_image_pixels", d.max_image_pixels, 10**6, 10**10)
     check_range("data.val_fraction", d.val_fraction, 0.01, 0.5)

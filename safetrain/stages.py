@@ -133,6 +133,7 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
              facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std), facts.imbalance_ratio,
              ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])),
              len(audit.near_duplicates), len(audit.blank))
+    fit_batch(ctx.cfg.data, len(splits["train"]), dist.world())
     if d.batch_size % dist.world():
         raise ConfigError(f"[config] data.batch_size={d.batch_size} is the global batch, shared out evenly over the "
                           f"{dist.world()} processes, so it must be a multiple of {dist.world()}: use data.batch_size="
@@ -206,6 +207,20 @@ def _loaders(ctx: Context, splits, facts: D.DataFacts, sampler: bool, decoding: 
     loaders = Loaders(train, val, D.make_loader(splits["test"], eval_pipe, at=at, **evaluation),
                       D.make_loader(splits["train"], eval_pipe, **evaluation))  # whole: rank 0's report
     return loaders, eval_pipe, (x0, y0), checked
+
+
+def fit_batch(d, train_size: int, world: int = 1) -> None:
+    """data.max_batch_share: a recipe's batch made to fit a small training split (a multiple of 8 and of the
+    processes, at least BatchNorm's minimum), logged and saved as data.batch_size in config.yaml."""
+    if d.max_batch_share is None or d.batch_size <= d.max_batch_share * train_size:
+        return
+    step = 8 * world
+    fitted = max(step, int(d.max_batch_share * train_size) // step * step)
+    if fitted < d.batch_size:
+        log.info("data.batch_size=%d is more than data.max_batch_share=%g of the %d training images: batches of %d "
+                 "(saved in config.yaml; data.max_batch_share=null keeps %d)", d.batch_size, d.max_batch_share,
+                 train_size, fitted, d.batch_size)
+        d.batch_size = fitted
 
 
 def _described(augment: D.Augment, asked: str) -> str:

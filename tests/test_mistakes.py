@@ -662,3 +662,17 @@ def test_mistakes_from_the_command_line_are_refused_with_the_fix(tmp_path):
     out = run_cli("recipe=smoke", "data.batch_size=1000", f"hydra.run.dir={tmp_path / 'r2'}")
     assert out.returncode == 2 and "[M23]" in out.stdout + out.stderr  # raised in the job: logged
     assert [p.name for p in (tmp_path / "r2").iterdir()] == ["safetrain.log"]  # only the log
+
+
+def test_m23_a_recipe_batch_fits_a_small_folder_only_where_the_recipe_says_so(tmp_path, caplog):
+    caplog.set_level("INFO", logger="safetrain")
+    write_images(tmp_path / "imgs", 2, 40)  # 80 images
+    over = [f"data.root={tmp_path / 'imgs'}", "model=cnn_tiny", "trainer.max_epochs=1", "trainer.progress=false"]
+    cfg, _ = compose("imagefolder", over)  # batch 256, at most a quarter of the split
+    run(cfg, tmp_path / "run")
+    n = len(json.loads((tmp_path / "run" / "splits.json").read_text())["train"])
+    fitted = max(8, n // 4 // 8 * 8)
+    assert f"of the {n} training images: batches of {fitted}" in caplog.text
+    assert f"batch_size: {fitted}" in (tmp_path / "run" / "config.yaml").read_text()  # what a resume goes on with
+    refused(tmp_path, [*over, "data.max_batch_share=null"], r"\[M23\] data\.batch_size=256 is larger than the "
+            r"training split", recipe="imagefolder", exc=ConfigError)
