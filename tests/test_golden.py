@@ -48,7 +48,7 @@ def golden_run(tmp_path, name):
                                          "model=cnn", "model.widths=[8,16]", "trainer.progress=false",
                                          # the recipe's training settings as they were recorded (it changed since)
                                          "optim.lr=1e-3", "sched.name=plateau", "loss.label_smoothing=0",
-                                         "trainer.early_stop_patience=10"])
+                                         "trainer.early_stop_patience=10", "data.max_batch_share=null"])
     final = run(cfg, tmp_path / name)
     return final, {k: tensor_digest(tmp_path / name / "checkpoints" / f"{k}.pt") for k in ("best", "last")}
 
