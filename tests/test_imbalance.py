@@ -243,3 +243,24 @@ def test_m19_m28_on_imbalanced_data_chance_is_not_ln_c(tmp_path, balance):
                                               "optim.allow_unusual_lr=true"])
     blind = run(cfg, tmp_path / "blind", model=Blind())
     assert [w for w in blind["warnings"] if "[M28]" in w and "chance level" in w]
+
+
+def test_per_label_thresholds_find_a_rare_label_that_one_half_never_predicts():
+    """Issue 24's metrics, before they are wired: F1 at thresholds as torchmetrics computes it, and one threshold
+    per label chosen on validation (a rare label's probabilities stay below 0.5: at 0.5 it is never predicted)."""
+    from torchmetrics.classification import MultilabelF1Score
+
+    from safetrain.metrics import build_multilabel_metrics, choose_thresholds, thresholded_f1
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(2000, 3, generator=g) < torch.tensor([0.4, 0.2, 0.03])).int()
+    p = y * torch.tensor([0.5, 0.5, 0.2]) + torch.rand(2000, 3, generator=g) * torch.tensor([0.5, 0.5, 0.25])
+    half = thresholded_f1(p, y, torch.full((3,), 0.5))
+    for avg in ("micro", "macro"):
+        assert half[f"{avg}_f1"] == pytest.approx(float(MultilabelF1Score(3, threshold=0.5, average=avg)(p, y)))
+    assert half["f1"][2] == 0.0  # the rare label: never predicted at 0.5
+    t = choose_thresholds(p, y)
+    tuned = thresholded_f1(p, y, t)
+    assert 0.18 <= float(t[2]) <= 0.3 and tuned["f1"][2] > 0.9 and tuned["macro_f1"] > half["macro_f1"] + 0.25
+    m = build_multilabel_metrics(3, torch.device("cpu"))
+    m.update(p, y)
+    assert float(m.compute()["map"]) > 0.95  # threshold-free: it ranks the rare label's images right
