@@ -49,7 +49,7 @@ class DataConfig:
     max_batch_share: Optional[float] = None  # a batch of at most this share of the training split (None: as given)
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # only used when the source has no test split
-    augment: str = "crop_flip"  # a name of data.AUGMENTS, or auto: rrc_flip for images of varied sizes, else crop_flip
+    augment: str = "crop_flip"  # a name of data.AUGMENTS, or auto (pipelines.AUTO_AUGMENT: the measured choice)
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # random resized crop: share of the area [M05]
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # ... and width/height of the box [M05]
     allow_strong_crop: bool = False  # crops below MIN_CROP_SCALE or beyond MAX_CROP_RATIO

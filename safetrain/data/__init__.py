@@ -7,7 +7,8 @@ from safetrain.data.splits import (class_counts, describe, duplicates_finding, e
                                    thin_eval_classes)
 from safetrain.data.stats import DataFacts, channel_stats, measure_facts
 
-__all__ = ["AUGMENTS", "MIXES", "Augment", "hard_labels", "resized_crops", "resolve_augment", "BatchPipeline", "Normalize", "flips", "make_loader", "pick_images", "uint8_batches",
+__all__ = ["AUGMENTS", "MIXES", "Augment", "hard_labels", "resized_crops", "resolve_augment", "BatchPipeline",
+           "Normalize", "flips", "make_loader", "pick_images", "uint8_batches",
            "SOURCES", "DataSpec", "Decoding", "ImageSet", "split_source",
            "Source", "load_dataset", "load_source", "class_counts", "describe", "duplicates_finding",
            "exact_duplicates", "long_tailed", "make_splits", "refuse_duplicates", "stratified_split",

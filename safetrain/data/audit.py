@@ -15,7 +15,6 @@ images. Images smaller than MIN_SIDE pixels a side are too small to tell a copy 
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,7 +45,7 @@ BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is bl
 class Audit:
     near_duplicates: list[dict] = field(default_factory=list)  # {"split", "id", "train_id", "cosine", "diff"}
     conflicting_copies: list[dict] = field(default_factory=list)  # same pixels, different labels
-    kept_together: list[dict] = field(default_factory=list)  # near-duplicates moved into train with their copies
+    kept_together: list[dict] = field(default_factory=list)  # near-duplicates moved to join their copy (splits.py)
     copy_groups: int = 0  # groups of exact copies that safetrain's split kept within one split
     blank: list[str] = field(default_factory=list)
     eval_sizes: dict = field(default_factory=dict)
@@ -230,8 +229,7 @@ def conflicting_copies(splits: dict[str, ImageSet]) -> list[dict]:
     out = []
     for s in splits.values():
         for i in range(len(s)):
-            h = hashlib.blake2b(s.images[i].numpy().tobytes(), digest_size=16).digest()
-            sid, y = seen.setdefault(h, (s.ids[i], int(s.labels[i])))
+            sid, y = seen.setdefault(s.digest(i), (s.ids[i], int(s.labels[i])))  # hashed once, at the split
             if sid != s.ids[i] and y != int(s.labels[i]):
                 out.append({"ids": [sid, s.ids[i]], "labels": [y, int(s.labels[i])]})
     return out

@@ -115,8 +115,8 @@ AUTO_AUGMENT = {True: ("shift_flip", "shift"), False: ("crop_flip", "crop")}
 
 
 def resolve_augment(name: str, resized: bool, flips_keep_label: bool) -> str:
-    """data.augment, with `auto` resolved: random resized crops for images `resized` to the training size from
-    their own, shifted crops for images that have it; flips where they keep the label [M05]."""
+    """data.augment, with `auto` resolved by AUTO_AUGMENT (whether the images were `resized` to the training size
+    from their own), flips only where they keep the label [M05]."""
     return AUTO_AUGMENT[resized][not flips_keep_label] if name == "auto" else name
 
 

@@ -43,6 +43,13 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def digest(self, i: int) -> bytes:
+        """Sample i's content hash: of its decoded pixels (in memory) or its file (streamed); kept once computed."""
+        if self.digests is not None:
+            return self.digests[i]
+        data = self.images[i].numpy().tobytes() if self.images is not None else open(self.files[i], "rb").read()
+        return hashlib.blake2b(data, digest_size=16).digest()
+
     def subset(self, idx: Tensor) -> "ImageSet":
         pick = idx.tolist()
         return ImageSet(self.labels[idx], [self.ids[i] for i in pick],

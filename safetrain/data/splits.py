@@ -1,7 +1,6 @@
 """Seeded, stratified splits: val (and test, when the source has none) carved from train."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from functools import partial
 from pathlib import Path
@@ -178,7 +177,7 @@ def _concat(sets: list[ImageSet]) -> ImageSet:
 def copy_groups(data: ImageSet) -> Tensor:
     """(N,) a group id per sample, shared by byte-identical images (the first copy's index) [M06]. The hashes stay
     with `data` (and its subsets), so the check across splits does not read the files again."""
-    data.digests = [_hash(data, i) for i in range(len(data))]
+    data.digests = [data.digest(i) for i in range(len(data))]
     first: dict[bytes, int] = {}
     groups = torch.tensor([first.setdefault(h, i) for i, h in enumerate(data.digests)], dtype=torch.int64)
     copies = len(groups) - len(first)
@@ -250,18 +249,11 @@ def exact_duplicates(splits: dict[str, ImageSet]) -> list[tuple[str, str]]:
     pairs = []
     for name, s in splits.items():
         for i, sid in enumerate(s.ids):
-            h = _hash(s, i)
+            h = s.digest(i)
             if h in first and first[h][0] != name:
                 pairs.append((first[h][1], f"{name}:{sid}"))
             first.setdefault(h, (name, f"{name}:{sid}"))
     return pairs
-
-
-def _hash(s: ImageSet, i: int) -> bytes:
-    if s.digests is not None:  # hashed already, before the split
-        return s.digests[i]
-    data = s.images[i].numpy().tobytes() if s.images is not None else open(s.files[i], "rb").read()
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def duplicates_finding(pairs: list[tuple[str, str]]) -> Finding | None:
