@@ -17,7 +17,7 @@ from safetrain.data import AUGMENTS, MIXES, SOURCES, DataSpec, flips
 from safetrain.data.files import AUTO_SIDE, FITS
 from safetrain.errors import ConfigError, check_range
 from safetrain.findings import Finding
-from safetrain.losses import BALANCE, LOSSES
+from safetrain.losses import BALANCE, LOSSES, MULTILABEL_BALANCE
 from safetrain.models import MODELS, CNNConfig, ResNetConfig  # noqa: F401  (the model schemas live with the models)
 from safetrain.models.layers import ACTIVATIONS, BN_MIN_BATCH, NORMS
 from safetrain.optim import OPTIMIZERS, SCHEDULES
@@ -66,6 +66,7 @@ class DataConfig:
     resize: str = "crop"  # how an image of another shape gets there: crop (aspect kept), pad (nothing cut), squash
     path_column: str = "path"  # data=csv: the column of image paths (relative to the CSV file, or absolute)
     label_column: str = "label"  # data=csv: the column of labels (class names)
+    label_delimiter: Optional[str] = None  # data=csv: splits a label cell into several labels ("|"): multi-label
     split_column: Optional[str] = None  # data=csv: a column of train/val/test (None: safetrain splits)
     bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
     max_image_pixels: Optional[int] = None  # larger files are bad files; None: PIL's decompression-bomb limit (89 MP)
@@ -119,7 +120,7 @@ class TrainerConfig:
 @dataclass
 class Config:
     seed: int = 0
-    task: str = "multiclass"
+    task: str = "auto"  # auto: from the labels (multilabel where an image has other than one), or stated
     mode: str = "train"  # train, or doctor: audit + preflight + overfit-one-batch, no training
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # checked against the schema of the chosen model: MODELS[model.name][0]
@@ -212,21 +213,20 @@ def validate(cfg: DictConfig | dict) -> Config:
 
 def _check_values(c: Config) -> None:
     own = c.model.builder_settings()
-    choices = {"task": (c.task, LOSSES), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
+    choices = {"task": (c.task, ("auto", *LOSSES)), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
                "data.augment": (c.data.augment, ("auto", *AUGMENTS)), "data.mix": (c.data.mix, MIXES),
                "data.loader": (c.data.loader, LOADERS),
                "data.bad_files": (c.data.bad_files, ("refuse", "skip")), "data.resize": (c.data.resize, FITS),
-               "loss.balance": (c.loss.balance, ("auto", *BALANCE)),
+               "loss.balance": (c.loss.balance, ("auto", *BALANCE, *MULTILABEL_BALANCE)),
                **{f"model.{k}": (own[k], allowed) for k, allowed in (("activation", ACTIVATIONS), ("norm", NORMS))
                   if k in own},  # safetrain's own models
                "optim": (c.optim.name, OPTIMIZERS), "sched.name": (c.sched.name, SCHEDULES),
                "trainer.device": (c.trainer.device, DEVICES), "trainer.precision": (c.trainer.precision, PRECISIONS)}
     for key, (value, allowed) in choices.items():
         _choice(key, value, allowed)
-    if c.loss.name not in ("auto", *LOSSES[c.task]):
-        raise ConfigError(f"[M13] loss.name={c.loss.name!r} does not fit task {c.task!r}: {c.task} "
-                          f"classification needs {' or '.join(LOSSES[c.task])} (softmax over one logit per class). "
-                          f"Use loss.name=auto; safetrain derives the loss from the task.")
+    _choice("loss.name", c.loss.name, ("auto", *sorted({n for names in LOSSES.values() for n in names})))
+    if c.task != "auto":
+        resolve_task(c, c.task)
     _check_data(c.data, own.get("norm"))
     _check_optim(c.optim)
     check_range("optim.weight_decay", c.optim.weight_decay, 0.0, 0.5, "M21")
@@ -340,6 +340,41 @@ def unlocks(c: Config) -> list[Finding]:
     return out
 
 
+TASK_LOSS = {"multiclass": "softmax over one logit per class: one label per image",
+             "multilabel": "a sigmoid per label: each label present or absent on its own"}
+
+
+def resolve_task(c: Config, data_task: str) -> None:
+    """The task the labels make (`data_task`) becomes c.task (saved in config.yaml); a task or loss stated otherwise is
+    refused with what to write instead [M13]. Multi-label settings that have no meaning there are refused too."""
+    if c.task not in ("auto", data_task):
+        have = "several labels (or none) per image" if data_task == "multilabel" else "exactly one label per image"
+        raise ConfigError(f"[M13] task={c.task}, but the labels have {have}: a {data_task} task. Use task=auto (or "
+                          f"task={data_task}); safetrain takes the task from the labels"
+                          + (", and a CSV label cell holds several labels only with data.label_delimiter set."
+                             if c.task == "multilabel" else "."))
+    c.task = data_task
+    if c.loss.name not in ("auto", *LOSSES[data_task]):
+        raise ConfigError(f"[M13] loss.name={c.loss.name!r} does not fit the {data_task} task: it needs "
+                          f"{' or '.join(LOSSES[data_task])} ({TASK_LOSS[data_task]}). Use loss.name=auto; safetrain "
+                          "derives the loss from the task.")
+    if data_task != "multilabel":
+        if c.loss.balance in MULTILABEL_BALANCE and c.loss.balance not in BALANCE:
+            raise ConfigError(f"[M24] loss.balance={c.loss.balance} is for multi-label tasks; this one is multiclass. "
+                              f"Use loss.balance=auto, or one of {sorted(BALANCE)}.")
+        return
+    if c.loss.balance not in ("auto", *MULTILABEL_BALANCE):
+        raise ConfigError(f"[M24] loss.balance={c.loss.balance} is for one label per image; with several labels per "
+                          f"image use loss.balance=auto (each label's positives weighed against its negatives) or "
+                          f"one of {sorted(MULTILABEL_BALANCE)}.")
+    if c.data.mix != "none":
+        raise ConfigError(f"[config] data.mix={c.data.mix} mixes one label per image; this task has several. Use "
+                          "data.mix=none.")
+    if c.data.imbalance_ratio is not None:
+        raise ConfigError("[M24] data.imbalance_ratio makes one-label-per-image data long-tailed; this task has several "
+                          "labels per image. Remove data.imbalance_ratio.")
+
+
 def data_spec(c: Config, weights_size: Optional[int] = None, device_type: str = "cpu") -> DataSpec:
     """The run's one description of its data (data/sources.py): the data settings, with image folders resized to
     data.image_size or else to `weights_size`, the resolution of the starting weights [M35], or else (mixed sizes)
@@ -349,6 +384,7 @@ def data_spec(c: Config, weights_size: Optional[int] = None, device_type: str = 
                     auto_side=AUTO_SIDE["cpu" if device_type == "cpu" else "accelerator"],
                     max_image_pixels=d.max_image_pixels,
                     path_column=d.path_column, label_column=d.label_column, split_column=d.split_column,
+                    label_delimiter=d.label_delimiter,
                     loader=d.loader, num_workers=d.num_workers, download=d.download, bad_files=d.bad_files,
                     synthetic=tuple(vars(d.synthetic).items()), seed=c.seed, val_fraction=d.val_fraction,
                     test_fraction=d.test_fraction, min_samples_per_class=d.min_samples_per_class,
@@ -367,7 +403,7 @@ AFTER_TRAINING = ("predict", "evaluate", "export")  # modes that use a trained m
 @dataclass
 class PredictConfig:
     checkpoint: Optional[str] = None  # RUN_DIR/checkpoints/best.pt, or RUN_DIR (its best.pt)
-    input: Optional[str] = None  # predict: an image or a folder (recursive); evaluate: a folder per class
+    input: Optional[str] = None  # predict: an image or a folder (recursive); evaluate: a folder per class (several labels per image: a CSV like the training one)
     output: Optional[str] = None  # predict: the CSV; evaluate, export: a folder. Default: inside the run directory
     topk: int = 5
     batch_size: int = 256

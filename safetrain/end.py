@@ -21,7 +21,8 @@ from safetrain.errors import Interrupted
 from safetrain.findings import Finding
 from safetrain.io import write_json
 from safetrain.metrics import selection_metric
-from safetrain.monitors import label_noise, label_noise_finding, predicted_probs, suspected_mislabeled
+from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, suspected_mislabeled,
+                                suspected_wrong_tags)
 from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.resume import command
 from safetrain.stages import Context, Prepared, RunDir, augmented_batch
@@ -51,17 +52,23 @@ def data_figures(data: Prepared) -> dict:
 
 
 def report_figures(data: Prepared, run_dir: Path, selection: str, final: Optional[dict] = None,
-                   suspects: list[dict] = ()) -> dict:
+                   suspects: list[dict] = (), test_scores: Optional[list[torch.Tensor]] = None) -> dict:
     """Every figure of the report: the data's, the learning curves (from metrics.jsonl, so a stopped or resumed
     run has them too), and with the test results the per-class scores, the confusion matrix and the suspected
-    mislabeled samples."""
+    mislabeled samples. Several labels per image: the labels' co-occurrence, and precision-recall curves from the
+    test split's (probabilities, labels) `test_scores` instead of a confusion matrix."""
     figures = data_figures(data)
     curves = draw.learning_curves(records(Path(run_dir) / "metrics.jsonl"), selection, final and final["best_epoch"])
     if curves is not None:
         figures["learning_curves"] = curves
+    if data.facts.multilabel:
+        figures["co_occurrence"] = draw.co_occurrence(data.splits["train"].labels, data.facts.classes)
     if final:
         figures["per_class"] = draw.per_class(final["per_class"])
-        figures["confusion_matrix"] = draw.confusion(final["confusion_matrix"], final["classes"])
+        if "confusion_matrix" in final:
+            figures["confusion_matrix"] = draw.confusion(final["confusion_matrix"], final["classes"])
+        if test_scores is not None:
+            figures["pr_curves"] = draw.pr_curves(*test_scores, final["classes"], final["thresholds"])
     if suspects:
         images = D.pick_images(data.splits["train"], [m["id"] for m in suspects[:16]], data.decoding)
         figures["suspected_mislabeled"] = draw.image_grid(images, [
@@ -93,33 +100,47 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
     """The best checkpoint on the test split, once [M07]; suspected mislabeled samples [M08]; metrics.json,
     report.md, TensorBoard; the summary in the log. Under torchrun every rank tests its share of the test split and
     of the held-out predictions; rank 0 writes, and every rank returns its result."""
-    setup.model.load_state_dict(dist.from_main(lambda: load_checkpoint(out.path / "checkpoints" / "best.pt")["model"]))
+    best = dist.from_main(lambda: {k: v for k, v in load_checkpoint(out.path / "checkpoints" / "best.pt").items()
+                                   if k in ("model", "thresholds")})
+    setup.model.load_state_dict(best["model"])
+    if "thresholds" in best:  # several labels per image: scored at the thresholds chosen on validation [M39]
+        setup.metrics.thresholds = torch.tensor(best["thresholds"])
     t = test(setup.model, data.loaders.test, setup.loss_fn, setup.metrics, ctx.prec)
-    held_out = [predicted_probs(setup.model, loader, ctx.prec) for loader in (data.loaders.val, data.loaders.test)]
+    held_out = [predicted_probs(setup.model, loader, ctx.prec, data.facts.multilabel)
+                for loader in (data.loaders.val, data.loaders.test)]
     held_out = [part for parts in dist.gather(held_out) for part in parts]  # every rank's share
     return dist.from_main(lambda: _report(ctx, data, setup, out, checks, findings, result, t, held_out))
 
 
 def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> RunResult:
     train_ids, facts = data.splits["train"].ids, data.facts
-    suspects, n_suspects = suspected_mislabeled(setup.model, data.loaders.train_in_order, train_ids, facts.classes,
-                                                ctx.prec)
+    suspects, n_suspects = (suspected_wrong_tags if facts.multilabel else suspected_mislabeled)(
+        setup.model, data.loaders.train_in_order, train_ids, facts.classes, ctx.prec)
     log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
              n_suspects, len(suspects))
     estimate, noise = _label_noise(data, held_out, suspects)
     findings = findings + explained_by(noise, result.findings)
-    final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
+    final = (_multilabel_metrics if facts.multilabel else _final_metrics)(ctx, data, setup, result, t, findings,
+                                                                           suspects, n_suspects)
     final["label_noise_estimate"] = estimate
     write_json(out.path / "metrics.json", final)
+    test_scores = [torch.cat(part) for part in zip(*held_out[1::2])] if facts.multilabel else None  # (probs, labels)
     figures = write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks,
                            findings=findings, final=final, mislabeled=suspects,
-                           figures=report_figures(data, out.path, setup.selection[0], final, suspects))
+                           figures=report_figures(data, out.path, setup.selection[0], final, suspects, test_scores))
     _final_tensorboard(out.tracker, figures, t, ctx.config, final)
-    log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f (over all %d "
-             "classes) | %.0f s | %s\n%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"],
-             facts.num_classes, final["wall_time_s"],
-             out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
-             "\n".join(per_class_table(final)))
+    if facts.multilabel:
+        log.info("[9/9] test (best checkpoint, epoch %d): mAP %.4f, macro-F1 %.4f, micro-F1 %.4f at the thresholds "
+                 "chosen on validation (over all %d labels); exact label sets %.4f | %.0f s | %s\n%s\n%s",
+                 result.best["epoch"], t["map"], t["macro_f1"], t["micro_f1"], facts.num_classes, t["exact_match"],
+                 final["wall_time_s"], out.path, "\n".join(balance_lines(final, facts.counts["train"], True)),
+                 "\n".join(per_class_table(final)))
+    else:
+        log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f (over all %d "
+                 "classes) | %.0f s | %s\n%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"],
+                 facts.num_classes, final["wall_time_s"],
+                 out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
+                 "\n".join(per_class_table(final)))
     log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
              out.path / "report.md")
     return RunResult(final, findings)
@@ -129,6 +150,10 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
     """(estimate or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
     validation and test splits, which it never trained on (the checkpoint is already chosen: nothing is selected on
     test here). No estimate from a model no better than chance: its doubts say nothing."""
+    if data.facts.multilabel:
+        log.info("label noise: not estimated (confident learning assumes one true label per image; with several, "
+                 "report.md lists the training images whose tags the model doubts)")
+        return None, None
     probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
@@ -169,13 +194,39 @@ def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) 
     }
 
 
+def _multilabel_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) -> dict:
+    """metrics.json of a multi-label run: mAP, F1 at the thresholds chosen on validation, per-label scores [M39, M40]."""
+    classes = data.facts.classes
+    return {
+        "task": "multilabel", "selection_metric": setup.selection[0], "best_val": result.best["value"],
+        "best_epoch": result.best["epoch"], "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
+        "lr": setup.lr, "balance": {"method": data.balance[0], "why": data.balance[1]},
+        "test_map": t["map"], "test_macro_f1": t["macro_f1"], "test_micro_f1": t["micro_f1"],
+        "test_exact_match": t["exact_match"], "test_label_acc": t["acc"], "test_loss": t["loss"], "classes": classes,
+        "thresholds": t["thresholds"],
+        "scored_over": f"Every score is over all {len(classes)} labels; F1, precision and recall at one threshold "
+                       "per label chosen on validation (the kept epoch's), mAP without thresholds",
+        "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i],
+                          "ap": t["ap"][i], "support": t["support"][i], "threshold": t["thresholds"][i]}
+                      for i, c in enumerate(classes)},
+        "cardinality": {"test_labels": t["cardinality"], "predicted": t["predicted_cardinality"]},
+        "parameters": setup.parameters, "wall_time_s": time.time() - ctx.t_start,
+        "warnings": [str(f) for f in findings], "findings": [f.to_dict() for f in findings],
+        "suspected_mislabeled": {"count": n_suspects, "top": suspects},
+    }
+
+
 def _final_tensorboard(tracker: Tracker, figures: dict[str, bytes], t, config: dict, final: dict) -> None:
     for name, tag in (("suspected_mislabeled", "train/suspected_mislabeled"), ("per_class", "test/per_class"),
                       ("learning_curves", "train/learning_curves"), ("near_duplicates", "audit/near_duplicates"),
                       ("class_counts", "data/class_counts")):
         if name in figures:
             tracker.figure(tag, figures[name])
-    tracker.confusion(torch.tensor(t["confusion"]), final["classes"], figures["confusion_matrix"])
-    tracker.hparams(flatten(config), {"test_acc": t["acc"], "test_macro_f1": t["macro_f1"],
-                                      "best_val": final["best_val"]})
+    if "confusion" in t:
+        tracker.confusion(torch.tensor(t["confusion"]), final["classes"], figures["confusion_matrix"])
+    for name in ("pr_curves", "co_occurrence"):
+        if name in figures:
+            tracker.figure(f"test/{name}" if name == "pr_curves" else "data/co_occurrence", figures[name])
+    headline = {"test_map": t["map"]} if "map" in t else {"test_acc": t["acc"]}
+    tracker.hparams(flatten(config), {**headline, "test_macro_f1": t["macro_f1"], "best_val": final["best_val"]})
     tracker.close()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from safetrain import data as D
 from safetrain import distributed as dist
 from safetrain.errors import ConfigError, Interrupted
-from safetrain.losses import chance_losses
+from safetrain.losses import MultilabelLoss, chance_losses
 from safetrain.metrics import to_plain
 from safetrain.models.layers import hooks
 from safetrain.monitors import layer_grad_norms
@@ -202,6 +202,7 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
     model, loss_fn, optimizer, schedule, average = (setup.trainable, setup.loss_fn, setup.optimizer, setup.schedule,
                                                     setup.average)
     model.train()
+    multilabel = isinstance(loss_fn, MultilabelLoss)  # accuracy per label at 0.5; label counts are positives
     total_loss = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device)
     drawn = None  # (C,) labels per class as the loader drew them (a class-balanced sampler changes them)
@@ -217,12 +218,16 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
         schedule.after_step()
         if average is not None:
             average.after_step()
-        y = D.hard_labels(y)  # data.mix: the larger share's class
         total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        if drawn is None:
-            drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
-        drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
+        if multilabel:
+            correct += ((logits.detach() > 0) == y.bool()).float().mean(1).sum()
+            drawn = y.sum(0) if drawn is None else drawn + y.sum(0)
+        else:
+            y = D.hard_labels(y)  # data.mix: the larger share's class
+            correct += (logits.argmax(1) == y).sum()
+            if drawn is None:
+                drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
+            drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
         seen += len(y)
         if stop is not None and not dist.active():
             stop.check(f"in {desc}, step {step + 1}")
@@ -238,7 +243,8 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
     seen = int(dist.total(torch.tensor(seen)))
     return {"loss": dist.total(total_loss).item() / seen, "acc": dist.total(correct).item() / seen,
             "grad_norm": float(grad_norm), "images_per_s": seen / dt, "seconds": dt,
-            "layer_grad_norms": {k: float(v) for k, v in norms.items()}, "label_counts": dist.total(drawn)}
+            "layer_grad_norms": {k: float(v) for k, v in norms.items()}, "label_counts": dist.total(drawn),
+            "images": seen}
 
 
 def _checks(guard, stop: StopRequest | None, where: str) -> None:
@@ -276,11 +282,11 @@ class FitResult:
 def epoch_scalars(tr: dict, val: dict, loss_fn, lr: float) -> dict:
     """One epoch's numbers for metrics.jsonl and TensorBoard (tr's grad norms and label counts popped)."""
     norms = tr.pop("layer_grad_norms")
-    uniform, blind = chance_losses(loss_fn, tr.pop("label_counts"))  # what a model that learns nothing scores
+    uniform, blind = chance_losses(loss_fn, tr.pop("label_counts"), tr["images"])  # a model that learns nothing
+    scores = {f"val/{k}": float(val[k]) for k in ("acc", "balanced_acc", "macro_f1", "map", "micro_f1") if k in val}
     return {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/grad_norm": tr["grad_norm"],
             "train/images_per_s": tr["images_per_s"], "train/chance_loss": blind, "train/uniform_loss": uniform,
-            "val/loss": val["loss"], "val/acc": float(val["acc"]), "val/balanced_acc": float(val["balanced_acc"]),
-            "val/macro_f1": float(val["macro_f1"]), "lr": lr, "epoch_seconds": tr["seconds"],
+            "val/loss": val["loss"], **scores, "lr": lr, "epoch_seconds": tr["seconds"],
             **{f"grad_norm/{k}": v for k, v in norms.items()}}
 
 
@@ -314,14 +320,18 @@ def fit(setup: Setup, train_loader, val_loader, limits: Limits, *, prec: Precisi
             best = {"metric": metric, "value": value, "epoch": epoch}
         history.append(epoch_scalars(tr, val, setup.loss_fn, setup.optimizer.param_groups[0]["lr"]))
         if monitors:
-            monitors.after_epoch(epoch, history, val["confusion"], net)
+            monitors.after_epoch(epoch, history, val, net)
         track(epoch, history[-1], [])
+        # several labels per image: the thresholds chosen on validation go with the weights they were chosen for
+        chosen = {"thresholds": [round(t, 4) for t in val["thresholds"].tolist()]} if "thresholds" in val else {}
         # best before last: killed between the two writes, last.pt is the epoch before and resumes from there
         for name in ("best", "last") if improved else ("last",):
-            save(name, dict(epoch=epoch, metrics=history[-1], best=best, history=history))
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | lr %.2e | "
-                 "%.0f img/s%s", epoch, max_epochs, tr["loss"], tr["acc"], val["loss"], val["acc"],
-                 val["macro_f1"], history[-1]["lr"], tr["images_per_s"], "  * best" if improved else "")
+            save(name, dict(epoch=epoch, metrics=history[-1], best=best, history=history, **chosen))
+        scores = (f"acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}" if not chosen else
+                  f"mAP {val['map']:.4f} macro-F1 {val['macro_f1']:.4f} (thresholds chosen on val)")
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f %s | lr %.2e | %.0f img/s%s", epoch,
+                 max_epochs, tr["loss"], tr["acc"], val["loss"], scores, history[-1]["lr"], tr["images_per_s"],
+                 "  * best" if improved else "")
         if patience and epoch - best["epoch"] >= patience:
             log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
                      metric, epoch - best["epoch"], best["value"], best["epoch"])

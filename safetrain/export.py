@@ -50,9 +50,10 @@ def export(cfg: AfterTrainingConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s -> %s (model.onnx, model.pt2, model.safetensors, model.json); on %s: max |logit "
-             "difference| ONNX Runtime %.2e, torch.export %.2e, argmax agreement %.4f / %.4f", trained.path, out,
-             source, parity["onnx_max_abs_diff"], parity["torch_export_max_abs_diff"], parity["onnx_argmax_agreement"],
-             parity["torch_export_argmax_agreement"])
+             "difference| ONNX Runtime %.2e, torch.export %.2e, %s %.4f / %.4f", trained.path, out,
+             source, parity["onnx_max_abs_diff"], parity["torch_export_max_abs_diff"],
+             agreement(trained).replace("_", " "), parity[f"onnx_{agreement(trained)}"],
+             parity[f"torch_export_{agreement(trained)}"])
     return out
 
 
@@ -70,6 +71,12 @@ def write_model_files(trained: Trained, example: torch.Tensor, folder: Path) -> 
     save_file({k: v.contiguous() for k, v in trained.ckpt["model"].items()}, str(folder / "model.safetensors"))
 
 
+def agreement(trained: Trained) -> str:
+    """What the parity check compares besides the logits: the argmax, or (several labels per image) the label sets
+    at the checkpoint's thresholds."""
+    return "label_set_agreement" if trained.ckpt.get("thresholds") else "argmax_agreement"
+
+
 @torch.no_grad()
 def check_parity(trained: Trained, images: torch.Tensor, folder: Path) -> dict:
     """Logits of ONNX Runtime and of the reloaded torch.export program vs the PyTorch model on `images`."""
@@ -80,14 +87,20 @@ def check_parity(trained: Trained, images: torch.Tensor, folder: Path) -> dict:
     outputs = {"onnx": torch.from_numpy(session.run(None, {"images": images.numpy()})[0]),
                "torch_export": torch.export.load(folder / "model.pt2").module()(images)}
     parity = {"n_images": len(images)}
+    thresholds, agree = trained.ckpt.get("thresholds"), agreement(trained)
+
+    def decided(logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid() >= torch.tensor(thresholds) if thresholds else logits.argmax(1)[:, None]
     for name, y in outputs.items():
         parity[f"{name}_max_abs_diff"] = float((y - ref).abs().max())
-        parity[f"{name}_argmax_agreement"] = float((y.argmax(1) == ref.argmax(1)).float().mean())
-        if parity[f"{name}_max_abs_diff"] > MAX_ABS_DIFF or parity[f"{name}_argmax_agreement"] < 1:
+        parity[f"{name}_{agree}"] = float((decided(y) == decided(ref)).all(1).float().mean())
+        if thresholds:
+            parity[f"{name}_max_abs_sigmoid_diff"] = float((y.sigmoid() - ref.sigmoid()).abs().max())
+        if parity[f"{name}_max_abs_diff"] > MAX_ABS_DIFF or parity[f"{name}_{agree}"] < 1:
             raise SafetrainError(f"[export] the {name} model does not match PyTorch on {len(images)} images (max "
-                                 f"|logit difference| {parity[f'{name}_max_abs_diff']:.2e}, argmax agreement "
-                                 f"{parity[f'{name}_argmax_agreement']:.4f}); nothing was written. Report this with "
-                                 "the torch and onnxruntime versions.")
+                                 f"|logit difference| {parity[f'{name}_max_abs_diff']:.2e}, "
+                                 f"{agree.replace('_', ' ')} {parity[f'{name}_{agree}']:.4f}); nothing was written. "
+                                 "Report this with the torch and onnxruntime versions.")
     return parity
 
 
@@ -107,6 +120,18 @@ def parity_images(trained: Trained, n: int = 256) -> tuple[torch.Tensor, str]:
                 f"64 random images (the run's test split could not be read: {str(e)[:120]})")
 
 
+def output_contract(trained: Trained) -> dict:
+    """What the exported model's output means: softmax over classes, or (several labels per image) a sigmoid per
+    label and the thresholds chosen on validation that make a label set of it [M39]."""
+    classes, thresholds = trained.facts["classes"], trained.ckpt.get("thresholds")
+    out = {"name": "logits", "shape": ["N", len(classes)]}
+    if not thresholds:
+        return {**out, "probabilities": "softmax over axis 1"}
+    return {**out, "probabilities": "sigmoid of each logit: each label present or absent on its own",
+            "thresholds": dict(zip(classes, thresholds)),
+            "label_set": "the labels whose probability reaches their threshold (chosen on the validation split)"}
+
+
 def sidecar(trained: Trained, parity: dict) -> dict:
     f, run = trained.facts, trained.run_dir / "metrics.json"
     final = json.loads(run.read_text()) if run.exists() else {}
@@ -117,11 +142,12 @@ def sidecar(trained: Trained, parity: dict) -> dict:
                   "channels": "grayscale" if f["channels"] == 1 else "RGB", "range": "0-255, not normalized",
                   "resize": f"to {f['height']}x{f['width']} (bilinear, data.resize="
                             f"{(trained.ckpt.get('data_spec') or {}).get('resize', 'squash')}) as training did"},
-        "output": {"name": "logits", "shape": ["N", len(f["classes"])], "probabilities": "softmax over axis 1"},
+        "output": output_contract(trained),
         "normalization": {"mean": f["mean"], "std": f["std"], "inside_the_model": True,
                           "formula": "(x / 255 - mean) / std per channel, from the training split"},
-        "training_metrics": {k: final.get(k) for k in ("test_acc", "test_balanced_acc", "test_macro_f1", "best_val",
-                                                       "selection_metric", "best_epoch")},
+        "training_metrics": {k: final[k] for k in ("test_acc", "test_balanced_acc", "test_map", "test_macro_f1",
+                                                   "test_micro_f1", "best_val", "selection_metric", "best_epoch")
+                             if k in final},
         "checkpoint_epoch": trained.ckpt["epoch"],
         "safetrain_version": metadata.version("safetrain"), "torch_version": torch.__version__,
         "source_run": str(trained.run_dir.resolve()), "source_checkpoint": str(trained.path.resolve()),

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve
 
 from safetrain.io import atomic_write
 
@@ -164,3 +165,53 @@ def save(fig: Figure, path: Path) -> tuple[bytes, str]:
     atomic_write(path, lambda f: f.write(data))
     inline = base64.b64encode(data).decode()
     return data, f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{inline}">'
+
+
+def pr_curves(probs: torch.Tensor, targets: torch.Tensor, classes: list[str], thresholds: list[float],
+              title: str = "test") -> Figure:
+    """Several labels per image: each label's precision-recall curve (the labels with positives), its AP in the
+    legend and a dot where its threshold chosen on validation puts it."""
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.subplots()
+    for k, c in enumerate(classes):
+        y = targets[:, k].int()
+        if y.sum() == 0:
+            continue
+        p, r, _ = binary_precision_recall_curve(probs[:, k], y)
+        line, = ax.plot(r.numpy(), p.numpy(), lw=1.2,
+                        label=f"{c} (AP {float(binary_average_precision(probs[:, k], y)):.2f})")
+        hit = probs[:, k] >= thresholds[k]
+        tp = float((hit & y.bool()).sum())
+        ax.plot(tp / float(y.sum()), tp / max(1.0, float(hit.sum())), "o", color=line.get_color(), ms=5)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+           title=f"{title}: precision-recall per label (dots: the thresholds chosen on validation)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def co_occurrence(targets: torch.Tensor, classes: list[str], title: str = "training split") -> Figure:
+    """Several labels per image: of the images with label i (row), the share that also carry label j; the
+    diagonal is each label's share of all images."""
+    y = targets.double()
+    both = y.T @ y
+    share = both / both.diagonal()[:, None].clamp_min(1)
+    share.fill_diagonal_(0)
+    share += torch.diag(y.mean(0))
+    k = len(classes)
+    side = min(14.0, max(4.0, 0.42 * k + 2))
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    small = max(4.0, min(9.0, 180 / max(k, 1)))
+    ax.set_xticks(range(k), classes, rotation=90, fontsize=small)
+    ax.set_yticks(range(k), classes, fontsize=small)
+    ax.set(title=f"{title}: label co-occurrence (row i: share of images with label i that also have label j; "
+                 "diagonal: share of all images)")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{float(share[i, j]):.2f}", ha="center", va="center", fontsize=small,
+                        color="white" if share[i, j] > 0.6 else "black")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig

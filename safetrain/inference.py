@@ -21,10 +21,10 @@ from safetrain.checkpoint import classifier, load_checkpoint
 from safetrain.config import AfterTrainingConfig, PredictConfig
 from safetrain.data.audit import MIN_SIDE, search
 from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images, pixel_limit
-from safetrain.data.sources import CheckedFiles, ImageSet, file_loader
+from safetrain.data.sources import CheckedFiles, Columns, ImageSet, file_loader, label_tensor, list_csv
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
-from safetrain.metrics import build_metrics, to_plain
+from safetrain.metrics import build_metrics, build_multilabel_metrics, to_plain
 from safetrain import figures as draw
 from safetrain.report import figure, per_class_table, write_with_figures
 from safetrain.runtime import resolve_device
@@ -127,6 +127,8 @@ def predict(cfg: AfterTrainingConfig) -> Path:
     files = image_files(p.input)
     root = Path(p.input).expanduser()
     logits, bad, changed = logits_of(trained, files, p)
+    if trained.ckpt.get("thresholds"):
+        return _predict_label_sets(trained, p, files, root, logits, bad, changed)
     classes, k = trained.facts["classes"], min(p.topk, len(trained.facts["classes"]))
     top_p, top_i = logits.softmax(1).topk(k, dim=1)
     buf = io.StringIO()
@@ -159,18 +161,58 @@ def predict(cfg: AfterTrainingConfig) -> Path:
     return out
 
 
-def _prediction_figures(trained: Trained, files: list[Path], decoded: list[int], p: torch.Tensor, pred: torch.Tensor,
-                        counts: torch.Tensor) -> dict:
+def _predict_label_sets(trained: Trained, p: PredictConfig, files: list[Path], root: Path, logits: torch.Tensor,
+                        bad: dict, changed: dict) -> Path:
+    """predict for a model of several labels per image: each file's label set (the labels whose probability reaches
+    their threshold, chosen on validation [M39]) and every label's probability."""
+    classes, thresholds = trained.facts["classes"], torch.tensor(trained.ckpt["thresholds"])
+    probs = logits.sigmoid()
+    chosen = probs >= thresholds
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "predicted"] + [f"p_{c}" for c in classes] + ["error"])
+    for i, path in enumerate(files):
+        name = str(path.relative_to(root)) if root.is_dir() else path.name
+        if i in bad:
+            w.writerow([name, ""] + [""] * len(classes) + [bad[i]])
+        else:
+            w.writerow([name, "|".join(c for c, on in zip(classes, chosen[i].tolist()) if on)]
+                       + [f"{float(v):.6f}" for v in probs[i]] + [""])
+    out = Path(p.output) if p.output else trained.run_dir / "predictions" / f"{_stem(p.input)}.csv"
+    write_text(out, buf.getvalue())
+    decoded = [i for i in range(len(files)) if i not in bad]
+    counts = chosen[decoded].sum(0).long()
+    margin = (probs - thresholds).abs().min(1).values  # how close the nearest label is to its threshold
+    figures = _prediction_figures(trained, files, decoded, 1 - margin, None, counts,
+                                  ["|".join(c for c, on in zip(classes, row.tolist()) if on) or "(none)"
+                                   for row in chosen])
+    write_with_figures(out.with_suffix(".md"), [
+        "# safetrain predictions", "", f"Checkpoint `{trained.path}` on `{p.input}`: {len(decoded)} images predicted, "
+        f"{len(bad)} could not be decoded (listed in `{out.name}`). Several labels per image: a label is predicted "
+        f"where its probability reaches its threshold (chosen on validation: "
+        f"{', '.join(f'{c} {t:.2f}' for c, t in zip(classes, thresholds.tolist()))}); {float(chosen[decoded].sum(1).float().mean()) if decoded else 0:.2f} labels per image.", "",
+        *figure("class_counts", "images predicted per label", figures),
+        *figure("least_confident", "the predictions nearest a threshold", figures)], figures, "safetrain predictions")
+    log.info("predicted the label sets of %d images with %s: %s | %d could not be decoded%s | %d resized to %dx%d "
+             "-> %s", len(decoded), trained.path, ", ".join(f"{c} {n}" for c, n in zip(classes, counts.tolist())),
+             len(bad), "".join(f"\n  {files[i]}: {why}" for i, why in list(bad.items())[:20]), changed["resized"],
+             trained.facts["height"], trained.facts["width"], out)
+    return out
+
+
+def _prediction_figures(trained: Trained, files: list[Path], decoded: list[int], p: torch.Tensor, pred, counts,
+                        names: list[str] | None = None) -> dict:
     """How many images each class got, and the 32 least confident predictions as a labelled grid (decoded again:
-    a prediction run does not keep its images)."""
+    a prediction run does not keep its images). `names`: each image's prediction as text (else its class)."""
     f, classes = trained.facts, trained.facts["classes"]
+    names = names or [classes[k] for k in pred.tolist()]
     figures = {"class_counts": draw.class_counts({"predicted": counts.tolist()}, classes)}
     doubt = sorted(decoded, key=lambda i: float(p[i]))[:32]
     if doubt:
         again = CheckedFiles([str(files[i]) for i in doubt], f["channels"], input_fit(trained))
         figures["least_confident"] = draw.image_grid(torch.stack([again[j][1] for j in range(len(doubt))]), [
-            f"{files[i].name}\n{classes[pred[i]]} ({float(p[i]):.2f})" for i in doubt],
-            "the least confident predictions: the predicted class and its probability")
+            f"{files[i].name}\n{names[i]} ({float(p[i]):.2f})" for i in doubt],
+            "the least confident predictions: the prediction and its confidence")
     return figures
 
 
@@ -201,6 +243,8 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
     report.md, predictions.csv)."""
     p = cfg.predict
     trained = load_trained(p.checkpoint, p.device)
+    if trained.ckpt.get("thresholds"):
+        return _evaluate_label_sets(trained, p)
     classes = trained.facts["classes"]
     files, labels, missing = labelled_files(p.input, classes)
     if missing:
@@ -232,6 +276,57 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
              f" | {len(bad)} could not be decoded" if bad else "", _seen_line(seen), out)
     if seen.get("near_duplicates"):
         log.warning("[M06] %s", _seen_line(seen))
+    return out
+
+
+def labelled_rows(where: str, trained: Trained) -> tuple[list[Path], torch.Tensor]:
+    """(files, (N, C) 0/1 labels by the training labels' order) of a CSV in the training run's columns and label
+    delimiter (several labels per image)."""
+    spec = trained.ckpt["data_spec"]
+    columns = Columns(spec["path_column"], spec["label_column"], None, spec.get("label_delimiter") or "|")
+    listing = list_csv(where, columns)
+    classes = trained.facts["classes"]
+    unknown = sorted(set(listing.classes) - set(classes))
+    if unknown:
+        raise DataError(f"[data] {where} has labels {unknown[:10]} that the model was not trained on; its labels are "
+                        f"{classes}. Remove or rename them.")
+    rows = [(y,) if isinstance(y, int) else y for _, _, y in listing.rows]  # one label per row: a 1-tuple
+    index = [classes.index(c) for c in listing.classes]
+    labels = label_tensor([tuple(index[k] for k in ks) for ks in rows], len(classes), multi=True)
+    return [Path(f) for _, f, _ in listing.rows], labels
+
+
+def _evaluate_label_sets(trained: Trained, p: PredictConfig) -> Path:
+    """mode=evaluate for a model of several labels per image, on a CSV like the training one: mAP, F1 at the
+    checkpoint's thresholds (chosen on validation [M39]), per-label scores."""
+    classes = trained.facts["classes"]
+    files, labels = labelled_rows(p.input, trained)
+    logits, bad, changed = logits_of(trained, files, p)
+    keep = torch.tensor([i not in bad for i in range(len(files))])
+    metrics = build_multilabel_metrics(len(classes), torch.device("cpu"), torch.tensor(trained.ckpt["thresholds"]))
+    metrics.update(logits[keep], labels[keep])
+    m = to_plain(metrics.compute())
+    final = {"task": "multilabel", "checkpoint": str(trained.path), "input": str(Path(p.input).expanduser().resolve()),
+             "images": int(keep.sum()), "map": m["map"], "macro_f1": m["macro_f1"], "micro_f1": m["micro_f1"],
+             "exact_match": m["exact_match"], "label_acc": m["acc"], "classes": classes,
+             "loss": float(nn.functional.binary_cross_entropy_with_logits(logits[keep], labels[keep])),
+             "per_class": {c: {"precision": m["precision"][i], "recall": m["recall"][i], "f1": m["f1"][i],
+                               "ap": m["ap"][i], "support": m["support"][i], "threshold": m["thresholds"][i]}
+                           for i, c in enumerate(classes)},
+             "cardinality": {"labels": m["cardinality"], "predicted": m["predicted_cardinality"]},
+             "not_decoded": {str(files[i]): why for i, why in bad.items()}, **changed}
+    out = Path(p.output) if p.output else trained.run_dir / "evaluations" / _stem(p.input)
+    write_json(out / "metrics.json", final)
+    figures = {"per_class": draw.per_class(final["per_class"], "evaluation")}
+    write_with_figures(out / "report.md", [
+        "# safetrain evaluation", "", f"Checkpoint `{final['checkpoint']}` on `{final['input']}`: {final['images']} "
+        f"images, several labels each.", "", f"mAP **{final['map']:.4f}**, macro-F1 {final['macro_f1']:.4f}, micro-F1 "
+        f"{final['micro_f1']:.4f} at the thresholds chosen on validation; exact label sets {final['exact_match']:.4f}; "
+        f"loss {final['loss']:.4f}.", "", "## Per label", "", *per_class_table(final), "",
+        *figure("per_class", "precision, recall, F1", figures)], figures, "safetrain evaluation")
+    log.info("evaluated %d images of %s: mAP %.4f, macro-F1 %.4f, micro-F1 %.4f (thresholds chosen on validation)%s "
+             "-> %s", final["images"], p.input, final["map"], final["macro_f1"], final["micro_f1"],
+             f" | {len(bad)} could not be decoded" if bad else "", out)
     return out
 
 

@@ -22,6 +22,9 @@ def resolve_balance(balance: str, facts) -> tuple[str, str]:
     ratio = facts.imbalance_ratio
     if balance != "auto":
         return balance, f"loss.balance={balance} (imbalance ratio {ratio:.1f})"
+    if facts.task == "multilabel":  # every label's positives are weighed against its own negatives
+        return AUTO_MULTILABEL, f"several labels per image: auto picks {AUTO_MULTILABEL} (each label's positives " \
+                                "against its negatives)"
     if not facts.imbalanced:
         return "none", f"balanced enough (imbalance ratio {ratio:.1f} <= {IMBALANCE_RATIO:g})"
     return AUTO_METHOD, f"imbalance ratio {ratio:.1f} > {IMBALANCE_RATIO:g}: auto picks {AUTO_METHOD}"
@@ -78,24 +81,88 @@ BALANCE = {
     "logit_adjust": lambda counts, **kw: LogitAdjustedLoss(counts, **kw),
     "sampler": lambda counts, **kw: TaskLoss(**kw),
 }
-LOSSES = {"multiclass": ("cross_entropy",)}  # task -> the losses that fit it (loss.name=auto takes the first)
+
+
+class MultilabelLoss(nn.Module):
+    """Sigmoid + binary cross-entropy on logits, one independent yes/no per label [M13], averaged over labels and
+    images; label smoothing pulls the targets towards 1/2. `pos_weight` (C,) weighs each label's positives (BCE's
+    own argument); the asymmetric loss (Ridnik et al. 2021) instead down-weighs easy negatives (focusing
+    `gamma_neg`, probabilities below `clip` ignored), for labels that are mostly absent."""
+
+    def __init__(self, pos_weight: Optional[Tensor] = None, label_smoothing: float = 0.0, gamma_neg: float = 0.0,
+                 clip: float = 0.0):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.label_smoothing, self.gamma_neg, self.clip = label_smoothing, gamma_neg, clip
+
+    def elementwise(self, logits: Tensor, y: Tensor) -> Tensor:
+        """(B, C) the loss of each label of each image."""
+        y = y.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+        if not self.gamma_neg:
+            return nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight,
+                                                                  reduction="none")
+        p = logits.sigmoid()
+        p_neg = (p - self.clip).clamp_min(0)  # probability shifting: easy negatives below `clip` cost nothing
+        pos = -y * nn.functional.logsigmoid(logits)
+        neg = -(1 - y) * torch.log((1 - p_neg).clamp_min(1e-8)) * p_neg.pow(self.gamma_neg)
+        return pos + neg
+
+    def forward(self, logits: Tensor, y: Tensor) -> Tensor:
+        return self.elementwise(logits, y).mean()
+
+    def on_epoch(self, epoch: int, max_epochs: int) -> None:
+        """No change during training."""
+
+    def chance(self, positives: Tensor, images: int) -> tuple[float, float]:
+        """(uniform, blind) as chance_losses, for labels with `positives` (C,) of `images`: the loss of logits 0,
+        and the lowest loss of constant logits (per label, found on a grid: exact enough for a threshold)."""
+        q = (positives.detach().double().cpu() / max(1, images)).float()  # (C,) each label's share of positives
+        dev = torch.device("cpu") if self.pos_weight is None else self.pos_weight.device
+        z = torch.linspace(-12, 12, 961, device=dev)[:, None].expand(-1, len(q))  # z[480] = 0
+        with torch.no_grad():
+            on, off = (self.elementwise(z, torch.full_like(z, t)).cpu() for t in (1.0, 0.0))
+        expected = q * on + (1 - q) * off  # (grid, C)
+        return float(expected[480].mean()), float(expected.min(0).values.mean())
+
+
+def positive_weights(positives: list[int], images: int, cap: float = 50.0) -> Tensor:
+    """BCE's pos_weight per label: negatives over positives (a label in 10% of the images weighs its positives 9x),
+    capped at `cap` so that a label with a handful of positives does not swamp the rest."""
+    p = torch.tensor(positives, dtype=torch.float64).clamp_min(1)
+    return ((images - p) / p).clamp(1.0, cap).float()
+
+
+# loss.balance=NAME for a multi-label task -> the loss for (training positives per label, images, label smoothing)
+MULTILABEL_BALANCE = {
+    "none": lambda positives, images, **kw: MultilabelLoss(**kw),
+    "pos_weight": lambda positives, images, **kw: MultilabelLoss(positive_weights(positives, images), **kw),
+    "asymmetric": lambda positives, images, **kw: MultilabelLoss(gamma_neg=4.0, clip=0.05, **kw),
+}
+AUTO_MULTILABEL = "pos_weight"
+LOSSES = {"multiclass": ("cross_entropy",), "multilabel": ("binary_cross_entropy",)}  # task -> the losses that fit it
 
 
 def build_loss(task: str, name: str = "auto", label_smoothing: float = 0.0, balance: str = "none",
-               counts: Optional[list[int]] = None) -> TaskLoss:
-    """`balance` is a resolved method (see resolve_balance)."""
-    if name not in ("auto", *LOSSES.get(task, ())) or balance not in BALANCE:
+               counts: Optional[list[int]] = None, images: int = 0) -> nn.Module:
+    """`balance` is a resolved method (see resolve_balance); `counts`: per class (multiclass) or positives per label
+    (multi-label, of `images` training images)."""
+    methods = MULTILABEL_BALANCE if task == "multilabel" else BALANCE
+    if name not in ("auto", *LOSSES.get(task, ())) or balance not in methods:
         raise ValueError(f"no loss {name!r} with balance {balance!r} for task {task!r}")  # validate refuses earlier
+    if task == "multilabel":
+        return MULTILABEL_BALANCE[balance](counts, images, label_smoothing=label_smoothing)
     return BALANCE[balance](counts, label_smoothing=label_smoothing)
 
 
-def chance_losses(loss_fn: nn.CrossEntropyLoss, counts: Tensor) -> tuple[float, float]:
+def chance_losses(loss_fn: nn.Module, counts: Tensor, images: int = 0) -> tuple[float, float]:
     """(uniform, blind) for labels drawn with per-class `counts`: the loss of uniform predictions, and the
     lowest loss a model that ignores its input can reach (the best constant logits). For plain
     cross-entropy on balanced classes both are ln(C); on imbalanced data, or with a balancing loss, they
     are where a model that learns nothing from the images sits [M28]. Exact for the cross-entropy family
     (class weights w, label smoothing e, a constant logit shift): the best constant prediction is
     proportional to the target mass m_k = w_k ((1 - e) n_k + e N / C), and a shift is absorbed by it."""
+    if isinstance(loss_fn, MultilabelLoss):  # counts: positives per label, of `images`
+        return loss_fn.chance(counts, images)
     n = counts.detach().double().cpu()
     C, N = len(n), n.sum()
     w = torch.ones(C, dtype=torch.float64) if loss_fn.weight is None else loss_fn.weight.detach().double().cpu()

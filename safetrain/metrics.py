@@ -3,12 +3,19 @@ checkpoint choice, early stopping and the plateau scheduler [M25, M29]."""
 from __future__ import annotations
 
 import torch
-from torchmetrics import MetricCollection
+from typing import Optional
+
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
-                                         MulticlassPrecision, MulticlassRecall, MultilabelAveragePrecision)
+                                         MulticlassPrecision, MulticlassRecall)
+from torchmetrics.functional.classification import multilabel_average_precision
+from torchmetrics.utilities import dim_zero_cat
 
 def selection_metric(task: str, imbalanced: bool) -> tuple[str, str]:
-    """(metric name, direction). Accuracy on balanced data, macro-F1 on imbalanced data (DataFacts.imbalanced)."""
+    """(metric name, direction). Accuracy on balanced data, macro-F1 on imbalanced data (DataFacts.imbalanced);
+    mean average precision for a multi-label task [M40]."""
+    if task == "multilabel":
+        return ("map", "max")
     return ("macro_f1", "max") if imbalanced else ("acc", "max")
 
 
@@ -26,15 +33,57 @@ def build_metrics(num_classes: int, device: torch.device) -> MetricCollection:
     }).to(device)
 
 
-def build_multilabel_metrics(num_labels: int, device: torch.device) -> MetricCollection:
-    """The multi-label task's metrics (issue 24): mean average precision over labels (macro, threshold-free: the
-    selection metric), per-label AP, and the labels' cardinality is compared elsewhere. F1 at chosen thresholds:
-    `thresholded_f1`."""
-    k = dict(num_labels=num_labels)
-    return MetricCollection({
-        "map": MultilabelAveragePrecision(average="macro", **k),
-        "ap": MultilabelAveragePrecision(average="none", **k),
-    }).to(device)
+class MultilabelScores(Metric):
+    """Every score of a multi-label task from one pass (the predictions of a split are kept: N x C floats): mean
+    average precision over the labels that have positives (macro, threshold-free: the selection metric [M40]),
+    per-label AP; at one threshold per label (`thresholds`, else chosen on these predictions: validation [M39])
+    micro/macro F1 and per-label precision, recall, F1, support; label accuracy at 0.5 (comparable with training's),
+    exact-set accuracy, label cardinality of the data and of the predictions, and how many distinct label sets were
+    predicted [M27]."""
+
+    def __init__(self, num_labels: int, thresholds: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.num_labels, self.thresholds = num_labels, thresholds
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.probs.append(logits.float().sigmoid())
+        self.targets.append(targets.float())
+
+    def compute(self) -> dict:
+        probs, y = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
+        t = choose_thresholds(probs, y) if self.thresholds is None else self.thresholds.to(probs.device)
+        return multilabel_scores(probs, y, t)
+
+
+def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor) -> dict:
+    """The scores of MultilabelScores for (N, C) probabilities and 0/1 targets at `thresholds` (C,)."""
+    y, has = targets.bool(), targets.sum(0) > 0
+    ap = torch.full((targets.shape[1],), float("nan"), device=probs.device)
+    if has.any():  # a label without positives has no AP: left out of the mean, not scored 0
+        ap[has] = multilabel_average_precision(probs[:, has], y[:, has].int(), num_labels=int(has.sum()),
+                                               average="none").float().reshape(-1)
+    pred = probs >= thresholds
+    tp, fp, fn = (pred & y).sum(0).double(), (pred & ~y).sum(0).double(), (~pred & y).sum(0).double()
+    at_half = probs >= 0.5
+    sets = torch.unique(pred, dim=0) if len(pred) else pred
+    return {"map": ap[has].mean() if has.any() else torch.tensor(0.0),
+            "chance_map": targets[:, has].mean(0).mean() if has.any() else torch.tensor(0.0),  # images in any order
+            "ap": [float(a) if h else None for a, h in zip(ap.tolist(), has.tolist())],
+            **{k: v for k, v in thresholded_f1(probs, targets, thresholds).items()},
+            "precision": (tp / (tp + fp).clamp_min(1)).tolist(), "recall": (tp / (tp + fn).clamp_min(1)).tolist(),
+            "support": targets.sum(0).long().tolist(), "thresholds": thresholds,
+            "acc": (at_half == y).float().mean(), "exact_match": (pred == y).all(1).float().mean(),
+            "cardinality": targets.sum(1).mean(), "predicted_cardinality": pred.sum(1).float().mean(),
+            "predicted_sets": len(sets), "true_sets": len(torch.unique(y, dim=0)) if len(y) else 0,
+            "predicted_at_half": int(at_half.any(1).sum())}
+
+
+def build_multilabel_metrics(num_labels: int, device: torch.device,
+                             thresholds: Optional[torch.Tensor] = None) -> MultilabelScores:
+    """The multi-label task's metrics; `thresholds`: the checkpoint's, chosen on validation (test, evaluate)."""
+    return MultilabelScores(num_labels, thresholds).to(device)
 
 
 def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor, grid: int = 99) -> torch.Tensor:
@@ -60,5 +109,6 @@ def thresholded_f1(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch
 
 
 def to_plain(values: dict) -> dict:
-    """Tensors -> floats / lists, for JSON."""
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) and v.ndim else float(v)) for k, v in values.items()}
+    """Tensors -> floats / lists, for JSON (lists and ints as they are)."""
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) and v.ndim else v if isinstance(v, (list, int)) else
+                float(v)) for k, v in values.items()}

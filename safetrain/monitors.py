@@ -133,19 +133,49 @@ def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num
             "the data: the model is collapsing onto one class. Likely causes: class imbalance, a learning rate "
             "too high or too low, labels that do not match the images, or inputs that carry no signal."),
             fixes["collapse"], epoch=epoch, evidence={"class": k, "share": float(share[k]), "prior": float(prior[k])}))
-    recent = history[-2:]  # stuck where the best input-blind predictions, or uniform ones, would be
+    return found + plateau_findings(epoch, history, f"ln({num_classes}) = {math.log(num_classes):.3f} on balanced "
+                                                      "classes", fixes)
+
+
+def plateau_findings(epoch: int, history: list[dict], level: str, fixes: dict = FIXES) -> list[Finding]:
+    """A training loss stuck where the best input-blind predictions, or uniform ones, would be [M28]. `level`: the
+    chance level in words, for the message."""
+    recent = history[-2:]
     stuck = [] if epoch < 2 else [h for h in ("train/chance_loss", "train/uniform_loss")
                                   if all(abs(r["train/loss"] - r[h]) < 0.05 * r[h] for r in recent)]
-    if stuck:
-        last = ", ".join(f"{r['train/loss']:.3f}" for r in recent)
-        found.append(Finding("M28", "plateau", (
-            f"epoch {epoch}: the training loss has stayed at the chance level {recent[-1][stuck[0]]:.3f} (what a "
-            f"model that ignores its input scores; ln({num_classes}) = {math.log(num_classes):.3f} on balanced "
-            f"classes; last epochs: {last}): the model is not learning. Likely causes: a learning rate far too low "
-            "or too high, labels shuffled relative to the images, or images without class signal."),
-            fixes["plateau"], epoch=epoch,
-            evidence={"chance_loss": recent[-1][stuck[0]], "train_losses": [r["train/loss"] for r in recent]}))
-    return found
+    if not stuck:
+        return []
+    last = ", ".join(f"{r['train/loss']:.3f}" for r in recent)
+    return [Finding("M28", "plateau", (
+        f"epoch {epoch}: the training loss has stayed at the chance level {recent[-1][stuck[0]]:.3f} (what a "
+        f"model that ignores its input scores; {level}; last epochs: {last}): the model is not learning. Likely "
+        "causes: a learning rate far too low or too high, labels shuffled relative to the images, or images without "
+        "class signal."), fixes["plateau"], epoch=epoch,
+        evidence={"chance_loss": recent[-1][stuck[0]], "train_losses": [r["train/loss"] for r in recent]})]
+
+
+def multilabel_findings(epoch: int, history: list[dict], val: dict, fixes: dict = FIXES) -> list[Finding]:
+    """Several labels per image: collapse [M27] is the same label set predicted for every validation image (at the
+    thresholds chosen on it), or no label predicted for any (at 0.5), where the images' sets differ; and the
+    plateau [M28] at the labels' chance level, where the validation mAP is also near what images in any order score
+    (per-label weights keep a learning run's loss near its chance level for longer than cross-entropy's)."""
+    found = []
+    same, empty = val["predicted_sets"] == 1, val["predicted_at_half"] == 0
+    if epoch >= 2 and val["true_sets"] > 1 and (same or empty):
+        seen = ("no validation image gets any label (every probability below 0.5)" if empty else
+                "every validation image gets the same label set, whatever the image")
+        found.append(Finding("M27", "collapse", (
+            f"epoch {epoch}: {seen}, while the images carry {val['true_sets']} different label sets: the model "
+            "predicts from the label frequencies, not from the images. Likely causes: a learning rate too high or "
+            "too low, labels that do not match the images, or inputs that carry no signal."),
+            fixes["collapse"], epoch=epoch, evidence={"predicted_sets": val["predicted_sets"],
+                                                      "predicted_at_half": val["predicted_at_half"]}))
+    chance = float(val["chance_map"])
+    if float(val["map"]) > chance + 0.1 * (1 - chance):
+        return found
+    return found + plateau_findings(epoch, history, f"ln 2 = 0.693 per label for logits 0, the labels' own entropy "
+                                                    f"for the best constant ones; validation mAP {float(val['map']):.3f}"
+                                                    f" where images in any order score {chance:.3f}", fixes)
 
 
 VANISHING, EXPLODING = 1e-3, 70.0  # first/last layer gradient-norm ratio bounds (AUTOTRAINER's detectors)
@@ -226,7 +256,7 @@ def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: st
             "regularization, or labels that do not match the images (a model memorizes them)."),
             fixes["overfitting"], epoch=epoch,
             evidence={"best_val_loss_epoch": m + 1, "gap": gap, "gap_then": gap_then}))
-    if epoch >= 3 and now["train/acc"] < 1.5 / num_classes:
+    if epoch >= 3 and num_classes and now["train/acc"] < 1.5 / num_classes:  # 0: several labels per image
         found.append(Finding("M09", "underfitting", (
             f"epoch {epoch}: underfitting: training accuracy {now['train/acc']:.2f} is near chance "
             f"({1 / num_classes:.2f}) after {epoch} epochs ({capacity}). Likely causes: a model too small, a "
@@ -243,20 +273,25 @@ class Monitors:
     itself (BatchNorm statistics settling after the first epoch, an imbalanced run finding the rare classes
     after a few epochs) stays information. Each problem is reported once a run (one per row and kind)."""
 
-    def __init__(self, guard: StepGuard, probe: torch.Tensor, num_classes: int, capacity: str, fixes: dict = FIXES):
+    def __init__(self, guard: StepGuard, probe: torch.Tensor, num_classes: int, capacity: str, fixes: dict = FIXES,
+                 multilabel: bool = False):
         self.guard, self.probe, self.num_classes, self.capacity = guard, probe, num_classes, capacity
+        self.multilabel = multilabel
         self.fixes = {**FIXES, **fixes}
         self.by_epoch: dict[int, dict[tuple[str, str], Finding]] = {}  # epoch -> conditions that held
 
-    def conditions(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> list[Finding]:
+    def conditions(self, epoch: int, history: list[dict], val: dict, model) -> list[Finding]:
+        """`val`: the epoch's validation scores (engine.evaluate)."""
         norms = {k.removeprefix("grad_norm/"): v for k, v in history[-1].items() if k.startswith("grad_norm/")}
         c, fixes = self.num_classes, self.fixes
-        return (epoch_findings(epoch, history, confusion, c, fixes) + gradient_findings(epoch, norms, fixes)
+        task = multilabel_findings(epoch, history, val, fixes) if self.multilabel else \
+            epoch_findings(epoch, history, val["confusion"], c, fixes)
+        return (task + gradient_findings(epoch, norms, fixes)
                 + dead_unit_findings(epoch, dead_unit_share(model, self.probe), fixes)
-                + fit_findings(epoch, history, c, self.capacity, fixes))
+                + fit_findings(epoch, history, 0 if self.multilabel else c, self.capacity, fixes))
 
-    def after_epoch(self, epoch: int, history: list[dict], confusion: torch.Tensor, model) -> None:
-        now = {(f.row, f.kind): f for f in self.conditions(epoch, history, confusion, model)}
+    def after_epoch(self, epoch: int, history: list[dict], val: dict, model) -> None:
+        now = {(f.row, f.kind): f for f in self.conditions(epoch, history, val, model)}
         before = set().union(*self.by_epoch.values()) if self.by_epoch else set()
         for key in now.keys() - before:
             log.info("watching (a warning if it holds at the best or the last epoch): %s", now[key].message)
@@ -282,13 +317,15 @@ class Monitors:
 
 
 @torch.no_grad()
-def predicted_probs(model, loader, prec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax probabilities (N, C), given labels (N,)) of a split, in order, on the CPU."""
+def predicted_probs(model, loader, prec, multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (N, C), given labels) of a split, in order, on the CPU: softmax over the classes, or with
+    several labels per image a sigmoid per label."""
     model.eval()
     probs, labels = [], []
     for x, y in loader:
         with prec.autocast():
-            probs.append(model(prec.prepare(x)).float().softmax(1).cpu())
+            logits = model(prec.prepare(x)).float()
+            probs.append((logits.sigmoid() if multilabel else logits.softmax(1)).cpu())
         labels.append(y.cpu())
     return torch.cat(probs), torch.cat(labels)
 
@@ -305,6 +342,26 @@ def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec
     order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)][:top]
     return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
              "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)}
+            for i in order.tolist()], len(suspect)
+
+
+def suspected_wrong_tags(model, loader, ids: list[str], classes: list[str], prec,
+                         top: int = 20) -> tuple[list[dict], int]:
+    """Several labels per image: training images with a tag the final model finds absent (p < 0.1: an extra tag?)
+    or an untagged label it finds present (p > 0.9: a missing tag?) [M08], ranked by the largest such doubt. Rows in
+    suspected_mislabeled's form: `given` the tags, `predicted` what the model sees (p > 0.5)."""
+    probs, labels = predicted_probs(model, loader, prec, multilabel=True)
+    y = labels.bool()
+    doubt = torch.where(y, 1 - probs, probs)  # how far each given 0/1 is from what the model sees
+    worst, k = doubt.max(1)
+    suspect = ((y & (probs < 0.1)) | (~y & (probs > 0.9))).any(1).nonzero().squeeze(1)
+    order = suspect[worst[suspect].argsort(descending=True)][:top]
+
+    def tags(row) -> str:
+        return "+".join(classes[j] for j in row.nonzero().squeeze(1).tolist()) or "(none)"
+    return [{"id": ids[i], "given": tags(y[i]), "predicted": tags(probs[i] > 0.5),
+             "doubted": f"{'extra' if y[i, k[i]] else 'missing'} {classes[int(k[i])]}",
+             "p_given": round(float(1 - worst[i]), 4), "p_predicted": round(float(worst[i]), 4)}
             for i in order.tolist()], len(suspect)
 
 

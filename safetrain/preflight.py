@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from safetrain.engine import Precision, train_step
 from safetrain.errors import DataError
 from safetrain.findings import FAIL, PASS, WARN, Finding
+from safetrain.losses import MultilabelLoss
 
 # How far a normalized training batch's per-channel statistics may stray [M01, M33]: (max |mean|, (min std,
 # max std)). Inside "standardized" all is well; outside it the preflight check fails (a warning: a small or
@@ -63,15 +64,15 @@ def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, nu
 
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     logits = [train_step(m, x, y, loss_fn, opt, prec, after_backward=inspect).logits for _ in range(2)][0]
-    loss0, chance = float(nn.functional.cross_entropy(logits.detach().float(), y)), math.log(num_classes)
+    loss0, chance, seen = _initial_loss(logits.detach().float(), y, isinstance(loss_fn, MultilabelLoss), num_classes)
     ok_loss = (0.5 * chance < loss0 or trained_from is not None) and loss0 < chance + max(1.0, 0.5 * chance)
     known = f" Below chance as expected: the model starts from {trained_from}." if loss0 <= 0.5 * chance and ok_loss \
         else ""
     dead = [n for n, r in reached.items() if not r] + sorted(bad)
     return [
-        Finding("M19", "loss at initialization", f"loss at initialization: {loss0:.3f} vs ln({num_classes}) = "
-                f"{chance:.3f}.{known}", "" if ok_loss else "Far from chance: the head, the initialization or the "
-                "label mapping is broken (logits should start small and labels be class indices 0..C-1).", "preflight",
+        Finding("M19", "loss at initialization", f"loss at initialization: {seen}.{known}", "" if ok_loss else
+                "Far from chance: the head, the initialization or the label mapping is broken (logits should start "
+                "small and labels be class indices 0..C-1, or 0/1 per label).", "preflight",
                 verdict=PASS if ok_loss else WARN, evidence={"loss": loss0, "chance": chance}),
         Finding("M26", "gradients reach every parameter", "gradients reach every parameter: " + (
                 f"no usable gradient for {len(dead)}: {', '.join(dead[:5])}." if dead else
@@ -80,6 +81,20 @@ def init_and_gradient_checks(model: nn.Module, x: Tensor, y: Tensor, loss_fn, nu
                 "model's forward.", "preflight", verdict=FAIL if dead else PASS,
                 evidence={"without_gradient": dead}),
     ]
+
+
+def _initial_loss(logits: Tensor, y: Tensor, multilabel: bool, num_classes: int) -> tuple[float, float, str]:
+    """(plain loss at initialization, the loss of logits 0, what was seen). One label per image: cross-entropy
+    against ln(C). Several: binary cross-entropy per label against ln 2, and the labels' own entropy (what the best
+    input-blind model reaches) beside it."""
+    if not multilabel:
+        loss0, chance = float(nn.functional.cross_entropy(logits, y)), math.log(num_classes)
+        return loss0, chance, f"{loss0:.3f} vs ln({num_classes}) = {chance:.3f}"
+    loss0 = float(nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
+    q = y.float().mean(0).clamp(1e-6, 1 - 1e-6)
+    entropy = float(-(q * q.log() + (1 - q) * (1 - q).log()).mean())
+    return loss0, math.log(2), (f"binary cross-entropy {loss0:.3f} per label vs ln 2 = {math.log(2):.3f} (the labels' "
+                                f"own entropy, what a model blind to the images reaches, is {entropy:.3f})")
 
 
 def overfit_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss_fn, make_optimizer, lr: float,
@@ -92,7 +107,9 @@ def overfit_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss_fn, make_opti
         train_step(m, x, y, loss_fn, opt, prec)
         if step % 10 == 0:
             with torch.no_grad(), prec.autocast():
-                acc = float((m.eval()(prec.prepare(x)).argmax(1) == y).float().mean())
+                out = m.eval()(prec.prepare(x))
+                hit = (out > 0) == y.bool() if isinstance(loss_fn, MultilabelLoss) else out.argmax(1) == y
+                acc = float(hit.reshape(len(y), -1).all(1).float().mean())  # several labels: the whole set
             m.train()
             if acc == 1.0:
                 return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples memorized in "

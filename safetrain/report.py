@@ -49,7 +49,13 @@ def write_with_figures(path: Path, lines: list[str], figures: dict[str, Figure],
 
 
 def per_class_table(final: dict) -> list[str]:
-    """Test precision/recall/F1 per class, as markdown rows (report.md and the end of the log)."""
+    """Test precision/recall/F1 per class, as markdown rows (report.md and the end of the log); several labels per
+    image: with each label's threshold (chosen on validation), AP and test positives."""
+    if final.get("task") == "multilabel":
+        return ["| label | threshold | precision | recall | F1 | AP | positives |", "|---|---|---|---|---|---|---|"] + [
+            f"| {c} | {m['threshold']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+            f"{'-' if m['ap'] is None else format(m['ap'], '.3f')} | {m['support']} |"
+            for c, m in final["per_class"].items()]
     return ["| class | precision | recall | F1 |", "|---|---|---|---|"] + [
         f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |" for c, m in final["per_class"].items()]
 
@@ -57,13 +63,14 @@ def per_class_table(final: dict) -> list[str]:
 def balance_lines(final: dict, train_counts: list[int], imbalanced: bool) -> list[str]:
     """How the run treated class imbalance [M24], and on imbalanced data how the rarest class did [M25]."""
     b = final["balance"]
-    out = [f"Class balance: `loss.balance` used {b['method']} ({b['why']}); checkpoint chosen on "
+    what = "label" if final.get("task") == "multilabel" else "class"
+    out = [f"{what.capitalize()} balance: `loss.balance` used {b['method']} ({b['why']}); checkpoint chosen on "
            f"validation {final['selection_metric']}."]
     if imbalanced:
         k = min(range(len(train_counts)), key=train_counts.__getitem__)
         c = final["classes"][k]
         m = final["per_class"][c]
-        out.append(f"Rarest training class '{c}' ({train_counts[k]} images): test precision {m['precision']:.3f}, "
+        out.append(f"Rarest training {what} '{c}' ({train_counts[k]} images): test precision {m['precision']:.3f}, "
                    f"recall {m['recall']:.3f}, F1 {m['f1']:.3f}.")
     return out
 
@@ -77,6 +84,15 @@ def warning_lines(findings: list[Finding]) -> list[str]:
 
 
 def _result_lines(final: dict, facts) -> list[str]:
+    if final.get("task") == "multilabel":  # accuracy is never the headline here [M40]
+        card = final["cardinality"]
+        lines = ["## Result", "", f"Test mAP **{final['test_map']:.4f}** (mean average precision over labels), "
+                 f"macro-F1 {final['test_macro_f1']:.4f}, micro-F1 {final['test_micro_f1']:.4f}, exact label sets "
+                 f"{final['test_exact_match']:.4f} (checkpoint of epoch {final['best_epoch']}, chosen on validation "
+                 f"{final['selection_metric']} = {final['best_val']:.4f}; {final['epochs_run']} epochs, "
+                 f"{final['wall_time_s']:.0f} s). {final['scored_over']}. Labels per image: {card['test_labels']:.2f} "
+                 f"in the test split, {card['predicted']:.2f} predicted.", ""]
+        return lines + [line for b in balance_lines(final, facts.counts["train"], True) for line in (b, "")]
     lines = ["## Result", "", f"Test accuracy **{final['test_acc']:.4f}**, macro-F1 {final['test_macro_f1']:.4f}, "
              f"balanced accuracy {final['test_balanced_acc']:.4f} (checkpoint of epoch {final['best_epoch']}, "
              f"chosen on validation {final['selection_metric']} = {final['best_val']:.4f}; "
@@ -85,11 +101,13 @@ def _result_lines(final: dict, facts) -> list[str]:
 
 
 def _data_lines(facts, audit: dict) -> list[str]:
-    counts = facts.counts
+    counts, what = facts.counts, "label" if facts.multilabel else "class"
+    several = f" (several per image; images per split: {facts.images}; the counts are each label's images)" \
+        if facts.multilabel else ""
     out = ["## Data facts (training split)", "",
-           f"{facts.num_classes} classes, {facts.channels}x{facts.height}x{facts.width}, "
+           f"{facts.num_classes} {what}es{several}, {facts.channels}x{facts.height}x{facts.width}, "
            f"mean {[round(v, 4) for v in facts.mean]}, std {[round(v, 4) for v in facts.std]}, "
-           f"imbalance ratio {facts.imbalance_ratio:.1f}", "", "| class | train | val | test |", "|---|---|---|---|"]
+           f"imbalance ratio {facts.imbalance_ratio:.1f}", "", f"| {what} | train | val | test |", "|---|---|---|---|"]
     out += [f"| {c} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
             for i, c in enumerate(facts.classes)]
     left = facts.left_out
@@ -103,6 +121,14 @@ def _data_lines(facts, audit: dict) -> list[str]:
 def _mislabeled_lines(mislabeled: list[dict], figures: dict[str, Figure]) -> list[str]:
     if not mislabeled:
         return []
+    if "doubted" in mislabeled[0]:  # several labels per image
+        return ["", "## Suspected wrong tags on training images [M08]", "",
+                "The final model finds a given tag absent (p < 0.1) or an absent tag present (p > 0.9); most confident "
+                "first. Some are hard images, some missing or extra tags: check them.", "",
+                *figure("suspected_mislabeled", "suspected wrong tags: given tags -> what the model sees", figures),
+                "| sample | tags | the model sees | doubted | p(doubt) |", "|---|---|---|---|---|"] + [
+            f"| {m['id']} | {m['given']} | {m['predicted']} | {m['doubted']} | {m['p_predicted']} |"
+            for m in mislabeled]
     return ["", "## Suspected mislabeled training samples [M08]", "",
             "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first). Some are "
             "hard or ambiguous images, some wrong labels: check them.", "",
@@ -128,6 +154,7 @@ def write_report(path: Path, *, facts, audit: dict, checks: list[Finding], findi
     out += figure("learning_curves", "learning curves (green: the kept epoch; red: warnings, by row)", figs)
     out += _data_lines(facts, audit)
     out += [""] + figure("class_counts", "images per class and split", figs)
+    out += figure("co_occurrence", "label co-occurrence in the training split", figs)
     out += figure("near_duplicates", "near-duplicates: each val/test image beside its training match", figs)
     out += figure("augmented_batch", "the first training batch as the network sees it (denormalized)", figs)
     out += ["## Preflight", "", table(checks)]
@@ -135,4 +162,5 @@ def write_report(path: Path, *, facts, audit: dict, checks: list[Finding], findi
         out += ["", "## Test metrics per class", ""] + per_class_table(final) + [""]
         out += figure("per_class", "precision, recall and F1 per class", figs)
         out += figure("confusion_matrix", "confusion matrix (rows: the true class)", figs)
+        out += figure("pr_curves", "precision-recall per label, dots at the chosen thresholds", figs)
     return write_with_figures(path, out + _mislabeled_lines(list(mislabeled), figs), figs, "safetrain report")

@@ -19,7 +19,7 @@ from safetrain import data as D
 from safetrain import distributed as dist
 from safetrain import figures as draw
 from safetrain.checkpoint import Checkpointer, rng_state, set_rng_state
-from safetrain.config import OPTIMIZERS, Config, data_spec, to_container, unlocks
+from safetrain.config import OPTIMIZERS, Config, data_spec, resolve_task, to_container, unlocks
 from safetrain.data.audit import Audit, cached_audit
 from safetrain.data.audit import findings as audit_findings
 from safetrain.engine import (FitResult, Limits, Precision, Setup, StopRequest, choose_precision, find_lr, fit,
@@ -28,7 +28,7 @@ from safetrain.errors import ConfigError
 from safetrain.findings import Finding, problems
 from safetrain.io import cache_root, write_json
 from safetrain.losses import build_loss, resolve_balance
-from safetrain.metrics import build_metrics, selection_metric
+from safetrain.metrics import build_metrics, build_multilabel_metrics, selection_metric
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
 from safetrain.models.layers import hooks
@@ -111,6 +111,7 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     contract = ctx.cfg.model.input_contract()  # pretrained weights' input [M34, M35]
     spec = data_spec(ctx.cfg, contract and contract.size, ctx.device.type)
     src = D.load_dataset(dataset) if dataset is not None else D.load_source(spec, ctx.cache)
+    resolve_task(ctx.cfg, src.task)  # the labels decide the task; stated otherwise: refused [M13]
     splits = D.split_source(src, spec, ctx.cache, ctx.device)
     copies = D.exact_duplicates(splits)
     if ctx.cfg.mode != "doctor":  # the doctor reports them as a FAIL instead
@@ -121,17 +122,18 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     decoding = src.decoding(d.num_workers)
     facts = D.measure_facts(src.classes, D.class_counts(splits, len(src.classes)), splits["train"].ids, src.shape,
                             src.fingerprint, lambda: D.uint8_batches(splits["train"], decoding), ctx.cache,
-                            src.left_out)
+                            src.left_out, src.task, {k: len(v) for k, v in splits.items()})
     audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device)
     found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
     found += _follow_the_weights(facts, contract)
     found += [f for f in [D.duplicates_finding(copies)] if f and not d.allow_duplicates_across_splits]
     for f in found:
         log.warning("%s", f)
-    log.info("[3/9] data facts (train split): %d classes, %dx%dx%d, mean %s, std %s, imbalance %.1f | images per "
-             "class: %s | audit: %d near-duplicates across splits, %d blank", facts.num_classes, facts.channels,
+    log.info("[3/9] data facts (train split): %d %s, %dx%dx%d, mean %s, std %s, imbalance %.1f | images per "
+             "%s: %s | audit: %d near-duplicates across splits, %d blank", facts.num_classes,
+             "labels (several per image)" if facts.multilabel else "classes", facts.channels,
              facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std), facts.imbalance_ratio,
-             ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])),
+             "label" if facts.multilabel else "class", ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])),
              len(audit.near_duplicates), len(audit.blank))
     fit_batch(ctx.cfg.data, len(splits["train"]), dist.world())
     if d.batch_size % dist.world():
@@ -144,10 +146,12 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
                           f"Use data.batch_size={max(1, len(splits['train']) // 4)} or less.")
     balance = resolve_balance(ctx.cfg.loss.balance, facts)
     if facts.imbalanced and balance[0] == "none":  # the user turned balancing off on imbalanced data [M24]
-        found.append(Finding("M24", "imbalance ignored", f"the largest training class has {facts.imbalance_ratio:.1f}x "
-                             "the images of the smallest, and loss.balance=none trains with plain cross-entropy: the "
-                             "model will favour the large classes (see the rarest class's recall in report.md).",
-                             "Use loss.balance=auto (logit adjustment on imbalanced data).", "data"))
+        kind = ("label", "binary cross-entropy", "weighs each label's positives against its negatives") \
+            if facts.multilabel else ("class", "cross-entropy", "logit adjustment on imbalanced data")
+        found.append(Finding("M24", "imbalance ignored", f"the largest training {kind[0]} has "
+                             f"{facts.imbalance_ratio:.1f}x the images of the smallest, and loss.balance=none trains "
+                             f"with plain {kind[1]}: the model will favour the large {kind[0]}s (see the rarest "
+                             f"{kind[0]}'s recall in report.md).", f"Use loss.balance=auto ({kind[2]}).", "data"))
         log.warning("%s", found[-1])
     loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", decoding,
                                                       contract)
@@ -249,7 +253,8 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
              else cfg.model.name, f"{n_params:,}", len(data.splits["train"]),
              f", stage sizes {hooks(net).sizes}" if hooks(net).sizes else "")
     balance, why = data.balance
-    loss_fn = build_loss(cfg.task, cfg.loss.name, cfg.loss.label_smoothing, balance, facts.counts["train"])
+    loss_fn = build_loss(cfg.task, cfg.loss.name, cfg.loss.label_smoothing, balance, facts.counts["train"],
+                         len(data.splits["train"]))
     loss_fn = loss_fn.to(ctx.device)
     selection = selection_metric(cfg.task, facts.imbalanced)
     o, s = cfg.optim, cfg.sched
@@ -279,7 +284,8 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
              "(%s)%s", type(loss_fn).__name__, balance, why, o.name, lr,
              f", which learn at {o.bias_lr_mult:g}x" if o.bias_lr_mult != 1 else "", s.name, *selection,
              ", lookahead weight averaging" if o.lookahead else "")
-    return Setup(net, loss_fn, optimizer, schedule, selection, build_metrics(facts.num_classes, ctx.device), lr,
+    metrics = (build_multilabel_metrics if facts.multilabel else build_metrics)(facts.num_classes, ctx.device)
+    return Setup(net, loss_fn, optimizer, schedule, selection, metrics, lr,
                  make_optimizer, n_params, model is not None, trainable, Lookahead(net, steps) if o.lookahead else None)
 
 
@@ -366,7 +372,7 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
         decoding=data.decoding)
     monitors = Monitors(guard, next(iter(val))[0], c,
                         f"{setup.parameters:,} parameters for {len(data.splits['train'])} training images",
-                        advice_for(ctx.cfg, setup.custom_model))
+                        advice_for(ctx.cfg, setup.custom_model), data.facts.multilabel)
     checkpoints = Checkpointer(out.path / "checkpoints", model=setup.model, data_facts=data.facts.to_dict(),
                                data_spec=data.spec.to_dict(), config=ctx.config, lr=setup.lr,
                                optimizer=setup.optimizer, schedule=setup.schedule,
@@ -397,9 +403,15 @@ def advice_for(cfg: Config, custom_model: bool) -> dict[str, str]:
 
 def augmented_batch(data: Prepared):
     x, y = data.first_batch
-    return draw.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]),
-                        [data.facts.classes[k] for k in D.hard_labels(y[:32]).tolist()],
-                        "the first training batch as the network sees it (augmented, denormalized), with its labels")
+    return draw.image_grid(data.eval_pipeline.normalize.denormalize(x[:32]), label_names(y[:32], data.facts),
+                           "the first training batch as the network sees it (augmented, denormalized), with its labels")
+
+
+def label_names(y: torch.Tensor, facts: D.DataFacts) -> list[str]:
+    """Each image's label as text: its class, or its labels joined by "+" (several per image; "(none)")."""
+    if facts.multilabel:
+        return ["+".join(facts.classes[k] for k in row.nonzero().squeeze(1).tolist()) or "(none)" for row in y.cpu()]
+    return [facts.classes[k] for k in D.hard_labels(y).tolist()]
 
 
 def _fmt(xs) -> str:

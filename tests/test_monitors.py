@@ -281,7 +281,7 @@ def test_a_condition_that_clears_by_itself_is_information_one_that_holds_is_a_wa
         for epoch, confusion in enumerate(confusions, 1):
             history.append({"train/loss": 0.5, "train/acc": 0.9, "val/loss": 0.5, "val/acc": 0.9,
                             "train/chance_loss": 1.1, "train/uniform_loss": 1.1})
-            m.after_epoch(epoch, history, confusion, model)
+            m.after_epoch(epoch, history, {"confusion": confusion}, model)
         return [f.row for f in m.at_end(best)]
 
     assert run_epochs([healthy, collapsed, healthy, healthy], best=4) == []  # cleared by itself

@@ -229,9 +229,10 @@ def conflicting_copies(splits: dict[str, ImageSet]) -> list[dict]:
     out = []
     for s in splits.values():
         for i in range(len(s)):
-            sid, y = seen.setdefault(s.digest(i), (s.ids[i], int(s.labels[i])))  # hashed once, at the split
-            if sid != s.ids[i] and y != int(s.labels[i]):
-                out.append({"ids": [sid, s.ids[i]], "labels": [y, int(s.labels[i])]})
+            label = s.labels[i].tolist()  # a class index, or a multi-label row
+            sid, y = seen.setdefault(s.digest(i), (s.ids[i], label))  # hashed once, at the split
+            if sid != s.ids[i] and y != label:
+                out.append({"ids": [sid, s.ids[i]], "labels": [y, label]})
     return out
 
 

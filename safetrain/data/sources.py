@@ -33,7 +33,7 @@ MEMORY_LIMIT_BYTES = 4 * 2**30  # folders whose decoded pixels exceed this strea
 class ImageSet:
     """The samples of one split: labels, stable ids, and decoded images or image files."""
 
-    labels: Tensor  # (N,) int64
+    labels: Tensor  # (N,) int64 class indices; multi-label: (N, C) float 0/1, one column per label
     ids: list[str]
     images: Optional[Tensor] = None  # (N, C, H, W) uint8: the in-memory fast path
     files: Optional[list[str]] = None  # absolute paths: the streaming path
@@ -71,6 +71,7 @@ class DataSpec:
     path_column: str = "path"  # data=csv: the columns of the image paths, the labels, and (optional) the splits
     label_column: str = "label"
     split_column: Optional[str] = None
+    label_delimiter: Optional[str] = None  # several labels in one cell: a multi-label task
     loader: str = "auto"
     num_workers: int = 4
     download: bool = True
@@ -110,6 +111,11 @@ class Source:
 
     def decoding(self, num_workers: int) -> Decoding:
         return Decoding(self.shape, self.resize, num_workers)
+
+    @property
+    def task(self) -> str:
+        """What the labels make: one class per image (multiclass) or a 0/1 row of labels (multilabel)."""
+        return "multilabel" if any(s.labels.ndim == 2 for s in self.parts.values()) else "multiclass"
 
 
 def digest(*chunks) -> str:
@@ -283,6 +289,7 @@ class Columns(NamedTuple):
     path: str = "path"
     label: str = "label"
     split: Optional[str] = None
+    delimiter: Optional[str] = None  # between several labels in one cell
 
 
 SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
@@ -290,8 +297,9 @@ SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "v
 
 def list_csv(root: str, columns: Columns) -> Listing:
     """A CSV or TSV file (the delimiter sniffed) of image paths (relative to the file, or absolute) and labels, and
-    optionally the split of each row. Classes are the labels' names, sorted. One label per row here; the rows keep
-    their label text, so several labels per image can join without another reader."""
+    optionally the split of each row. Classes are the labels' names, sorted. With `columns.delimiter` a cell may hold
+    several labels, or none (an image showing none of them); if any row then has other than one label, the rows'
+    labels are tuples of class indices: a multi-label task. Else one class index per row."""
     path = Path(root).expanduser()
     if not path.is_file():
         raise DataError(f"[data] data.root={root!r} is not a file. With data=csv, data.root is a CSV or TSV file with "
@@ -312,7 +320,9 @@ def list_csv(root: str, columns: Columns) -> Listing:
     for line, r in enumerate(table, start=2):
         file, label = (r[columns.path] or "").strip(), (r[columns.label] or "").strip()
         split = SPLIT_VALUES.get((r[columns.split] or "").strip().lower()) if columns.split else "all"
-        if not file or not label or split is None:
+        if columns.delimiter:
+            label = tuple(sorted({t.strip() for t in label.split(columns.delimiter) if t.strip()}))
+        if not file or not (label or columns.delimiter) or split is None:
             problems.append(f"line {line}: " + ("no path" if not file else "no label" if not label else
                                                 f"split {r[columns.split]!r}"))
         else:
@@ -322,7 +332,10 @@ def list_csv(root: str, columns: Columns) -> Listing:
                         f"{' ...' if len(problems) > 10 else ''}). Every row needs a path and a label"
                         + (f", and {columns.split} one of {sorted(SPLIT_VALUES)}" if columns.split else "")
                         + ". Fix or remove those rows.")
-    classes = sorted({label for _, _, label in rows})
+    multi = columns.delimiter is not None and any(len(label) != 1 for _, _, label in rows)
+    if columns.delimiter and not multi:  # one label per image after all: multiclass
+        rows = [(s, f, label[0]) for s, f, label in rows]
+    classes = sorted({t for _, _, label in rows for t in (label if multi else [label])})
     if len(classes) < 2:
         raise DataError(f"[M08] {path} has {len(classes)} label(s) {classes} in column {columns.label}; a classifier "
                         "needs at least 2.")
@@ -330,7 +343,9 @@ def list_csv(root: str, columns: Columns) -> Listing:
         raise DataError(f"[data] {path}: no row has split 'train' in column {columns.split}. Mark the training rows, "
                         "or leave data.split_column unset for safetrain to split.")
     index = {c: k for k, c in enumerate(classes)}
-    return Listing([(s, f, index[label]) for s, f, label in rows], classes, path.parent, 0, f"CSV {path}")
+    return Listing([(s, f, tuple(index[t] for t in label) if multi else index[label]) for s, f, label in rows],
+                   classes, path.parent, 0, f"CSV {path}" + (f", {len(classes)} labels, several per image" if multi
+                                                            else ""))
 
 
 def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
@@ -342,6 +357,7 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
     fit = Fit((h, w), resize) if resized else None
     good = set(good)
     listed = [(part, str(f), y) for part, f, y in listing.rows if f in good]
+    multi = any(isinstance(y, tuple) for _, _, y in listing.rows)
     stat = [(os.path.relpath(f, base), Path(f).stat().st_size, Path(f).stat().st_mtime_ns, part, y)
             for part, f, y in listed]
     fp = digest("files v2", str(base.resolve()), fit, channels, classes, *stat)
@@ -353,7 +369,7 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
     parts = {}
     for part in dict.fromkeys(p for p, _, _ in listed):
         idx = [i for i, (p, _, _) in enumerate(listed) if p == part and i not in bad]
-        parts[part] = ImageSet(torch.tensor([listed[i][2] for i in idx], dtype=torch.int64),
+        parts[part] = ImageSet(label_tensor([listed[i][2] for i in idx], len(classes), multi),
                                [os.path.relpath(listed[i][1], base) for i in idx],
                                None if images is None else images[idx], files=[listed[i][1] for i in idx])
     left_out = {"skipped": listing.skipped, "bad": {os.path.relpath(f, base): why
@@ -362,6 +378,16 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
              sum(len(s) for s in parts.values()), len(classes), f"{channels}x{h}x{w}",
              "streaming" if stream else "in-memory", listing.skipped)
     return Source(classes, parts, fp, (channels, h, w), resize=fit, left_out=left_out)
+
+
+def label_tensor(labels: list, num_classes: int, multi: bool) -> Tensor:
+    """Class indices -> (N,) int64; with `multi`, tuples of them (several labels per image) -> (N, C) float 0/1."""
+    if not multi:
+        return torch.tensor(labels, dtype=torch.int64)
+    out = torch.zeros(len(labels), num_classes)
+    for i, ks in enumerate(labels):
+        out[i, list(ks)] = 1.0
+    return out
 
 
 class FileDataset(torch.utils.data.Dataset):
@@ -447,7 +473,8 @@ def load_source(spec: DataSpec, cache_dir: Path) -> Source:
                               num_workers=spec.num_workers, cache_dir=cache_dir, seed=spec.seed,
                               synthetic=dict(spec.synthetic), bad_files=spec.bad_files, resize=spec.resize,
                               auto_side=tuple(spec.auto_side),
-                              columns=Columns(spec.path_column, spec.label_column, spec.split_column))
+                              columns=Columns(spec.path_column, spec.label_column, spec.split_column,
+                                              spec.label_delimiter))
 
 
 # ---------------------------------------------------------------- a user's own Dataset

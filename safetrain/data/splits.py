@@ -88,6 +88,14 @@ def iterative_split(labels: Tensor, fractions: list[float], seed: int, groups: T
     return out
 
 
+def _stratified(labels: Tensor, fraction: float, seed: int, minimum: int, groups: Tensor | None):
+    """(kept, carved): stratified by class, or for several labels per image by iterative stratification [M41]."""
+    if labels.ndim == 2:
+        kept, carved = iterative_split(labels, [1 - fraction, fraction], seed, groups)
+        return kept, carved
+    return stratified_split(labels, fraction, seed, minimum, groups)
+
+
 def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
     """The standard long-tailed subset (Cao et al. 2019): class k keeps n_max * ratio**(-k / (C - 1)) of
     its samples, so class 0 stays whole and the last class has n_max / ratio; seeded."""
@@ -125,10 +133,10 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
     train = parts.pop("train", None) or parts.pop("all")
     groups = copy_groups(train) if not {"val", "test"} <= parts.keys() else None
     if "test" not in parts:
-        keep, cut = stratified_split(train.labels, test_fraction, seed, min_eval_per_class, groups)
+        keep, cut = _stratified(train.labels, test_fraction, seed, min_eval_per_class, groups)
         train, parts["test"], groups = train.subset(keep), train.subset(cut), groups[keep]
     if "val" not in parts:
-        keep, cut = stratified_split(train.labels, val_fraction, seed + 1, min_eval_per_class, groups)
+        keep, cut = _stratified(train.labels, val_fraction, seed + 1, min_eval_per_class, groups)
         train, parts["val"] = train.subset(keep), train.subset(cut)
     if imbalance_ratio:  # after val and test are carved, so they stay balanced
         train = long_tailed(train, imbalance_ratio, seed + 2)
@@ -146,7 +154,7 @@ def join_near_copies(splits: dict[str, ImageSet], pairs: list[dict]) -> dict[str
     both labels (a pair that disagrees is a wrong label [M08]), for the report."""
     if not pairs:
         return splits
-    label = {sid: int(y) for s in splits.values() for sid, y in zip(s.ids, s.labels.tolist())}
+    label = {sid: y for s in splits.values() for sid, y in zip(s.ids, s.labels.tolist())}  # multi-label: a list
     out = dict(splits)
 
     def move(ids: set, name: str, into: str) -> None:
@@ -189,8 +197,10 @@ def copy_groups(data: ImageSet) -> Tensor:
 
 
 def class_counts(splits: dict[str, ImageSet], num_classes: int) -> dict[str, list[int]]:
-    """Images per class in each split: the one place classes are counted (facts, checks, sampler, report)."""
-    return {name: torch.bincount(s.labels, minlength=num_classes).tolist() for name, s in splits.items()}
+    """Images per class in each split: the one place classes are counted (facts, checks, sampler, report). Several
+    labels per image: the images that carry each label (its positives)."""
+    return {name: s.labels.sum(0).long().tolist() if s.labels.ndim == 2 else
+            torch.bincount(s.labels, minlength=num_classes).tolist() for name, s in splits.items()}
 
 
 def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int, given: set[str]) -> None:
@@ -198,7 +208,7 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
     per class [M08]. `given`: the splits the source itself defines (folders of the user's), not carved."""
     num_classes = len(classes)
     for name, s in splits.items():
-        bad = (s.labels < 0) | (s.labels >= num_classes)
+        bad = (s.labels < 0) | (s.labels >= num_classes) if s.labels.ndim == 1 else torch.zeros(0, dtype=torch.bool)
         if bad.any():
             i = int(bad.nonzero()[0])
             raise DataError(f"[M08] {name} sample {s.ids[i]} has label {int(s.labels[i])}, outside "

@@ -32,6 +32,12 @@ class DataFacts:
     counts: dict[str, list[int]]  # per split, per class
     fingerprint: str
     left_out: dict = field(default_factory=dict)  # image folders: entries skipped, bad files left out (and why)
+    task: str = "multiclass"  # multilabel: several labels per image, `counts` are each label's positives
+    images: dict[str, int] = field(default_factory=dict)  # images per split
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     @property
     def num_classes(self) -> int:
@@ -39,7 +45,7 @@ class DataFacts:
 
     @property
     def imbalance_ratio(self) -> float:
-        """Largest over smallest training class count (an empty class counts as 1)."""
+        """Largest over smallest training class count (an empty class counts as 1); of each label's positives."""
         return imbalance_ratio(self.counts["train"])
 
     @property
@@ -67,7 +73,8 @@ def channel_stats(batches: Iterable[Tensor]) -> tuple[list[float], list[float]]:
 
 def measure_facts(classes: list[str], counts: dict[str, list[int]], train_ids: list[str],
                   shape: tuple[int, int, int], source_fp: str, train_batches, cache_dir: Path,
-                  left_out: dict | None = None) -> DataFacts:
+                  left_out: dict | None = None, task: str = "multiclass",
+                  images: dict[str, int] | None = None) -> DataFacts:
     """Shape, counts per split, and mean/std of the train split (cached by its fingerprint).
 
     `train_batches` is a zero-argument callable yielding uint8 batches of the train split, so
@@ -82,4 +89,4 @@ def measure_facts(classes: list[str], counts: dict[str, list[int]], train_ids: l
         raise DataError(f"[M33] a channel of the training images is constant (std={std}); nothing can be "
                         "learned from it. Check that the images are not blank.")
     c, h, w = shape
-    return DataFacts(classes, c, h, w, mean, std, counts, fp, left_out or {})
+    return DataFacts(classes, c, h, w, mean, std, counts, fp, left_out or {}, task, images or {})
