@@ -94,15 +94,22 @@ def plant(csv_path: Path, out: Path, fault: str, seed: int = 0) -> Path:
     return path
 
 
-def safetrain(args: list[str], run_dir: Path) -> tuple[dict, float, str]:
+def safetrain(args: list[str], run_dir: Path) -> tuple[dict, float]:
+    """A training run into `run_dir` (kept: a finished one is read, not run again); -> (metrics.json, wall s)."""
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        final = json.loads(metrics.read_text())
+        return final, final["wall_time_s"]
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "safetrain", *args, "trainer.progress=false",
-                          f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "SAFETRAIN_CACHE": str(run_dir.parent / "cache")})
+    command(args + ["trainer.progress=false", f"hydra.run.dir={run_dir}"], run_dir.parent)
+    return json.loads(metrics.read_text()), time.perf_counter() - t0
+
+
+def command(args: list[str], work: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "safetrain", *args], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "SAFETRAIN_CACHE": str(work / "cache")})
     if out.returncode:
         raise SystemExit(f"safetrain {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    metrics = run_dir / "metrics.json"
-    return (json.loads(metrics.read_text()) if metrics.exists() else {}), time.perf_counter() - t0, out.stderr
 
 
 def scored(csv_path: Path, predictions: Path, thresholds) -> dict:
@@ -142,17 +149,18 @@ def main() -> None:
     runs = [("safetrain", []), ("bce_0.5", ["loss.balance=none"])]
     runs += [(f"balance_{m}", [f"loss.balance={m}"]) for m in args.also]
     for name, extra in runs:
-        final, wall, _ = safetrain(common + extra, work / name)
+        final, wall = safetrain(common + extra, work / name)
         pred = work / f"{name}_test.csv"
-        safetrain(["mode=predict", f"predict.checkpoint={work / name}", f"predict.input={labels.parent / 'test'}",
-                   f"predict.output={pred}"], work / f"{name}_predict")
+        if not pred.exists():
+            command(["mode=predict", f"predict.checkpoint={work / name}", f"predict.input={labels.parent / 'test'}",
+                     f"predict.output={pred}"], work)
         results[name] = {"test_map": final["test_map"], "wall_s": round(wall, 1),
                          "at_chosen_thresholds": scored(labels, pred, final["thresholds"]),
                          "at_0.5": scored(labels, pred, 0.5), "warnings": [f["row"] for f in final["findings"]]}
         warned[name] = final["warnings"]
     if args.faults:
         for fault in ("shuffled", "rare"):
-            final, wall, _ = safetrain(["recipe=imagefolder", "data=csv", f"data.root={plant(labels, work, fault)}",
+            final, _ = safetrain(["recipe=imagefolder", "data=csv", f"data.root={plant(labels, work, fault)}",
                                         'data.label_delimiter="|"', "data.split_column=split",
                                         f"trainer.max_epochs={args.epochs}"], work / f"fault_{fault}")
             results[f"fault_{fault}"] = {"test_map": final["test_map"], "test_macro_f1": final["test_macro_f1"],

@@ -255,6 +255,9 @@ def _check_data(d: DataConfig, norm: str) -> None:
     if d.name == "csv" and not d.root:
         raise ConfigError("[config] data=csv needs data.root=<a CSV or TSV file> with a column of image paths "
                           f"(data.path_column={d.path_column}) and one of labels (data.label_column={d.label_column}).")
+    if d.label_delimiter is not None and (d.name != "csv" or not d.label_delimiter):
+        raise ConfigError(f"[config] data.label_delimiter={d.label_delimiter!r} splits a CSV's label cells into several "
+                          "labels: it needs data=csv and a non-empty string, e.g. data.label_delimiter='|'.")
     _check_crops(d)
     if d.mix != "none":
         check_range("data.mix_alpha", d.mix_alpha, 0.05, 10.0)

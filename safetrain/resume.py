@@ -35,7 +35,7 @@ def finished(run_dir: Path) -> dict | None:
         final = json.loads((Path(run_dir) / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    return final if "test_acc" in final else None
+    return final if "test_loss" in final else None
 
 
 def saved_config(run_dir: Path, overrides: list[str] = ()) -> Config:

@@ -25,7 +25,7 @@ def record(sweep_dir: Path, num: int, overrides: list[str], status: str, message
     """One line of jobs.jsonl for a finished job (done, refused, stopped or crashed)."""
     final = dict(final)
     row = {"job": num, "overrides": overrides, "status": status, "message": message[:300],
-           **{k: final.get(k) for k in ("selection_metric", "best_val", "test_acc", "test_macro_f1")}}
+           **{k: final.get(k) for k in ("selection_metric", "best_val", "test_acc", "test_map", "test_macro_f1")}}
     with (Path(sweep_dir) / JOBS).open("a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -33,20 +33,22 @@ def record(sweep_dir: Path, num: int, overrides: list[str], status: str, message
 def summarize(sweep_dir: Path) -> tuple[list[dict], str]:
     """(the job rows, summary.md text); writes summary.md and summary.json."""
     rows = [json.loads(line) for line in (Path(sweep_dir) / JOBS).read_text().splitlines()]
+    head = "test_map" if any(r.get("test_map") is not None for r in rows) else "test_acc"  # several labels: mAP
+    name = head.replace("_", " ").replace("map", "mAP")
     lines = ["# Sweep summary", "", f"{sum(r['status'] == 'done' for r in rows)} of {len(rows)} jobs done.", "",
-             "| job | overrides | status | best val | test acc | test macro-F1 |", "|---|---|---|---|---|---|"]
+             f"| job | overrides | status | best val | {name} | test macro-F1 |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['job']} | {' '.join(r['overrides'])} | {r['status']}{': ' + r['message'] if r['message'] else ''}"
-              f" | {_num(r['best_val'])} | {_num(r['test_acc'])} | {_num(r['test_macro_f1'])} |" for r in rows]
+              f" | {_num(r['best_val'])} | {_num(r.get(head))} | {_num(r['test_macro_f1'])} |" for r in rows]
     groups = seed_groups(rows)
     if groups:
-        lines += ["", "## Over seeds (mean +- std)", "", "| overrides | seeds | test acc | test macro-F1 |",
+        lines += ["", "## Over seeds (mean +- std)", "", f"| overrides | seeds | {name} | test macro-F1 |",
                   "|---|---|---|---|"]
-        lines += [f"| {key or '(recipe)'} | {len(g)} | {_mean_std([r['test_acc'] for r in g])} | "
+        lines += [f"| {key or '(recipe)'} | {len(g)} | {_mean_std([r[head] for r in g])} | "
                   f"{_mean_std([r['test_macro_f1'] for r in g])} |" for key, g in groups.items()]
     text = "\n".join(lines) + "\n"
     write_text(Path(sweep_dir) / "summary.md", text)
     write_json(Path(sweep_dir) / "summary.json", {"jobs": rows, "over_seeds": {
-        k: {"seeds": len(g), "test_acc": [r["test_acc"] for r in g]} for k, g in groups.items()}})
+        k: {"seeds": len(g), head: [r[head] for r in g]} for k, g in groups.items()}})
     return rows, text
 
 

@@ -260,7 +260,7 @@ def test_m05_random_resized_crops_beyond_the_bounds_are_refused_unless_unlocked(
         assert any(f.row == "M05" and "allow_strong_crop" in f.message for f in unlocks(cfg))
 
 
-def test_iterative_split_spreads_rare_labels_over_every_part_keeps_sizes_and_groups():
+def test_m41_iterative_split_spreads_rare_labels_over_every_part_keeps_sizes_and_groups():
     from safetrain.data.splits import iterative_split
     g = torch.Generator().manual_seed(0)
     labels = torch.rand(600, 6, generator=g) < torch.tensor([0.5, 0.3, 0.1, 0.05, 0.02, 0.0])  # rare labels

@@ -245,8 +245,8 @@ def test_m19_m28_on_imbalanced_data_chance_is_not_ln_c(tmp_path, balance):
     assert [w for w in blind["warnings"] if "[M28]" in w and "chance level" in w]
 
 
-def test_per_label_thresholds_find_a_rare_label_that_one_half_never_predicts():
-    """Issue 24's metrics, before they are wired: F1 at thresholds as torchmetrics computes it, and one threshold
+def test_m39_per_label_thresholds_find_a_rare_label_that_one_half_never_predicts():
+    """F1 at thresholds as torchmetrics computes it, and one threshold
     per label chosen on validation (a rare label's probabilities stay below 0.5: at 0.5 it is never predicted)."""
     from torchmetrics.classification import MultilabelF1Score
 
