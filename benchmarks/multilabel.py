@@ -10,8 +10,9 @@ collections), tiles beyond the distinct classes repeat them. Training mosaics co
 mosaics from its test images; labels in a CSV (`path,label,split`, labels joined by "|"). Both runs are one command:
 `recipe=imagefolder data=csv data.root=labels.csv data.label_delimiter="|" data.split_column=split`; the baseline adds
 `loss.balance=none` and is scored at 0.5 from `mode=predict`'s probabilities on the test mosaics. The ablation scores
-each run both ways; --also runs other loss.balance methods (how the default was chosen). Planted faults (--faults): tags shuffled for 30% of the training images, and one label made 50x
-rarer in training; each run's warnings are printed with their rows. The last line is JSON."""
+each run both ways; --also runs other loss.balance methods (how the default was chosen). Planted faults (--faults), in
+every split as a dataset carries them: tags shuffled for 30% of the images, and the most common label made 50x rarer;
+each run's warnings are printed with their rows. The last line is JSON."""
 import argparse
 import csv
 import json
@@ -63,24 +64,23 @@ def make_mosaics(cifar: Path, out: Path, n_train: int, n_test: int, tail: float 
 
 
 def plant(csv_path: Path, out: Path, fault: str, seed: int = 0) -> Path:
-    """A copy of labels.csv with a fault in its training rows: `shuffled` (30% of them get another row's tags) or
-    `rare` (the most common label kept on 1 in 50 of its training images)."""
+    """A copy of labels.csv with a fault in every split, as a dataset carries it: `shuffled` (30% of the images get
+    another image's tags) or `rare` (the most common label kept on 1 in 50 of its images)."""
     rows = list(csv.DictReader(open(csv_path)))
     rng = random.Random(seed)
-    train = [r for r in rows if r["split"] == "train"]
     if fault == "shuffled":
-        picked = rng.sample(train, int(0.3 * len(train)))
+        picked = rng.sample(rows, int(0.3 * len(rows)))
         tags = [r["label"] for r in picked]
         rng.shuffle(tags)
         for r, t in zip(picked, tags):
             r["label"] = t
     else:
         counts = {}
-        for r in train:
+        for r in rows:
             for t in r["label"].split("|"):
                 counts[t] = counts.get(t, 0) + 1
         common = max(counts, key=counts.get)
-        for r in train:
+        for r in rows:
             tags = r["label"].split("|")
             if common in tags and rng.random() > 1 / 50:
                 r["label"] = "|".join(t for t in tags if t != common)

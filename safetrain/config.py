@@ -224,7 +224,12 @@ def _check_values(c: Config) -> None:
                "trainer.device": (c.trainer.device, DEVICES), "trainer.precision": (c.trainer.precision, PRECISIONS)}
     for key, (value, allowed) in choices.items():
         _choice(key, value, allowed)
-    _choice("loss.name", c.loss.name, ("auto", *sorted({n for names in LOSSES.values() for n in names})))
+    if c.loss.name != "auto" and not any(c.loss.name in names for names in LOSSES.values()):
+        raise ConfigError(f"[M13] loss.name={c.loss.name!r} fits no task: safetrain's losses are "
+                          + ", ".join(f"{n} ({task}: {TASK_LOSS[task]})" for task, names in LOSSES.items()
+                                      for n in names)
+                          + ". Use loss.name=auto; safetrain derives the loss from the task, and the task from the "
+                            "labels.")
     if c.task != "auto":
         resolve_task(c, c.task)
     _check_data(c.data, own.get("norm"))

@@ -20,9 +20,10 @@ from safetrain.engine import FitResult, Setup, test
 from safetrain.errors import Interrupted
 from safetrain.findings import Finding
 from safetrain.io import write_json
-from safetrain.metrics import selection_metric
-from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, suspected_mislabeled,
-                                suspected_wrong_tags)
+from safetrain.metrics import multilabel_scores, selection_metric
+from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, rare_label_findings,
+                                suspected_mislabeled, suspected_wrong_tags, tag_noise, tag_noise_finding,
+                                too_weak_for_tag_noise)
 from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.resume import command
 from safetrain.stages import Context, Prepared, RunDir, augmented_batch
@@ -120,6 +121,10 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
              n_suspects, len(suspects))
     estimate, noise = _label_noise(data, held_out, suspects)
     findings = findings + explained_by(noise, result.findings)
+    if facts.multilabel:  # a label too rare to learn, judged on validation [M08]
+        val = [torch.cat(part) for part in zip(*held_out[0::2])]  # every rank's share: (probabilities, labels)
+        val_ap = multilabel_scores(*val, torch.full((facts.num_classes,), 0.5))["ap"]
+        findings += rare_label_findings(facts.classes, facts.counts["train"], val_ap)
     final = (_multilabel_metrics if facts.multilabel else _final_metrics)(ctx, data, setup, result, t, findings,
                                                                            suspects, n_suspects)
     final["label_noise_estimate"] = estimate
@@ -150,11 +155,16 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
     """(estimate or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
     validation and test splits, which it never trained on (the checkpoint is already chosen: nothing is selected on
     test here). No estimate from a model no better than chance: its doubts say nothing."""
-    if data.facts.multilabel:
-        log.info("label noise: not estimated (confident learning assumes one true label per image; with several, "
-                 "report.md lists the training images whose tags the model doubts)")
-        return None, None
     probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
+    if data.facts.multilabel:
+        weak = too_weak_for_tag_noise(probs, labels)
+        if weak:
+            log.info("label noise: not estimated (%s)", weak)
+            return None, None
+        estimate, off = tag_noise(probs, labels)
+        log.info("label noise: about %.1f%% of each label's tags look wrong on the better-learned half of the labels "
+                 "(confident learning per label, kept model)", 100 * estimate)
+        return estimate, tag_noise_finding(estimate, off, examples)
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
         return None, None

@@ -283,7 +283,8 @@ def epoch_scalars(tr: dict, val: dict, loss_fn, lr: float) -> dict:
     """One epoch's numbers for metrics.jsonl and TensorBoard (tr's grad norms and label counts popped)."""
     norms = tr.pop("layer_grad_norms")
     uniform, blind = chance_losses(loss_fn, tr.pop("label_counts"), tr["images"])  # a model that learns nothing
-    scores = {f"val/{k}": float(val[k]) for k in ("acc", "balanced_acc", "macro_f1", "map", "micro_f1") if k in val}
+    scores = {f"val/{k}": float(val[k]) for k in ("acc", "balanced_acc", "macro_f1", "map", "micro_f1", "chance_map")
+              if k in val}
     return {"train/loss": tr["loss"], "train/acc": tr["acc"], "train/grad_norm": tr["grad_norm"],
             "train/images_per_s": tr["images_per_s"], "train/chance_loss": blind, "train/uniform_loss": uniform,
             "val/loss": val["loss"], **scores, "lr": lr, "epoch_seconds": tr["seconds"],

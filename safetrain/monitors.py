@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import torch
+from torchmetrics.functional.classification import multilabel_average_precision
 
 from safetrain.data.pipelines import flips
 from safetrain.errors import TrainingStopped
@@ -115,6 +116,7 @@ def advice(*, lr=1e-3, weight_decay: float = 0.05, grad_clip: float = 5.0, augme
 
 FIXES = advice()  # the generic advice, for detectors called outside a run
 MIN_GAP = 0.05  # train accuracy above val accuracy by at least this much before overfitting is called
+UNDERFIT_MAP = 0.25  # several labels per image: val mAP within this share of the way from chance to 1: underfitting
 
 
 def epoch_findings(epoch: int, history: list[dict], confusion: torch.Tensor, num_classes: int,
@@ -243,7 +245,7 @@ def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: st
                  fixes: dict = FIXES) -> list[Finding]:
     """Overfitting: validation loss 5% above its minimum of 2 or more epochs ago while the train/val accuracy
     gap (positive, at least MIN_GAP) has grown since; underfitting: training accuracy near chance after
-    several epochs [M09]."""
+    several epochs, or with several labels per image a validation mAP near what images in any order score [M09]."""
     found, now = [], history[-1]
     m = min(range(len(history)), key=lambda i: history[i]["val/loss"])  # epoch m + 1 had the lowest val loss
     gap, gap_then = now["train/acc"] - now["val/acc"], history[m]["train/acc"] - history[m]["val/acc"]
@@ -256,13 +258,20 @@ def fit_findings(epoch: int, history: list[dict], num_classes: int, capacity: st
             "regularization, or labels that do not match the images (a model memorizes them)."),
             fixes["overfitting"], epoch=epoch,
             evidence={"best_val_loss_epoch": m + 1, "gap": gap, "gap_then": gap_then}))
-    if epoch >= 3 and num_classes and now["train/acc"] < 1.5 / num_classes:  # 0: several labels per image
+    weak = None  # (what was seen, evidence)
+    if epoch >= 3 and "val/map" in now:  # several labels per image: ranking no better than images in any order
+        chance = now["val/chance_map"]
+        if now["val/map"] < chance + UNDERFIT_MAP * (1 - chance):
+            weak = (f"validation mAP {now['val/map']:.2f} is near what images in any order score ({chance:.2f})",
+                    {"val_map": now["val/map"], "chance_map": chance})
+    elif epoch >= 3 and now["train/acc"] < 1.5 / num_classes:
+        weak = (f"training accuracy {now['train/acc']:.2f} is near chance ({1 / num_classes:.2f})",
+                {"train_acc": now["train/acc"]})
+    if weak:
         found.append(Finding("M09", "underfitting", (
-            f"epoch {epoch}: underfitting: training accuracy {now['train/acc']:.2f} is near chance "
-            f"({1 / num_classes:.2f}) after {epoch} epochs ({capacity}). Likely causes: a model too small, a "
-            "learning rate too low, too much regularization, or labels that do not match the images."),
-            fixes["underfitting"],
-            epoch=epoch, evidence={"train_acc": now["train/acc"]}))
+            f"epoch {epoch}: underfitting: {weak[0]} after {epoch} epochs ({capacity}). Likely causes: a model too "
+            "small, a learning rate too low, too much regularization, or labels that do not match the images."),
+            fixes["underfitting"], epoch=epoch, evidence=weak[1]))
     return found
 
 
@@ -288,7 +297,7 @@ class Monitors:
             epoch_findings(epoch, history, val["confusion"], c, fixes)
         return (task + gradient_findings(epoch, norms, fixes)
                 + dead_unit_findings(epoch, dead_unit_share(model, self.probe), fixes)
-                + fit_findings(epoch, history, 0 if self.multilabel else c, self.capacity, fixes))
+                + fit_findings(epoch, history, c, self.capacity, fixes))
 
     def after_epoch(self, epoch: int, history: list[dict], val: dict, model) -> None:
         now = {(f.row, f.kind): f for f in self.conditions(epoch, history, val, model)}
@@ -394,6 +403,91 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch
         floor = float(cells.sort().values[:max(1, len(cells) // 2)].mean() * len(cells) / n)
         estimate = min(estimate, floor)
     return estimate, counted & (confident != labels)
+
+
+TAG_NOISE_WARN = 0.08  # several labels per image: the per-label wrong-tag floor above which [M08] is a warning
+TAG_NOISE_MIN_MAP = 0.5  # ... estimated only where the held-out mAP is this share of the way from chance to 1
+
+
+def tag_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Several labels per image: confident learning per label, each a yes/no task (one-vs-rest, as cleanlab treats
+    multi-label data): a tag counts as confidently present where p reaches the mean p of the images tagged with it,
+    confidently absent where 1 - p reaches the mean of the untagged ones (both: the larger margin); the 2x2 joint of
+    (given, confident) is calibrated to the tag counts, and its off-diagonal share estimates each label's wrong
+    tags. A model's own confusions concentrate on the labels it finds hard (cat, dog), while wrong tags raise every
+    label: the estimate is the floor, the mean over the better half of the labels. Returns (estimate, (N, C) mask
+    of the tags counted as wrong)."""
+    y, (n, c) = labels.bool(), probs.shape
+    rates, off = [], torch.zeros_like(y)
+    for j in range(c):
+        pos, p = y[:, j], probs[:, j]
+        if pos.all() or not pos.any():
+            rates.append(0.0)
+            continue
+        t1, t0 = p[pos].mean(), (1 - p[~pos]).mean()
+        says_pos, says_neg = p >= t1, 1 - p >= t0
+        truth = torch.where(says_pos & says_neg, p - t1 > (1 - p) - t0, says_pos)
+        counted = says_pos | says_neg
+        joint = torch.zeros(2, 2, dtype=torch.float64)
+        joint.index_put_((pos[counted].long(), truth[counted].long()), torch.ones(int(counted.sum()),
+                                                                                dtype=torch.float64), accumulate=True)
+        given = torch.stack([(~pos).sum(), pos.sum()]).double()
+        joint = joint / joint.sum(1, keepdim=True).clamp_min(1) * given[:, None]
+        rates.append(float((joint[0, 1] + joint[1, 0]) / n))
+        off[:, j] = counted & (truth != pos)
+    better = sorted(rates)[:max(1, c // 2)]
+    return sum(better) / len(better), off
+
+
+def too_weak_for_tag_noise(probs: torch.Tensor, labels: torch.Tensor) -> str | None:
+    """Why the held-out predictions cannot tell wrong tags from the model's own limits (a weak model's doubts read as
+    noise: a learning rate 100x too low gave an estimate of 34% on clean tags), or None: the held-out mAP must be
+    TAG_NOISE_MIN_MAP of the way from what images in any order score to 1."""
+    y = labels.float()
+    has = y.sum(0) > 0
+    chance = float(y[:, has].mean())
+    score = float(multilabel_average_precision(probs[:, has], y[:, has].int(), num_labels=int(has.sum())))
+    if score >= chance + TAG_NOISE_MIN_MAP * (1 - chance):
+        return None
+    return (f"held-out mAP {score:.2f}, where images in any order score {chance:.2f}: the model is too weak for its "
+            "doubts to tell wrong tags from its own limits")
+
+
+def tag_noise_finding(estimate: float, off: torch.Tensor, examples: list[dict]) -> Finding | None:
+    """[M08] for several labels per image, when the per-label floor and the tags behind it are large enough."""
+    images = int(off.any(1).sum())
+    if estimate < TAG_NOISE_WARN or images < NOISE_MIN_COUNT:
+        return None
+    shown = ", ".join(f"{m['id']} ({m['given']}: {m['doubted']}?)" for m in examples[:3])
+    return Finding("M08", "label noise", (
+        f"about {estimate:.0%} of each label's tags look wrong, even on the labels the model learned best: of "
+        f"{len(off)} validation and test images the model never trained on, {images} carry a tag it confidently "
+        f"contradicts (confident learning per label). Training images whose tags the final model doubts most: "
+        f"{shown or 'none'} (report.md lists more)."),
+        "Check and fix the tags (missing and extra ones); a re-tagged dataset will train to a higher mAP.",
+        "monitor", evidence={"estimate": estimate, "images": images, "split_size": len(off)})
+
+
+RARE_LABEL_SHARE, RARE_LABEL_AP_GAP = 0.1, 0.15  # a label this rare against the median one, and this far below its AP
+
+
+def rare_label_findings(classes: list[str], positives: list[int], val_ap: list) -> list[Finding]:
+    """Several labels per image: a label with under a tenth of the median label's training positives whose validation
+    AP lags the median label's by RARE_LABEL_AP_GAP or more had too few examples to be learned [M08] (a rare label the
+    model learned anyway is not a problem)."""
+    scored = [a for a in val_ap if a is not None]
+    if not scored:
+        return []
+    mid_pos, mid_ap = sorted(positives)[len(positives) // 2], sorted(scored)[len(scored) // 2]
+    found = []
+    for c, n, ap in zip(classes, positives, val_ap):
+        if ap is not None and n < RARE_LABEL_SHARE * mid_pos and ap < mid_ap - RARE_LABEL_AP_GAP:
+            found.append(Finding("M08", "too few positives", (
+                f"label '{c}' has too few examples to be learned: {n} training images carry it, under a tenth of the "
+                f"median label's {mid_pos}, and its validation AP is {ap:.2f} against the median label's "
+                f"{mid_ap:.2f}."), f"Add images with '{c}' (or merge it with a related label, or remove it).", "data",
+                evidence={"label": c, "positives": n, "median_positives": mid_pos, "ap": ap, "median_ap": mid_ap}))
+    return found
 
 
 def label_noise_finding(estimate: float, off: torch.Tensor, split_size: int, examples: list[dict]) -> Finding | None:

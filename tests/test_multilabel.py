@@ -203,3 +203,64 @@ def test_a_multilabel_run_trains_keeps_its_thresholds_and_predicts_evaluates_and
     meta = json.loads((tmp_path / "export" / "model.json").read_text())
     assert meta["output"]["thresholds"]["red"] == pytest.approx(evaluated["per_class"]["red"]["threshold"])
     assert meta["parity"]["onnx_label_set_agreement"] == 1.0
+
+
+def test_a_datasets_0_1_label_vectors_make_a_multilabel_source_and_one_hot_ones_stay_refused():
+    from safetrain.data.sources import load_dataset
+    from safetrain.errors import DataError
+
+    images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    rows = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 1]])
+    src = load_dataset(list(zip(images, rows)))
+    assert src.task == "multilabel" and torch.equal(src.parts["all"].labels, rows.float()) and len(src.classes) == 3
+    with pytest.raises(DataError, match=r"\[M14\] every label of the dataset is a one-hot vector"):
+        load_dataset(list(zip(images, torch.eye(3)[[0, 1, 2, 0, 1, 2]])))
+    with pytest.raises(DataError, match=r"\[M14\].*mix class indices and 0/1 vectors"):
+        load_dataset([(images[0], rows[0]), (images[1], 1)])
+
+
+def _held_out(noise: float, strength: float, seed: int = 0):
+    """Held-out probabilities of a model that ranks each label's images with `strength` (logit gap), on (N, 6) tags of
+    which a share `noise` of the images carry another image's tags."""
+    g = torch.Generator().manual_seed(seed)
+    truth = (torch.rand(3000, 6, generator=g) < torch.tensor([0.4, 0.3, 0.3, 0.2, 0.2, 0.1])).float()
+    logits = strength * (2 * truth - 1) + torch.randn(3000, 6, generator=g) - 1
+    given = truth.clone()
+    swap = torch.rand(3000, generator=g) < noise
+    given[swap] = truth[torch.randperm(3000, generator=g)][swap]
+    return logits.sigmoid(), given
+
+
+def test_m08_wrong_tags_are_estimated_per_label_and_a_weak_models_doubts_are_not_read_as_noise():
+    from safetrain.monitors import TAG_NOISE_WARN, tag_noise, tag_noise_finding
+    clean, _ = tag_noise(*_held_out(0.0, 3.0))
+    noisy, off = tag_noise(*_held_out(0.3, 3.0))
+    assert clean < TAG_NOISE_WARN / 2 and noisy > TAG_NOISE_WARN
+    found = tag_noise_finding(noisy, off, [{"id": "a.jpg", "given": "cat", "doubted": "missing dog"}])
+    assert found.row == "M08" and "a.jpg (cat: missing dog?)" in found.message
+    assert tag_noise_finding(clean, off, []) is None
+
+
+def test_m08_a_label_too_rare_to_learn_is_named_and_a_rare_label_learned_well_is_not():
+    from safetrain.monitors import rare_label_findings
+    classes, positives = ["a", "b", "c", "d"], [900, 800, 1000, 40]
+    found = rare_label_findings(classes, positives, [0.8, 0.75, 0.85, 0.3])
+    assert [(f.row, f.evidence["label"]) for f in found] == [("M08", "d")] and "Add images with 'd'" in found[0].fix
+    assert rare_label_findings(classes, positives, [0.8, 0.75, 0.85, 0.78]) == []  # rare, but learned
+    assert rare_label_findings(classes, [900, 800, 1000, 500], [0.8, 0.75, 0.85, 0.3]) == []  # weak, not rare
+
+
+def test_m09_multilabel_underfitting_is_a_validation_map_near_chance():
+    from safetrain.monitors import fit_findings
+    epoch = {"train/loss": 1.1, "train/acc": 0.4, "val/loss": 1.1, "val/acc": 0.4, "val/chance_map": 0.25}
+    weak = [{**epoch, "val/map": 0.3}] * 3
+    assert [(f.row, f.kind) for f in fit_findings(3, weak, 10, "")] == [("M09", "underfitting")]
+    assert fit_findings(3, [{**epoch, "val/map": 0.7}] * 3, 10, "") == []  # label accuracy 0.4 is no sign here
+
+
+def test_m08_no_tag_noise_estimate_from_a_model_too_weak_to_tell_noise_from_its_limits():
+    from safetrain.monitors import TAG_NOISE_WARN, tag_noise, too_weak_for_tag_noise
+    weak = _held_out(0.0, 0.3)  # clean tags, a model that barely ranks them
+    assert tag_noise(*weak)[0] > TAG_NOISE_WARN  # read as noise, it would cry wolf ...
+    assert "too weak" in too_weak_for_tag_noise(*weak)  # ... so it is not estimated
+    assert too_weak_for_tag_noise(*_held_out(0.0, 3.0)) is None and too_weak_for_tag_noise(*_held_out(0.3, 3.0)) is None

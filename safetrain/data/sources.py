@@ -482,18 +482,20 @@ def load_dataset(ds, classes: Optional[list[str]] = None) -> Source:
     """A torch `Dataset` of (image, label) -> Source, decoded once into memory.
 
     Images: PIL images, uint8 tensors (C, H, W) or arrays (H, W[, C]), or float tensors in [0, 1]
-    (not normalized: safetrain normalizes). Labels: class indices (int) [M14, M33]."""
+    (not normalized: safetrain normalizes). Labels: class indices (int), or for several labels per image a 0/1
+    vector of one entry per label (a multi-label task) [M14, M33]."""
     images, labels = [], []
     for i in range(len(ds)):
         x, y = ds[i]
         images.append(_to_uint8(x, i))
-        labels.append(_to_index(y, i))
+        labels.append(_to_label(y, i))
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) > 1:
         raise DataError(f"[data] the dataset's images have different shapes {sorted(shapes)[:3]}; they must "
                         "all have one (C, H, W). Resize them in the dataset.")
-    labels_t = torch.tensor(labels, dtype=torch.int64)
-    classes = list(classes or getattr(ds, "classes", None) or [str(k) for k in range(int(labels_t.max()) + 1)])
+    labels_t = _label_rows(labels) if any(isinstance(y, Tensor) for y in labels) else torch.tensor(labels)
+    count = labels_t.shape[1] if labels_t.ndim == 2 else int(labels_t.max()) + 1
+    classes = list(classes or getattr(ds, "classes", None) or [str(k) for k in range(count)])
     all_ = ImageSet(labels_t, [f"dataset/{i}" for i in range(len(labels))], torch.stack(images))
     fp = digest("dataset", type(ds).__name__, all_.images.numpy().tobytes(), labels_t.numpy().tobytes())
     return Source(classes, {"all": all_}, fp, tuple(images[0].shape))
@@ -524,11 +526,15 @@ def _to_uint8(x, i: int) -> Tensor:
     raise DataError(f"[M33] dataset item {i}: pixels of dtype {x.dtype}; return uint8 or float in [0, 1].")
 
 
-def _to_index(y, i: int) -> int:
+def _to_label(y, i: int) -> int | Tensor:
+    """A class index, or a 0/1 float vector (several labels per image)."""
+    y = torch.from_numpy(y) if isinstance(y, np.ndarray) else y
     if isinstance(y, Tensor) and y.ndim == 1 and y.numel() > 1:
-        kind = "a one-hot vector" if bool(((y == 0) | (y == 1)).all() and y.sum() == 1) else "a vector"
-        raise DataError(f"[M14] dataset item {i}: the label is {kind} of length {y.numel()}; multiclass "
-                        f"labels are class indices (an int 0..C-1). Return int(label.argmax()) instead.")
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise DataError(f"[M14] dataset item {i}: the label is a vector of length {y.numel()} with values other "
+                            "than 0 and 1; labels are class indices (an int 0..C-1), or 0/1 per label for several "
+                            "labels per image.")
+        return y.float()
     if isinstance(y, Tensor):
         if y.numel() != 1:
             raise DataError(f"[M14] dataset item {i}: label of shape {tuple(y.shape)}; expected one class index.")
@@ -537,3 +543,18 @@ def _to_index(y, i: int) -> int:
         raise DataError(f"[M14] dataset item {i}: label {y!r} is a {type(y).__name__}; multiclass labels are "
                         "class indices (int 0..C-1), not floats or strings. Map each class to its index.")
     return int(y)
+
+
+def _label_rows(labels: list) -> Tensor:
+    """The dataset's 0/1 label vectors as (N, C): several labels per image. One-hot rows throughout are one label per
+    image written the wrong way, and are refused [M14]; so is a mix of vectors and indices."""
+    sizes = {y.numel() if isinstance(y, Tensor) else None for y in labels}
+    if len(sizes) > 1:
+        raise DataError(f"[M14] the dataset's labels mix class indices and 0/1 vectors (or vectors of lengths "
+                        f"{sorted(s for s in sizes if s)}); return one kind for every item.")
+    rows = torch.stack(labels)
+    if bool((rows.sum(1) == 1).all()):
+        raise DataError(f"[M14] every label of the dataset is a one-hot vector of length {rows.shape[1]}: one label "
+                        "per image. Multiclass labels are class indices (an int 0..C-1): return int(label.argmax()) "
+                        "instead.")
+    return rows
