@@ -92,8 +92,9 @@ def doctor(data: Prepared, setup: Setup, checks: list[Finding]) -> dict:
     """`mode=doctor`: audit, preflight and overfit-one-batch as a pass/fail table; no training, no files."""
     labels = data.splits["train"].labels  # a small batch with every class in it: one class alone is trivial
     per_class = max(1, 32 // data.facts.num_classes)
-    few = data.splits["train"].subset(torch.cat([(labels == k).nonzero().squeeze(1)[:per_class]
-                                                 for k in labels.unique().tolist()]))
+    carry = labels.bool() if labels.ndim == 2 else labels[:, None] == labels.unique()[None]  # (N, C) who has k
+    picked = torch.cat([carry[:, k].nonzero().squeeze(1)[:per_class] for k in range(carry.shape[1])])
+    few = data.splits["train"].subset(picked.unique() if labels.ndim == 2 else picked)  # an image may carry several
     xb, yb = next(iter(D.make_loader(few, data.eval_pipeline, batch_size=len(few), train=False, seed=0,
                                      decoding=data.decoding)))
     found = audit_findings(data.audit) + [f for f in data.findings if f.verdict == FAIL]
