@@ -261,8 +261,8 @@ def _check_data(d: DataConfig, norm: str) -> None:
         raise ConfigError("[config] data=csv needs data.root=<a CSV or TSV file> with a column of image paths "
                           f"(data.path_column={d.path_column}) and one of labels (data.label_column={d.label_column}).")
     if d.label_delimiter is not None and (d.name != "csv" or not d.label_delimiter):
-        raise ConfigError(f"[config] data.label_delimiter={d.label_delimiter!r} splits a CSV's label cells into several "
-                          "labels: it needs data=csv and a non-empty string, e.g. data.label_delimiter='|'.")
+        raise ConfigError(f"[config] data.label_delimiter={d.label_delimiter!r} splits a CSV's label cells into "
+                          "several labels: it needs data=csv and a non-empty string, e.g. data.label_delimiter='|'.")
     _check_crops(d)
     if d.mix != "none":
         check_range("data.mix_alpha", d.mix_alpha, 0.05, 10.0)
@@ -379,8 +379,8 @@ def resolve_task(c: Config, data_task: str) -> None:
         raise ConfigError(f"[config] data.mix={c.data.mix} mixes one label per image; this task has several. Use "
                           "data.mix=none.")
     if c.data.imbalance_ratio is not None:
-        raise ConfigError("[M24] data.imbalance_ratio makes one-label-per-image data long-tailed; this task has several "
-                          "labels per image. Remove data.imbalance_ratio.")
+        raise ConfigError("[M24] data.imbalance_ratio makes one-label-per-image data long-tailed; this task has "
+                          "several labels per image. Remove data.imbalance_ratio.")
 
 
 def data_spec(c: Config, weights_size: Optional[int] = None, device_type: str = "cpu") -> DataSpec:
@@ -411,7 +411,8 @@ AFTER_TRAINING = ("predict", "evaluate", "export")  # modes that use a trained m
 @dataclass
 class PredictConfig:
     checkpoint: Optional[str] = None  # RUN_DIR/checkpoints/best.pt, or RUN_DIR (its best.pt)
-    input: Optional[str] = None  # predict: an image or a folder (recursive); evaluate: a folder per class (several labels per image: a CSV like the training one)
+    input: Optional[str] = None  # predict: an image or a folder (recursive); evaluate: a folder per class, or a CSV
+    # like the training one for several labels per image
     output: Optional[str] = None  # predict: the CSV; evaluate, export: a folder. Default: inside the run directory
     topk: int = 5
     batch_size: int = 256

@@ -20,7 +20,7 @@ from safetrain.engine import FitResult, Setup, test
 from safetrain.errors import Interrupted
 from safetrain.findings import Finding
 from safetrain.io import write_json
-from safetrain.metrics import multilabel_scores, selection_metric
+from safetrain.metrics import average_precisions, per_label, selection_metric
 from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, rare_label_findings,
                                 suspected_mislabeled, suspected_wrong_tags, tag_noise, tag_noise_finding,
                                 too_weak_for_tag_noise)
@@ -123,10 +123,8 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     findings = findings + explained_by(noise, result.findings)
     if facts.multilabel:  # a label too rare to learn, judged on validation [M08]
         val = [torch.cat(part) for part in zip(*held_out[0::2])]  # every rank's share: (probabilities, labels)
-        val_ap = multilabel_scores(*val, torch.full((facts.num_classes,), 0.5))["ap"]
-        findings += rare_label_findings(facts.classes, facts.counts["train"], val_ap)
-    final = (_multilabel_metrics if facts.multilabel else _final_metrics)(ctx, data, setup, result, t, findings,
-                                                                           suspects, n_suspects)
+        findings += rare_label_findings(facts.classes, facts.counts["train"], average_precisions(*val)[1])
+    final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
     final["label_noise_estimate"] = estimate
     write_json(out.path / "metrics.json", final)
     test_scores = [torch.cat(part) for part in zip(*held_out[1::2])] if facts.multilabel else None  # (probs, labels)
@@ -134,18 +132,14 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
                            findings=findings, final=final, mislabeled=suspects,
                            figures=report_figures(data, out.path, setup.selection[0], final, suspects, test_scores))
     _final_tensorboard(out.tracker, figures, t, ctx.config, final)
-    if facts.multilabel:
-        log.info("[9/9] test (best checkpoint, epoch %d): mAP %.4f, macro-F1 %.4f, micro-F1 %.4f at the thresholds "
-                 "chosen on validation (over all %d labels); exact label sets %.4f | %.0f s | %s\n%s\n%s",
-                 result.best["epoch"], t["map"], t["macro_f1"], t["micro_f1"], facts.num_classes, t["exact_match"],
-                 final["wall_time_s"], out.path, "\n".join(balance_lines(final, facts.counts["train"], True)),
-                 "\n".join(per_class_table(final)))
-    else:
-        log.info("[9/9] test (best checkpoint, epoch %d): acc %.4f, balanced acc %.4f, macro-F1 %.4f (over all %d "
-                 "classes) | %.0f s | %s\n%s\n%s", result.best["epoch"], t["acc"], t["balanced_acc"], t["macro_f1"],
-                 facts.num_classes, final["wall_time_s"],
-                 out.path, "\n".join(balance_lines(final, facts.counts["train"], facts.imbalanced)),
-                 "\n".join(per_class_table(final)))
+    scores = (f"mAP {t['map']:.4f}, macro-F1 {t['macro_f1']:.4f}, micro-F1 {t['micro_f1']:.4f} at the thresholds "
+              f"chosen on validation (over all {facts.num_classes} labels); exact label sets {t['exact_match']:.4f}"
+              if facts.multilabel else f"acc {t['acc']:.4f}, balanced acc {t['balanced_acc']:.4f}, macro-F1 "
+              f"{t['macro_f1']:.4f} (over all {facts.num_classes} classes)")
+    log.info("[9/9] test (best checkpoint, epoch %d): %s | %.0f s | %s\n%s\n%s", result.best["epoch"], scores,
+             final["wall_time_s"], out.path, "\n".join(balance_lines(final, facts.counts["train"],
+                                                                     facts.imbalanced or facts.multilabel)),
+             "\n".join(per_class_table(final)))
     log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
              out.path / "report.md")
     return RunResult(final, findings)
@@ -188,55 +182,45 @@ def explained_by(noise: Optional[Finding], found: list[Finding]) -> list[Finding
 
 
 def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) -> dict:
-    classes = data.facts.classes
+    """metrics.json: the run, and the test scores of its task (_test_scores)."""
     return {
         "selection_metric": setup.selection[0], "best_val": result.best["value"], "best_epoch": result.best["epoch"],
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": setup.lr,
-        "balance": {"method": data.balance[0], "why": data.balance[1]},
-        "test_acc": t["acc"], "test_balanced_acc": t["balanced_acc"], "test_macro_f1": t["macro_f1"],
-        "test_loss": t["loss"], "classes": classes,
-        "scored_over": f"Every score is over all {len(classes)} classes: each has validation and test images [M25]",
-        "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
-                      for i, c in enumerate(classes)},
-        "confusion_matrix": t["confusion"], "parameters": setup.parameters,
+        "balance": {"method": data.balance[0], "why": data.balance[1]}, "test_loss": t["loss"],
+        "classes": data.facts.classes, **_test_scores(data.facts, t), "parameters": setup.parameters,
         "wall_time_s": time.time() - ctx.t_start, "warnings": [str(f) for f in findings],
         "findings": [f.to_dict() for f in findings], "suspected_mislabeled": {"count": n_suspects, "top": suspects},
     }
 
 
-def _multilabel_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) -> dict:
-    """metrics.json of a multi-label run: mAP, F1 at the thresholds chosen on validation, per-label scores [M39, M40]."""
-    classes = data.facts.classes
-    return {
-        "task": "multilabel", "selection_metric": setup.selection[0], "best_val": result.best["value"],
-        "best_epoch": result.best["epoch"], "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
-        "lr": setup.lr, "balance": {"method": data.balance[0], "why": data.balance[1]},
-        "test_map": t["map"], "test_macro_f1": t["macro_f1"], "test_micro_f1": t["micro_f1"],
-        "test_exact_match": t["exact_match"], "test_label_acc": t["acc"], "test_loss": t["loss"], "classes": classes,
-        "thresholds": t["thresholds"],
-        "scored_over": f"Every score is over all {len(classes)} labels; F1, precision and recall at one threshold "
-                       "per label chosen on validation (the kept epoch's), mAP without thresholds",
-        "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i],
-                          "ap": t["ap"][i], "support": t["support"][i], "threshold": t["thresholds"][i]}
-                      for i, c in enumerate(classes)},
-        "cardinality": {"test_labels": t["cardinality"], "predicted": t["predicted_cardinality"]},
-        "parameters": setup.parameters, "wall_time_s": time.time() - ctx.t_start,
-        "warnings": [str(f) for f in findings], "findings": [f.to_dict() for f in findings],
-        "suspected_mislabeled": {"count": n_suspects, "top": suspects},
-    }
+def _test_scores(facts, t: dict) -> dict:
+    """One label per image: accuracy, balanced accuracy, macro-F1, per class, the confusion matrix. Several: mAP, F1
+    at the thresholds chosen on validation, per-label scores, cardinality [M39, M40]."""
+    classes = facts.classes
+    if not facts.multilabel:
+        return {"test_acc": t["acc"], "test_balanced_acc": t["balanced_acc"], "test_macro_f1": t["macro_f1"],
+                "scored_over": f"Every score is over all {len(classes)} classes: each has validation and test images "
+                               "[M25]",
+                "per_class": {c: {"precision": t["precision"][i], "recall": t["recall"][i], "f1": t["f1"][i]}
+                              for i, c in enumerate(classes)}, "confusion_matrix": t["confusion"]}
+    return {"task": "multilabel", "test_map": t["map"], "test_macro_f1": t["macro_f1"],
+            "test_micro_f1": t["micro_f1"], "test_exact_match": t["exact_match"], "test_label_acc": t["acc"],
+            "thresholds": t["thresholds"],
+            "scored_over": f"Every score is over all {len(classes)} labels; F1, precision and recall at one threshold "
+                           "per label chosen on validation (the kept epoch's), mAP without thresholds",
+            "per_class": per_label(classes, t),
+            "cardinality": {"test_labels": t["cardinality"], "predicted": t["predicted_cardinality"]}}
 
 
 def _final_tensorboard(tracker: Tracker, figures: dict[str, bytes], t, config: dict, final: dict) -> None:
     for name, tag in (("suspected_mislabeled", "train/suspected_mislabeled"), ("per_class", "test/per_class"),
                       ("learning_curves", "train/learning_curves"), ("near_duplicates", "audit/near_duplicates"),
-                      ("class_counts", "data/class_counts")):
+                      ("class_counts", "data/class_counts"), ("pr_curves", "test/pr_curves"),
+                      ("co_occurrence", "data/co_occurrence")):
         if name in figures:
             tracker.figure(tag, figures[name])
     if "confusion" in t:
         tracker.confusion(torch.tensor(t["confusion"]), final["classes"], figures["confusion_matrix"])
-    for name in ("pr_curves", "co_occurrence"):
-        if name in figures:
-            tracker.figure(f"test/{name}" if name == "pr_curves" else "data/co_occurrence", figures[name])
     headline = {"test_map": t["map"]} if "map" in t else {"test_acc": t["acc"]}
     tracker.hparams(flatten(config), {**headline, "test_macro_f1": t["macro_f1"], "best_val": final["best_val"]})
     tracker.close()

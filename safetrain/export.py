@@ -39,7 +39,7 @@ def export(cfg: AfterTrainingConfig) -> Path:
     tmp.chmod(0o777 & ~UMASK)  # a folder to ship: as mkdir would make it
     try:  # written beside, then renamed: the folder appears whole, or not at all
         write_model_files(trained, images[:2], tmp)
-        parity = check_parity(trained, images, tmp)
+        parity, agree = check_parity(trained, images, tmp), agreement(trained)
         write_json(tmp / "model.json", sidecar(trained, {**parity, "images": source}))
         for f in tmp.iterdir():
             f.chmod(0o666 & ~UMASK)  # files to ship: readable as any file the user creates
@@ -51,9 +51,8 @@ def export(cfg: AfterTrainingConfig) -> Path:
         raise
     log.info("exported %s -> %s (model.onnx, model.pt2, model.safetensors, model.json); on %s: max |logit "
              "difference| ONNX Runtime %.2e, torch.export %.2e, %s %.4f / %.4f", trained.path, out,
-             source, parity["onnx_max_abs_diff"], parity["torch_export_max_abs_diff"],
-             agreement(trained).replace("_", " "), parity[f"onnx_{agreement(trained)}"],
-             parity[f"torch_export_{agreement(trained)}"])
+             source, parity["onnx_max_abs_diff"], parity["torch_export_max_abs_diff"], agree.replace("_", " "),
+             parity[f"onnx_{agree}"], parity[f"torch_export_{agree}"])
     return out
 
 

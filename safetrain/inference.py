@@ -21,10 +21,11 @@ from safetrain.checkpoint import classifier, load_checkpoint
 from safetrain.config import AfterTrainingConfig, PredictConfig
 from safetrain.data.audit import MIN_SIDE, search
 from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images, pixel_limit
-from safetrain.data.sources import CheckedFiles, Columns, ImageSet, file_loader, label_tensor, list_csv
+from safetrain.data.sources import (CheckedFiles, Columns, ImageSet, file_loader, label_sets, label_tensor,
+                                    list_csv)
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
-from safetrain.metrics import build_metrics, build_multilabel_metrics, to_plain
+from safetrain.metrics import build_metrics, build_multilabel_metrics, per_label, to_plain
 from safetrain import figures as draw
 from safetrain.report import figure, per_class_table, write_with_figures
 from safetrain.runtime import resolve_device
@@ -168,6 +169,7 @@ def _predict_label_sets(trained: Trained, p: PredictConfig, files: list[Path], r
     classes, thresholds = trained.facts["classes"], torch.tensor(trained.ckpt["thresholds"])
     probs = logits.sigmoid()
     chosen = probs >= thresholds
+    sets = label_sets(chosen, classes, joiner="|", empty="")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "predicted"] + [f"p_{c}" for c in classes] + ["error"])
@@ -176,21 +178,20 @@ def _predict_label_sets(trained: Trained, p: PredictConfig, files: list[Path], r
         if i in bad:
             w.writerow([name, ""] + [""] * len(classes) + [bad[i]])
         else:
-            w.writerow([name, "|".join(c for c, on in zip(classes, chosen[i].tolist()) if on)]
-                       + [f"{float(v):.6f}" for v in probs[i]] + [""])
+            w.writerow([name, sets[i]] + [f"{float(v):.6f}" for v in probs[i]] + [""])
     out = Path(p.output) if p.output else trained.run_dir / "predictions" / f"{_stem(p.input)}.csv"
     write_text(out, buf.getvalue())
     decoded = [i for i in range(len(files)) if i not in bad]
     counts = chosen[decoded].sum(0).long()
     margin = (probs - thresholds).abs().min(1).values  # how close the nearest label is to its threshold
-    figures = _prediction_figures(trained, files, decoded, 1 - margin, None, counts,
-                                  ["|".join(c for c, on in zip(classes, row.tolist()) if on) or "(none)"
-                                   for row in chosen])
+    figures = _prediction_figures(trained, files, decoded, 1 - margin, None, counts, [s or "(none)" for s in sets])
+    per_image = float(chosen[decoded].sum(1).float().mean()) if decoded else 0.0
     write_with_figures(out.with_suffix(".md"), [
         "# safetrain predictions", "", f"Checkpoint `{trained.path}` on `{p.input}`: {len(decoded)} images predicted, "
         f"{len(bad)} could not be decoded (listed in `{out.name}`). Several labels per image: a label is predicted "
         f"where its probability reaches its threshold (chosen on validation: "
-        f"{', '.join(f'{c} {t:.2f}' for c, t in zip(classes, thresholds.tolist()))}); {float(chosen[decoded].sum(1).float().mean()) if decoded else 0:.2f} labels per image.", "",
+        f"{', '.join(f'{c} {t:.2f}' for c, t in zip(classes, thresholds.tolist()))}); {per_image:.2f} labels per "
+        "image.", "",
         *figure("class_counts", "images predicted per label", figures),
         *figure("least_confident", "the predictions nearest a threshold", figures)], figures, "safetrain predictions")
     log.info("predicted the label sets of %d images with %s: %s | %d could not be decoded%s | %d resized to %dx%d "
@@ -310,9 +311,7 @@ def _evaluate_label_sets(trained: Trained, p: PredictConfig) -> Path:
              "images": int(keep.sum()), "map": m["map"], "macro_f1": m["macro_f1"], "micro_f1": m["micro_f1"],
              "exact_match": m["exact_match"], "label_acc": m["acc"], "classes": classes,
              "loss": float(nn.functional.binary_cross_entropy_with_logits(logits[keep], labels[keep])),
-             "per_class": {c: {"precision": m["precision"][i], "recall": m["recall"][i], "f1": m["f1"][i],
-                               "ap": m["ap"][i], "support": m["support"][i], "threshold": m["thresholds"][i]}
-                           for i, c in enumerate(classes)},
+             "per_class": per_label(classes, m),
              "cardinality": {"labels": m["cardinality"], "predicted": m["predicted_cardinality"]},
              "not_decoded": {str(files[i]): why for i, why in bad.items()}, **changed}
     out = Path(p.output) if p.output else trained.run_dir / "evaluations" / _stem(p.input)

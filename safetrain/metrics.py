@@ -2,9 +2,9 @@
 checkpoint choice, early stopping and the plateau scheduler [M25, M29]."""
 from __future__ import annotations
 
-import torch
 from typing import Optional
 
+import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
@@ -57,27 +57,37 @@ class MultilabelScores(Metric):
         return multilabel_scores(probs, y, t)
 
 
+def average_precisions(probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """(mAP over the labels that have positives, per-label AP with None for a label without any: it has no AP, and
+    is left out of the mean rather than scored 0)."""
+    has = targets.sum(0) > 0
+    if not has.any():
+        return torch.tensor(0.0), [None] * targets.shape[1]
+    ap = multilabel_average_precision(probs[:, has], targets[:, has].int(), num_labels=int(has.sum()),
+                                      average="none").float().reshape(-1)
+    per_label = iter(ap.tolist())
+    return ap.mean(), [next(per_label) if h else None for h in has.tolist()]
+
+
 def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor) -> dict:
     """The scores of MultilabelScores for (N, C) probabilities and 0/1 targets at `thresholds` (C,)."""
     y, has = targets.bool(), targets.sum(0) > 0
-    ap = torch.full((targets.shape[1],), float("nan"), device=probs.device)
-    if has.any():  # a label without positives has no AP: left out of the mean, not scored 0
-        ap[has] = multilabel_average_precision(probs[:, has], y[:, has].int(), num_labels=int(has.sum()),
-                                               average="none").float().reshape(-1)
-    pred = probs >= thresholds
-    tp, fp, fn = (pred & y).sum(0).double(), (pred & ~y).sum(0).double(), (~pred & y).sum(0).double()
-    at_half = probs >= 0.5
-    sets = torch.unique(pred, dim=0) if len(pred) else pred
-    return {"map": ap[has].mean() if has.any() else torch.tensor(0.0),
-            "chance_map": targets[:, has].mean(0).mean() if has.any() else torch.tensor(0.0),  # images in any order
-            "ap": [float(a) if h else None for a, h in zip(ap.tolist(), has.tolist())],
-            **{k: v for k, v in thresholded_f1(probs, targets, thresholds).items()},
-            "precision": (tp / (tp + fp).clamp_min(1)).tolist(), "recall": (tp / (tp + fn).clamp_min(1)).tolist(),
-            "support": targets.sum(0).long().tolist(), "thresholds": thresholds,
+    mean_ap, ap = average_precisions(probs, targets)
+    pred, at_half = probs >= thresholds, probs >= 0.5
+    return {"map": mean_ap, "ap": ap,
+            "chance_map": targets[:, has].mean() if has.any() else torch.tensor(0.0),  # images in any order
+            **thresholded_f1(probs, targets, thresholds), "thresholds": thresholds,
             "acc": (at_half == y).float().mean(), "exact_match": (pred == y).all(1).float().mean(),
             "cardinality": targets.sum(1).mean(), "predicted_cardinality": pred.sum(1).float().mean(),
-            "predicted_sets": len(sets), "true_sets": len(torch.unique(y, dim=0)) if len(y) else 0,
-            "predicted_at_half": int(at_half.any(1).sum())}
+            "predicted_sets": len(torch.unique(pred, dim=0)) if len(pred) else 0,
+            "true_sets": len(torch.unique(y, dim=0)) if len(y) else 0, "predicted_at_half": int(at_half.any(1).sum())}
+
+
+def per_label(classes: list[str], scores: dict) -> dict:
+    """The per-label table of metrics.json (training's test and mode=evaluate) from multilabel_scores' output."""
+    return {c: {"precision": scores["precision"][i], "recall": scores["recall"][i], "f1": scores["f1"][i],
+                "ap": scores["ap"][i], "support": scores["support"][i], "threshold": float(scores["thresholds"][i])}
+            for i, c in enumerate(classes)}
 
 
 def build_multilabel_metrics(num_labels: int, device: torch.device,
@@ -100,12 +110,15 @@ def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor, grid: int = 99
 
 
 def thresholded_f1(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor) -> dict:
-    """Micro and macro F1 and per-label F1 of the label sets predicted at `thresholds`."""
+    """Micro and macro F1, and per label F1, precision, recall and support, of the label sets predicted at
+    `thresholds`."""
     pred, y = probs >= thresholds, targets.bool()
     tp, fp, fn = (pred & y).sum(0).double(), (pred & ~y).sum(0).double(), (~pred & y).sum(0).double()
     per_label = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
     micro = float(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp_min(1))
-    return {"micro_f1": micro, "macro_f1": float(per_label.mean()), "f1": per_label.tolist()}
+    return {"micro_f1": micro, "macro_f1": float(per_label.mean()), "f1": per_label.tolist(),
+            "precision": (tp / (tp + fp).clamp_min(1)).tolist(), "recall": (tp / (tp + fn).clamp_min(1)).tolist(),
+            "support": y.sum(0).long().tolist()}
 
 
 def to_plain(values: dict) -> dict:

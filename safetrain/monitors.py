@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import torch
-from torchmetrics.functional.classification import multilabel_average_precision
 
 from safetrain.data.pipelines import flips
+from safetrain.data.sources import label_sets
 from safetrain.errors import TrainingStopped
 from safetrain.findings import Finding
+from safetrain.metrics import average_precisions
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,9 @@ def multilabel_findings(epoch: int, history: list[dict], val: dict, fixes: dict 
     chance = float(val["chance_map"])
     if float(val["map"]) > chance + 0.1 * (1 - chance):
         return found
-    return found + plateau_findings(epoch, history, f"ln 2 = 0.693 per label for logits 0, the labels' own entropy "
-                                                    f"for the best constant ones; validation mAP {float(val['map']):.3f}"
-                                                    f" where images in any order score {chance:.3f}", fixes)
+    level = (f"ln 2 = 0.693 per label for logits 0, the labels' own entropy for the best constant ones; validation "
+             f"mAP {float(val['map']):.3f} where images in any order score {chance:.3f}")
+    return found + plateau_findings(epoch, history, level, fixes)
 
 
 VANISHING, EXPLODING = 1e-3, 70.0  # first/last layer gradient-norm ratio bounds (AUTOTRAINER's detectors)
@@ -351,7 +352,7 @@ def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec
     order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)][:top]
     return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
              "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)}
-            for i in order.tolist()], len(suspect)
+            for r, i in enumerate(order.tolist())], len(suspect)
 
 
 def suspected_wrong_tags(model, loader, ids: list[str], classes: list[str], prec,
@@ -365,13 +366,11 @@ def suspected_wrong_tags(model, loader, ids: list[str], classes: list[str], prec
     worst, k = doubt.max(1)
     suspect = ((y & (probs < 0.1)) | (~y & (probs > 0.9))).any(1).nonzero().squeeze(1)
     order = suspect[worst[suspect].argsort(descending=True)][:top]
-
-    def tags(row) -> str:
-        return "+".join(classes[j] for j in row.nonzero().squeeze(1).tolist()) or "(none)"
-    return [{"id": ids[i], "given": tags(y[i]), "predicted": tags(probs[i] > 0.5),
+    given, seen = label_sets(y[order], classes), label_sets(probs[order] > 0.5, classes)
+    return [{"id": ids[i], "given": given[r], "predicted": seen[r],
              "doubted": f"{'extra' if y[i, k[i]] else 'missing'} {classes[int(k[i])]}",
              "p_given": round(float(1 - worst[i]), 4), "p_predicted": round(float(worst[i]), 4)}
-            for i in order.tolist()], len(suspect)
+            for r, i in enumerate(order.tolist())], len(suspect)
 
 
 NOISE_WARN = 0.10  # estimated share of wrong labels above which [M08] is a warning
@@ -443,10 +442,8 @@ def too_weak_for_tag_noise(probs: torch.Tensor, labels: torch.Tensor) -> str | N
     """Why the held-out predictions cannot tell wrong tags from the model's own limits (a weak model's doubts read as
     noise: a learning rate 100x too low gave an estimate of 34% on clean tags), or None: the held-out mAP must be
     TAG_NOISE_MIN_MAP of the way from what images in any order score to 1."""
-    y = labels.float()
-    has = y.sum(0) > 0
-    chance = float(y[:, has].mean())
-    score = float(multilabel_average_precision(probs[:, has], y[:, has].int(), num_labels=int(has.sum())))
+    has = labels.sum(0) > 0
+    chance, score = float(labels[:, has].float().mean()), float(average_precisions(probs, labels)[0])
     if score >= chance + TAG_NOISE_MIN_MAP * (1 - chance):
         return None
     return (f"held-out mAP {score:.2f}, where images in any order score {chance:.2f}: the model is too weak for its "

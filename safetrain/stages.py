@@ -21,6 +21,7 @@ from safetrain import figures as draw
 from safetrain.checkpoint import Checkpointer, rng_state, set_rng_state
 from safetrain.config import OPTIMIZERS, Config, data_spec, resolve_task, to_container, unlocks
 from safetrain.data.audit import Audit, cached_audit
+from safetrain.data.sources import label_sets
 from safetrain.data.audit import findings as audit_findings
 from safetrain.engine import (FitResult, Limits, Precision, Setup, StopRequest, choose_precision, find_lr, fit,
                               step_times)
@@ -133,7 +134,8 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
              "%s: %s | audit: %d near-duplicates across splits, %d blank", facts.num_classes,
              "labels (several per image)" if facts.multilabel else "classes", facts.channels,
              facts.height, facts.width, _fmt(facts.mean), _fmt(facts.std), facts.imbalance_ratio,
-             "label" if facts.multilabel else "class", ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])),
+             "label" if facts.multilabel else "class",
+             ", ".join(f"{c} {n}" for c, n in zip(facts.classes, facts.counts["train"])),
              len(audit.near_duplicates), len(audit.blank))
     fit_batch(ctx.cfg.data, len(splits["train"]), dist.world())
     if d.batch_size % dist.world():
@@ -410,7 +412,7 @@ def augmented_batch(data: Prepared):
 def label_names(y: torch.Tensor, facts: D.DataFacts) -> list[str]:
     """Each image's label as text: its class, or its labels joined by "+" (several per image; "(none)")."""
     if facts.multilabel:
-        return ["+".join(facts.classes[k] for k in row.nonzero().squeeze(1).tolist()) or "(none)" for row in y.cpu()]
+        return label_sets(y, facts.classes)
     return [facts.classes[k] for k in D.hard_labels(y).tolist()]
 
 

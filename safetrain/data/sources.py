@@ -390,6 +390,11 @@ def label_tensor(labels: list, num_classes: int, multi: bool) -> Tensor:
     return out
 
 
+def label_sets(rows: Tensor, classes: list[str], joiner: str = "+", empty: str = "(none)") -> list[str]:
+    """Each (C,) 0/1 or boolean row of several labels as text: its labels' names joined, `empty` for none."""
+    return [joiner.join(classes[k] for k in row.nonzero().flatten().tolist()) or empty for row in rows.cpu()]
+
+
 class FileDataset(torch.utils.data.Dataset):
     def __init__(self, files, channels, resize):
         self.files, self.channels, self.resize = files, channels, resize

@@ -91,8 +91,7 @@ def iterative_split(labels: Tensor, fractions: list[float], seed: int, groups: T
 def _stratified(labels: Tensor, fraction: float, seed: int, minimum: int, groups: Tensor | None):
     """(kept, carved): stratified by class, or for several labels per image by iterative stratification [M41]."""
     if labels.ndim == 2:
-        kept, carved = iterative_split(labels, [1 - fraction, fraction], seed, groups)
-        return kept, carved
+        return tuple(iterative_split(labels, [1 - fraction, fraction], seed, groups))
     return stratified_split(labels, fraction, seed, minimum, groups)
 
 
