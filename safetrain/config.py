@@ -7,9 +7,11 @@ key suggested), then checks values against their allowed choices and ranges.
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Optional, get_type_hints
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,6 +33,20 @@ MODES = ("train", "doctor")
 MAX_ROTATION = 30.0  # degrees, beyond which digits, text and most objects change meaning [M05]
 MIN_CROP_SCALE = 0.08  # random resized crops: a smaller share of the image often leaves the object out [M05]
 MAX_CROP_RATIO = 2.0  # ... and a box more than 2:1 (or 1:2) stretches the object beyond recognition
+ON_DEVICE = "on_device"  # ${on_device:CPU_VALUE,GPU_VALUE} in a recipe
+
+log = logging.getLogger("safetrain")
+
+
+def on_device(cpu: Any, gpu: Any, *, _root_: DictConfig) -> Any:
+    """`${on_device:CPU_VALUE,GPU_VALUE}`: a recipe setting that depends on the device the run trains on
+    (trainer.device; auto: a GPU where one is visible), e.g. a network's width. Resolved when the config is
+    validated; the log names what it chose and config.yaml keeps the value, so the saved config repeats the run."""
+    device = _root_.trainer.device
+    return gpu if (torch.cuda.is_available() if device == "auto" else device == "cuda") else cpu
+
+
+OmegaConf.register_new_resolver(ON_DEVICE, on_device, replace=True)
 
 
 @dataclass
@@ -109,12 +125,12 @@ class SchedConfig:
 class TrainerConfig:
     max_epochs: int = 30
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on GPUs 8.0+, fp16 + scaler on older, fp32 on CPU (bf16: opt-in)
+    precision: str = "auto"  # auto: bf16 where native (GPUs 8.0+, AVX512-BF16/AMX CPUs), else fp16+scaler/fp32
     grad_clip: float = 5.0  # max global grad norm; 0 turns clipping off
     early_stop_patience: int = 10  # epochs without a better val metric; 0 turns it off
     progress: bool = True
     compile: bool = False  # torch.compile the training step's model (opt-in: minutes of compiling on a CPU)
-    max_minutes: Optional[float] = None  # a time budget: sets max_epochs to what fits on this machine (measured)
+    max_minutes: Optional[float] = None  # a time budget: the epochs that fit here (measured), at most max_epochs
 
 
 @dataclass
@@ -208,7 +224,23 @@ def validate(cfg: DictConfig | dict) -> Config:
     model_raw = OmegaConf.create(OmegaConf.to_container(model_raw, resolve=True))  # ${data.x} resolved in place
     out.model = _merge(MODELS[model_raw.name][0], model_raw, "model")  # ... checked by its own schema
     _check_values(out)
+    by_device = _keys_using(OmegaConf.to_container(raw, resolve=False), "${" + ON_DEVICE + ":")
+    if by_device:
+        log.info("settings that depend on the device, for %s: %s (recipe: ${on_device:CPU,GPU}; saved in config.yaml)",
+                 on_device("a CPU", "a GPU", _root_=raw), ", ".join(f"{k}={_plain(OmegaConf.select(raw, k))}"
+                                                                     for k in by_device))
     return out
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _keys_using(tree: Any, marker: str, prefix: str = "") -> list[str]:
+    """Dotted keys of `tree` (a plain, unresolved config) whose value is a string containing `marker`."""
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _keys_using(v, marker, f"{prefix}{key}.")]
+    return [prefix[:-1]] if isinstance(tree, str) and marker in tree else []
 
 
 def _check_values(c: Config) -> None:

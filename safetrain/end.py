@@ -188,8 +188,11 @@ def _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects) 
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "lr": setup.lr,
         "balance": {"method": data.balance[0], "why": data.balance[1]}, "test_loss": t["loss"],
         "classes": data.facts.classes, **_test_scores(data.facts, t), "parameters": setup.parameters,
-        "wall_time_s": time.time() - ctx.t_start, "warnings": [str(f) for f in findings],
-        "findings": [f.to_dict() for f in findings], "suspected_mislabeled": {"count": n_suspects, "top": suspects},
+        "wall_time_s": time.time() - ctx.t_start, "data_seconds": data.seconds,
+        **({"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30, 2)}
+           if ctx.device.type == "cuda" else {}),
+        "warnings": [str(f) for f in findings], "findings": [f.to_dict() for f in findings],
+        "suspected_mislabeled": {"count": n_suspects, "top": suspects},
     }
 
 

@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -43,22 +44,22 @@ def cpu_has_bf16() -> bool:
 
 def choose_precision(requested: str, device: torch.device, capability: Optional[tuple[int, int]],
                      cpu_bf16: Optional[bool] = None) -> str:
-    """trainer.precision -> "fp32", "bf16" or "fp16". auto: bf16 where the GPU computes it natively (compute
-    capability 8.0 and up: Ampere, Hopper, ...), fp16 with a gradient scaler on older GPUs, fp32 on the CPU.
-    bf16 on a CPU is opt-in, and only where it computes it natively (AVX512-BF16 or AMX: `cpu_bf16`, read from
-    the CPU when None): 1.5-2x fp32 there, but CPU bf16 kernels turned some torchvision models' (RegNet, ResNet at
-    16x16) first steps to NaN where fp32 trains, so it is not the default. Refused: bf16 on a GPU or CPU without
-    it (emulated, slow), fp16 on the CPU (no speed-up there, only the risk)."""
+    """trainer.precision -> "fp32", "bf16" or "fp16". auto: bf16 where the device computes it natively (GPUs of
+    compute capability 8.0 and up: Ampere, Hopper, ...; CPUs with AVX512-BF16 or AMX: `cpu_bf16`, read from the CPU
+    when None), fp16 with a gradient scaler on older GPUs, fp32 on other CPUs. On the CPU bf16 is 1.5-2x fp32; the
+    convolutions its kernels get wrong run in fp32 (`keep_fp32_where_cpu_bf16_fails`). Refused: bf16 on a GPU or CPU
+    without it (emulated, slow), fp16 on the CPU (no speed-up there, only the risk)."""
     if device.type != "cuda":
+        native = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
         if requested == "fp16":
             raise ConfigError("[config] trainer.precision=fp16 is for GPUs (with a gradient scaler); on the CPU it "
-                              "is slower than fp32. Use trainer.precision=auto (fp32), or bf16 on a CPU with "
-                              "AVX512-BF16 or AMX.")
-        if requested == "bf16" and not (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16):
+                              "is slower than fp32. Use trainer.precision=auto (bf16 on a CPU with AVX512-BF16 or "
+                              "AMX, else fp32).")
+        if requested == "bf16" and not native:
             raise ConfigError("[config] trainer.precision=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX: "
                               "Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), so it would be "
-                              "emulated, slowly. Use trainer.precision=auto (fp32).")
-        return "bf16" if requested == "bf16" else "fp32"
+                              "emulated, slowly. Use trainer.precision=auto (fp32 here).")
+        return "bf16" if requested == "bf16" or (requested == "auto" and native) else "fp32"
     native_bf16 = capability is not None and tuple(capability) >= (8, 0)
     if requested == "auto":
         return "bf16" if native_bf16 else "fp16"
@@ -68,6 +69,42 @@ def choose_precision(requested: str, device: torch.device, capability: Optional[
                           "bf16 (8.0 and up have it), so it would be emulated, slowly. Use trainer.precision=auto "
                           "(fp16 with a gradient scaler) or fp32.")
     return requested
+
+
+def keep_fp32_where_cpu_bf16_fails(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Run in fp32 the convolutions whose bf16 weight gradient the CPU gets wrong; their names, for the log.
+    oneDNN's bf16 backward-weights kernel (torch 2.14 on the CPU) returns NaN, inf or numbers of 1e20-1e38 for a
+    convolution whose stride is larger than the width of its input (a kernel wider than 1 pixel: a 3x3 stride-2
+    conv on a map 1 pixel wide, as in ResNet-18's and RegNet's last stage on 16-32 px images), at random from one
+    call to the next: memory it never writes. Measured (benchmarks/cpu_bf16.py) on every kernel, stride, size and
+    grouping tried: wrong exactly when stride > input width and kernel width > 1; fp32 is right. Such layers see a
+    pixel or two, so fp32 there costs nothing measurable. `x`: a batch of the images the model trains on."""
+    widths: dict[nn.Module, int] = {}
+
+    def seen(m, args):
+        widths[m] = min(widths.get(m, args[0].shape[-1]), args[0].shape[-1])
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_pre_hook(seen) for m in convs]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    kept = [name for name, m in model.named_modules()
+            if m in widths and m.kernel_size[1] > 1 and m.stride[1] > widths[m]]
+    for name in kept:
+        conv = model.get_submodule(name)
+        conv.forward = types.MethodType(_conv_in_fp32, conv)  # an instance attribute: deepcopy rebinds it
+    return kept
+
+
+def _conv_in_fp32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return type(conv).forward(conv, x.to(conv.weight.dtype))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from safetrain.data.audit import Audit, cached_audit
 from safetrain.data.sources import label_sets
 from safetrain.data.audit import findings as audit_findings
 from safetrain.engine import (FitResult, Limits, Precision, Setup, StopRequest, choose_precision, find_lr, fit,
-                              step_times)
+                              keep_fp32_where_cpu_bf16_fails, step_times)
 from safetrain.errors import ConfigError
 from safetrain.findings import Finding, problems
 from safetrain.io import cache_root, write_json
@@ -81,6 +81,7 @@ class Prepared:
     first_batch: tuple[torch.Tensor, torch.Tensor]  # (x, y) of the training loader, as the model sees it
     input_check: Finding  # [M33] on a batch in the split's own class mix
     findings: list[Finding]  # audit and data findings
+    seconds: dict[str, float]  # load (decoding on a fresh cache), split (with the near-copy search), audit
 
 
 @dataclass
@@ -111,9 +112,12 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     d, seed = ctx.cfg.data, ctx.cfg.seed
     contract = ctx.cfg.model.input_contract()  # pretrained weights' input [M34, M35]
     spec = data_spec(ctx.cfg, contract and contract.size, ctx.device.type)
+    t0 = time.perf_counter()
     src = D.load_dataset(dataset) if dataset is not None else D.load_source(spec, ctx.cache)
     resolve_task(ctx.cfg, src.task)  # the labels decide the task; stated otherwise: refused [M13]
+    t1 = time.perf_counter()
     splits = D.split_source(src, spec, ctx.cache, ctx.device)
+    t2 = time.perf_counter()
     copies = D.exact_duplicates(splits)
     if ctx.cfg.mode != "doctor":  # the doctor reports them as a FAIL instead
         D.refuse_duplicates(copies, d.allow_duplicates_across_splits)
@@ -124,7 +128,10 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     facts = D.measure_facts(src.classes, D.class_counts(splits, len(src.classes)), splits["train"].ids, src.shape,
                             src.fingerprint, lambda: D.uint8_batches(splits["train"], decoding), ctx.cache,
                             src.left_out, src.task, {k: len(v) for k, v in splits.items()})
-    audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device)
+    t3 = time.perf_counter()
+    carved = tuple(n for n in ("val", "test") if n not in src.parts)  # searched for copies at the split (above)
+    audit = cached_audit(splits, src.fingerprint, ctx.cache, ctx.device, joined=carved)
+    seconds = {"load": t1 - t0, "split": t2 - t1, "audit": time.perf_counter() - t3}
     found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
     found += _follow_the_weights(facts, contract)
     found += [f for f in [D.duplicates_finding(copies)] if f and not d.allow_duplicates_across_splits]
@@ -158,7 +165,7 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", decoding,
                                                       contract)
     return Prepared(name, spec, splits, facts, audit, balance, loaders, eval_pipeline, decoding, first, checked,
-                    found)
+                    found, {k: round(v, 2) for k, v in seconds.items()})
 
 
 def _follow_the_weights(facts: D.DataFacts, contract) -> list[Finding]:
@@ -250,6 +257,12 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     if not cfg.model.init_from:  # layers measured on the training images (fastcnn's whitening)
         hooks(net).fit_to_data(lambda: _training_images(data))
     check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size, dist.world())  # [M12] per process
+    if ctx.prec.bf16 and ctx.device.type == "cpu":
+        kept = keep_fp32_where_cpu_bf16_fails(net, ctx.prec.prepare(x0[:2].to(ctx.device)))
+        if kept:
+            log.info("bf16 on this CPU: %d convolution%s with a stride wider than %s input run%s in fp32, where the "
+                     "CPU's bf16 weight gradient is wrong (%s)", len(kept), "s" * (len(kept) > 1),
+                     "their" if len(kept) > 1 else "its", "" if len(kept) > 1 else "s", ", ".join(kept))
     n_params = count_parameters(net)
     log.info("[5/9] model %s: %s parameters for %d training images%s", "custom nn.Module" if model is not None
              else cfg.model.name, f"{n_params:,}", len(data.splits["train"]),
@@ -294,7 +307,8 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
 def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn.Module, loss_fn, make_optimizer,
                      report_s: float = 15.0, margin: float = 0.05) -> None:
     """trainer.max_minutes: time a few training steps and evaluation batches of this model on this machine, and
-    set trainer.max_epochs to the epochs that fit in what is left of the budget after the time spent so far
+    set trainer.max_epochs to the epochs (at most trainer.max_epochs) that fit in what is left of the budget after
+    the time spent so far
     (decoding, audit), each epoch's validation, and the end (test, held-out predictions, mislabeled pass and
     report: `report_s` beyond their evaluation passes); `margin` for the machine's noise. The config saved with
     the run has that trainer.max_epochs and no max_minutes: re-running it repeats the run. Every step it times
@@ -307,15 +321,16 @@ def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn
     per_epoch = (len(loaders.train) * train_s + len(loaders.val) * eval_s) * (1 + margin)
     at_end = (2 * len(loaders.test) + len(loaders.val) + len(loaders.train_in_order)) * eval_s + report_s
     spent = time.time() - ctx.t_start  # decoding, audit, model, this timing
-    epochs = dist.share(int((cfg.trainer.max_minutes * 60 - spent - at_end) // per_epoch))
+    fit = dist.share(int((cfg.trainer.max_minutes * 60 - spent - at_end) // per_epoch))
+    epochs = min(fit, cfg.trainer.max_epochs)
     if epochs < 1:
         raise ConfigError(f"[config] trainer.max_minutes={cfg.trainer.max_minutes:g} leaves no time for one epoch "
                           f"on this machine ({per_epoch:.0f} s an epoch, {at_end:.0f} s for the test and the "
                           f"report, {spent:.0f} s spent on the data). Use trainer.max_minutes="
                           f"{(spent + at_end + per_epoch) / 60:.1f} or more, or a smaller model.")
     log.info("trainer.max_minutes=%g: %.3f s a training step, %.0f s an epoch with validation on this machine: "
-             "%d epochs fit (trainer.max_epochs=%d in the saved config)", cfg.trainer.max_minutes, train_s,
-             per_epoch, epochs, epochs)
+             "%d epochs fit%s (trainer.max_epochs=%d in the saved config)", cfg.trainer.max_minutes, train_s,
+             per_epoch, fit, f", at most trainer.max_epochs={cfg.trainer.max_epochs}" if fit > epochs else "", epochs)
     cfg.trainer.max_epochs, cfg.trainer.max_minutes = epochs, None
 
 

@@ -205,3 +205,20 @@ def test_m06_the_audit_counts_the_groups_of_exact_copies_kept_in_one_split():
                  (3, 32, 32))
     splits = make_splits(src, 0.2, 0.2, seed=0)
     assert audit(splits).summary()["exact_copy_groups_kept_in_one_split"] == 5
+
+
+def test_m06_the_audit_searches_only_the_splits_whose_copies_were_not_searched_at_the_split(tmp_path, monkeypatch):
+    """val carved by safetrain was searched for near-copies when it was cut (they joined train); the audit searches
+    the user's own test split, not val a second time (the longest step before training on CIFAR-10)."""
+    import safetrain.data.audit as A
+    searched = []
+    real = A.near_duplicates
+    monkeypatch.setattr(A, "near_duplicates", lambda train, other, split, *a, **k: searched.append(split)
+                        or real(train, other, split, *a, **k))
+    root = make_folder(tmp_path / "imgs")  # train/ and test/ given, val carved
+    src = np.array(Image.open(root / "test" / "class_1" / "3.png"))  # as in the first test: the copy stays in train
+    Image.fromarray(np.roll(src, 1, axis=1)).save(root / "train" / "class_1" / "copy.jpg", quality=70)
+    final, run_dir = _run(root, tmp_path)
+    assert searched == ["val", "test"]  # at the split: the carved val; in the audit: the given test only
+    pairs = [(p["id"], p["train_id"]) for p in json.loads((run_dir / "audit.json").read_text())["near_duplicates"]]
+    assert pairs == [("test/class_1/3.png", "train/class_1/copy.jpg")]

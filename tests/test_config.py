@@ -2,7 +2,7 @@
 import pytest
 
 from safetrain.cli import RECIPES_DIR, compose
-from safetrain.config import Config, validate
+from safetrain.config import Config, to_container, validate
 from safetrain.errors import ConfigError
 from safetrain.models import MODELS
 from tests.conftest import run_cli
@@ -92,3 +92,18 @@ def test_cli_runs_a_user_recipe_from_config_dir(tmp_path):
                   "trainer.progress=false")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max_epochs: 1" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_the_cifar10_recipe_sizes_itself_to_the_device_says_so_and_the_command_line_wins(caplog):
+    caplog.set_level("INFO")
+    cpu, _ = compose("cifar10", ["trainer.device=cpu"])
+    assert (cpu.model.widths, cpu.trainer.max_minutes, cpu.trainer.max_epochs) == ([24, 128, 256], 9, 30)
+    assert "settings that depend on the device, for a CPU: model.widths=[24, 128, 256], trainer.max_epochs=30, " \
+           "trainer.max_minutes=9" in caplog.text
+    gpu, _ = compose("cifar10", ["trainer.device=cuda"])  # composed only: no GPU is needed to read the recipe
+    assert (gpu.model.widths, gpu.trainer.max_minutes, gpu.trainer.max_epochs) == ([64, 256, 256], None, 12)
+    assert "for a GPU: model.widths=[64, 256, 256]" in caplog.text
+    mine, _ = compose("cifar10", ["trainer.device=cpu", "trainer.max_epochs=5", "model.widths=[16,32,32]"])
+    assert (mine.model.widths, mine.trainer.max_epochs) == ([16, 32, 32], 5)  # (max_minutes still caps the time)
+    saved = to_container(cpu)
+    assert saved["model"]["widths"] == [24, 128, 256] and saved["trainer"]["max_minutes"] == 9  # values, not ${}

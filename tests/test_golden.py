@@ -41,11 +41,12 @@ def two_threads():
 
 def golden_run(tmp_path, name):
     if name == "smoke":
-        cfg, _ = compose("smoke", ["trainer.progress=false"])
+        cfg, _ = compose("smoke", ["trainer.progress=false", "trainer.precision=fp32"])  # recorded in fp32
     else:
         write_images(tmp_path / "imgs", classes=3, per_class=30, size=(12, 12))
         cfg, _ = compose("imagefolder", [f"data.root={tmp_path / 'imgs'}", "trainer.max_epochs=2", "data.batch_size=16",
                                          "model=cnn", "model.widths=[8,16]", "trainer.progress=false",
+                                         "trainer.precision=fp32",
                                          # the recipe's training settings as they were recorded (it changed since)
                                          "optim.lr=1e-3", "sched.name=plateau", "loss.label_smoothing=0",
                                          "trainer.early_stop_patience=10", "data.max_batch_share=null"])

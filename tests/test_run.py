@@ -49,7 +49,8 @@ def test_smoke_recipe_end_to_end_in_a_subprocess(tmp_path):
 
 def test_max_minutes_sizes_the_run_to_this_machine_and_saves_what_it_chose(tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO")
-    cfg, _ = compose("smoke", ["trainer.max_minutes=0.3", "trainer.early_stop_patience=0", "trainer.progress=false"])
+    cfg, _ = compose("smoke", ["trainer.max_minutes=0.3", "trainer.max_epochs=1000", "trainer.early_stop_patience=0",
+                               "trainer.progress=false"])
     final = run(cfg, tmp_path / "run")
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trainer"]
     assert saved["max_minutes"] is None and saved["max_epochs"] > 3  # a smoke epoch takes a fraction of a second
@@ -58,6 +59,9 @@ def test_max_minutes_sizes_the_run_to_this_machine_and_saves_what_it_chose(tmp_p
     assert f"epochs fit (trainer.max_epochs={saved['max_epochs']}" in caplog.text
     again, _ = compose("smoke", [f"trainer.max_epochs={saved['max_epochs']}", "trainer.progress=false"])
     assert run(again, tmp_path / "again")["test_loss"] == final["test_loss"]  # the timing steps left no trace
+    capped, _ = compose("smoke", ["trainer.max_minutes=0.3", "trainer.max_epochs=2", "trainer.progress=false"])
+    assert run(capped, tmp_path / "capped")["epochs_run"] == 2  # trainer.max_epochs stays the most epochs
+    assert "at most trainer.max_epochs=2 (trainer.max_epochs=2 in the saved config)" in caplog.text
     monkeypatch.setattr("safetrain.stages.step_times", lambda *a, **k: (5.0, 1.0))  # a very slow machine
     cfg, _ = compose("smoke", ["trainer.max_minutes=0.5", "trainer.progress=false"])
     with pytest.raises(ConfigError, match=r"trainer\.max_minutes=0\.5 leaves no time for one epoch.*"

@@ -244,8 +244,11 @@ def blank_images(s: ImageSet, chunk: int = 4096) -> list[str]:
     return out
 
 
-def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu")) -> Audit:
-    """Everything the audit measures; images must be in memory (the streaming path skips pixel checks)."""
+def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"), joined: tuple[str, ...] = ()
+          ) -> Audit:
+    """Everything the audit measures; images must be in memory (the streaming path skips pixel checks). `joined`:
+    the splits safetrain carved, whose near-copies of training images were searched at the split and moved into
+    train (near_copies): none are left there to find, so only the user's own val/test are searched again."""
     train = splits["train"]
     a = Audit(eval_sizes={s: len(splits[s]) for s in ("val", "test")})
     if train.images is None:
@@ -255,7 +258,8 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
         a.skipped = (f"images of {tuple(train.images.shape[-2:])} pixels are too small to tell a copy from a "
                      "look-alike; exact copies are still refused")
     else:
-        a.near_duplicates, a.typical_distance = search(train, {s: splits[s] for s in ("val", "test")}, device)
+        a.near_duplicates, a.typical_distance = search(train, {s: splits[s] for s in ("val", "test")
+                                                              if s not in joined}, device)
     a.conflicting_copies = conflicting_copies(splits)
     a.kept_together = train.joined
     hashed = Counter(d for s in splits.values() for d in (s.digests or []))  # digests: where safetrain split
@@ -264,10 +268,11 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
     return a
 
 
-def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device) -> Audit:
+def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device,
+                 joined: tuple[str, ...] = ()) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v9", fingerprint, *(i for s in splits.values() for i in s.ids))
-    stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device)),
+    key = digest("audit v10", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
+    stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device, joined)),
                        keys=tuple(f.name for f in fields(Audit)))
     return Audit(**stored)
 
