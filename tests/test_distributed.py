@@ -149,7 +149,9 @@ cfg, _ = compose("smoke", sys.argv[2:])
 try:
     run(cfg, sys.argv[1], model=Net())
 except TrainingStopped as e:
-    print(f"stopped on rank {dist.get_rank()}: {e}", file=sys.stderr)
+    print(f"stopped on rank {dist.get_rank()}: {e}", file=sys.stderr, flush=True)
+    dist.barrier()  # torchrun ends every rank once one exits: each has said why it stopped before any exits
+    dist.destroy_process_group()
     sys.exit(1)
 """
 
