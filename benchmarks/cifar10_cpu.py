@@ -13,31 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cifar import TARBALL, unpack  # noqa: E402
+from _cifar import TARBALL, timed_run, unpack  # noqa: E402
 
 
 def run_safetrain(root: Path, seed: int, work: Path, extra: list[str], recipe: str = "cifar10") -> dict:
-    env = {**os.environ, "SAFETRAIN_CACHE": str(work / f"cache{seed}")}  # fresh cache: decoding is timed too
-    run_dir = work / f"run{seed}"
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "safetrain", f"recipe={recipe}", "data=imagefolder", f"data.root={root}",
-                    f"seed={seed}", "trainer.progress=false", f"hydra.run.dir={run_dir}", *extra], check=True,
-                   env=env)
-    wall = time.time() - t0
-    m = json.loads((run_dir / "metrics.json").read_text())
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_s = sum(e.get("epoch_seconds", 0) for e in epochs)
-    return {"pipeline": "safetrain", "seed": seed, "test_acc": m["test_acc"], "wall_s": wall, "train_s": train_s,
-            "epochs": max(e["epoch"] for e in epochs)}
+    run = timed_run([f"recipe={recipe}", "data=imagefolder", f"data.root={root}", f"seed={seed}", *extra],
+                    work / f"run{seed}", work / f"cache{seed}")  # fresh cache: decoding is timed too
+    return {"pipeline": "safetrain", "seed": seed, **run}
 
 
 def run_baseline(root: Path, budget_s: float, eval_reserve_s: float = 20.0) -> dict:

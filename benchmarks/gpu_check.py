@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cifar import TARBALL, unpack  # noqa: E402
+from _cifar import TARBALL, timed_run, unpack  # noqa: E402
 
 TARGETS = {"cifar10_acc": 0.925, "cifar10_wall_s": 60.0, "fast_acc": 0.905, "fast_vs_airbench": 1.5}
 TINY = ["model.widths=[8,16,16]", "trainer.max_epochs=2", "data.batch_size=32"]
@@ -58,23 +57,6 @@ def tiny_folder(root: Path, per_class: int = 24, test_per_class: int = 8, seed: 
                 img = (base + 0.15 * torch.randn(3, 32, 32, generator=g)).clamp(0, 1).mul(255).byte()
                 Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / split / f"c{k}" / f"{i}.png")
     return root
-
-
-def safetrain(args: list[str], run_dir: Path, cache: Path) -> dict:
-    """One `python -m safetrain` process, timed from its start to its exit; its metrics.json and epochs."""
-    env = {**os.environ, "SAFETRAIN_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "safetrain", *args, "trainer.progress=false",
-                           f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    (run_dir.parent / f"{run_dir.name}.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {(done.stdout + done.stderr)[-1500:]}")
-    m = json.loads((run_dir / "metrics.json").read_text())
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"test_acc": m["test_acc"], "wall_s": round(wall, 1), "epochs": m["epochs_run"],
-            "train_s": round(sum(e.get("epoch_seconds", 0) for e in epochs), 1), "data_seconds": m["data_seconds"],
-            "peak_gpu_memory_gb": m.get("peak_gpu_memory_gb"), "warnings": [w[:160] for w in m["warnings"]]}
 
 
 def after_training(mode: str, run_dir: Path, extra: list[str]) -> dict:
@@ -162,19 +144,19 @@ def main() -> None:
         check.part("airbench94", lambda: airbench_part(root, work, runs), needs_gpu=True)
 
         def fast() -> dict:
-            rows = [{"seed": s, **safetrain(["recipe=cifar10_fast", *data, f"seed={s}", "model.widths=[64,256,256]",
+            rows = [{"seed": s, **timed_run(["recipe=cifar10_fast", *data, f"seed={s}", "model.widths=[64,256,256]",
                                             *small], work / f"fast{s}", work / "cache")} for s in range(runs)]
             return {"runs": rows, **summary(rows)}
         check.part("cifar10_fast_airbench_width", fast)
 
         def default(seed: int, cache: str) -> dict:
-            return safetrain(["recipe=cifar10", *data, f"seed={seed}", *small], work / f"cifar10_{seed}", work / cache)
+            return timed_run(["recipe=cifar10", *data, f"seed={seed}", *small], work / f"cifar10_{seed}", work / cache)
         check.part("cifar10_seed0_fresh_cache", lambda: default(0, "fresh"))
         if not a.tiny:
             check.part("cifar10_seed1", lambda: default(1, "fresh"))
-        check.part("cifar10_fp16_scaler", lambda: safetrain(["recipe=cifar10", *data, "trainer.precision=fp16", *small],
+        check.part("cifar10_fp16_scaler", lambda: timed_run(["recipe=cifar10", *data, "trainer.precision=fp16", *small],
                                                             work / "fp16", work / "fresh"), needs_gpu=True)
-        check.part("cifar10_compile", lambda: safetrain(["recipe=cifar10", *data, "trainer.compile=true", *small],
+        check.part("cifar10_compile", lambda: timed_run(["recipe=cifar10", *data, "trainer.compile=true", *small],
                                                         work / "compiled", work / "fresh"), needs_gpu=True)
         trained = work / "cifar10_0"
 

@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cifar import TARBALL, unpack  # noqa: E402
+from _cifar import TARBALL, timed_run, unpack  # noqa: E402
 
 GPU_RECIPE = ["model.widths=[64,256,256]"]  # airbench94's width: the recipe's other settings are already its own
 
@@ -62,17 +61,9 @@ def run_airbench(work: Path, runs: int) -> list[dict]:
 
 
 def run_safetrain(root: Path, work: Path, seed: int, extra: list[str]) -> dict:
-    env = {**os.environ, "SAFETRAIN_CACHE": str(work / f"cache{seed}")}
-    run_dir = work / f"safetrain{seed}"
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "safetrain", "recipe=cifar10_fast", "data=imagefolder", f"data.root={root}",
-                    f"seed={seed}", "trainer.progress=false", f"hydra.run.dir={run_dir}", *GPU_RECIPE, *extra],
-                   check=True, env=env)
-    wall = time.time() - t0
-    m = json.loads((run_dir / "metrics.json").read_text())
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"pipeline": "safetrain", "run": seed, "test_acc": m["test_acc"],
-            "train_s": sum(e.get("epoch_seconds", 0) for e in epochs), "wall_s": wall}
+    run = timed_run(["recipe=cifar10_fast", "data=imagefolder", f"data.root={root}", f"seed={seed}", *GPU_RECIPE,
+                     *extra], work / f"safetrain{seed}", work / f"cache{seed}")
+    return {"pipeline": "safetrain", "run": seed, **run}
 
 
 def main() -> None:
