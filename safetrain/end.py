@@ -21,7 +21,8 @@ from safetrain.errors import Interrupted
 from safetrain.findings import Finding
 from safetrain.io import write_json
 from safetrain.metrics import average_precisions, per_label, selection_metric
-from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, rare_label_findings,
+from safetrain.models.layers import hooks
+from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, probabilities, rare_label_findings,
                                 suspected_mislabeled, suspected_wrong_tags, tag_noise, tag_noise_finding,
                                 too_weak_for_tag_noise)
 from safetrain.report import balance_lines, per_class_table, write_report
@@ -106,15 +107,20 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
     setup.model.load_state_dict(best["model"])
     if "thresholds" in best:  # several labels per image: scored at the thresholds chosen on validation [M39]
         setup.metrics.thresholds = torch.tensor(best["thresholds"])
-    t = test(setup.model, data.loaders.test, setup.loss_fn, setup.metrics, ctx.prec)
-    held_out = [predicted_probs(setup.model, loader, ctx.prec, data.facts.multilabel)
-                for loader in (data.loaders.val, data.loaders.test)]
+    hooks(setup.model).eval_views("all")  # the test with every test-time view (model.tta_shift), as predict sees it
+    kept: list = []
+    t = test(setup.model, data.loaders.test, setup.loss_fn, setup.metrics, ctx.prec, kept)
+    hooks(setup.model).eval_views("mirror")
+    logits, labels = (torch.cat(part) for part in zip(*kept))
+    held_out = [predicted_probs(setup.model, data.loaders.val, ctx.prec, data.facts.multilabel),
+                (probabilities(logits, data.facts.multilabel), labels)]
     held_out = [part for parts in dist.gather(held_out) for part in parts]  # every rank's share
     return dist.from_main(lambda: _report(ctx, data, setup, out, checks, findings, result, t, held_out))
 
 
 def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> RunResult:
     train_ids, facts = data.splits["train"].ids, data.facts
+    hooks(setup.model).eval_views("one")  # what the model makes of the images it trained on: one view is enough
     suspects, n_suspects = (suspected_wrong_tags if facts.multilabel else suspected_mislabeled)(
         setup.model, data.loaders.train_in_order, train_ids, facts.classes, ctx.prec)
     log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",

@@ -292,9 +292,10 @@ def _checks(guard, stop: StopRequest | None, where: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn, metrics, prec: Precision) -> dict:
+def evaluate(model: nn.Module, loader, loss_fn, metrics, prec: Precision, kept: Optional[list] = None) -> dict:
     """Loss and metrics of a split; under torchrun each rank takes its share and the sums are reduced over the
-    ranks (torchmetrics reduces its states in compute()), every sample counted once. `model`: not wrapped."""
+    ranks (torchmetrics reduces its states in compute()), every sample counted once. `model`: not wrapped.
+    `kept`: a list that receives each batch's (logits, labels) on the CPU, this rank's share."""
     model.eval()
     metrics.reset()
     total_loss, seen = torch.zeros((), device=prec.device), 0
@@ -304,6 +305,8 @@ def evaluate(model: nn.Module, loader, loss_fn, metrics, prec: Precision) -> dic
         total_loss += loss_fn(logits, y) * len(y)
         seen += len(y)
         metrics.update(logits, y)
+        if kept is not None:
+            kept.append((logits.cpu(), y.cpu()))
     return {"loss": dist.total(total_loss).item() / int(dist.total(torch.tensor(seen))), **metrics.compute()}
 
 
@@ -379,9 +382,9 @@ def fit(setup: Setup, train_loader, val_loader, limits: Limits, *, prec: Precisi
     return FitResult(best, epoch, epoch < max_epochs, history, found)
 
 
-def test(model, test_loader, loss_fn, metrics, prec: Precision) -> dict:
-    """The single evaluation on the test split, with the checkpoint chosen on validation [M07]."""
-    out = evaluate(model, test_loader, loss_fn, metrics, prec)
+def test(model, test_loader, loss_fn, metrics, prec: Precision, kept: Optional[list] = None) -> dict:
+    """The single evaluation on the test split, with the checkpoint chosen on validation [M07] (`kept`: evaluate's)."""
+    out = evaluate(model, test_loader, loss_fn, metrics, prec, kept)
     return {"loss": out["loss"], **to_plain({k: v for k, v in out.items() if k != "loss"})}
 
 

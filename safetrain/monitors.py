@@ -334,10 +334,13 @@ def predicted_probs(model, loader, prec, multilabel: bool = False) -> tuple[torc
     probs, labels = [], []
     for x, y in loader:
         with prec.autocast():
-            logits = model(prec.prepare(x)).float()
-            probs.append((logits.sigmoid() if multilabel else logits.softmax(1)).cpu())
+            probs.append(probabilities(model(prec.prepare(x)).float(), multilabel).cpu())
         labels.append(y.cpu())
     return torch.cat(probs), torch.cat(labels)
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    return logits.sigmoid() if multilabel else logits.softmax(1)
 
 
 def suspected_mislabeled(model, loader, ids: list[str], classes: list[str], prec,

@@ -257,6 +257,7 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
     if not cfg.model.init_from:  # layers measured on the training images (fastcnn's whitening)
         hooks(net).fit_to_data(lambda: _training_images(data))
     check_model(net, x0[:16], facts.num_classes, cfg.data.batch_size, dist.world())  # [M12] per process
+    hooks(net).eval_views("mirror")  # validation every epoch: the image and its mirror; the test every view (end.py)
     if ctx.prec.bf16 and ctx.device.type == "cpu":
         kept = keep_fp32_where_cpu_bf16_fails(net, ctx.prec.prepare(x0[:2].to(ctx.device)))
         if kept:
@@ -309,8 +310,9 @@ def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn
     """trainer.max_minutes: time a few training steps and evaluation batches of this model on this machine, and
     set trainer.max_epochs to the epochs (at most trainer.max_epochs) that fit in what is left of the budget after
     the time spent so far
-    (decoding, audit), each epoch's validation, and the end (test, held-out predictions, mislabeled pass and
-    report: `report_s` beyond their evaluation passes); `margin` for the machine's noise. The config saved with
+    (decoding, audit), each epoch's validation, and the end (the test, 3x with model.tta_shift's views; the held-out
+    predictions; the mislabeled pass, half with model.tta's views; the report: `report_s` beyond the evaluation
+    passes); `margin` for the machine's noise. The config saved with
     the run has that trainer.max_epochs and no max_minutes: re-running it repeats the run. Every step it times
     is undone (weights, the loader's and the global random state), so the run is the one that config gives."""
     cfg, loaders = ctx.cfg, data.loaders
@@ -319,7 +321,10 @@ def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn
     loaders.train.load_state_dict(state)
     set_rng_state(rng)
     per_epoch = (len(loaders.train) * train_s + len(loaders.val) * eval_s) * (1 + margin)
-    at_end = (2 * len(loaders.test) + len(loaders.val) + len(loaders.train_in_order)) * eval_s + report_s
+    m = cfg.model  # eval_s is measured with the views of validation (Model.eval_views)
+    test_views, one_view = (3 if m.tta and m.tta_shift else 1), (0.5 if m.tta else 1)
+    at_end = (test_views * len(loaders.test) + len(loaders.val) + one_view * len(loaders.train_in_order)) * eval_s \
+        + report_s
     spent = time.time() - ctx.t_start  # decoding, audit, model, this timing
     fit = dist.share(int((cfg.trainer.max_minutes * 60 - spent - at_end) // per_epoch))
     epochs = min(fit, cfg.trainer.max_epochs)

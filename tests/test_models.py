@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from safetrain.errors import ConfigError
-from safetrain.models import build_model
+from safetrain.models import build_model, model_settings
 
 
 @pytest.mark.parametrize("name,arch", [("cnn", dict(widths=[8, 16], blocks=1)),
@@ -96,3 +96,25 @@ def test_tta_averages_each_image_with_its_mirror_in_eval_only():
         model.train()
         plain.train()
         assert torch.allclose(model(x), plain(x), atol=1e-6)  # training sees single images
+
+
+def test_tta_shift_adds_the_moved_views_to_the_test_but_not_to_validation():
+    torch.manual_seed(0)
+    model = build_model({"name": "cnn", "widths": [8], "tta": True, "tta_shift": 1}, (3, 8, 8), 3).eval()
+    plain = build_model({"name": "cnn", "widths": [8]}, (3, 8, 8), 3).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, padded[..., :8, :8], padded[..., 2:, 2:]]
+    with torch.no_grad():
+        both = [(plain(v) + plain(v.flip(-1))) / 2 for v in views]
+        assert torch.allclose(model(x), (both[0] + (both[1] + both[2]) / 2) / 2, atol=1e-6)  # 6 views
+        model.eval_views("mirror")  # validation in training
+        assert torch.allclose(model(x), both[0], atol=1e-6)
+        model.eval_views("one")  # the pass over the training images after training
+        assert torch.allclose(model(x), plain(x), atol=1e-6)
+
+
+def test_tta_shift_without_tta_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.tta_shift=1 moves the views of model\.tta, which is false"):
+        model_settings({"name": "cnn", "widths": [8], "tta_shift": 1}).check()

@@ -19,7 +19,8 @@ from safetrain.models.timmnet import Timm, TimmConfig
 MODELS = {"cnn": (CNNConfig, CNN), "resnet": (ResNetConfig, ResNet),  # model=NAME -> (settings, builder)
           "fastcnn": (FastCNNConfig, FastCNN), "torchvision": (TorchvisionConfig, Torchvision),
           "timm": (TimmConfig, Timm)}
-RUN_SETTINGS = ("name", "init_from", "freeze_epochs", "backbone_lr_mult", "tta")  # how it trains, not its layers
+# how it trains and is evaluated, not its layers
+RUN_SETTINGS = ("name", "init_from", "freeze_epochs", "backbone_lr_mult", "tta", "tta_shift")
 
 
 def model_settings(values: dict):
@@ -35,7 +36,8 @@ def build_model(settings, shape: tuple[int, int, int], num_classes: int,
     `num_classes` classes. Starting weights (model.weights, model.init_from: `classes` decide whether its head is
     kept) make it a fine-tuning: the backbone frozen for model.freeze_epochs, then trained at model.backbone_lr_mult
     x the lr. model.tta: in eval mode the model returns the mean logits of each image and its mirror (what export
-    writes too). The builder initializes its own weights [M19] (models/layers.py: Classifier)."""
+    writes too); model.tta_shift: and of both moved by that many pixels (Model.eval_views). The builder initializes
+    its own weights [M19] (models/layers.py: Classifier)."""
     s = model_settings(settings) if isinstance(settings, dict) else settings
     values = asdict(s)
     arch = {k: v for k, v in values.items() if k not in RUN_SETTINGS}
@@ -48,7 +50,7 @@ def build_model(settings, shape: tuple[int, int, int], num_classes: int,
         start_from(model, s.init_from, architecture(values), classes)
     if s.init_from or values.get("weights"):
         model.fine_tune(s.freeze_epochs, s.backbone_lr_mult)
-    model.flip_tta = s.tta
+    model.flip_tta, model.tta_shift = s.tta, s.tta_shift
     return model
 
 

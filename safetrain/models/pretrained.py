@@ -50,6 +50,7 @@ class StartConfig:
     freeze_epochs: int = 1  # with starting weights: epochs the backbone stays frozen (BatchNorm too) [M36, M37]
     backbone_lr_mult: float = 0.1  # with starting weights: the backbone's lr as a share of optim.lr after that
     tta: bool = False  # evaluate on each image and its mirror, logits averaged (needs data.hflip_keeps_label [M05])
+    tta_shift: int = 0  # with tta: the test (predict, export) also averages both moved by this many px each way
 
     def check_start(self) -> None:
         if self.init_from and not Path(self.init_from).expanduser().is_file():
@@ -57,6 +58,10 @@ class StartConfig:
                               "(RUN_DIR/checkpoints/best.pt) of a run with the same model settings.")
         check_range("model.freeze_epochs", self.freeze_epochs, 0, 1000)
         check_range("model.backbone_lr_mult", self.backbone_lr_mult, 1e-4, 1.0, fix=" 0.1 is the usual choice.")
+        check_range("model.tta_shift", self.tta_shift, 0, 4, fix=" 1 is airbench's (1 px each way).")
+        if self.tta_shift and not self.tta:
+            raise ConfigError(f"[config] model.tta_shift={self.tta_shift} moves the views of model.tta, which is "
+                              "false. Use model.tta=true (where mirrors keep the label [M05]) or model.tta_shift=0.")
 
     def builder_settings(self) -> dict:
         """The settings of safetrain's own builders that this model has (activation, norm, dropout): what the checks
@@ -185,7 +190,7 @@ def start_from(model: FineTunable, path: str, settings: dict, classes: Optional[
     the other channel count is summed over RGB (1 channel) or spread over it (3 channels) [M38]."""
     ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     saved = {k: v for k, v in architecture(ckpt["config"]["model"]).items()  # what decides the weights' shapes
-             if k not in ("freeze_epochs", "backbone_lr_mult", "tta")}
+             if k not in ("freeze_epochs", "backbone_lr_mult", "tta", "tta_shift")}
     if saved != {k: v for k, v in architecture(settings).items() if k in saved} or saved.keys() - settings.keys():
         raise ConfigError(f"[M38] model.init_from={path} was trained with model settings {saved}, which are not "
                           f"these ({architecture(settings)}): its weights would not fit. Use the same model.* "
