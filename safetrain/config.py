@@ -131,6 +131,7 @@ class TrainerConfig:
     progress: bool = True
     compile: bool = False  # torch.compile the training step's model (opt-in: minutes of compiling on a CPU)
     max_minutes: Optional[float] = None  # a time budget: the epochs that fit here (measured), at most max_epochs
+    checkpoint_minutes: Optional[float] = 30.0  # inside an epoch, last.pt every N minutes (resumable); null: off
 
 
 @dataclass
@@ -279,6 +280,9 @@ def _check_values(c: Config) -> None:
     check_range("trainer.max_epochs", c.trainer.max_epochs, 1, 100000)
     if c.trainer.max_minutes is not None:
         check_range("trainer.max_minutes", c.trainer.max_minutes, 0.1, 1e6)
+    if c.trainer.checkpoint_minutes is not None:
+        check_range("trainer.checkpoint_minutes", c.trainer.checkpoint_minutes, 0.0, 1e6,
+                    fix=" null writes checkpoints at epoch ends only.")
     check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
     check_range("sched.factor", c.sched.factor, 0.01, 0.99)
     check_range("sched.warmup_fraction", c.sched.warmup_fraction, 0.0, 0.9)

@@ -10,10 +10,12 @@ import copy
 import logging
 import math
 import signal
+import statistics
 import threading
 import time
 import types
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -164,8 +166,9 @@ class StopRequest:
     def check(self, where: str) -> None:
         if self.signal is not None:
             name = signal.Signals(self.signal).name
-            raise Interrupted(f"{name} received {where}: training stopped after that step; the checkpoints of the "
-                              "complete epochs are kept (checkpoints/last.pt, best.pt).", self.signal)
+            raise Interrupted(f"{name} received {where}: training stopped after that step; its checkpoints are kept "
+                              "(checkpoints/last.pt, inside the epoch where trainer.checkpoint_minutes is set; "
+                              "best.pt).", self.signal)
 
 
 @dataclass
@@ -196,6 +199,24 @@ class Limits:
     grad_clip: float = 0.0  # max global gradient norm; 0: measured, not clipped
     early_stop_patience: int = 0  # 0: off
     progress: bool = False
+    checkpoint_minutes: Optional[float] = None  # inside an epoch, a resumable last.pt every N minutes; None: off
+
+
+class MidEpoch:
+    """trainer.checkpoint_minutes: whether a checkpoint is due inside an epoch (every rank decides as rank 0 does,
+    at the steps where the ranks meet anyway), and the time of the last one (an epoch's end counts)."""
+
+    def __init__(self, minutes: Optional[float]):
+        self.every = None if minutes is None else minutes * 60
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every is None or (dist.active() and step % 20):
+            return False
+        return bool(dist.share(time.monotonic() - self.last >= self.every))
+
+    def done(self) -> None:
+        self.last = time.monotonic()
 
 
 class Step(NamedTuple):
@@ -229,24 +250,35 @@ def train_step(model: nn.Module, x, y, loss_fn, optimizer, prec: Precision, grad
     return Step(logits, loss, grad_norm)
 
 
+def _checkpoint_inside(save: Callable, epoch: int, best: dict, history: list, steps: int, minutes: float,
+                       loader_state: dict, sums: dict) -> None:
+    """"last" inside `epoch` (1-based): the epochs before it, the loader's state and every rank's sums so far."""
+    save("last", dict(epoch=epoch - 1, metrics=history[-1] if history else {}, best=best, history=history,
+                      loader=loader_state, sums=dist.gather(sums)))
+    log.info("checkpoint inside epoch %d, after step %d of %d (trainer.checkpoint_minutes=%g)", epoch, sums["steps"],
+             steps, minutes)
+
+
 def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc: str, guard=None,
-                stop: StopRequest | None = None) -> dict:
+                stop: StopRequest | None = None, mid: Optional[tuple[MidEpoch, Callable]] = None,
+                start: Optional[dict] = None) -> dict:
     """One pass over `loader` with `setup`'s trainable model, loss, optimizer and schedule. `guard` (a
     monitors.StepGuard) watches every step and stops a diverging run; `setup.average` (optim.Lookahead,
     optim.lookahead=true) averages the weights after the steps and at the end.
+    `mid` (MidEpoch, save(loader state, sums so far)): checkpoints inside the epoch; `start`: the sums of one, whose
+    steps are done (the loader skips them), to go on from.
     Under torchrun `setup.trainable` is the DistributedDataParallel wrapper; the guard and a signal are checked by
     every rank at the same steps and stop all of them together; the epoch's numbers are those of the global batches."""
     model, loss_fn, optimizer, schedule, average = (setup.trainable, setup.loss_fn, setup.optimizer, setup.schedule,
                                                     setup.average)
     model.train()
     multilabel = isinstance(loss_fn, MultilabelLoss)  # accuracy per label at 0.5; label counts are positives
-    total_loss = torch.zeros((), device=prec.device)
-    correct = torch.zeros((), device=prec.device)
-    drawn = None  # (C,) labels per class as the loader drew them (a class-balanced sampler changes them)
-    seen, t0, grad_norm, norms, last = 0, time.perf_counter(), torch.zeros(()), {}, len(loader) - 1
+    first, seen, before, total_loss, correct, drawn = _sums_so_far(start, prec.device)
+    t0, grad_norm, norms, last = time.perf_counter() - before, torch.zeros(()), {}, len(loader) - 1
+    at_start = loader.state_dict() if mid else None  # the order of this epoch, for a checkpoint inside it
     bar = tqdm(loader, desc=desc, leave=False, disable=not (limits.progress and dist.is_main()) or None,
-               dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar):
+               dynamic_ncols=True, initial=first, total=len(loader))
+    for step, (x, y) in enumerate(bar, start=first):
         # per-layer gradient norms, once an epoch, before clipping [M26]
         probe = (lambda: norms.update(layer_grad_norms(dist.unwrap(model)))) if step == last else None
         logits, loss, grad_norm = train_step(model, x, y, loss_fn, optimizer, prec, limits.grad_clip, probe)
@@ -266,6 +298,11 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
                 drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
             drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
         seen += len(y)
+        if mid and step < last and (_signalled(stop) or mid[0].due(step)):  # Ctrl-C, SIGTERM: kept too
+            dist.together(lambda: _checks(guard, None, f"in {desc}, step {step + 1}"))  # only a healthy state is kept
+            mid[1]({**at_start, "augment": loader.state_dict()["augment"], "skip": step + 1},
+                   _sums(step + 1, seen, time.perf_counter() - t0, total_loss, correct, drawn))
+            mid[0].done()
         if stop is not None and not dist.active():
             stop.check(f"in {desc}, step {step + 1}")
         if step % 20 == 0:  # the loop syncs with the device here anyway
@@ -282,6 +319,26 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
             "grad_norm": float(grad_norm), "images_per_s": seen / dt, "seconds": dt,
             "layer_grad_norms": {k: float(v) for k, v in norms.items()}, "label_counts": dist.total(drawn),
             "images": seen}
+
+
+def _signalled(stop: StopRequest | None) -> bool:
+    return stop is not None and stop.signal is not None and not dist.active()
+
+
+def _sums(steps: int, seen: int, seconds: float, loss, correct, drawn) -> dict:
+    """An epoch's sums so far, on the CPU, for a checkpoint inside it (read back by _sums_so_far)."""
+    return {"steps": steps, "seen": seen, "seconds": seconds, "loss": loss.cpu(), "correct": correct.cpu(),
+            "drawn": None if drawn is None else drawn.cpu()}
+
+
+def _sums_so_far(start: Optional[dict], device: torch.device) -> tuple:
+    """(steps done, images seen, seconds, loss sum, correct sum, label counts (C,) as the loader drew them: a
+    class-balanced sampler changes them) of an epoch: zeros at its start, or a checkpoint's inside it."""
+    if not start:
+        return 0, 0, 0.0, torch.zeros((), device=device), torch.zeros((), device=device), None
+    drawn = None if start["drawn"] is None else start["drawn"].to(device)
+    return (start["steps"], start["seen"], start["seconds"], start["loss"].to(device), start["correct"].to(device),
+            drawn)
 
 
 def _checks(guard, stop: StopRequest | None, where: str) -> None:
@@ -336,23 +393,30 @@ def fit(setup: Setup, train_loader, val_loader, limits: Limits, *, prec: Precisi
     """Train `setup` up to limits.max_epochs; after each epoch validate, step the schedule on the selection metric, let
     the `monitors` (monitors.Monitors) look, keep "best" (by that metric) and "last" through `save(name, state)`,
     and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model.
-    `resume`: the state a checkpoint saved (epoch, best, history), everything else already restored.
+    `resume`: the state a checkpoint saved (epoch, best, history; inside an epoch, its sums so far), everything else
+    already restored. limits.checkpoint_minutes: "last" is also saved inside an epoch, with the loader's state at
+    its start, the steps done and the sums so far (every rank's), to go on from that step.
     `setup.trainable` may be the DistributedDataParallel wrapper (safetrain/distributed.py); evaluation uses
     `setup.model`, unwrapped."""
     net, max_epochs, patience = setup.model, limits.max_epochs, limits.early_stop_patience
     metric, mode = setup.selection
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best = {"metric": metric, "value": -math.inf if mode == "max" else math.inf, "epoch": 0}
-    epoch, history = 0, []
+    epoch, history, sums = 0, [], None
     if resume:
         epoch, best, history = resume["epoch"], resume["best"], list(resume["history"])
+        sums = resume.get("sums")  # a checkpoint inside epoch + 1: every rank's sums so far
+        sums = sums[dist.rank()] if sums else None
+    timer = MidEpoch(limits.checkpoint_minutes)
     while epoch < max_epochs and not (patience and epoch - best["epoch"] >= patience):
         epoch += 1
         setup.loss_fn.on_epoch(epoch, max_epochs)  # losses that change during training (deferred re-weighting)
         hooks(net).on_epoch(epoch)  # fine-tuning: the backbone frozen for the first epochs [M36, M37]
         setup.trainable = dist.rewrap(setup.trainable)  # under torchrun: DDP for the parameters that train now
+        inside = partial(_checkpoint_inside, save, epoch, best, history, len(train_loader), limits.checkpoint_minutes)
         tr = train_epoch(setup, train_loader, prec, limits, f"epoch {epoch}/{max_epochs}", monitors and monitors.guard,
-                         stop)
+                         stop, (timer, inside) if limits.checkpoint_minutes is not None else None, sums)
+        sums = None
         val = evaluate(net, val_loader, setup.loss_fn, setup.metrics, prec)
         value = float(val[metric])
         setup.schedule.after_validation(value)
@@ -368,6 +432,7 @@ def fit(setup: Setup, train_loader, val_loader, limits: Limits, *, prec: Precisi
         # best before last: killed between the two writes, last.pt is the epoch before and resumes from there
         for name in ("best", "last") if improved else ("last",):
             save(name, dict(epoch=epoch, metrics=history[-1], best=best, history=history, **chosen))
+        timer.done()
         scores = (f"acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}" if not chosen else
                   f"mAP {val['map']:.4f} macro-F1 {val['macro_f1']:.4f} (thresholds chosen on val)")
         log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f %s | lr %.2e | %.0f img/s%s", epoch,
@@ -416,24 +481,23 @@ def find_lr(model: nn.Module, loader, loss_fn, make_optimizer, prec, *, bounds: 
 
 
 def step_times(model: nn.Module, loader, eval_model: nn.Module, eval_loader, loss_fn, make_optimizer, prec, *,
-               steps: int = 8, warmup: int = 2) -> tuple[float, float]:
-    """Seconds per training step (the real loader, augmentation included) and per evaluation batch, measured
-    after `warmup` steps of each; the weights and BatchNorm statistics are restored afterwards (the caller
-    restores the loader's and the global random state)."""
+               steps: int = 9, warmup: int = 2) -> tuple[float, float]:
+    """Seconds per training step (the real loader, augmentation included) and per evaluation batch: the median of
+    `steps` of each after `warmup` (a shared machine's moments of slowness do not decide the run's length); the
+    weights and BatchNorm statistics are restored afterwards (the caller restores the loader's and the global
+    random state)."""
     saved = copy.deepcopy(eval_model.state_dict())
     optimizer, trial = make_optimizer(model, 1e-9), prec.trial()
 
     def timed(batches, fn) -> float:
-        t0 = 0.0
-        for i, (x, y) in enumerate(batches):
-            if i == warmup:
-                _sync(prec)
-                t0 = time.perf_counter()
-            fn(x, y)
-            if i == warmup + steps - 1:
-                break
-        _sync(prec)
-        return (time.perf_counter() - t0) / steps
+        times = []
+        for i in range(warmup + steps):
+            _sync(prec)
+            t0 = time.perf_counter()
+            fn(*next(batches))  # the batch's loading and augmentation included
+            _sync(prec)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[warmup:])
 
     model.train()
     train_s = timed(_cycle(loader), lambda x, y: train_step(model, x, y, loss_fn, optimizer, trial))

@@ -404,12 +404,21 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
     if resume_from:
         checkpoints.restore(resume_from)
     log.info("[8/9] training up to %d epochs -> %s%s", tr.max_epochs, out.path,
-             f" (resumed after epoch {resume_from['epoch']})" if resume_from else "")
+             _resumed_at(resume_from, len(data.loaders.train)))
     with StopRequest().installed() as stop:  # SIGINT/SIGTERM: stop cleanly after the current step
         return fit(setup, data.loaders.train, data.loaders.val,
-                   Limits(tr.max_epochs, tr.grad_clip, tr.early_stop_patience, tr.progress), prec=ctx.prec,
+                   Limits(tr.max_epochs, tr.grad_clip, tr.early_stop_patience, tr.progress, tr.checkpoint_minutes),
+                   prec=ctx.prec,
                    save=checkpoints.save, track=out.tracker.epoch if out.tracker else _no_track, monitors=monitors,
                    stop=stop, resume=resume_from)
+
+
+def _resumed_at(ckpt: Optional[dict], steps: int) -> str:
+    if not ckpt:
+        return ""
+    if ckpt.get("sums"):
+        return f" (resumed inside epoch {ckpt['epoch'] + 1}, after step {ckpt['sums'][0]['steps']} of {steps})"
+    return f" (resumed after epoch {ckpt['epoch']})"
 
 
 def _no_track(*_, **__) -> None:

@@ -195,6 +195,29 @@ def images(request, tmp_path):
     return _set(37, tmp_path if request.param == "files" else None)
 
 
+def test_a_loader_resumed_inside_an_epoch_gives_the_rest_of_that_epoch_and_the_next_ones(images):
+    """A mid-epoch checkpoint's loader state (the order's at the epoch start, the augmentation's now, the batches
+    done): the resumed loader yields exactly the batches the uninterrupted one yields after them, augmentation
+    included, in memory and streamed from files alike."""
+    def loader():
+        augment = D.Augment("rrc_trivial", rotate_degrees=10)
+        pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"), augment, seed=1)
+        return D.make_loader(images, pipe, batch_size=8, train=True, seed=3, decoding=D.Decoding((3, 8, 8)))
+    whole = loader()
+    list(whole)  # epoch 1
+    at_start = whole.state_dict()
+    epoch2 = iter(whole)
+    done = [next(epoch2) for _ in range(2)]
+    state = {**at_start, "augment": whole.state_dict()["augment"], "skip": len(done)}
+    rest = list(epoch2) + [b for b in whole]  # the rest of epoch 2, then epoch 3
+    resumed = loader()
+    resumed.load_state_dict(state)
+    again = list(resumed) + [b for b in resumed]
+    assert len(again) == len(rest) == 2 * len(whole) - len(done)
+    for (x, y), (x2, y2) in zip(rest, again):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_each_rank_takes_its_share_of_every_global_batch_with_its_augmentation(images):
     whole = _batches(images, (0, 1), train=True)
     shares = [_batches(images, (r, 2), train=True) for r in (0, 1)]

@@ -86,6 +86,34 @@ def test_a_run_killed_at_random_points_and_resumed_ends_bit_for_bit_as_an_uninte
     assert not [p for p in cut.rglob("*") if p.name.endswith(".tmp")]  # the killed writes are cleaned up
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_run_killed_inside_an_epoch_resumes_from_that_step_bit_for_bit(tmp_path, loader):
+    """trainer.checkpoint_minutes: SIGKILL in the middle of an epoch loses only the steps since the last checkpoint
+    inside it; the resumed run starts after that step and ends with the tensors of a run never killed."""
+    write_images(tmp_path / "imgs", classes=3, per_class=300, size=(12, 12))
+    args = ["recipe=smoke", "data=imagefolder", f"data.root={tmp_path / 'imgs'}", f"data.loader={loader}",
+            "data.batch_size=8", "trainer.max_epochs=3", "trainer.progress=false", "model.dropout=0.2",
+            "data.augment=crop_flip", "trainer.checkpoint_minutes=0.002"]  # every 0.12 s: dozens inside an epoch
+    assert run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}").returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "safetrain", *args, f"hydra.run.dir={cut}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last, inside = cut / "checkpoints" / "last.pt", None
+    while proc.poll() is None and not inside:  # killed as soon as a checkpoint inside epoch 2 exists
+        if last.exists():
+            ckpt = torch.load(last, weights_only=True)
+            inside = ckpt["epoch"] == 1 and ckpt.get("sums")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert inside, "the run ended before a checkpoint inside epoch 2 was written"
+    done = run_cli(f"resume={cut}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"resumed inside epoch 2, after step \d+ of \d+", done.stderr + done.stdout)
+    same_run(tmp_path / "whole", cut)
+
+
 def test_resume_extends_a_streamed_run_exactly_and_keeps_its_generators(tmp_path):
     write_images(tmp_path / "imgs", classes=3, per_class=40, size=(12, 12))
     base = ["data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.loader=stream", "data.num_workers=2",

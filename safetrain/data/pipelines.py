@@ -198,7 +198,11 @@ class BatchPipeline:
 
 class _RandomState:
     """A training loader's random state, for exact resume: the order of the samples (shuffling or class-balanced
-    draws) and the augmentation. Both generators are seeded once per run and move on from epoch to epoch."""
+    draws) and the augmentation. Both generators are seeded once per run and move on from epoch to epoch.
+    Inside an epoch (a mid-epoch checkpoint: engine.train_epoch) the state is the order's at the epoch's start, the
+    augmentation's now and `skip`, the batches already trained: the next pass draws the same order and starts after
+    them, without drawing their augmentation again."""
+    skip = 0
 
     def state_dict(self) -> dict:
         return {"order": self.g.get_state(), "augment": self.pipeline.g.get_state()}
@@ -206,6 +210,12 @@ class _RandomState:
     def load_state_dict(self, state: dict) -> None:
         self.g.set_state(state["order"])
         self.pipeline.g.set_state(state["augment"])
+        self.skip = int(state.get("skip", 0))
+
+    def _skipped(self) -> int:
+        """The batches the next pass leaves out (once)."""
+        skip, self.skip = self.skip, 0
+        return skip
 
 
 class TensorLoader(_RandomState):
@@ -236,7 +246,7 @@ class TensorLoader(_RandomState):
         else:
             share = chunk(n, self.at)
             order = torch.arange(share.start, share.stop, device=self.images.device)
-        for i in range(len(self)):
+        for i in range(self._skipped(), len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             if self.drop_last:
                 idx = share_of(idx, self.at)
@@ -259,8 +269,9 @@ class StreamLoader(_RandomState):
         else:
             sampler = chunk(len(data), at)  # evaluation: this rank's share of the split (as TensorLoader)
         batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+        self.batches = _Shares(batches, at if drop_last else (0, 1), self)
         self.loader = file_loader(
-            _LabelledFiles(data, shape[0], resize), batch_sampler=_Shares(batches, at) if drop_last else batches,
+            _LabelledFiles(data, shape[0], resize), batch_sampler=self.batches,
             generator=g, num_workers=num_workers, collate_fn=partial(_stack, shape=tuple(shape)),
             pin_memory=pipeline is not None and pipeline.device.type == "cuda")
 
@@ -276,17 +287,20 @@ class StreamLoader(_RandomState):
 
 
 class _Shares:
-    """This rank's share of each global batch (training), as TensorLoader takes it."""
+    """This rank's share of each global batch (training), as TensorLoader takes it, after the batches `owner` skips
+    (the sampler still draws the whole epoch's order: the same one as before the stop)."""
 
-    def __init__(self, batches, at: tuple[int, int]):
-        self.batches, self.at = batches, at
+    def __init__(self, batches, at: tuple[int, int], owner: "_RandomState"):
+        self.batches, self.at, self.owner = batches, at, owner
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
-        for batch in self.batches:
-            yield share_of(torch.tensor(batch), self.at).tolist()
+        skip = self.owner._skipped()
+        for i, batch in enumerate(self.batches):
+            if i >= skip:
+                yield share_of(torch.tensor(batch), self.at).tolist() if self.at[1] > 1 else batch
 
 
 def _stack(items, shape: tuple) -> tuple[Tensor, Tensor]:
