@@ -349,11 +349,11 @@ def seen_in_training(trained: Trained, images: ImageSet) -> dict:
     except (SafetrainError, OSError, RuntimeError) as e:
         return {"checked": False, "why": f"the training data cannot be read ({str(e)[:160]})"}
     train = splits["train"]
-    if train.images is None or images.images is None:
-        return {"checked": False, "why": "the training images are streamed from disk, not held in memory"}
-    if min(train.images.shape[-2:]) < MIN_SIDE:
-        return {"checked": False, "why": f"images of {tuple(train.images.shape[-2:])} pixels are too small to tell a "
-                                          "copy from a look-alike"}
+    if train.pixels() is None or images.pixels() is None:
+        return {"checked": False, "why": "the images are neither in memory nor copied at the audit's size"}
+    if min(train.pixels().shape[-2:]) < MIN_SIDE:
+        return {"checked": False, "why": f"images of {tuple(train.pixels().shape[-2:])} pixels are too small to tell "
+                                          "a copy from a look-alike"}
     pairs, _ = search(train, {"evaluation": images}, trained.device)
     return {"checked": True, "near_duplicates": len(pairs), "of": len(images), "pairs": pairs[:100]}
 

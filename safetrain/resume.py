@@ -20,7 +20,7 @@ from safetrain.errors import ConfigError
 from safetrain.optim import SCHEDULES
 from safetrain.tracking import flatten
 
-SAFE = ("trainer.max_epochs", "trainer.progress", "data.num_workers", "trainer.checkpoint_minutes")  # may differ from the saved config
+SAFE = ("trainer.max_epochs", "trainer.progress", "data.num_workers", "trainer.checkpoint_minutes")  # may differ
 
 
 def command(run_dir: Path, processes: int = 1) -> str:

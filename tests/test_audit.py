@@ -32,9 +32,9 @@ def make_folder(root, per_class=(30, 8, 0), seed=0):
     return root
 
 
-def _run(root, tmp_path, name="run"):
+def _run(root, tmp_path, name="run", *more):
     cfg, _ = compose("imagefolder", [f"data.root={root}", "trainer.max_epochs=1", "data.batch_size=8",
-                                     "model=cnn_tiny", "trainer.progress=false"])
+                                     "model=cnn_tiny", "trainer.progress=false", *more])
     return run(cfg, tmp_path / name), tmp_path / name
 
 
@@ -53,6 +53,28 @@ def test_m06_a_reencoded_shifted_test_image_in_train_is_found(tmp_path):
     assert first["epoch"] == 0 and first["warnings"][0].startswith("[M06]")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     assert "audit/near_duplicates" in EventAccumulator(str(run_dir / "tb")).Reload().Tags()["images"]
+
+
+def test_m06_a_streamed_folder_is_audited_as_the_same_folder_in_memory(tmp_path, monkeypatch):
+    """data.loader=stream: the pass that checks the files keeps each image at the audit's size, so the near-duplicate
+    search (at the split and after it) and the blank-image check find what they find in memory; the search over
+    the training thumbnails in chunks (REF_CHUNK) finds what one pass finds."""
+    root = make_folder(tmp_path / "imgs", per_class=(40, 8, 0))  # val carved from train: both searches run
+    src = np.array(Image.open(root / "test" / "class_1" / "3.png"))
+    Image.fromarray(np.roll(src, 1, axis=1)).save(root / "train" / "class_1" / "copy.jpg", quality=70)
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(root / "train" / "class_0" / "blank.png")
+    kept = {}
+    for loader in ("memory", "stream"):
+        if loader == "stream":
+            monkeypatch.setattr("safetrain.data.audit.REF_CHUNK", 7)  # many chunks of training thumbnails
+        final, run_dir = _run(root, tmp_path, loader, f"data.loader={loader}",
+                              f"data.cache_dir={tmp_path / loader}")  # each its own audit, not the other's cached
+        kept[loader] = {k: v for k, v in json.loads((run_dir / "audit.json").read_text()).items()
+                        if k in ("near_duplicates", "kept_together", "blank", "skipped")}
+        assert ("test/class_1/3.png", "train/class_1/copy.jpg") in [(p["id"], p["train_id"])
+                                                                    for p in kept[loader]["near_duplicates"]]
+        assert any(w.startswith("[M06] 1 val/test images are near-duplicates") for w in final["warnings"])
+    assert kept["stream"] == kept["memory"] and kept["stream"]["blank"] == ["train/class_0/blank.png"]
 
 
 def test_m06_a_healthy_folder_gives_no_audit_warning(tmp_path):

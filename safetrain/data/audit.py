@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from safetrain.data.sources import ImageSet, digest
+from safetrain.data.sources import ImageSet, audit_size, digest
 from safetrain.findings import Finding
 from safetrain.io import cached
 
@@ -36,8 +36,9 @@ REL = 0.5  # d1 at most this share of the median nearest-neighbour distance with
 RATIO = (0.6, 0.5)  # ... and of the distance to the CANDIDATES-th nearest: 0.6 up to 0.35 x that median, then
 # falling to 0.5 at REL x it (the farther the pair, the more it must stand out; judged by eye on CIFAR-10, RESULTS.md)
 MIN_SIDE = 16  # smaller images: no near-duplicate search
-AUDIT_SIDE = 32  # larger images are searched shrunk to this shorter side: the scale the judgement was calibrated at
-# (CIFAR-10), and a cost that does not grow with the training size (12,000 images: 117 s at 64 px)
+# AUDIT_SIDE (data/sources.py): larger images are searched shrunk to this shorter side: the scale the judgement was
+# calibrated at (CIFAR-10), and a cost that does not grow with the image size (12,000 images: 117 s at 64 px)
+REF_CHUNK = 65536  # training thumbnails compared at once: bounds the similarity buffer (1024 x this x 4 bytes)
 BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is blank or constant
 
 
@@ -118,14 +119,23 @@ def candidates(imgs: Tensor, ref: Tensor, ref_zoomed: Tensor, device: torch.devi
     views = [(v, off, ref) for v in (imgs, imgs.flip(3)) for off in [(0, 0), *OFFSETS]]
     views += [(zoomed, (0, 0), ref), (zoomed.flip(3), (0, 0), ref), (imgs, (0, 0), ref_zoomed),
               (imgs.flip(3), (0, 0), ref_zoomed)]
-    tops, sim = [], torch.empty(len(imgs), len(ref), device=device)  # one buffer for every view: a new one each
-    for v, off, r in views:                                          # time costs as much as the product (CPU)
-        torch.matmul(thumbnails(v, off).to(device), r.T, out=sim)  # (n, N)
-        if exclude is not None:
-            sim[torch.arange(len(v)), exclude.to(device)] = -2.0
-        tops.append(sim.topk(CANDIDATES, dim=1))
-    cos = torch.cat([t.values for t in tops], 1).cpu()
-    idx = torch.cat([t.indices for t in tops], 1).cpu()
+    n, width = len(imgs), min(len(ref), REF_CHUNK)
+    buffer = torch.empty(n * width, device=device)  # one for every view and chunk: a new one each time costs as
+    rows = torch.arange(n, device=device)            # much as the product (CPU)
+    values, indices = [], []
+    for v, off, r in views:
+        q = thumbnails(v, off).to(device)
+        for j in range(0, len(r), width):
+            part = r[j:j + width]
+            sim = torch.matmul(q, part.T, out=buffer[:n * len(part)].view(n, len(part)))  # (n, chunk)
+            if exclude is not None:
+                inside = (exclude.to(device) >= j) & (exclude.to(device) < j + len(part))
+                sim[rows[inside], exclude.to(device)[inside] - j] = -2.0
+            top = sim.topk(min(CANDIDATES, len(part)), dim=1)
+            values.append(top.values)
+            indices.append(top.indices + j)
+    cos = torch.cat(values, 1).cpu()
+    idx = torch.cat(indices, 1).cpu()
     cos, order = cos.sort(1, descending=True)
     idx = idx.gather(1, order)
     repeat = (idx[:, :, None] == idx[:, None, :]).triu(1).any(1)  # (n, m): seen earlier in the row
@@ -188,15 +198,9 @@ def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float
     return found
 
 
-def shrunk(s: ImageSet, chunk: int = 1024) -> ImageSet:
-    """`s` with its images shrunk (antialiased) to AUDIT_SIDE on the shorter side, when they are larger."""
-    h, w = s.images.shape[-2:]
-    if min(h, w) <= AUDIT_SIDE:
-        return s
-    size = (round(h * AUDIT_SIDE / min(h, w)), round(w * AUDIT_SIDE / min(h, w)))
-    small = torch.cat([F.interpolate(s.images[i:i + chunk].float(), size=size, mode="bilinear", antialias=True)
-                       .round().clamp(0, 255).byte() for i in range(0, len(s), chunk)])
-    return ImageSet(s.labels, s.ids, small)
+def shrunk(s: ImageSet) -> ImageSet:
+    """`s` as the audit searches it: its images (a streamed split's copies) at AUDIT_SIDE on the shorter side."""
+    return ImageSet(s.labels, s.ids, audit_size(s.pixels()))
 
 
 def search(train: ImageSet, queries: dict[str, ImageSet], device: torch.device,
@@ -216,7 +220,7 @@ def near_copies(splits: dict[str, ImageSet], carved: list[str], fingerprint: str
     can join train: splits.join_near_copies), and, when both val and test are carved, of val images in test (those
     go `into` val); searched once per source and split and cached."""
     train = splits["train"]
-    if train.images is None or min(train.images.shape[-2:]) < MIN_SIDE:
+    if train.pixels() is None or min(train.pixels().shape[-2:]) < MIN_SIDE:
         return []
 
     def both() -> dict:
@@ -224,7 +228,7 @@ def near_copies(splits: dict[str, ImageSet], carved: list[str], fingerprint: str
         if {"val", "test"} <= set(carved):  # judged by the training images' typical distance, not val's sparser one
             pairs += [{**p, "into": "val"} for p in search(splits["val"], {"test": splits["test"]}, device, typical)[0]]
         return {"pairs": pairs}
-    key = digest("near copies v2", fingerprint, *carved, *(i for s in splits.values() for i in s.ids))
+    key = digest("near copies v3", fingerprint, *carved, *(i for s in splits.values() for i in s.ids))
     return cached(cache_dir / "audit" / f"{key}.json", both, keys=("pairs",))[0]["pairs"]
 
 
@@ -244,23 +248,24 @@ def conflicting_copies(splits: dict[str, ImageSet]) -> list[dict]:
 def blank_images(s: ImageSet, chunk: int = 4096) -> list[str]:
     out = []
     for i in range(0, len(s), chunk):
-        std = s.images[i:i + chunk].float().flatten(1).std(1)
+        std = s.pixels()[i:i + chunk].float().flatten(1).std(1)
         out += [s.ids[i + k] for k in (std < BLANK_STD).nonzero().squeeze(1).tolist()]
     return out
 
 
 def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"), joined: tuple[str, ...] = ()
           ) -> Audit:
-    """Everything the audit measures; images must be in memory (the streaming path skips pixel checks). `joined`:
+    """Everything the audit measures, on the images in memory or a streamed split's copies at AUDIT_SIDE. `joined`:
     the splits safetrain carved, whose near-copies of training images were searched at the split and moved into
     train (near_copies): none are left there to find, so only the user's own val/test are searched again."""
     train = splits["train"]
     a = Audit(eval_sizes={s: len(splits[s]) for s in ("val", "test")})
-    if train.images is None:
-        a.skipped = "images are streamed from disk, not held in memory"
+    if train.pixels() is None:
+        a.skipped = "the images are neither in memory nor copied at the audit's size (a dataset of this kind " \
+                    "cannot be searched yet)"
         return a
-    if min(train.images.shape[-2:]) < MIN_SIDE:
-        a.skipped = (f"images of {tuple(train.images.shape[-2:])} pixels are too small to tell a copy from a "
+    if min(train.pixels().shape[-2:]) < MIN_SIDE:
+        a.skipped = (f"images of {tuple(train.pixels().shape[-2:])} pixels are too small to tell a copy from a "
                      "look-alike; exact copies are still refused")
     else:
         a.near_duplicates, a.typical_distance = search(train, {s: splits[s] for s in ("val", "test")
@@ -276,7 +281,7 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device,
                  joined: tuple[str, ...] = ()) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v10", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
+    key = digest("audit v11", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
     stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device, joined)),
                        keys=tuple(f.name for f in fields(Audit)))
     return Audit(**stored)
@@ -316,12 +321,12 @@ def findings(a: Audit) -> list[Finding]:
 def pair_images(a: Audit, splits: dict[str, ImageSet], n: int = 16):
     """The n closest near-duplicate pairs as ((2n, C, H, W) uint8, 2n captions), each val/test image next to its
     training match; None when there are none (or the images are not in memory)."""
-    if not a.near_duplicates or splits["train"].images is None:
+    if not a.near_duplicates or splits["train"].pixels() is None:
         return None
     index = {name: {sid: i for i, sid in enumerate(s.ids)} for name, s in splits.items()}
     tiles, captions = [], []
     for p in sorted(a.near_duplicates, key=lambda p: p["diff"])[:n]:
-        tiles += [splits[p["split"]].images[index[p["split"]][p["id"]]],
-                  splits["train"].images[index["train"][p["train_id"]]]]
+        tiles += [splits[p["split"]].pixels()[index[p["split"]][p["id"]]],
+                  splits["train"].pixels()[index["train"][p["train_id"]]]]
         captions += [f"{p['split']}:\n{p['id']}", f"train:\n{p['train_id']}\n(diff {p['diff']:.3f})"]
     return torch.stack(tiles), captions

@@ -39,6 +39,7 @@ class ImageSet:
     files: Optional[list[str]] = None  # absolute paths: the streaming path
     digests: Optional[list[bytes]] = None  # content hashes, once computed (splits.copy_groups): kept by subsets
     joined: list = field(default_factory=list)  # train: near-duplicates moved in from carved val/test (splits.py)
+    small: Optional[Tensor] = None  # streamed: every image at AUDIT_SIDE (uint8), from the pass that checks the files
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,7 +56,26 @@ class ImageSet:
         return ImageSet(self.labels[idx], [self.ids[i] for i in pick],
                         None if self.images is None else self.images[idx],
                         None if self.files is None else [self.files[i] for i in pick],
-                        None if self.digests is None else [self.digests[i] for i in pick])
+                        None if self.digests is None else [self.digests[i] for i in pick],
+                        small=None if self.small is None else self.small[idx])
+
+    def pixels(self) -> Optional[Tensor]:
+        """What the audit searches: the images in memory, or their copies at AUDIT_SIDE when streamed."""
+        return self.images if self.images is not None else self.small
+
+
+AUDIT_SIDE = 32  # the audit searches images shrunk to this shorter side (data/audit.py): a streamed dataset keeps
+# such a copy of every image from the pass that checks its files (3 KB an RGB image at 32x32; 300 MB per 100,000)
+
+
+def audit_size(images: Tensor, chunk: int = 1024) -> Tensor:
+    """(N, C, H, W) uint8 shrunk (antialiased) to AUDIT_SIDE on the shorter side, or as they are when smaller."""
+    h, w = images.shape[-2:]
+    if min(h, w) <= AUDIT_SIDE:
+        return images
+    size = (round(h * AUDIT_SIDE / min(h, w)), round(w * AUDIT_SIDE / min(h, w)))
+    return torch.cat([F.interpolate(images[i:i + chunk].float(), size=size, mode="bilinear", antialias=True)
+                      .round().clamp(0, 255).byte() for i in range(0, len(images), chunk)])
 
 
 @dataclass(frozen=True)
@@ -362,8 +382,8 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
             for part, f, y in listed]
     fp = digest("files v2", str(base.resolve()), fit, channels, classes, *stat)
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
-    images, bad = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers,
-                              keep=not stream)
+    images, bad, small = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers,
+                                     keep=not stream)
     unusable = _refuse_or_skip(dict(sorted({**bad_headers, **{Path(listed[i][1]): why for i, why in bad.items()}}
                                            .items())), len(listed) + len(bad_headers), bad_files)  # one list to fix
     parts = {}
@@ -371,7 +391,8 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
         idx = [i for i, (p, _, _) in enumerate(listed) if p == part and i not in bad]
         parts[part] = ImageSet(label_tensor([listed[i][2] for i in idx], len(classes), multi),
                                [os.path.relpath(listed[i][1], base) for i in idx],
-                               None if images is None else images[idx], files=[listed[i][1] for i in idx])
+                               None if images is None else images[idx], files=[listed[i][1] for i in idx],
+                               small=None if small is None else small[idx])
     left_out = {"skipped": listing.skipped, "bad": {os.path.relpath(f, base): why
                                                     for f, why in unusable.items()}}
     log.info("%s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries skipped", listing.what,
@@ -419,27 +440,31 @@ def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoad
 
 
 def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[Fit], cache_dir: Path, fp: str,
-                num_workers: int, keep: bool) -> tuple[Optional[Tensor], dict[int, str]]:
+                num_workers: int, keep: bool) -> tuple[Optional[Tensor], dict[int, str], Optional[Tensor]]:
     """Decode every file once, before training, in worker processes: (the images (N, C, H, W) uint8 if `keep`, else
-    None: a streamed folder is only checked; {index: why} of the files that cannot be decoded). Cached by the
-    folder's fingerprint, so a folder is decoded (or checked) once."""
+    None; {index: why} of the files that cannot be decoded; when not `keep` (a streamed folder: checked, not kept),
+    every image at AUDIT_SIDE for the audit). Cached by the folder's fingerprint, so a folder is decoded (or
+    checked) once."""
     def decode():
         c, h, w = shape
         out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
+        small = None if keep else torch.zeros((len(files), *audit_size(torch.zeros(1, c, h, w, dtype=torch.uint8))
+                                               .shape[1:]), dtype=torch.uint8)
         bad = {}
         for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
                                  collate_fn=list):
-            for i, img in batch:
-                if isinstance(img, str):
-                    bad[i] = img
-                elif keep:
-                    out[i] = img
-        return {"images": out, "bad": bad}
+            good = [(i, img) for i, img in batch if not isinstance(img, str)]
+            bad.update((i, img) for i, img in batch if isinstance(img, str))
+            if good and keep:
+                out[[i for i, _ in good]] = torch.stack([img for _, img in good])
+            elif good:
+                small[[i for i, _ in good]] = audit_size(torch.stack([img for _, img in good]))
+        return {"images": out, "bad": bad, "small": small}
 
-    path = cache_dir / ("decoded" if keep else "checked") / f"{fp}.pt"
-    entry, hit = cached(path, decode, keys=("images", "bad"))
+    path = cache_dir / ("decoded" if keep else "checked v2") / f"{fp}.pt"
+    entry, hit = cached(path, decode, keys=("images", "bad", "small"))
     log.info("%s %s", "decoded images loaded from cache" if hit else "every image decoded once, cached at", path)
-    return entry["images"], entry["bad"]
+    return entry["images"], entry["bad"], entry["small"]
 
 
 class CheckedFiles(FileDataset):

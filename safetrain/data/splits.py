@@ -175,10 +175,10 @@ def join_near_copies(splits: dict[str, ImageSet], pairs: list[dict]) -> dict[str
 def _concat(sets: list[ImageSet]) -> ImageSet:
     def cat(values):
         return None if any(v is None for v in values) else [x for v in values for x in v]
-    images = [s.images for s in sets]
-    return ImageSet(torch.cat([s.labels for s in sets]), cat([s.ids for s in sets]),
-                    None if any(i is None for i in images) else torch.cat(images), cat([s.files for s in sets]),
-                    cat([s.digests for s in sets]))
+    def stack(tensors):
+        return None if any(t is None for t in tensors) else torch.cat(tensors)
+    return ImageSet(torch.cat([s.labels for s in sets]), cat([s.ids for s in sets]), stack([s.images for s in sets]),
+                    cat([s.files for s in sets]), cat([s.digests for s in sets]), small=stack([s.small for s in sets]))
 
 
 def copy_groups(data: ImageSet) -> Tensor:
