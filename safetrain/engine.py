@@ -252,7 +252,7 @@ def train_step(model: nn.Module, x, y, loss_fn, optimizer, prec: Precision, grad
 
 def _checkpoint_inside(save: Callable, epoch: int, best: dict, history: list, steps: int, minutes: float,
                        loader_state: dict, sums: dict) -> None:
-    """"last" inside `epoch` (1-based): the epochs before it, the loader's state and every rank's sums so far."""
+    """Save "last" inside `epoch` (1-based): the epochs before it, the loader's state, every rank's sums so far."""
     save("last", dict(epoch=epoch - 1, metrics=history[-1] if history else {}, best=best, history=history,
                       loader=loader_state, sums=dist.gather(sums)))
     log.info("checkpoint inside epoch %d, after step %d of %d (trainer.checkpoint_minutes=%g)", epoch, sums["steps"],

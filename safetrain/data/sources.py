@@ -68,12 +68,17 @@ AUDIT_SIDE = 32  # the audit searches images shrunk to this shorter side (data/a
 # such a copy of every image from the pass that checks its files (3 KB an RGB image at 32x32; 300 MB per 100,000)
 
 
+def audit_hw(h: int, w: int) -> tuple[int, int]:
+    """The (height, width) the audit searches an H x W image at: AUDIT_SIDE on the shorter side, never larger."""
+    scale = min(1.0, AUDIT_SIDE / min(h, w))
+    return round(h * scale), round(w * scale)
+
+
 def audit_size(images: Tensor, chunk: int = 1024) -> Tensor:
-    """(N, C, H, W) uint8 shrunk (antialiased) to AUDIT_SIDE on the shorter side, or as they are when smaller."""
-    h, w = images.shape[-2:]
-    if min(h, w) <= AUDIT_SIDE:
+    """(N, C, H, W) uint8 shrunk (antialiased) to audit_hw, or as they are when no larger."""
+    size = audit_hw(*images.shape[-2:])
+    if size == tuple(images.shape[-2:]):
         return images
-    size = (round(h * AUDIT_SIDE / min(h, w)), round(w * AUDIT_SIDE / min(h, w)))
     return torch.cat([F.interpolate(images[i:i + chunk].float(), size=size, mode="bilinear", antialias=True)
                       .round().clamp(0, 255).byte() for i in range(0, len(images), chunk)])
 
@@ -448,8 +453,7 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
     def decode():
         c, h, w = shape
         out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
-        small = None if keep else torch.zeros((len(files), *audit_size(torch.zeros(1, c, h, w, dtype=torch.uint8))
-                                               .shape[1:]), dtype=torch.uint8)
+        small = None if keep else torch.zeros((len(files), c, *audit_hw(h, w)), dtype=torch.uint8)
         bad = {}
         for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
                                  collate_fn=list):
