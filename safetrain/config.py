@@ -86,7 +86,8 @@ class DataConfig:
     split_column: Optional[str] = None  # data=csv: a column of train/val/test (None: safetrain splits)
     bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
     max_image_pixels: Optional[int] = None  # larger files are bad files; None: PIL's decompression-bomb limit (89 MP)
-    loader: str = "auto"
+    loader: str = "auto"  # auto: in memory when the decoded images fit MEMORY_LIMIT_BYTES, else stream
+    disk_cache: bool = True  # stream: decode every image once into a file under cache_dir that the epochs read
     num_workers: int = 4
     cache_dir: Optional[str] = None  # default: $SAFETRAIN_CACHE or ~/.cache/safetrain
     download: bool = True
@@ -429,7 +430,8 @@ def data_spec(c: Config, weights_size: Optional[int] = None, device_type: str = 
                     max_image_pixels=d.max_image_pixels,
                     path_column=d.path_column, label_column=d.label_column, split_column=d.split_column,
                     label_delimiter=d.label_delimiter,
-                    loader=d.loader, num_workers=d.num_workers, download=d.download, bad_files=d.bad_files,
+                    loader=d.loader, disk_cache=d.disk_cache, num_workers=d.num_workers, download=d.download,
+                    bad_files=d.bad_files,
                     synthetic=tuple(vars(d.synthetic).items()), seed=c.seed, val_fraction=d.val_fraction,
                     test_fraction=d.test_fraction, min_samples_per_class=d.min_samples_per_class,
                     imbalance_ratio=d.imbalance_ratio, min_eval_per_class=d.min_eval_per_class)

@@ -281,3 +281,54 @@ def test_m41_iterative_split_spreads_rare_labels_over_every_part_keeps_sizes_and
     assert torch.equal(where[300:320], where[280:300])  # copies on one side
     again = iterative_split(labels, [0.8, 0.1, 0.1], seed=3, groups=groups)
     assert all(torch.equal(a, b) for a, b in zip(parts, again))
+
+
+def _epoch(src, disk: bool, seed: int = 3) -> list:
+    """One training epoch's augmented batches of the folder's images, as the streamed loader gives them."""
+    pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.2] * 3), torch.device("cpu"), D.Augment("crop_flip"), seed=seed)
+    loader = D.make_loader(src.parts["all"], pipe, batch_size=4, train=True, seed=seed,
+                           decoding=src.decoding(num_workers=2))
+    assert (loader.loader.dataset.__class__.__name__ == "_StoredRows") == disk
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_a_streamed_folder_is_decoded_once_to_disk_and_its_epochs_read_only_that(tmp_path):
+    """data.loader=stream: the pass that checks the files writes every decoded image to a file in the cache; the
+    epochs read it (in DataLoader workers), giving the same batches as decoding the files each time (disk_cache off),
+    and never open the files again: the files overwritten with garbage change nothing."""
+    write_images(tmp_path / "imgs", 2, 10, size=(12, 9))
+    files = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c1", 0, disk_cache=False)
+    disk = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c2", 0)
+    assert files.parts["all"].stored is None and disk.parts["all"].images is None
+    assert len(list((tmp_path / "c2").rglob("*.images.u8"))) == 1
+    assert disk.parts["all"].digests == files.parts["all"].digests  # of the decoded pixels, as in memory
+    expected = _epoch(files, disk=False)
+    for f in (tmp_path / "imgs").rglob("*.png"):
+        f.write_bytes(b"not an image any more")
+    got = _epoch(disk, disk=True)
+    assert len(got) == len(expected) == 5
+    for (x, y), (xe, ye) in zip(got, expected):
+        assert torch.equal(x, xe) and torch.equal(y, ye)
+    with pytest.raises(Exception, match="cannot decode|cannot identify"):
+        _epoch(files, disk=False)  # the files path does read them
+
+
+def test_the_disk_cache_is_decoded_again_when_its_image_file_is_gone(tmp_path, caplog):
+    write_images(tmp_path / "imgs", 2, 6)
+    load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0)
+    raw, = (tmp_path / "c").rglob("*.images.u8")
+    raw.unlink()
+    src = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0)
+    assert "lacks its image files" in caplog.text and raw.is_file()
+    assert src.parts["all"].stored[0:2].shape == (2, 3, 8, 8)
+
+
+def test_a_disk_cache_that_would_not_fit_the_disk_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    write_images(tmp_path / "imgs", 2, 6)
+    monkeypatch.setattr("safetrain.data.sources.shutil.disk_usage", lambda _: __import__("shutil")._ntuple_diskusage(
+        10 * 2**30, 10 * 2**30 - 2**29, 2**29))  # half a GiB free
+    with pytest.raises(DataError, match=r"do not fit on the disk.*0\.5 GB free.*data\.cache_dir=DIR.*data\.disk_cache="
+                                        r"false") as e:
+        load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0)
+    assert str(tmp_path / "c") in str(e.value)
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # nothing half-written left behind

@@ -157,9 +157,11 @@ def distances(imgs: Tensor, train_images: Tensor, idx: Tensor) -> Tensor:
     return torch.stack(cols, 1)
 
 
-def reference(train: ImageSet, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The training split's thumbnails, as is and re-cropped: computed once per audit."""
-    return thumbnails(train.images).to(device), thumbnails(zoom(train.images)).to(device)
+def reference(train: ImageSet, device: torch.device, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """The training split's thumbnails, as is and re-cropped: computed once per audit, `chunk` images at a time."""
+    parts = [(thumbnails(x), thumbnails(zoom(x))) for x in (train.images[i:i + chunk]
+                                                             for i in range(0, len(train), chunk))]
+    return torch.cat([a for a, _ in parts]).to(device), torch.cat([b for _, b in parts]).to(device)
 
 
 def typical_distance(train: ImageSet, refs: tuple[Tensor, Tensor], device: torch.device, sample: int = 1000,

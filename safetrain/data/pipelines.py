@@ -254,7 +254,8 @@ class TensorLoader(_RandomState):
 
 
 class StreamLoader(_RandomState):
-    """Batches decoded from files by DataLoader workers (folders too large for memory)."""
+    """Batches of a split not held in memory, in DataLoader workers: read from the disk cache, where the images were
+    decoded once (data.disk_cache), each batch one read of its rows; else decoded from the files."""
 
     def __init__(self, data: ImageSet, pipeline: Optional[BatchPipeline], batch_size: int, shuffle: bool,
                  drop_last: bool, decoding: Decoding, seed: int = 0, sample_weights: Optional[Tensor] = None,
@@ -270,9 +271,10 @@ class StreamLoader(_RandomState):
             sampler = chunk(len(data), at)  # evaluation: this rank's share of the split (as TensorLoader)
         batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
         self.batches = _Shares(batches, at if drop_last else (0, 1), self)
+        stored = data.stored is not None
         self.loader = file_loader(
-            _LabelledFiles(data, shape[0], resize), batch_sampler=self.batches,
-            generator=g, num_workers=num_workers, collate_fn=partial(_stack, shape=tuple(shape)),
+            _StoredRows(data) if stored else _LabelledFiles(data, shape[0], resize), batch_sampler=self.batches,
+            generator=g, num_workers=num_workers, collate_fn=_as_read if stored else partial(_stack, shape=tuple(shape)),
             pin_memory=pipeline is not None and pipeline.device.type == "cuda")
 
     def __len__(self) -> int:
@@ -311,6 +313,23 @@ def _stack(items, shape: tuple) -> tuple[Tensor, Tensor]:
     return torch.stack([i for i, _, _ in items]), torch.tensor([y for _, y, _ in items])
 
 
+class _StoredRows(torch.utils.data.Dataset):
+    """A split's images in the disk cache: DataLoader asks for a whole batch at once (__getitems__), one read."""
+
+    def __init__(self, data: ImageSet):
+        self.images, self.labels = data.stored, data.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        return self.images[idx], self.labels[idx]
+
+
+def _as_read(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return batch
+
+
 class _LabelledFiles(FileDataset):
     def __init__(self, data: ImageSet, channels: int, resize: Optional[Fit]):
         super().__init__(data.files, channels, resize)
@@ -337,7 +356,7 @@ def make_loader(data: ImageSet, pipeline: Optional[BatchPipeline], *, batch_size
 
 
 def uint8_batches(data: ImageSet, decoding: Decoding, batch_size: int = 1024) -> Iterator[Tensor]:
-    """The split's images as plain uint8 batches, in order, from memory or decoded from files."""
+    """The split's images as plain uint8 batches, in order, from memory, the disk cache, or decoded from files."""
     if data.images is not None:
         for i in range(0, len(data), batch_size):
             yield data.images[i:i + batch_size]
@@ -348,10 +367,10 @@ def uint8_batches(data: ImageSet, decoding: Decoding, batch_size: int = 1024) ->
 
 
 def pick_images(data: ImageSet, ids: list[str], decoding: Decoding) -> Tensor:
-    """The images of the samples `ids` as uint8 (N, C, H, W): from memory, or decoded from their files."""
+    """The images of the samples `ids` as uint8 (N, C, H, W): from memory, the disk cache, or their files."""
     where = {sid: i for i, sid in enumerate(data.ids)}
     idx = [where[sid] for sid in ids]
-    if data.images is not None:
-        return data.images[idx]
+    if data.images is not None or data.stored is not None:
+        return (data.images if data.images is not None else data.stored)[idx]
     files = FileDataset([data.files[i] for i in idx], decoding.shape[0], decoding.resize)
     return torch.stack([files[i] for i in range(len(idx))])

@@ -9,7 +9,10 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -29,6 +32,50 @@ log = logging.getLogger(__name__)
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders whose decoded pixels exceed this stream from disk
 
 
+class Mapped:
+    """Rows of an (N, C, H, W) uint8 array in a raw file on disk, memory-mapped read-only: indexing reads only the
+    rows asked for, into a new tensor; the pages read stay in the OS's file cache (which the OS takes back when memory
+    is short), not in this process's memory. Subsets and concatenations keep row numbers, not pixels."""
+
+    def __init__(self, path: str, shape: tuple, rows: Optional[Tensor] = None):
+        self.path, self.full = str(path), tuple(shape)
+        self.rows = torch.arange(shape[0]) if rows is None else rows
+        self._array = None
+
+    def __getstate__(self) -> dict:  # to DataLoader workers: the file's name, not its pages
+        return {**self.__dict__, "_array": None}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.full[1:]))
+
+    def __getitem__(self, key) -> Tensor:
+        """`images[key]` as for a tensor (rows: an int, a slice, indices; then slices of C, H, W), read from disk."""
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        assert all(k is not Ellipsis for k in (first, *rest)), "rows first, then C, H, W"
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.full)
+        rows = self.rows[first]
+        out = torch.from_numpy(np.ascontiguousarray(self._array[rows.numpy()]))
+        return out[rest if rows.ndim == 0 else (slice(None), *rest)] if rest else out
+
+    def subset(self, idx) -> "Mapped":
+        return Mapped(self.path, self.full, self.rows[idx])
+
+    @staticmethod
+    def concat(parts: list["Mapped"]) -> "Mapped":
+        assert len({(m.path, m.full) for m in parts}) == 1, "rows of one file only"
+        return Mapped(parts[0].path, parts[0].full, torch.cat([m.rows for m in parts]))
+
+
+def take(x, idx):
+    """x[idx] for a tensor; for Mapped images, the subset (row numbers: nothing is read)."""
+    return x.subset(idx) if isinstance(x, Mapped) else x[idx]
+
+
 @dataclass
 class ImageSet:
     """The samples of one split: labels, stable ids, and decoded images or image files."""
@@ -39,7 +86,8 @@ class ImageSet:
     files: Optional[list[str]] = None  # absolute paths: the streaming path
     digests: Optional[list[bytes]] = None  # content hashes, once computed (splits.copy_groups): kept by subsets
     joined: list = field(default_factory=list)  # train: near-duplicates moved in from carved val/test (splits.py)
-    small: Optional[Tensor] = None  # streamed: every image at AUDIT_SIDE (uint8), from the pass that checks the files
+    small: Optional[Mapped] = None  # streamed: every image at AUDIT_SIDE, from the pass that checks the files
+    stored: Optional[Mapped] = None  # streamed: every image decoded once at the training size (the disk cache)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,7 +96,8 @@ class ImageSet:
         """Sample i's content hash: of its decoded pixels (in memory) or its file (streamed); kept once computed."""
         if self.digests is not None:
             return self.digests[i]
-        data = self.images[i].numpy().tobytes() if self.images is not None else open(self.files[i], "rb").read()
+        data = self.images[i].numpy().tobytes() if self.images is not None else (
+            self.stored[i].numpy().tobytes() if self.stored is not None else open(self.files[i], "rb").read())
         return hashlib.blake2b(data, digest_size=16).digest()
 
     def subset(self, idx: Tensor) -> "ImageSet":
@@ -57,7 +106,8 @@ class ImageSet:
                         None if self.images is None else self.images[idx],
                         None if self.files is None else [self.files[i] for i in pick],
                         None if self.digests is None else [self.digests[i] for i in pick],
-                        small=None if self.small is None else self.small[idx])
+                        small=None if self.small is None else take(self.small, idx),
+                        stored=None if self.stored is None else self.stored.subset(idx))
 
     def pixels(self) -> Optional[Tensor]:
         """What the audit searches: the images in memory, or their copies at AUDIT_SIDE when streamed."""
@@ -98,6 +148,7 @@ class DataSpec:
     split_column: Optional[str] = None
     label_delimiter: Optional[str] = None  # several labels in one cell: a multi-label task
     loader: str = "auto"
+    disk_cache: bool = True  # streamed: decoded once into a file on disk that the epochs read
     num_workers: int = 4
     download: bool = True
     bad_files: str = "refuse"
@@ -278,8 +329,10 @@ class Listing(NamedTuple):
 
 
 def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
-                bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"]) -> Source:
-    return load_files(list_folder(root), image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side)
+                bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"],
+                disk_cache: bool = True) -> Source:
+    return load_files(list_folder(root), image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side,
+                      disk_cache)
 
 
 def list_folder(root: str) -> Listing:
@@ -374,21 +427,24 @@ def list_csv(root: str, columns: Columns) -> Listing:
 
 
 def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
-               bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"]) -> Source:
+               bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"],
+               disk_cache: bool = True) -> Source:
     """Listed files -> Source: every header read (bad files refused or skipped, one list), the training size and
-    rule decided, every image decoded once (or checked, when streamed) and cached by the files' fingerprint."""
+    rule decided, every image decoded once and cached by the files' fingerprint: into memory, or, when streamed,
+    into a file on disk that the epochs read (`disk_cache`; without it the files are checked once and decoded at every
+    epoch)."""
     base, classes = listing.base, listing.classes
     good, bad_headers, channels, (h, w), resized = _scan([f for _, f, _ in listing.rows], image_size, auto_side)
     fit = Fit((h, w), resize) if resized else None
     good = set(good)
     listed = [(part, str(f), y) for part, f, y in listing.rows if f in good]
     multi = any(isinstance(y, tuple) for _, _, y in listing.rows)
-    stat = [(os.path.relpath(f, base), Path(f).stat().st_size, Path(f).stat().st_mtime_ns, part, y)
-            for part, f, y in listed]
+    stat = [(os.path.relpath(f, base), *_size_and_time(f), part, y) for part, f, y in listed]
     fp = digest("files v2", str(base.resolve()), fit, channels, classes, *stat)
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
-    images, bad, small = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers,
-                                     keep=not stream)
+    done = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers, keep=not stream,
+                       disk=disk_cache)
+    images, bad, digests = done["images"], done["bad"], done.get("digests")
     unusable = _refuse_or_skip(dict(sorted({**bad_headers, **{Path(listed[i][1]): why for i, why in bad.items()}}
                                            .items())), len(listed) + len(bad_headers), bad_files)  # one list to fix
     parts = {}
@@ -397,13 +453,19 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
         parts[part] = ImageSet(label_tensor([listed[i][2] for i in idx], len(classes), multi),
                                [os.path.relpath(listed[i][1], base) for i in idx],
                                None if images is None else images[idx], files=[listed[i][1] for i in idx],
-                               small=None if small is None else small[idx])
+                               digests=None if digests is None else [digests[i] for i in idx],
+                               **{k: done[k].subset(idx) for k in ("small", "stored") if k in done})
     left_out = {"skipped": listing.skipped, "bad": {os.path.relpath(f, base): why
                                                     for f, why in unusable.items()}}
     log.info("%s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries skipped", listing.what,
              sum(len(s) for s in parts.values()), len(classes), f"{channels}x{h}x{w}",
-             "streaming" if stream else "in-memory", listing.skipped)
+             "in-memory" if not stream else "disk-cache" if disk_cache else "streaming", listing.skipped)
     return Source(classes, parts, fp, (channels, h, w), resize=fit, left_out=left_out)
+
+
+def _size_and_time(file: str) -> tuple[int, int]:
+    st = os.stat(file)
+    return st.st_size, st.st_mtime_ns
 
 
 def label_tensor(labels: list, num_classes: int, multi: bool) -> Tensor:
@@ -445,30 +507,73 @@ def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoad
 
 
 def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[Fit], cache_dir: Path, fp: str,
-                num_workers: int, keep: bool) -> tuple[Optional[Tensor], dict[int, str], Optional[Tensor]]:
-    """Decode every file once, before training, in worker processes: (the images (N, C, H, W) uint8 if `keep`, else
-    None; {index: why} of the files that cannot be decoded; when not `keep` (a streamed folder: checked, not kept),
-    every image at AUDIT_SIDE for the audit). Cached by the folder's fingerprint, so a folder is decoded (or
-    checked) once."""
-    def decode():
-        c, h, w = shape
-        out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
-        small = None if keep else torch.zeros((len(files), c, *audit_hw(h, w)), dtype=torch.uint8)
-        bad = {}
-        for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
-                                 collate_fn=list):
-            good = [(i, img) for i, img in batch if not isinstance(img, str)]
-            bad.update((i, img) for i, img in batch if isinstance(img, str))
-            if good and keep:
-                out[[i for i, _ in good]] = torch.stack([img for _, img in good])
-            elif good:
-                small[[i for i, _ in good]] = audit_size(torch.stack([img for _, img in good]))
-        return {"images": out, "bad": bad, "small": small}
+                num_workers: int, keep: bool, disk: bool = True) -> dict:
+    """Decode every file once, before training, in worker processes: {"images": (N, C, H, W) uint8 if `keep`, else
+    None; "bad": {index: why} of the files that cannot be decoded}; when not `keep` (a streamed folder), also
+    "digests" (of the decoded pixels, as in memory), "small" (every image at AUDIT_SIDE, for the audit) and, with
+    `disk`, "stored" (every image at the training size: the disk cache its epochs read instead of the files), both
+    Mapped. Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
+    c, h, w = shape
+    folder = cache_dir / ("decoded" if keep else "stored v1" if disk else "checked v3")
+    raw = {} if keep else {"small": (folder / f"{fp}.small.u8", (len(files), c, *audit_hw(h, w)))}
+    if disk and not keep:
+        raw["stored"] = (folder / f"{fp}.images.u8", (len(files), c, h, w))
 
-    path = cache_dir / ("decoded" if keep else "checked v2") / f"{fp}.pt"
-    entry, hit = cached(path, decode, keys=("images", "bad", "small"))
+    def decode():
+        out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
+        bad, digests = {}, [b""] * len(files)
+        arrays = {} if keep else _new_arrays(raw, folder)
+        try:
+            for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
+                                     collate_fn=list):
+                good = [(i, img) for i, img in batch if not isinstance(img, str)]
+                bad.update((i, img) for i, img in batch if isinstance(img, str))
+                if not good:
+                    continue
+                idx, imgs = [i for i, _ in good], torch.stack([img for _, img in good])
+                if keep:
+                    out[idx] = imgs
+                    continue
+                for i, img in good:
+                    digests[i] = hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
+                arrays["small"][idx] = audit_size(imgs).numpy()
+                if "stored" in arrays:
+                    arrays["stored"][idx] = imgs.numpy()
+            for name, array in arrays.items():  # complete: then under their final names
+                array.flush()
+                os.replace(array.filename, raw[name][0])
+        finally:
+            for array in arrays.values():
+                Path(array.filename).unlink(missing_ok=True)
+        return {"images": out, "bad": bad, **({} if keep else {"digests": digests})}
+
+    path = folder / f"{fp}.pt"
+    entry, hit = cached(path, decode, keys=("images", "bad"))
+    if hit and any(not p.is_file() or p.stat().st_size != math.prod(s) for p, s in raw.values()):
+        log.warning("the cache entry %s lacks its image files (removed?): decoding again", path)
+        path.unlink(missing_ok=True)
+        entry, hit = cached(path, decode, keys=("images", "bad"))
     log.info("%s %s", "decoded images loaded from cache" if hit else "every image decoded once, cached at", path)
-    return entry["images"], entry["bad"], entry["small"]
+    return {**entry, **{name: Mapped(p, s) for name, (p, s) in raw.items()}}
+
+
+def _new_arrays(raw: dict, folder: Path) -> dict:
+    """Writable memory-mapped files (under temp names) for the `raw` {name: (path, shape)}, once the disk is known to
+    hold them: else a DataError that says how much is needed, where, and what to do."""
+    folder.mkdir(parents=True, exist_ok=True)
+    need, free = sum(math.prod(s) for _, s in raw.values()), shutil.disk_usage(folder).free
+    if need + 2**30 > free:  # a GiB to spare, for checkpoints and logs
+        raise DataError(f"[data] the images decoded once ({need / 1e9:.1f} GB) do not fit on the disk of the cache "
+                        f"folder {folder} ({free / 1e9:.1f} GB free, 1 GiB kept spare). Free space there, or put the "
+                        "cache on a larger disk: data.cache_dir=DIR (or SAFETRAIN_CACHE=DIR)"
+                        + (", or decode the files at every epoch instead of once: data.disk_cache=false (slower)"
+                           if "stored" in raw else "") + ".")
+    out = {}
+    for name, (path, shape) in raw.items():
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        os.close(fd)
+        out[name] = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+    return out
 
 
 class CheckedFiles(FileDataset):
@@ -490,10 +595,12 @@ def _torchvision_source(name: str):
 # data=NAME -> loader; every loader takes the same keywords and uses those it needs
 SOURCES = {
     **{name: _torchvision_source(name) for name in TORCHVISION},
-    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side, **_:
-    load_folder(root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side),
-    "csv": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side, columns, **_:
-    load_files(list_csv(root, columns), image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side),
+    "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side,
+    disk_cache, **_: load_folder(root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side,
+                                 disk_cache),
+    "csv": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side, disk_cache,
+    columns, **_: load_files(list_csv(root, columns), image_size, loader, cache_dir, num_workers, bad_files, resize,
+                             auto_side, disk_cache),
     "synthetic": lambda *, seed, synthetic, **_: load_synthetic(seed=seed, **synthetic),
 }
 
@@ -506,7 +613,7 @@ def load_source(spec: DataSpec, cache_dir: Path) -> Source:
     return SOURCES[spec.name](root=spec.root, download=spec.download, image_size=spec.image_size, loader=spec.loader,
                               num_workers=spec.num_workers, cache_dir=cache_dir, seed=spec.seed,
                               synthetic=dict(spec.synthetic), bad_files=spec.bad_files, resize=spec.resize,
-                              auto_side=tuple(spec.auto_side),
+                              auto_side=tuple(spec.auto_side), disk_cache=spec.disk_cache,
                               columns=Columns(spec.path_column, spec.label_column, spec.split_column,
                                               spec.label_delimiter))
 
