@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from safetrain.cli import compose
-from safetrain.data.audit import audit, shifted_diff, thumbnails
+from safetrain.data.audit import audit, reference, shifted_diff, thumbnails
 from safetrain.data.sources import ImageSet
 from safetrain.run import run
 
@@ -244,3 +244,39 @@ def test_m06_the_audit_searches_only_the_splits_whose_copies_were_not_searched_a
     assert searched == ["val", "test"]  # at the split: the carved val; in the audit: the given test only
     pairs = [(p["id"], p["train_id"]) for p in json.loads((run_dir / "audit.json").read_text())["near_duplicates"]]
     assert pairs == [("test/class_1/3.png", "train/class_1/copy.jpg")]
+
+
+def _planted_sets(n_train: int = 400, n_test: int = 60):
+    """Smooth training images and test images, 8 of the test images planted in train as copies: re-encoded-like
+    noise, moved 1 px, every other one mirrored, its contrast changed."""
+    train, test = torch.from_numpy(smooth_images(n_train, 1)), torch.from_numpy(smooth_images(n_test, 2))
+    g = torch.Generator().manual_seed(3)
+    copies = []
+    for i in range(8):
+        c = test[i].roll(1, dims=1).float() * 0.92 + 8 + 2 * torch.randn(test[i].shape, generator=g)
+        copies.append((c.flip(1) if i % 2 else c).clamp(0, 255).round().byte())
+    images = torch.cat([train, torch.stack(copies)]).permute(0, 3, 1, 2).contiguous()
+    return {"train": ImageSet(torch.zeros(len(images), dtype=torch.long), [f"t{i}" for i in range(len(images))],
+                              images),
+            "val": ImageSet(torch.zeros(1, dtype=torch.long), ["v"], torch.from_numpy(smooth_images(1, 4))
+                            .permute(0, 3, 1, 2).contiguous()),
+            "test": ImageSet(torch.zeros(n_test, dtype=torch.long), [f"x{i}" for i in range(n_test)],
+                             test.permute(0, 3, 1, 2).contiguous())}
+
+
+def test_m06_a_large_training_split_is_searched_approximately_and_finds_the_same_copies(monkeypatch, caplog):
+    """Above EXACT_MAX training images the candidates come from faiss's HNSW graphs: the same copies as the exact
+    search; without faiss the exact search runs, and the log says what to install."""
+    pytest.importorskip("faiss")  # in the dev extra
+    sets = _planted_sets()
+    exact = audit(sets)
+    assert sorted(p["id"] for p in exact.near_duplicates) == [f"x{i}" for i in range(8)]
+    monkeypatch.setattr("safetrain.data.audit.EXACT_MAX", 100)
+    assert reference(sets["train"], torch.device("cpu")).graphs is not None
+    graph = audit(sets)
+    assert [(p["id"], p["train_id"]) for p in graph.near_duplicates] == \
+        [(p["id"], p["train_id"]) for p in exact.near_duplicates]
+    assert graph.typical_distance == pytest.approx(exact.typical_distance, rel=0.02)
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # not installed
+    assert audit(sets).near_duplicates == exact.near_duplicates
+    assert "pip install faiss-cpu" in caplog.text

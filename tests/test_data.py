@@ -159,7 +159,7 @@ def test_train_loader_shuffles_and_drops_last_eval_loader_keeps_order():
 def test_stream_workers_are_spawned_once_cuda_is_initialized(tmp_path, monkeypatch):
     """Forking a process that has initialized CUDA can deadlock; spawned workers must still work."""
     write_images(tmp_path / "imgs", 2, 6)
-    src = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "cache", 1)
+    src = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "cache", 1, disk_cache=False)  # workers
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     loader = D.make_loader(src.parts["all"], D.BatchPipeline(D.Normalize([0.5] * 3, [0.2] * 3), torch.device("cpu")),
@@ -288,14 +288,15 @@ def _epoch(src, disk: bool, seed: int = 3) -> list:
     pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.2] * 3), torch.device("cpu"), D.Augment("crop_flip"), seed=seed)
     loader = D.make_loader(src.parts["all"], pipe, batch_size=4, train=True, seed=seed,
                            decoding=src.decoding(num_workers=2))
-    assert (loader.loader.dataset.__class__.__name__ == "_StoredRows") == disk
+    assert (loader.loader is None) == disk  # the disk cache, or DataLoader workers decoding the files
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
 def test_a_streamed_folder_is_decoded_once_to_disk_and_its_epochs_read_only_that(tmp_path):
     """data.loader=stream: the pass that checks the files writes every decoded image to a file in the cache; the
-    epochs read it (in DataLoader workers), giving the same batches as decoding the files each time (disk_cache off),
-    and never open the files again: the files overwritten with garbage change nothing."""
+    epochs read it (in a thread ahead of training), giving the same batches as decoding the files each time in
+    DataLoader workers (disk_cache off), and never open the files again: the files overwritten with garbage change
+    nothing."""
     write_images(tmp_path / "imgs", 2, 10, size=(12, 9))
     files = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c1", 0, disk_cache=False)
     disk = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c2", 0)

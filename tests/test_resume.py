@@ -208,7 +208,8 @@ def _alive(pid: int) -> bool:
 def test_data_loader_workers_do_not_outlive_a_stopped_run(tmp_path, sig):
     root = write_images(tmp_path / "imgs", classes=2, per_class=300, size=(16, 16))
     proc = subprocess.Popen([sys.executable, "-m", "safetrain", "recipe=smoke", "data=imagefolder",
-                             f"data.root={root}", "data.loader=stream", "data.num_workers=2", "trainer.max_epochs=1000",
+                             f"data.root={root}", "data.loader=stream", "data.disk_cache=false",  # decoding workers
+                             "data.num_workers=2", "trainer.max_epochs=1000",
                              "trainer.early_stop_patience=0", "trainer.progress=false",
                              f"hydra.run.dir={tmp_path / 'r'}"], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -15,9 +15,11 @@ images. Images smaller than MIN_SIDE pixels a side are too small to tell a copy 
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,8 @@ from torch import Tensor
 from safetrain.data.sources import ImageSet, audit_size, digest
 from safetrain.findings import Finding
 from safetrain.io import cached
+
+log = logging.getLogger(__name__)
 
 THUMB = 8  # thumbnail side for candidate search (coarse enough to tolerate 2-px shifts)
 CANDIDATES = 5  # distinct training images per val/test image; the last one sets the crowd's distance
@@ -39,6 +43,8 @@ MIN_SIDE = 16  # smaller images: no near-duplicate search
 # AUDIT_SIDE (data/sources.py): larger images are searched shrunk to this shorter side: the scale the judgement was
 # calibrated at (CIFAR-10), and a cost that does not grow with the image size (12,000 images: 117 s at 64 px)
 REF_CHUNK = 65536  # training thumbnails compared at once: bounds the similarity buffer (1024 x this x 4 bytes)
+EXACT_MAX = 50_000  # larger training splits are searched approximately (faiss's HNSW graph, when installed):
+HNSW_LINKS, HNSW_SEARCH = 32, 64  # its links per node and search breadth (recall of planted copies: RESULTS.md)
 BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is blank or constant
 
 
@@ -111,29 +117,32 @@ def zoom(x: Tensor) -> Tensor:
     return F.interpolate(x[..., m:h - m, m:w - m], size=(h, w), mode="bilinear", align_corners=False)
 
 
-def candidates(imgs: Tensor, ref: Tensor, ref_zoomed: Tensor, device: torch.device, exclude: Tensor | None = None):
+class Reference(NamedTuple):
+    """The training split's thumbnails, as is and re-cropped (N, THUMB*THUMB), and, for a large split, a graph over
+    each for approximate nearest-neighbour search (None: every query is compared with every thumbnail)."""
+    thumbs: Tensor
+    zoomed: Tensor
+    graphs: Optional[tuple] = None
+
+
+def candidates(imgs: Tensor, ref: Reference, device: torch.device, exclude: Tensor | None = None):
     """(cosine, index), each (n, CANDIDATES): the nearest distinct training thumbnails of each image, over views
-    of it shifted, mirrored and re-cropped (and re-cropped training images: `ref_zoomed`). `exclude`: (n,)
-    training indices not to return (the image itself)."""
+    of it shifted, mirrored and re-cropped (and re-cropped training images). `exclude`: (n,) training indices not to
+    return (the image itself)."""
     zoomed = zoom(imgs)
-    views = [(v, off, ref) for v in (imgs, imgs.flip(3)) for off in [(0, 0), *OFFSETS]]
-    views += [(zoomed, (0, 0), ref), (zoomed.flip(3), (0, 0), ref), (imgs, (0, 0), ref_zoomed),
-              (imgs.flip(3), (0, 0), ref_zoomed)]
-    n, width = len(imgs), min(len(ref), REF_CHUNK)
+    views = [(v, off, 0) for v in (imgs, imgs.flip(3)) for off in [(0, 0), *OFFSETS]]
+    views += [(zoomed, (0, 0), 0), (zoomed.flip(3), (0, 0), 0), (imgs, (0, 0), 1), (imgs.flip(3), (0, 0), 1)]
+    n, width = len(imgs), min(len(ref.thumbs), REF_CHUNK)
     buffer = torch.empty(n * width, device=device)  # one for every view and chunk: a new one each time costs as
-    rows = torch.arange(n, device=device)            # much as the product (CPU)
-    values, indices = [], []
-    for v, off, r in views:
+    values, indices = [], []                         # much as the product (CPU)
+    for v, off, which in views:
         q = thumbnails(v, off).to(device)
-        for j in range(0, len(r), width):
-            part = r[j:j + width]
-            sim = torch.matmul(q, part.T, out=buffer[:n * len(part)].view(n, len(part)))  # (n, chunk)
-            if exclude is not None:
-                inside = (exclude.to(device) >= j) & (exclude.to(device) < j + len(part))
-                sim[rows[inside], exclude.to(device)[inside] - j] = -2.0
-            top = sim.topk(min(CANDIDATES, len(part)), dim=1)
-            values.append(top.values)
-            indices.append(top.indices + j)
+        if ref.graphs is not None:
+            top = _from_graph(ref.graphs[which], q, exclude)
+        else:
+            top = _exact(q, ref[which], buffer, exclude)
+        values += top[0]
+        indices += top[1]
     cos = torch.cat(values, 1).cpu()
     idx = torch.cat(indices, 1).cpu()
     cos, order = cos.sort(1, descending=True)
@@ -141,6 +150,31 @@ def candidates(imgs: Tensor, ref: Tensor, ref_zoomed: Tensor, device: torch.devi
     repeat = (idx[:, :, None] == idx[:, None, :]).triu(1).any(1)  # (n, m): seen earlier in the row
     rank = torch.where(repeat, torch.full_like(cos, 9.0), -cos).argsort(dim=1, stable=True)[:, :CANDIDATES]
     return cos.gather(1, rank), idx.gather(1, rank)
+
+
+def _exact(q: Tensor, ref: Tensor, buffer: Tensor, exclude: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    """The CANDIDATES most similar thumbnails of `ref` to each row of `q`, per chunk of REF_CHUNK: (values, indices)."""
+    n, width = len(q), len(buffer) // max(1, len(q))
+    rows = torch.arange(n, device=q.device)
+    values, indices = [], []
+    for j in range(0, len(ref), width):
+        part = ref[j:j + width]
+        sim = torch.matmul(q, part.T, out=buffer[:n * len(part)].view(n, len(part)))  # (n, chunk)
+        if exclude is not None:
+            inside = (exclude.to(q.device) >= j) & (exclude.to(q.device) < j + len(part))
+            sim[rows[inside], exclude.to(q.device)[inside] - j] = -2.0
+        top = sim.topk(min(CANDIDATES, len(part)), dim=1)
+        values.append(top.values)
+        indices.append(top.indices + j)
+    return values, indices
+
+
+def _from_graph(graph, q: Tensor, exclude: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    """The same from the approximate search (one more, to drop the image itself); places it did not fill: -2."""
+    sim, idx = graph.search(q.cpu().float().numpy(), CANDIDATES + 1)
+    sim, idx = torch.from_numpy(sim), torch.from_numpy(idx)
+    drop = (idx < 0) | ((idx == exclude[:, None]) if exclude is not None else False)
+    return [sim.masked_fill(drop, -2.0)], [idx.clamp_min(0)]
 
 
 def distances(imgs: Tensor, train_images: Tensor, idx: Tensor) -> Tensor:
@@ -157,19 +191,40 @@ def distances(imgs: Tensor, train_images: Tensor, idx: Tensor) -> Tensor:
     return torch.stack(cols, 1)
 
 
-def reference(train: ImageSet, device: torch.device, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """The training split's thumbnails, as is and re-cropped: computed once per audit, `chunk` images at a time."""
+def reference(train: ImageSet, device: torch.device, chunk: int = 4096) -> Reference:
+    """The training split's thumbnails, as is and re-cropped (computed once per audit, `chunk` images at a time), and
+    above EXACT_MAX training images, when faiss is installed, an HNSW graph over each (approximate search)."""
     parts = [(thumbnails(x), thumbnails(zoom(x))) for x in (train.images[i:i + chunk]
                                                              for i in range(0, len(train), chunk))]
-    return torch.cat([a for a, _ in parts]).to(device), torch.cat([b for _, b in parts]).to(device)
+    thumbs, zoomed = (torch.cat([p[k] for p in parts]) for k in (0, 1))
+    if len(train) <= EXACT_MAX:
+        return Reference(thumbs.to(device), zoomed.to(device))
+    try:
+        import faiss
+    except ImportError:
+        log.warning("the near-duplicate search compares each val/test image with all %d training images (its time "
+                    "grows with train x val/test); pip install faiss-cpu (or safetrain's [scale] extra) makes it "
+                    "approximate, with a time that grows about as N log N", len(train))
+        return Reference(thumbs.to(device), zoomed.to(device))
+    graphs, threads = [], faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # a graph built by one thread is the same on every run (the split depends on it)
+    try:
+        for t in (thumbs, zoomed):
+            graph = faiss.IndexHNSWFlat(t.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efSearch = HNSW_SEARCH
+            graph.add(t.numpy())
+            graphs.append(graph)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return Reference(thumbs, zoomed, tuple(graphs))
 
 
-def typical_distance(train: ImageSet, refs: tuple[Tensor, Tensor], device: torch.device, sample: int = 1000,
+def typical_distance(train: ImageSet, refs: Reference, device: torch.device, sample: int = 1000,
                      seed: int = 0) -> float:
     """Median distance from a training image to its nearest other training image (a seeded sample)."""
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:sample]
     imgs = train.images[pick]
-    _, idx = candidates(imgs, *refs, device, exclude=pick)
+    _, idx = candidates(imgs, refs, device, exclude=pick)
     return float(distances(imgs, train.images, idx).min(1).values.median())
 
 
@@ -180,12 +235,12 @@ def is_copy(relative: float, ratio: float) -> bool:
     return relative <= REL and ratio <= limit
 
 
-def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float, refs: tuple[Tensor, Tensor],
+def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float, refs: Reference,
                     device: torch.device = torch.device("cpu"), chunk: int = 1024) -> list[dict]:
     found = []
     for i in range(0, len(other), chunk):
         imgs = other.images[i:i + chunk]
-        cos, idx = candidates(imgs, *refs, device)
+        cos, idx = candidates(imgs, refs, device)
         rows = (cos[:, 0] >= GATE).nonzero().squeeze(1)
         if len(rows) == 0:
             continue

@@ -26,24 +26,21 @@ from torch import Tensor
 from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, channels_of, fit_image, header, hidden,
                                   list_images, pixel_limit, shrink_on_load, to_array)
 from safetrain.errors import DataError
-from safetrain.io import cached
+from safetrain.io import UMASK, cached
 
 log = logging.getLogger(__name__)
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders whose decoded pixels exceed this stream from disk
 
 
-class Mapped:
-    """Rows of an (N, C, H, W) uint8 array in a raw file on disk, memory-mapped read-only: indexing reads only the
-    rows asked for, into a new tensor; the pages read stay in the OS's file cache (which the OS takes back when memory
-    is short), not in this process's memory. Subsets and concatenations keep row numbers, not pixels."""
+class DiskImages:
+    """Rows of an (N, C, H, W) uint8 array in a raw file on disk: indexing reads only the rows asked for (runs of
+    consecutive rows in one read each) into a new tensor. The pages read stay in the OS's file cache, which the OS
+    takes back when memory is short, not in this process's memory. Subsets and concatenations keep row numbers, not
+    pixels; a DataLoader worker gets the file's name."""
 
     def __init__(self, path: str, shape: tuple, rows: Optional[Tensor] = None):
         self.path, self.full = str(path), tuple(shape)
         self.rows = torch.arange(shape[0]) if rows is None else rows
-        self._array = None
-
-    def __getstate__(self) -> dict:  # to DataLoader workers: the file's name, not its pages
-        return {**self.__dict__, "_array": None}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -56,24 +53,59 @@ class Mapped:
         """`images[key]` as for a tensor (rows: an int, a slice, indices; then slices of C, H, W), read from disk."""
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         assert all(k is not Ellipsis for k in (first, *rest)), "rows first, then C, H, W"
-        if self._array is None:
-            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.full)
         rows = self.rows[first]
-        out = torch.from_numpy(np.ascontiguousarray(self._array[rows.numpy()]))
+        out = self._read(rows.reshape(-1).numpy()).view(*rows.shape, *self.full[1:])
         return out[rest if rows.ndim == 0 else (slice(None), *rest)] if rest else out
 
-    def subset(self, idx) -> "Mapped":
-        return Mapped(self.path, self.full, self.rows[idx])
+    def _read(self, rows: np.ndarray) -> Tensor:
+        size = math.prod(self.full[1:])
+        out = np.empty((len(rows), size), np.uint8)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # runs of consecutive rows
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for a, b in zip(starts, [*starts[1:], len(rows)]):
+                block = os.pread(fd, int(b - a) * size, int(ordered[a]) * size)
+                out[order[a:b]] = np.frombuffer(block, np.uint8).reshape(b - a, size)
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out)
+
+    def subset(self, idx) -> "DiskImages":
+        return DiskImages(self.path, self.full, self.rows[idx])
 
     @staticmethod
-    def concat(parts: list["Mapped"]) -> "Mapped":
+    def concat(parts: list["DiskImages"]) -> "DiskImages":
         assert len({(m.path, m.full) for m in parts}) == 1, "rows of one file only"
-        return Mapped(parts[0].path, parts[0].full, torch.cat([m.rows for m in parts]))
+        return DiskImages(parts[0].path, parts[0].full, torch.cat([m.rows for m in parts]))
 
 
-def take(x, idx):
-    """x[idx] for a tensor; for Mapped images, the subset (row numbers: nothing is read)."""
-    return x.subset(idx) if isinstance(x, Mapped) else x[idx]
+class _DiskWriter:
+    """A DiskImages file being written: under a temp name in its folder (swept if the process dies), then complete
+    under its own (`commit`), or removed (`discard`)."""
+
+    def __init__(self, path: Path, shape: tuple):
+        self.path, self.row = path, math.prod(shape[1:])
+        self.fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        os.chmod(self.tmp, 0o666 & ~UMASK)  # as the cache's other files
+        os.ftruncate(self.fd, math.prod(shape))
+
+    def write(self, idx: list[int], images: Tensor) -> None:
+        for i, img in zip(idx, images.numpy()):
+            os.pwrite(self.fd, img.tobytes(), i * self.row)
+
+    def commit(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        Path(self.tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -86,8 +118,8 @@ class ImageSet:
     files: Optional[list[str]] = None  # absolute paths: the streaming path
     digests: Optional[list[bytes]] = None  # content hashes, once computed (splits.copy_groups): kept by subsets
     joined: list = field(default_factory=list)  # train: near-duplicates moved in from carved val/test (splits.py)
-    small: Optional[Mapped] = None  # streamed: every image at AUDIT_SIDE, from the pass that checks the files
-    stored: Optional[Mapped] = None  # streamed: every image decoded once at the training size (the disk cache)
+    small: Optional[DiskImages] = None  # streamed: every image at AUDIT_SIDE, from the pass that checks the files
+    stored: Optional[DiskImages] = None  # streamed: every image decoded once at the training size (the disk cache)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -106,7 +138,7 @@ class ImageSet:
                         None if self.images is None else self.images[idx],
                         None if self.files is None else [self.files[i] for i in pick],
                         None if self.digests is None else [self.digests[i] for i in pick],
-                        small=None if self.small is None else take(self.small, idx),
+                        small=None if self.small is None else self.small.subset(idx),
                         stored=None if self.stored is None else self.stored.subset(idx))
 
     def pixels(self) -> Optional[Tensor]:
@@ -512,7 +544,7 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
     None; "bad": {index: why} of the files that cannot be decoded}; when not `keep` (a streamed folder), also
     "digests" (of the decoded pixels, as in memory), "small" (every image at AUDIT_SIDE, for the audit) and, with
     `disk`, "stored" (every image at the training size: the disk cache its epochs read instead of the files), both
-    Mapped. Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
+    DiskImages. Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
     c, h, w = shape
     folder = cache_dir / ("decoded" if keep else "stored v1" if disk else "checked v3")
     raw = {} if keep else {"small": (folder / f"{fp}.small.u8", (len(files), c, *audit_hw(h, w)))}
@@ -522,7 +554,7 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
     def decode():
         out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
         bad, digests = {}, [b""] * len(files)
-        arrays = {} if keep else _new_arrays(raw, folder)
+        writers = {} if keep else _writers(raw, folder)
         try:
             for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
                                      collate_fn=list):
@@ -536,15 +568,14 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
                     continue
                 for i, img in good:
                     digests[i] = hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
-                arrays["small"][idx] = audit_size(imgs).numpy()
-                if "stored" in arrays:
-                    arrays["stored"][idx] = imgs.numpy()
-            for name, array in arrays.items():  # complete: then under their final names
-                array.flush()
-                os.replace(array.filename, raw[name][0])
+                writers["small"].write(idx, audit_size(imgs))
+                if "stored" in writers:
+                    writers["stored"].write(idx, imgs)
+            for writer in writers.values():  # complete: then under their final names
+                writer.commit()
         finally:
-            for array in arrays.values():
-                Path(array.filename).unlink(missing_ok=True)
+            for writer in writers.values():
+                writer.discard()
         return {"images": out, "bad": bad, **({} if keep else {"digests": digests})}
 
     path = folder / f"{fp}.pt"
@@ -554,12 +585,12 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
         path.unlink(missing_ok=True)
         entry, hit = cached(path, decode, keys=("images", "bad"))
     log.info("%s %s", "decoded images loaded from cache" if hit else "every image decoded once, cached at", path)
-    return {**entry, **{name: Mapped(p, s) for name, (p, s) in raw.items()}}
+    return {**entry, **{name: DiskImages(p, s) for name, (p, s) in raw.items()}}
 
 
-def _new_arrays(raw: dict, folder: Path) -> dict:
-    """Writable memory-mapped files (under temp names) for the `raw` {name: (path, shape)}, once the disk is known to
-    hold them: else a DataError that says how much is needed, where, and what to do."""
+def _writers(raw: dict, folder: Path) -> dict:
+    """{name: _DiskWriter} for the `raw` {name: (path, shape)}, once the disk is known to hold them: else a DataError
+    that says how much is needed, where, and what to do."""
     folder.mkdir(parents=True, exist_ok=True)
     need, free = sum(math.prod(s) for _, s in raw.values()), shutil.disk_usage(folder).free
     if need + 2**30 > free:  # a GiB to spare, for checkpoints and logs
@@ -568,12 +599,7 @@ def _new_arrays(raw: dict, folder: Path) -> dict:
                         "cache on a larger disk: data.cache_dir=DIR (or SAFETRAIN_CACHE=DIR)"
                         + (", or decode the files at every epoch instead of once: data.disk_cache=false (slower)"
                            if "stored" in raw else "") + ".")
-    out = {}
-    for name, (path, shape) in raw.items():
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-        os.close(fd)
-        out[name] = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-    return out
+    return {name: _DiskWriter(path, shape) for name, (path, shape) in raw.items()}
 
 
 class CheckedFiles(FileDataset):
