@@ -20,7 +20,8 @@ from safetrain.errors import ConfigError
 from safetrain.optim import SCHEDULES
 from safetrain.tracking import flatten
 
-SAFE = ("trainer.max_epochs", "trainer.progress", "data.num_workers", "trainer.checkpoint_minutes")  # may differ
+SAFE = ("trainer.max_epochs", "trainer.progress", "data.num_workers", "trainer.checkpoint_minutes",
+        "data.disk_cache")  # may differ on resume (the cache gives the batches the files give)
 
 
 def command(run_dir: Path, processes: int = 1) -> str:
