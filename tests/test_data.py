@@ -1,4 +1,8 @@
 """Sources, splits, statistics and pipelines."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +12,7 @@ from safetrain.cli import compose
 from safetrain.data.sources import load_folder
 from safetrain.errors import DataError
 from safetrain.stages import prepare_data, start
-from tests.conftest import write_images
+from tests.conftest import REPO, SHARED_CIFAR, write_images
 
 
 def test_stratified_split_is_stratified_disjoint_and_seeded():
@@ -333,3 +337,21 @@ def test_a_disk_cache_that_would_not_fit_the_disk_is_refused_with_what_to_do(tmp
         load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0)
     assert str(tmp_path / "c") in str(e.value)
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # nothing half-written left behind
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
+def test_the_scale_benchmark_runs_every_stage_with_tiny(tmp_path):
+    """benchmarks/scale.py --tiny: the folder made from the CIFAR-10 copy, the loaders compared, the audit searched
+    approximately (and exactly, on the same queries), the streamed data stage: every stage, on 600 images."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--tiny", "--json",
+                          str(tmp_path / "rows.jsonl")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    stages = [r.get("stage", "made") for r in rows]
+    assert stages[:3] == ["made", "first pass (decode once, write the cache)", "loader only"]
+    assert all(r["safetrain_disk_cache"] > 0 and r["torchvision_imagefolder_pil"] > 0 for r in rows
+               if "ratio" in r)
+    audits = [r for r in rows if r.get("stage") == "audit"]
+    assert len(audits) == 2 and all(r["planted_recall"] >= 0.9 and r["subset"]["same_flags"] for r in audits)
+    assert rows[-1]["stage"].startswith("data stage, streamed") and rows[-1]["peak_rss_mb"] > 0
