@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -330,8 +331,7 @@ def test_the_disk_cache_is_decoded_again_when_its_image_file_is_gone(tmp_path, c
 
 def test_a_disk_cache_that_would_not_fit_the_disk_is_refused_with_what_to_do(tmp_path, monkeypatch):
     write_images(tmp_path / "imgs", 2, 6)
-    monkeypatch.setattr("safetrain.data.sources.shutil.disk_usage", lambda _: __import__("shutil")._ntuple_diskusage(
-        10 * 2**30, 10 * 2**30 - 2**29, 2**29))  # half a GiB free
+    monkeypatch.setattr("safetrain.data.sources.shutil.disk_usage", lambda _: SimpleNamespace(free=2**29))  # 0.5 GiB
     with pytest.raises(DataError, match=r"do not fit on the disk.*0\.5 GB free.*data\.cache_dir=DIR.*data\.disk_cache="
                                         r"false") as e:
         load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0)

@@ -132,15 +132,12 @@ def candidates(imgs: Tensor, ref: Reference, device: torch.device, exclude: Tens
     zoomed = zoom(imgs)
     views = [(v, off, 0) for v in (imgs, imgs.flip(3)) for off in [(0, 0), *OFFSETS]]
     views += [(zoomed, (0, 0), 0), (zoomed.flip(3), (0, 0), 0), (imgs, (0, 0), 1), (imgs.flip(3), (0, 0), 1)]
-    n, width = len(imgs), min(len(ref.thumbs), REF_CHUNK)
-    buffer = torch.empty(n * width, device=device)  # one for every view and chunk: a new one each time costs as
-    values, indices = [], []                         # much as the product (CPU)
+    exact = ref.graphs is None  # one buffer for every view and chunk: a new one each time costs as much as the product
+    buffer = torch.empty(len(imgs) * min(len(ref.thumbs), REF_CHUNK), device=device) if exact else None  # (CPU)
+    values, indices = [], []
     for v, off, which in views:
         q = thumbnails(v, off).to(device)
-        if ref.graphs is not None:
-            top = _from_graph(ref.graphs[which], q, exclude)
-        else:
-            top = _exact(q, ref[which], buffer, exclude)
+        top = _exact(q, ref[which], buffer, exclude) if exact else _from_graph(ref.graphs[which], q, exclude)
         values += top[0]
         indices += top[1]
     cos = torch.cat(values, 1).cpu()

@@ -36,7 +36,7 @@ class DiskImages:
     """Rows of an (N, C, H, W) uint8 array in a raw file on disk: indexing reads only the rows asked for (runs of
     consecutive rows in one read each) into a new tensor. The pages read stay in the OS's file cache, which the OS
     takes back when memory is short, not in this process's memory. Subsets and concatenations keep row numbers, not
-    pixels; a DataLoader worker gets the file's name."""
+    pixels."""
 
     def __init__(self, path: str, shape: tuple, rows: Optional[Tensor] = None):
         self.path, self.full = str(path), tuple(shape)
@@ -125,12 +125,11 @@ class ImageSet:
         return len(self.labels)
 
     def digest(self, i: int) -> bytes:
-        """Sample i's content hash: of its decoded pixels (in memory) or its file (streamed); kept once computed."""
+        """Sample i's content hash, of its decoded pixels: kept once computed (a streamed split's come from the pass
+        that decoded it)."""
         if self.digests is not None:
             return self.digests[i]
-        data = self.images[i].numpy().tobytes() if self.images is not None else (
-            self.stored[i].numpy().tobytes() if self.stored is not None else open(self.files[i], "rb").read())
-        return hashlib.blake2b(data, digest_size=16).digest()
+        return hashlib.blake2b(self.images[i].numpy().tobytes(), digest_size=16).digest()
 
     def subset(self, idx: Tensor) -> "ImageSet":
         pick = idx.tolist()

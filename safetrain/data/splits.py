@@ -255,7 +255,7 @@ def thin_eval_classes(counts: dict[str, list[int]], classes: list[str], minimum:
 
 def exact_duplicates(splits: dict[str, ImageSet]) -> list[tuple[str, str]]:
     """(id, id) pairs of byte-identical images in different splits, found by a hash of the decoded
-    pixels (or of the file, on the streaming path) [M06]."""
+    pixels (on the streaming path, hashed by the pass that decoded them) [M06]."""
     first: dict[bytes, tuple[str, str]] = {}
     pairs = []
     for name, s in splits.items():
