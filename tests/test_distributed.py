@@ -14,7 +14,7 @@ from PIL import Image
 from safetrain import data as D
 from safetrain.checkpoint import load_checkpoint, load_classifier
 from safetrain.data.sources import ImageSet
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_images
 
 # BatchNorm (made global-batch under torchrun), crop+flip augmentation (drawn for the global batch), no dropout
 # (each rank has its own dropout masks): one process and two give the same optimisation. 3 classes x 105 images:
@@ -262,3 +262,26 @@ def test_fine_tuning_under_torchrun_freezes_then_trains_every_layer(tmp_path):
     assert "Warning" not in out.stderr and "WARNING" not in out.stdout  # no DDP complaint, no false [M19]
     first, second = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["history"][:2]
     assert "grad_norm/features.0.weight" not in first and second["grad_norm/features.0.weight"] > 0  # frozen, trained
+
+
+@pytest.mark.slow  # three launches of their own
+def test_two_processes_read_their_shares_of_the_disk_cache(tmp_path):
+    """A streamed folder (data.loader=stream) under torchrun: rank 0 decodes it once into the disk cache and rank 1
+    reads that cache; each rank reads its share of every global batch: the same batches as two processes decoding
+    the files (bitwise equal weights), and the same images as one process (equal training accuracy per epoch)."""
+    write_images(tmp_path / "imgs", classes=3, per_class=35, size=(12, 12))
+    base = ["recipe=smoke", "trainer.progress=false", "data=imagefolder", f"data.root={tmp_path / 'imgs'}",
+            "data.loader=stream", "data.augment=crop_flip", "model.dropout=0", "trainer.precision=fp32",
+            "trainer.max_epochs=2", "data.batch_size=16", f"data.cache_dir={tmp_path / 'cache'}"]
+    for name, more in (("disk", []), ("files", ["data.disk_cache=false"])):
+        out = torchrun(*base, *more, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "stored v1").iterdir())) == 3  # decoded once (.pt, images, 32 px): no temp
+    assert "disk-cache path" in (tmp_path / "disk" / "safetrain.log").read_text()
+    assert "streaming path" in (tmp_path / "files" / "safetrain.log").read_text()
+    a, b = model_of(tmp_path / "disk" / "checkpoints" / "last.pt"), model_of(tmp_path / "files" / "checkpoints" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    one = run_cli(*base, f"hydra.run.dir={tmp_path / 'one'}", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    acc = [[r.get("train/acc") for r in jsonl(tmp_path / name)] for name in ("one", "disk")]
+    assert acc[0] == acc[1] and acc[0][-1] > 0.5
