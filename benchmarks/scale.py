@@ -15,7 +15,9 @@ training images from the first 15,000 (re-encoded at quality 75, moved 2 px, hal
 (Resize, CenterCrop, flip, PILToTensor) in a `DataLoader` and (b) safetrain's streamed loader (data.loader=stream) from
 its second epoch on, when it reads the disk cache (the same worker count, batch 256, shuffled, flips and crops);
 then both feeding the same training step of a small CNN (forward, backward, AdamW) for a fixed number of batches.
-The first pass over the files (decode once, write the cache and the audit's copies) is timed on its own. Peak memory:
+The first pass over the files (decode once, write the cache and the audit's copies) is timed on its own. Each kind
+of disk cache in --kinds (raw; jpeg: re-encoded at quality 95, for disks too small for raw) is measured; --device
+cuda delivers the batches to the GPU (the jpeg cache then decodes there, with nvJPEG). Peak memory:
 the process's maximum resident set (ru_maxrss) after each stage, and the workers' (ru_maxrss of the children).
 
 `audit`: the near-duplicate search (safetrain.data.audit.search) of N/10 queries, 100 of them planted copies, against
@@ -130,14 +132,14 @@ def _torchvision_loader(root: Path, workers: int, batch: int):
                                        persistent_workers=False)
 
 
-def _safetrain_loader(root: Path, cache: Path, workers: int, batch: int):
+def _safetrain_loader(root: Path, cache: Path, workers: int, batch: int, kind: str = "raw", device: str = "cpu"):
     from safetrain import data as D
     from safetrain.data.sources import load_folder
     t0 = time.time()
-    src = load_folder(str(root), SIDE, "stream", cache, workers)
+    src = load_folder(str(root), SIDE, "stream", cache, workers, disk_cache=kind)
     first = time.time() - t0
     data = src.parts.get("train") or src.parts["all"]
-    pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"), D.Augment("crop_flip"))
+    pipe = D.BatchPipeline(D.Normalize([0.5] * 3, [0.25] * 3), torch.device(device), D.Augment("crop_flip"))
     loader = D.make_loader(data, pipe, batch_size=batch, train=True, seed=0, decoding=src.decoding(workers))
     return loader, first, len(data)
 
@@ -160,10 +162,12 @@ def _model(name: str):
     return net, torch.optim.AdamW(net.parameters(), 1e-3)
 
 
-def _rate(batches, limit: int, step=None) -> float:
-    """Images per second over `limit` batches (after the first, which pays for starting the workers)."""
+def _rate(batches, limit: int, step=None, device: str = "cpu") -> float:
+    """Images per second over `limit` batches (after the first, which pays for starting the workers), each on
+    `device` (a GPU: synchronized at the end)."""
     n, t0 = 0, None
     for i, (x, y) in enumerate(batches):
+        x = x.to(device, non_blocking=True)
         if step is not None:
             step(x, y)
         if i == 0:
@@ -172,20 +176,31 @@ def _rate(batches, limit: int, step=None) -> float:
             n += len(x)
         if i >= limit:
             break
+    if device != "cpu":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
 
-def throughput(root: Path, workers: int, batches: int, train_batches: int, batch: int = 256) -> list[dict]:
+def throughput(root: Path, workers: int, batches: int, train_batches: int, batch: int = 256, kinds=("raw",),
+               device: str = "cpu") -> list[dict]:
+    """The first pass and the loader alone for each kind of disk cache (`kinds`: raw, jpeg) against ImageFolder +
+    PIL, batches delivered to `device`; then training steps on the CPU with the first kind."""
     torch.set_num_threads(os.cpu_count() or 1)
     out = []
     with tempfile.TemporaryDirectory() as cache:
-        loader, first, n = _safetrain_loader(root, Path(cache), workers, batch)
-        out.append({"stage": "first pass (decode once, write the cache)", "images": n, "seconds": round(first, 1),
-                    "images_per_s": round(n / first), **peak_mb()})
-        ours = _rate(iter(loader), batches)
-        theirs = _rate(iter(_torchvision_loader(root, workers, batch)), batches)
-        out.append({"stage": "loader only", "workers": workers, "batch": batch, "safetrain_disk_cache": round(ours),
-                    "torchvision_imagefolder_pil": round(theirs), "ratio": round(ours / theirs, 2), **peak_mb()})
+        theirs = None  # measured after the first pass, which leaves the files in the OS's cache for it too
+        for kind in kinds:
+            loader, first, n = _safetrain_loader(root, Path(cache), workers, batch, kind, device)
+            theirs = theirs or _rate(iter(_torchvision_loader(root, workers, batch)), batches, device=device)
+            size = sum(f.stat().st_size for f in Path(cache).rglob(f"*.images.{'jpg' if kind == 'jpeg' else 'u8'}"))
+            out.append({"stage": f"first pass (decode once, write the {kind} cache)", "images": n,
+                        "seconds": round(first, 1), "images_per_s": round(n / first), "cache_mb": round(size / 1e6),
+                        **peak_mb()})
+            ours = _rate(iter(loader), batches, device=device)
+            out.append({"stage": f"loader only, {kind} cache, to {device}", "workers": workers, "batch": batch,
+                        "safetrain_disk_cache": round(ours), "torchvision_imagefolder_pil": round(theirs),
+                        "ratio": round(ours / theirs, 2), **peak_mb()})
+        loader = _safetrain_loader(root, Path(cache), workers, batch, kinds[0])[0]  # cached: the training steps on CPU
         norm = loader.pipeline.normalize
         for name in MODELS:
             net, opt = _model(name)
@@ -296,6 +311,9 @@ def main() -> None:
                                                                   "also searched both ways, exactly and as at that size")
     ap.add_argument("--cache", type=Path, default=None, help="audit: a cache folder kept between invocations")
     ap.add_argument("--tiny", action="store_true", help="all three on a few hundred images (seconds)")
+    ap.add_argument("--kinds", default="raw,jpeg", help="throughput: the kinds of disk cache (data.disk_cache)")
+    ap.add_argument("--device", default="cpu", help="throughput: where the loader delivers its batches (cuda: JPEGs "
+                                                    "decoded there)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     rows = []
@@ -304,13 +322,14 @@ def main() -> None:
         if a.tiny:
             root = Path(tmp) / "scale"
             rows.append(make(root, cifar, 600, 160, a.workers))
-            rows += throughput(root / "big", a.workers, 1, 1, batch=64)
+            rows += throughput(root / "big", a.workers, 1, 1, batch=64, kinds=("raw", "jpeg"), device=a.device)
             rows += audit(root, [150, 600], a.workers, exact_max=0, compare=20)
             rows += ram(root / "big", None, 1, a.workers)
         elif a.what == "make":
             rows.append(make(a.out, cifar, a.train, a.queries, a.workers))
         elif a.what == "throughput":
-            rows += throughput(a.root or a.out / "big", a.workers, a.batches, a.train_batches)
+            rows += throughput(a.root or a.out / "big", a.workers, a.batches, a.train_batches,
+                               kinds=tuple(a.kinds.split(",")), device=a.device)
         elif a.what == "ram":
             rows += ram(a.root or a.out / "big", a.cache, a.batches, a.workers)
         elif a.what == "audit":

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from safetrain.data import AUGMENTS, MIXES, SOURCES, DataSpec, flips
 from safetrain.data.files import AUTO_SIDE, FITS
+from safetrain.data.stored import MODES as DISK_CACHES
 from safetrain.errors import ConfigError, check_range
 from safetrain.findings import Finding
 from safetrain.losses import BALANCE, LOSSES, MULTILABEL_BALANCE
@@ -87,7 +88,8 @@ class DataConfig:
     bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
     max_image_pixels: Optional[int] = None  # larger files are bad files; None: PIL's decompression-bomb limit (89 MP)
     loader: str = "auto"  # auto: in memory when the decoded images fit MEMORY_LIMIT_BYTES, else stream
-    disk_cache: bool = True  # stream: decode every image once into a file under cache_dir that the epochs read
+    disk_cache: str = "auto"  # stream: decode every image once into a file under cache_dir that the epochs read:
+    # auto (raw where the disk holds it, else JPEG), raw, jpeg, or false (decode the files at every epoch)
     num_workers: int = 4
     cache_dir: Optional[str] = None  # default: $SAFETRAIN_CACHE or ~/.cache/safetrain
     download: bool = True
@@ -250,6 +252,7 @@ def _check_values(c: Config) -> None:
     choices = {"task": (c.task, ("auto", *LOSSES)), "mode": (c.mode, MODES), "data": (c.data.name, SOURCES),
                "data.augment": (c.data.augment, ("auto", *AUGMENTS)), "data.mix": (c.data.mix, MIXES),
                "data.loader": (c.data.loader, LOADERS),
+               "data.disk_cache": (str(c.data.disk_cache).lower(), (*DISK_CACHES, "true")),
                "data.bad_files": (c.data.bad_files, ("refuse", "skip")), "data.resize": (c.data.resize, FITS),
                "loss.balance": (c.loss.balance, ("auto", *BALANCE, *MULTILABEL_BALANCE)),
                **{f"model.{k}": (own[k], allowed) for k, allowed in (("activation", ACTIVATIONS), ("norm", NORMS))

@@ -7,11 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from safetrain import data as D
 from safetrain.cli import compose
+from safetrain.data import stored
 from safetrain.data.sources import load_folder
-from safetrain.errors import DataError
+from safetrain.errors import ConfigError, DataError
 from safetrain.stages import prepare_data, start
 from tests.conftest import REPO, SHARED_CIFAR, write_images
 
@@ -331,12 +333,63 @@ def test_the_disk_cache_is_decoded_again_when_its_image_file_is_gone(tmp_path, c
 
 def test_a_disk_cache_that_would_not_fit_the_disk_is_refused_with_what_to_do(tmp_path, monkeypatch):
     write_images(tmp_path / "imgs", 2, 6)
-    monkeypatch.setattr("safetrain.data.sources.shutil.disk_usage", lambda _: SimpleNamespace(free=2**29))  # 0.5 GiB
-    with pytest.raises(DataError, match=r"do not fit on the disk.*0\.5 GB free.*data\.cache_dir=DIR.*data\.disk_cache="
-                                        r"false") as e:
+    monkeypatch.setattr("safetrain.data.stored.shutil.disk_usage", lambda _: SimpleNamespace(free=2**29))  # 0.5 GiB
+    with pytest.raises(DataError, match=r"even re-encoded as JPEG.*do not fit on the disk.*0\.5 GB free.*data\."
+                                        r"cache_dir=DIR.*data\.disk_cache=false") as e:
         load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0)
     assert str(tmp_path / "c") in str(e.value)
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # nothing half-written left behind
+
+
+def _smooth_images(folder, classes=2, per_class=8, side=40):
+    """Photo-like images (smooth gradients, a class-dependent brightness): what JPEG is made for."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for k in range(classes):
+        (folder / f"c{k}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rgb = np.stack([xx * (60 + 10 * i), yy * 90, (xx + yy) * 40], -1) + 40 + 100 * k
+            Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(folder / f"c{k}" / f"{i}.png")
+
+
+def test_a_disk_too_small_for_the_raw_cache_gets_the_images_re_encoded_as_jpeg(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    """data.disk_cache=auto: where the raw file would not fit (40x40: 4.8 KB an image) but JPEGs would, the epochs
+    read JPEGs at the training size: the same splits (pixel hashes of the decode pass), pixels within a few grey
+    levels of the raw cache's, the same batches otherwise; the next run finds that cache whatever the free disk."""
+    _smooth_images(tmp_path / "imgs")
+    raw = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c1", 0)
+    tight = 2**30 + 16 * 3072 + 16 * 4800 // 2  # the spare GiB, the 32-px copies, half the raw images
+    monkeypatch.setattr("safetrain.data.stored.shutil.disk_usage", lambda _: SimpleNamespace(free=tight))
+    jpeg = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c2", 0)
+    assert "re-encoded as JPEG at quality 95" in caplog.text
+    a, b = raw.parts["all"], jpeg.parts["all"]
+    assert type(a.stored).__name__ == "DiskImages" and type(b.stored).__name__ == "JpegImages"
+    assert a.digests == b.digests and a.ids == b.ids
+    x, y = a.stored[0:16].float(), b.stored[torch.arange(16)].float()
+    assert 0 < (x - y).abs().mean() < 1.5 and (x - y).abs().max() < 24 and abs(x.mean() - y.mean()) < 0.5
+    assert torch.equal(b.stored[[5, 2, 9]], b.stored[torch.arange(16)][[5, 2, 9]])  # any order of rows
+    for (xa, ya), (xb, yb) in zip(_epoch(raw, disk=True), _epoch(jpeg, disk=True)):
+        assert torch.equal(ya, yb) and (xa - xb).abs().mean() < 0.05  # normalized: std 0.2 -> 1.5 grey levels
+    monkeypatch.undo()
+    caplog.clear()
+    again = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c2", 0)
+    assert "decoded images loaded from cache" in caplog.text and type(again.parts["all"].stored).__name__ == "JpegImages"
+
+
+def test_a_disk_that_fills_while_the_jpegs_are_written_leaves_nothing_behind(tmp_path, monkeypatch):
+    _smooth_images(tmp_path / "imgs", per_class=200)
+    free = iter([2**31] * 2 + [2**30] * 100)  # enough when the kind is chosen, then the spare GiB only
+    monkeypatch.setattr("safetrain.data.stored.shutil.disk_usage", lambda _: SimpleNamespace(free=next(free)))
+    with pytest.raises(DataError, match=r"filled up while the images were re-encoded.*data\.cache_dir=DIR"):
+        load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0, disk_cache="jpeg")
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+
+
+def test_data_disk_cache_takes_its_kinds_and_the_old_true(tmp_path):
+    for value, mode in (("true", "auto"), ("false", None), ("jpeg", "jpeg"), (True, "auto"), (False, None)):
+        assert stored.disk_mode(value) == mode
+    with pytest.raises(ConfigError, match=r"data\.disk_cache='zip' is not one of \['auto', 'raw', 'jpeg'"):
+        compose("smoke", ["data.disk_cache=zip"])
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from safetrain.data.files import Fit
 from safetrain.data.sources import Decoding, FileDataset, ImageSet, file_loader
+from safetrain.data.stored import JpegImages
 from safetrain.distributed import chunk, share_of
 from safetrain.errors import DataError
 
@@ -264,9 +265,10 @@ class TensorLoader(_RandomState):
 
 class StreamLoader(_RandomState):
     """Batches of a split not held in memory: read from the disk cache, where the images were decoded once
-    (data.disk_cache), each batch one read of its rows in a thread a few batches ahead (a read from disk releases the
-    GIL; worker processes cost more than they save here: 17,600 against 11,600 images/s at 64 px on 2 cores); else
-    decoded from the files in DataLoader workers."""
+    (data.disk_cache, data/stored.py), each batch one read of its rows (JPEGs: and one batched decode, on the GPU when
+    training runs there) in a thread a few batches ahead (reads and decodes release the GIL; worker processes cost
+    more than they save here: 17,600 against 11,600 images/s at 64 px on 2 cores); else decoded from the files in
+    DataLoader workers."""
 
     def __init__(self, data: ImageSet, pipeline: Optional[BatchPipeline], batch_size: int, shuffle: bool,
                  drop_last: bool, decoding: Decoding, seed: int = 0, sample_weights: Optional[Tensor] = None,
@@ -303,6 +305,8 @@ class StreamLoader(_RandomState):
         torch.empty((), dtype=torch.int64).random_(generator=self.g)
         order = list(self.batches)
         images, labels = self.data.stored, self.data.labels
+        if isinstance(images, JpegImages) and self.pipeline is not None and self.pipeline.device.type == "cuda":
+            images = images.on(self.pipeline.device)  # decoded by nvjpeg, where the batch goes
         return _ahead(((images[idx], labels[idx]) for idx in order))
 
 

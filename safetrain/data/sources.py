@@ -11,8 +11,6 @@ import io
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -25,87 +23,13 @@ from torch import Tensor
 
 from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, channels_of, fit_image, header, hidden,
                                   list_images, pixel_limit, shrink_on_load, to_array)
+from safetrain.data import stored
+from safetrain.data.stored import DiskImages, JpegImages
 from safetrain.errors import DataError
-from safetrain.io import UMASK, cached
+from safetrain.io import cached
 
 log = logging.getLogger(__name__)
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders whose decoded pixels exceed this stream from disk
-
-
-class DiskImages:
-    """Rows of an (N, C, H, W) uint8 array in a raw file on disk: indexing reads only the rows asked for (runs of
-    consecutive rows in one read each) into a new tensor. The pages read stay in the OS's file cache, which the OS
-    takes back when memory is short, not in this process's memory. Subsets and concatenations keep row numbers, not
-    pixels."""
-
-    def __init__(self, path: str, shape: tuple, rows: Optional[Tensor] = None):
-        self.path, self.full = str(path), tuple(shape)
-        self.rows = torch.arange(shape[0]) if rows is None else rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), *self.full[1:]))
-
-    def __getitem__(self, key) -> Tensor:
-        """`images[key]` as for a tensor (rows: an int, a slice, indices; then slices of C, H, W), read from disk."""
-        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        assert all(k is not Ellipsis for k in (first, *rest)), "rows first, then C, H, W"
-        rows = self.rows[first]
-        out = self._read(rows.reshape(-1).numpy()).view(*rows.shape, *self.full[1:])
-        return out[rest if rows.ndim == 0 else (slice(None), *rest)] if rest else out
-
-    def _read(self, rows: np.ndarray) -> Tensor:
-        size = math.prod(self.full[1:])
-        out = np.empty((len(rows), size), np.uint8)
-        order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # runs of consecutive rows
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for a, b in zip(starts, [*starts[1:], len(rows)]):
-                block = os.pread(fd, int(b - a) * size, int(ordered[a]) * size)
-                out[order[a:b]] = np.frombuffer(block, np.uint8).reshape(b - a, size)
-        finally:
-            os.close(fd)
-        return torch.from_numpy(out)
-
-    def subset(self, idx) -> "DiskImages":
-        return DiskImages(self.path, self.full, self.rows[idx])
-
-    @staticmethod
-    def concat(parts: list["DiskImages"]) -> "DiskImages":
-        assert len({(m.path, m.full) for m in parts}) == 1, "rows of one file only"
-        return DiskImages(parts[0].path, parts[0].full, torch.cat([m.rows for m in parts]))
-
-
-class _DiskWriter:
-    """A DiskImages file being written: under a temp name in its folder (swept if the process dies), then complete
-    under its own (`commit`), or removed (`discard`)."""
-
-    def __init__(self, path: Path, shape: tuple):
-        self.path, self.row = path, math.prod(shape[1:])
-        self.fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-        os.chmod(self.tmp, 0o666 & ~UMASK)  # as the cache's other files
-        os.ftruncate(self.fd, math.prod(shape))
-
-    def write(self, idx: list[int], images: Tensor) -> None:
-        for i, img in zip(idx, images.numpy()):
-            os.pwrite(self.fd, img.tobytes(), i * self.row)
-
-    def commit(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        Path(self.tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -119,7 +43,8 @@ class ImageSet:
     digests: Optional[list[bytes]] = None  # content hashes, once computed (splits.copy_groups): kept by subsets
     joined: list = field(default_factory=list)  # train: near-duplicates moved in from carved val/test (splits.py)
     small: Optional[DiskImages] = None  # streamed: every image at AUDIT_SIDE, from the pass that checks the files
-    stored: Optional[DiskImages] = None  # streamed: every image decoded once at the training size (the disk cache)
+    stored: Optional[DiskImages | JpegImages] = None  # streamed: every image decoded once at the training size (the
+    # disk cache: data/stored.py)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -179,7 +104,7 @@ class DataSpec:
     split_column: Optional[str] = None
     label_delimiter: Optional[str] = None  # several labels in one cell: a multi-label task
     loader: str = "auto"
-    disk_cache: bool = True  # streamed: decoded once into a file on disk that the epochs read
+    disk_cache: str = "auto"  # streamed: decoded once into a file on disk that the epochs read (data/stored.py)
     num_workers: int = 4
     download: bool = True
     bad_files: str = "refuse"
@@ -361,7 +286,7 @@ class Listing(NamedTuple):
 
 def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
                 bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"],
-                disk_cache: bool = True) -> Source:
+                disk_cache: str = "auto") -> Source:
     return load_files(list_folder(root), image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side,
                       disk_cache)
 
@@ -459,11 +384,11 @@ def list_csv(root: str, columns: Columns) -> Listing:
 
 def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
                bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"],
-               disk_cache: bool = True) -> Source:
+               disk_cache: str = "auto") -> Source:
     """Listed files -> Source: every header read (bad files refused or skipped, one list), the training size and
     rule decided, every image decoded once and cached by the files' fingerprint: into memory, or, when streamed,
-    into a file on disk that the epochs read (`disk_cache`; without it the files are checked once and decoded at every
-    epoch)."""
+    into a file on disk that the epochs read (`disk_cache`: data/stored.py; "false": the files are checked once and
+    decoded at every epoch)."""
     base, classes = listing.base, listing.classes
     good, bad_headers, channels, (h, w), resized = _scan([f for _, f, _ in listing.rows], image_size, auto_side)
     fit = Fit((h, w), resize) if resized else None
@@ -474,7 +399,7 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
     fp = digest("files v2", str(base.resolve()), fit, channels, classes, *stat)
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
     done = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers, keep=not stream,
-                       disk=disk_cache)
+                       disk=stored.disk_mode(disk_cache))
     images, bad, digests = done["images"], done["bad"], done.get("digests")
     unusable = _refuse_or_skip(dict(sorted({**bad_headers, **{Path(listed[i][1]): why for i, why in bad.items()}}
                                            .items())), len(listed) + len(bad_headers), bad_files)  # one list to fix
@@ -488,9 +413,10 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
                                **{k: done[k].subset(idx) for k in ("small", "stored") if k in done})
     left_out = {"skipped": listing.skipped, "bad": {os.path.relpath(f, base): why
                                                     for f, why in unusable.items()}}
-    log.info("%s: %d images, %d classes, %s, %s path; %d hidden, non-image or special entries skipped", listing.what,
+    log.info("%s: %d images, %d classes, %s, %s; %d hidden, non-image or special entries skipped", listing.what,
              sum(len(s) for s in parts.values()), len(classes), f"{channels}x{h}x{w}",
-             "in-memory" if not stream else "disk-cache" if disk_cache else "streaming", listing.skipped)
+             "in-memory path" if not stream else "streaming path" if "stored" not in done else
+             f"disk-cache path ({'JPEG' if isinstance(done['stored'], JpegImages) else 'raw'})", listing.skipped)
     return Source(classes, parts, fp, (channels, h, w), resize=fit, left_out=left_out)
 
 
@@ -538,22 +464,29 @@ def file_loader(dataset, *, num_workers: int, **kw) -> torch.utils.data.DataLoad
 
 
 def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[Fit], cache_dir: Path, fp: str,
-                num_workers: int, keep: bool, disk: bool = True) -> dict:
+                num_workers: int, keep: bool, disk: Optional[str] = "auto") -> dict:
     """Decode every file once, before training, in worker processes: {"images": (N, C, H, W) uint8 if `keep`, else
     None; "bad": {index: why} of the files that cannot be decoded}; when not `keep` (a streamed folder), also
     "digests" (of the decoded pixels, as in memory), "small" (every image at AUDIT_SIDE, for the audit) and, with
-    `disk`, "stored" (every image at the training size: the disk cache its epochs read instead of the files), both
-    DiskImages. Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
+    `disk` (stored.disk_mode), "stored" (every image at the training size: the disk cache its epochs read instead of
+    the files). Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
     c, h, w = shape
-    folder = cache_dir / ("decoded" if keep else "stored v1" if disk else "checked v3")
-    raw = {} if keep else {"small": (folder / f"{fp}.small.u8", (len(files), c, *audit_hw(h, w)))}
-    if disk and not keep:
-        raw["stored"] = (folder / f"{fp}.images.u8", (len(files), c, h, w))
+    small_shape, full = (len(files), c, *audit_hw(h, w)), (len(files), c, h, w)
+    mode = None if keep else disk
+    if mode == "auto":  # the kind an earlier run cached, else the one the disk holds
+        mode = next((m for m in ("raw", "jpeg") if (cache_dir / CACHES[m] / f"{fp}.pt").is_file()), None) or \
+            stored.choose("auto", math.prod(small_shape), math.prod(full), cache_dir)
+    folder = cache_dir / ("decoded" if keep else CACHES[mode])
+    raw = {} if keep else {"small": (folder / f"{fp}.small.u8", small_shape)}
+    if mode:
+        raw["stored"] = (folder / f"{fp}.images.{'jpg' if mode == 'jpeg' else 'u8'}", full)
 
     def decode():
-        out = torch.empty((len(files), c, h, w), dtype=torch.uint8) if keep else None
-        bad, digests = {}, [b""] * len(files)
-        writers = {} if keep else _writers(raw, folder)
+        out = torch.empty(full, dtype=torch.uint8) if keep else None
+        bad, digests, made = {}, [b""] * len(files), {}
+        if not keep:
+            stored.choose(mode or "raw", math.prod(small_shape), math.prod(full) if mode else 0, folder)
+        writers = stored.writers(raw, mode)
         try:
             for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
                                      collate_fn=list):
@@ -571,34 +504,25 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
                 if "stored" in writers:
                     writers["stored"].write(idx, imgs)
             for writer in writers.values():  # complete: then under their final names
-                writer.commit()
+                made.update(writer.commit())
         finally:
             for writer in writers.values():
                 writer.discard()
-        return {"images": out, "bad": bad, **({} if keep else {"digests": digests})}
+        return {"images": out, "bad": bad, **({} if keep else {"digests": digests}), **made}
 
     path = folder / f"{fp}.pt"
     entry, hit = cached(path, decode, keys=("images", "bad"))
-    if hit and any(not p.is_file() or p.stat().st_size != math.prod(s) for p, s in raw.values()):
+    if hit and not all(stored.complete(p, s, entry, name == "stored" and mode == "jpeg")
+                       for name, (p, s) in raw.items()):
         log.warning("the cache entry %s lacks its image files (removed?): decoding again", path)
         path.unlink(missing_ok=True)
         entry, hit = cached(path, decode, keys=("images", "bad"))
     log.info("%s %s", "decoded images loaded from cache" if hit else "every image decoded once, cached at", path)
-    return {**entry, **{name: DiskImages(p, s) for name, (p, s) in raw.items()}}
+    return {**entry, **{name: stored.reader(p, s, entry, name == "stored" and mode == "jpeg")
+                        for name, (p, s) in raw.items()}}
 
 
-def _writers(raw: dict, folder: Path) -> dict:
-    """{name: _DiskWriter} for the `raw` {name: (path, shape)}, once the disk is known to hold them: else a DataError
-    that says how much is needed, where, and what to do."""
-    folder.mkdir(parents=True, exist_ok=True)
-    need, free = sum(math.prod(s) for _, s in raw.values()), shutil.disk_usage(folder).free
-    if need + 2**30 > free:  # a GiB to spare, for checkpoints and logs
-        raise DataError(f"[data] the images decoded once ({need / 1e9:.1f} GB) do not fit on the disk of the cache "
-                        f"folder {folder} ({free / 1e9:.1f} GB free, 1 GiB kept spare). Free space there, or put the "
-                        "cache on a larger disk: data.cache_dir=DIR (or SAFETRAIN_CACHE=DIR)"
-                        + (", or decode the files at every epoch instead of once: data.disk_cache=false (slower)"
-                           if "stored" in raw else "") + ".")
-    return {name: _DiskWriter(path, shape) for name, (path, shape) in raw.items()}
+CACHES = {"raw": "stored v1", "jpeg": "jpeg v1", None: "checked v3"}  # a streamed folder's cache, by data.disk_cache
 
 
 class CheckedFiles(FileDataset):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from safetrain.data.audit import near_copies
-from safetrain.data.sources import DataSpec, DiskImages, ImageSet, Source
+from safetrain.data.sources import DataSpec, ImageSet, Source
 from safetrain.errors import DataError
 from safetrain.findings import FAIL, Finding
 
@@ -175,9 +175,9 @@ def join_near_copies(splits: dict[str, ImageSet], pairs: list[dict]) -> dict[str
 def _concat(sets: list[ImageSet]) -> ImageSet:
     def cat(values):
         return None if any(v is None for v in values) else [x for v in values for x in v]
-    def stack(arrays):  # tensors, or rows of a DiskImages file
+    def stack(arrays):  # tensors, or rows of a file of the disk cache (data/stored.py)
         return None if any(t is None for t in arrays) else \
-            DiskImages.concat(arrays) if isinstance(arrays[0], DiskImages) else torch.cat(arrays)
+            torch.cat(arrays) if isinstance(arrays[0], Tensor) else type(arrays[0]).concat(arrays)
     return ImageSet(torch.cat([s.labels for s in sets]), cat([s.ids for s in sets]), stack([s.images for s in sets]),
                     cat([s.files for s in sets]), cat([s.digests for s in sets]), small=stack([s.small for s in sets]),
                     stored=stack([s.stored for s in sets]))
