@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetrain.engine import Limits, Precision, Setup, train_epoch  # noqa: E402
 from safetrain.models import build_model  # noqa: E402
-from safetrain.monitors import StepGuard, dead_unit_share, suspected_mislabeled  # noqa: E402
+from safetrain.monitors import StepGuard, dead_unit_share, predicted_probs, suspected_mislabeled  # noqa: E402
 from safetrain.optim import LRSchedule, build_optimizer  # noqa: E402
 from safetrain.preflight import init_and_gradient_checks  # noqa: E402
 
@@ -69,8 +69,9 @@ def main() -> None:
     t_dead, _ = timed(lambda: dead_unit_share(net, probe), device)
     t_pre, _ = timed(lambda: init_and_gradient_checks(net, x[:256], y[:256], loss, 10, prec), device)
 
-    t_mis, _ = timed(lambda: suspected_mislabeled(net, batches, [str(i) for i in range(len(x))],
-                                                   [str(k) for k in range(10)], prec), device)
+    t_mis, _ = timed(lambda: suspected_mislabeled(*predicted_probs(net, batches, prec),
+                                                   [str(i) for i in range(len(x))], [str(k) for k in range(10)]),
+                     device)
     t_mis_epoch = t_mis / len(x) * 45000
     print(f"per epoch: dead-unit probe {t_dead:.3f} s ({100 * t_dead / epoch:.2f}% of a 45k-image epoch of "
           f"{epoch:.1f} s)")

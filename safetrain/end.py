@@ -22,12 +22,13 @@ from safetrain.findings import Finding
 from safetrain.io import write_json
 from safetrain.metrics import average_precisions, per_label, selection_metric
 from safetrain.models.layers import hooks
+from safetrain.optim import OPTIMIZERS
 from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, probabilities, rare_label_findings,
                                 suspected_mislabeled, suspected_wrong_tags, tag_noise, tag_noise_finding,
-                                too_weak_for_tag_noise)
+                                too_weak_for_tag_noise, underfit_not_noise, unfit_for_noise)
 from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.resume import command
-from safetrain.stages import Context, Prepared, RunDir, augmented_batch
+from safetrain.stages import Context, Prepared, RunDir, advice_for, augmented_batch
 from safetrain.tracking import Tracker, flatten, records
 
 log = logging.getLogger("safetrain")
@@ -121,12 +122,15 @@ def finish(ctx: Context, data: Prepared, setup: Setup, out: RunDir, checks: list
 def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> RunResult:
     train_ids, facts = data.splits["train"].ids, data.facts
     hooks(setup.model).eval_views("one")  # what the model makes of the images it trained on: one view is enough
+    trained = predicted_probs(setup.model, data.loaders.train_in_order, ctx.prec, facts.multilabel)
     suspects, n_suspects = (suspected_wrong_tags if facts.multilabel else suspected_mislabeled)(
-        setup.model, data.loaders.train_in_order, train_ids, facts.classes, ctx.prec)
+        *trained, train_ids, facts.classes)
     log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
              n_suspects, len(suspects))
     estimate, noise = _label_noise(data, held_out, suspects)
-    findings = findings + explained_by(noise, result.findings)
+    noise = _or_unfit(noise, trained, estimate, facts, findings + result.findings,
+                      advice_for(ctx.cfg, setup.custom_model))
+    findings = findings + caused_by_lr(explained_by(noise, result.findings), ctx.cfg.optim)
     if facts.multilabel:  # a label too rare to learn, judged on validation [M08]
         val = [torch.cat(part) for part in zip(*held_out[0::2])]  # every rank's share: (probabilities, labels)
         findings += rare_label_findings(facts.classes, facts.counts["train"], average_precisions(*val)[1])
@@ -174,12 +178,61 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
     return estimate, label_noise_finding(estimate, off, len(labels), examples)
 
 
+def _or_unfit(noise: Optional[Finding], trained, estimate, facts, found: list[Finding],
+              fixes: dict) -> Optional[Finding]:
+    """The [M08] label-noise finding, or, where the model has not fit its training data, what it is instead: nothing
+    more when the monitors already said the run did not learn (a plateau at chance, underfitting, a collapse) or
+    ignored an imbalance [M24]; else underfitting [M09] (monitors.unfit_for_noise)."""
+    if noise is None or noise.kind != "label noise" or facts.multilabel:
+        return noise
+    said = [f"[{f.row}] {f.kind}" for f in found if (f.row, f.kind) in NOT_LEARNED]
+    if said:
+        log.info("label noise: not reported [M08]: the run did not learn (%s), so its confusions are its own",
+                 ", ".join(said))
+        return None
+    unfit = unfit_for_noise(*trained, estimate, facts.classes)
+    if unfit is None:
+        return noise
+    log.info("label noise: not reported [M08]: %s", unfit[0])
+    if any((f.row, f.kind) == ("M24", "imbalance ignored") for f in found):
+        return None
+    return underfit_not_noise(*unfit, fixes)
+
+
+NOT_LEARNED = {("M28", "plateau"), ("M09", "underfitting"), ("M27", "collapse")}  # no label-noise estimate after these
+
+
+LR_SYMPTOMS = {("M27", "collapse"), ("M28", "plateau"), ("M09", "underfitting"), ("M26", "vanishing"),
+               ("M26", "exploding"), ("M20", "dead")}  # what a learning rate far out of range leaves behind
+
+
+def caused_by_lr(found: list[Finding], optim) -> list[Finding]:
+    """A learning rate outside the optimizer's sane range, unlocked by the user (optim.allow_unusual_lr), is the root
+    cause of a run that did not learn: the symptoms the monitors saw (collapse, a plateau at chance, underfitting,
+    vanishing gradients, dead units) become one [M16] finding that names it, as [M08] takes in the overfitting it
+    causes."""
+    lo, hi = OPTIMIZERS[optim.name].lr_range
+    symptoms = [f for f in found if (f.row, f.kind) in LR_SYMPTOMS]
+    if not optim.allow_unusual_lr or not symptoms or not isinstance(optim.lr, (int, float)) or lo <= optim.lr <= hi:
+        return found
+    side, factor = ("above", optim.lr / hi) if optim.lr > hi else ("below", lo / optim.lr)
+    cause = Finding("M16", "learning rate", (
+        f"optim.lr={optim.lr:g} is {factor:.0f}x {side} the sane range for {optim.name} ({lo:g} to {hi:g}; unlocked "
+        f"with optim.allow_unusual_lr=true), and the run did not learn: "
+        + "; ".join(f"[{f.row}] " + f.message.split(" Likely causes")[0].rstrip(".") for f in symptoms)
+        + ". The learning rate is the likely cause."),
+        "Use a learning rate in the range (optim.lr=auto finds one) without optim.allow_unusual_lr.", "monitor",
+        evidence={"lr": optim.lr, "range": [lo, hi], "symptoms": [f"{f.row} {f.kind}" for f in symptoms]})
+    log.warning("%s", cause)
+    return [f for f in found if f not in symptoms] + [cause]
+
+
 def explained_by(noise: Optional[Finding], found: list[Finding]) -> list[Finding]:
     """Wrong labels are the root cause of the overfitting they produce (the model memorizes them): with an [M08]
     label-noise finding, an [M09] overfitting finding becomes part of it instead of a second diagnosis."""
     if noise is None:
         return found
-    over = [f for f in found if (f.row, f.kind) == ("M09", "overfitting")]
+    over = [f for f in found if (f.row, f.kind) == ("M09", "overfitting")] if noise.row == "M08" else []
     if over:
         noise.message += f" The validation loss rising from epoch {over[0].evidence['best_val_loss_epoch']} on is " \
                          "the model memorizing those labels."

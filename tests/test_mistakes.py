@@ -384,6 +384,16 @@ def test_m16_lr_01_with_adam_is_refused_and_the_unlock_is_logged(tmp_path, caplo
     assert "[M16]" in caplog.text and "allow_unusual_lr: true" in (run_dir / "config.yaml").read_text()
 
 
+def test_m16_an_unlocked_learning_rate_that_stops_learning_is_named_as_the_cause(tmp_path):
+    """optim.lr 1000x below AdamW's range, unlocked: the model underfits [M09] and collapses onto a class [M27]; the
+    run names the learning rate for both [M16], as the one thing to change."""
+    final, _ = train(tmp_path, ["optim.lr=1e-8", "optim.allow_unusual_lr=true", "trainer.max_epochs=4"])
+    found = [f for f in final["findings"] if f["source"] != "unlock"]
+    assert [f["row"] for f in found] == ["M16"], final["warnings"]
+    assert "optim.lr=1e-08 is 1000x below the sane range for adamw" in found[0]["message"]
+    assert "did not learn: [M09]" in found[0]["message"] and "optim.lr=auto" in found[0]["fix"]
+
+
 def test_m16_lr_auto_runs_a_range_test_and_picks_a_sane_rate(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     final, _ = train(tmp_path, ["optim.lr=auto", "trainer.max_epochs=3"])

@@ -288,3 +288,23 @@ def test_a_condition_that_clears_by_itself_is_information_one_that_holds_is_a_wa
     assert run_epochs([healthy, collapsed, collapsed, healthy], best=3) == ["M27"]  # the kept model is collapsed
     assert run_epochs([healthy, healthy, healthy, collapsed], best=2) == ["M27"]  # the last model is
     assert run_epochs([collapsed], best=1) == []  # one epoch: BatchNorm statistics have not settled
+
+
+def test_m08_the_noise_rule_asks_for_a_model_that_has_fit_its_training_images():
+    """monitors.unfit_for_noise: held-out confusions are blamed on the labels only where the kept model's error on
+    its own training images (per class, averaged) stays within NOISE_FIT_SLACK of the estimate."""
+    from safetrain.monitors import NOISE_FIT_SLACK, unfit_for_noise
+    labels = torch.arange(1000) % 4
+    classes = ["a", "b", "c", "d"]
+
+    def probs(wrong):  # the model's training predictions: right except for the `wrong` mask (then the next class)
+        return torch.nn.functional.one_hot(torch.where(wrong, (labels + 1) % 4, labels), 4).float()
+    every_fifth = torch.arange(1000) % 5 == 0
+    assert unfit_for_noise(probs(every_fifth), labels, 0.2, classes) is None  # wrong labels, learned data: noise
+    assert unfit_for_noise(probs(every_fifth), labels, 0.2 - NOISE_FIT_SLACK + 0.01, classes) is None
+    half = torch.arange(1000) % 2 == 0
+    why, evidence = unfit_for_noise(probs(half), labels, 0.12, classes)  # underfit: half its training images wrong
+    assert "gets 50% of its own training images wrong" in why and evidence["train_error_per_class"] == 0.5
+    rare = labels >= 2  # two classes never learned (a long tail): 50% per class on average, the others perfect
+    why, evidence = unfit_for_noise(probs(rare), labels, 0.1, classes)
+    assert "most: c 100%, d 100%" in why and evidence["worst"]["d"] == 1.0
