@@ -19,6 +19,9 @@ from safetrain.models.pretrained import architecture
 FORMAT_VERSION = 2  # 2: the normalization lives in data_facts (mean, std), stored once
 
 
+SINCE = {"margins"}  # parts that checkpoints of earlier versions lack: those start afresh on resume
+
+
 class Checkpointer:
     """Saves `best.pt` and `last.pt` of one run. Each holds what decides how training goes on from its epoch, so
     that a resumed run ends exactly as an uninterrupted one: the model (unwrapped, on the CPU) and the `parts`
@@ -60,7 +63,8 @@ class Checkpointer:
         """Put the model, the parts and the global generators back as `ckpt` saved them."""
         self.model.load_state_dict(ckpt["model"])
         for k, part in self.parts.items():
-            part.load_state_dict(ckpt[k])
+            if k in ckpt or k not in SINCE:
+                part.load_state_dict(ckpt[k])
         set_rng_state(ckpt["rng"][dist.rank()] if isinstance(ckpt["rng"], list) else ckpt["rng"])  # list: per rank
 
 

@@ -3,6 +3,8 @@ label-noise estimate [M08], metrics.json, report.md/html, the final TensorBoard 
 why it stopped and how to continue. The run's figures are drawn here."""
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from safetrain.data.audit import pair_images
 from safetrain.engine import FitResult, Setup, test
 from safetrain.errors import Interrupted
 from safetrain.findings import Finding
-from safetrain.io import write_json
+from safetrain.io import write_json, write_text
 from safetrain.metrics import average_precisions, per_label, selection_metric
 from safetrain.models.layers import hooks
 from safetrain.optim import OPTIMIZERS
@@ -123,10 +125,8 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     train_ids, facts = data.splits["train"].ids, data.facts
     hooks(setup.model).eval_views("one")  # what the model makes of the images it trained on: one view is enough
     trained = predicted_probs(setup.model, data.loaders.train_in_order, ctx.prec, facts.multilabel)
-    suspects, n_suspects = (suspected_wrong_tags if facts.multilabel else suspected_mislabeled)(
-        *trained, train_ids, facts.classes)
-    log.info("%d training samples look mislabeled to the final model [M08]; the top %d are in report.md",
-             n_suspects, len(suspects))
+    ranked = _suspects(trained, setup.margins, train_ids, facts, out.path / "suspects.csv")
+    suspects, n_suspects = ranked[:TOP_SUSPECTS], len(ranked)
     estimate, noise = _label_noise(data, held_out, suspects)
     noise = _or_unfit(noise, trained, estimate, facts, findings + result.findings,
                       advice_for(ctx.cfg, setup.custom_model))
@@ -176,6 +176,35 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
     log.info("label noise: about %.1f%% of the held-out labels look wrong (confident learning, kept model)",
              100 * estimate)
     return estimate, label_noise_finding(estimate, off, len(labels), examples)
+
+
+TOP_SUSPECTS = 20  # in report.md and metrics.json; suspects.csv has them all
+
+
+def _suspects(trained, margins, ids: list[str], facts, csv_path: Path) -> list[dict]:
+    """The suspected mislabeled training samples [M08], most likely first: by their margin over training (AUM:
+    monitors.Margins) where it was recorded, else by the final model's doubt. suspects.csv lists them all, then the
+    samples only the final model doubts, each with both signals, so either ranking can be read from it."""
+    if facts.multilabel:
+        ranked = suspected_wrong_tags(*trained, ids, facts.classes)
+        log.info("%d training images have a tag the final model doubts [M08]; the top %d are in report.md",
+                 len(ranked), min(len(ranked), TOP_SUSPECTS))
+        return ranked
+    area = None if margins is None else margins.area()
+    ranked = suspected_mislabeled(*trained, ids, facts.classes, area)
+    doubted = suspected_mislabeled(*trained, ids, facts.classes) if area is not None else []
+    listed = {m["id"] for m in ranked}
+    where = {sid: i for i, sid in enumerate(ids)}
+    rows = ranked + [{**m, "margin": round(float(area[where[m["id"]]]), 3)} for m in doubted if m["id"] not in listed]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["id", "given", "predicted", "margin", "p_given", "p_predicted"], restval="")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(csv_path, buf.getvalue())
+    log.info("%d training samples %s [M08]; the top %d are in report.md, all in %s", len(ranked),
+             "kept another class above their label while training (area under the margin < 0)" if area is not None
+             else "look mislabeled to the final model", min(len(ranked), TOP_SUSPECTS), csv_path.name)
+    return ranked
 
 
 def _or_unfit(noise: Optional[Finding], trained, estimate, facts, found: list[Finding],

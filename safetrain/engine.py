@@ -187,6 +187,7 @@ class Setup:
     custom_model: bool = False  # the user's nn.Module: safetrain's model.* settings do not apply to it
     trainable: Optional[nn.Module] = None  # what trains: `model`, or DDP around it (torchrun), compiled or not
     average: Optional[object] = None  # optim.Lookahead (optim.lookahead): the weight average
+    margins: Optional[object] = None  # monitors.Margins: each training sample's margin over training (AUM)
 
     def __post_init__(self):
         self.trainable = self.model if self.trainable is None else self.trainable
@@ -294,6 +295,8 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
         else:
             y = D.hard_labels(y)  # data.mix: the larger share's class
             correct += (logits.argmax(1) == y).sum()
+            if setup.margins is not None:
+                setup.margins.add(loader.batch_ids, logits, y)
             if drawn is None:
                 drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
             drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync

@@ -344,21 +344,26 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
 
 
 def suspected_mislabeled(probs: torch.Tensor, labels: torch.Tensor, ids: list[str], classes: list[str],
-                         top: int = 20) -> tuple[list[dict], int]:
-    """Training samples whose given label the final model finds far less likely than another [M08]:
-    p(given) < 0.1 while another class has p > 0.8, ranked by the gap. `probs`: the final model's on the split in
-    order through the eval pipeline (predicted_probs). Returns (the top ones, how many in all)."""
+                         area: torch.Tensor | None = None) -> list[dict]:
+    """Training samples whose given label looks wrong [M08], most likely first, each with the final model's
+    probabilities (`probs`: on the split in order through the eval pipeline, predicted_probs). With `area` (each
+    sample's margin over training, Margins.area): those that kept a negative margin (another class above their label,
+    on average while training), lowest first. Without it: those the final model gives p(label) < 0.1 while another
+    class has p > 0.8, by the gap (a model that has memorized a wrong label no longer doubts it)."""
     other, pred = probs.scatter(1, labels[:, None], -1.0).max(1)  # the most likely class other than the label
     given = probs.gather(1, labels[:, None]).squeeze(1)
-    suspect = ((given < 0.1) & (other > 0.8)).nonzero().squeeze(1)
-    order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)][:top]
+    if area is None:
+        suspect = ((given < 0.1) & (other > 0.8)).nonzero().squeeze(1)
+        order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)]
+    else:
+        suspect = (area < 0).nonzero().squeeze(1)
+        order = suspect[area[suspect].argsort()]
     return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
-             "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)}
-            for r, i in enumerate(order.tolist())], len(suspect)
+             "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4),
+             **({} if area is None else {"margin": round(float(area[i]), 3)})} for i in order.tolist()]
 
 
-def suspected_wrong_tags(probs: torch.Tensor, labels: torch.Tensor, ids: list[str], classes: list[str],
-                         top: int = 20) -> tuple[list[dict], int]:
+def suspected_wrong_tags(probs: torch.Tensor, labels: torch.Tensor, ids: list[str], classes: list[str]) -> list[dict]:
     """Several labels per image: training images with a tag the final model finds absent (p < 0.1: an extra tag?)
     or an untagged label it finds present (p > 0.9: a missing tag?) [M08], ranked by the largest such doubt. Rows in
     suspected_mislabeled's form: `given` the tags, `predicted` what the model sees (p > 0.5)."""
@@ -366,12 +371,44 @@ def suspected_wrong_tags(probs: torch.Tensor, labels: torch.Tensor, ids: list[st
     doubt = torch.where(y, 1 - probs, probs)  # how far each given 0/1 is from what the model sees
     worst, k = doubt.max(1)
     suspect = ((y & (probs < 0.1)) | (~y & (probs > 0.9))).any(1).nonzero().squeeze(1)
-    order = suspect[worst[suspect].argsort(descending=True)][:top]
+    order = suspect[worst[suspect].argsort(descending=True)]
     given, seen = label_sets(y[order], classes), label_sets(probs[order] > 0.5, classes)
     return [{"id": ids[i], "given": given[r], "predicted": seen[r],
              "doubted": f"{'extra' if y[i, k[i]] else 'missing'} {classes[int(k[i])]}",
              "p_given": round(float(1 - worst[i]), 4), "p_predicted": round(float(worst[i]), 4)}
-            for r, i in enumerate(order.tolist())], len(suspect)
+            for r, i in enumerate(order.tolist())]
+
+
+class Margins:
+    """The area under the margin (AUM, Pleiss et al. 2020), recorded while training: each training sample's margin,
+    the logit of its given label minus the largest other one, at every step that trains on it (augmented, before that
+    step moves the weights), averaged. A wrong label keeps a negative margin until the model memorizes it, while a
+    hard but right one climbs above zero early, so the ranking holds where the final model, which has fit its
+    training images wrong labels included, no longer doubts them. Costs one index_add per step."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.sums = torch.zeros(n, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(n, dtype=torch.int32, device=device)
+
+    def add(self, ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """A batch: `ids` its samples' positions in the training split, `labels` their given (hard) labels."""
+        logits = logits.detach().float()
+        given = logits.gather(1, labels[:, None]).squeeze(1)
+        other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+        ids = ids.to(logits.device)
+        self.sums.index_add_(0, ids, given - other)
+        self.counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+    def area(self) -> torch.Tensor:
+        """(N,) on the CPU: each sample's mean margin; NaN for a sample never trained on."""
+        return (self.sums / self.counts).cpu()
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu(), "counts": self.counts.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.copy_(state["sums"])
+        self.counts.copy_(state["counts"])
 
 
 NOISE_WARN = 0.08  # estimated share of wrong labels above which [M08] is a warning (healthy real runs: 0-1.7%)

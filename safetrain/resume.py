@@ -21,8 +21,8 @@ from safetrain.optim import SCHEDULES
 from safetrain.tracking import flatten
 
 SAFE = ("trainer.max_epochs", "trainer.progress", "data.num_workers", "trainer.checkpoint_minutes",
-        "data.disk_cache")  # may differ on resume (the raw cache gives the batches the files give; the JPEG one, the same
-# batches within a few grey levels: data/stored.py)
+        "data.disk_cache")  # may differ on resume (the raw cache gives the batches the files give; the JPEG one,
+# the same batches within a few grey levels: data/stored.py)
 
 
 def command(run_dir: Path, processes: int = 1) -> str:

@@ -33,7 +33,7 @@ from safetrain.metrics import build_metrics, build_multilabel_metrics, selection
 from safetrain.models import build_model, count_parameters
 from safetrain.models.checks import check_model
 from safetrain.models.layers import hooks
-from safetrain.monitors import Monitors, StepGuard, advice
+from safetrain.monitors import Margins, Monitors, StepGuard, advice
 from safetrain.optim import Lookahead, LRSchedule, build_optimizer
 from safetrain.preflight import init_and_gradient_checks, input_check
 from safetrain.runtime import MARK, resolve_device, seed_everything
@@ -301,8 +301,13 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
              f", which learn at {o.bias_lr_mult:g}x" if o.bias_lr_mult != 1 else "", s.name, *selection,
              ", lookahead weight averaging" if o.lookahead else "")
     metrics = (build_multilabel_metrics if facts.multilabel else build_metrics)(facts.num_classes, ctx.device)
+    # each training sample's margin over training ranks the suspected wrong labels [M08]: one label per image and
+    # unmixed batches (a mixed image has two), one process (each rank sees its own share; rank 0 writes checkpoints)
+    margins = Margins(len(data.splits["train"]), ctx.device) \
+        if not facts.multilabel and cfg.data.mix == "none" and not dist.active() else None
     return Setup(net, loss_fn, optimizer, schedule, selection, metrics, lr,
-                 make_optimizer, n_params, model is not None, trainable, Lookahead(net, steps) if o.lookahead else None)
+                 make_optimizer, n_params, model is not None, trainable, Lookahead(net, steps) if o.lookahead else None,
+                 margins)
 
 
 def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn.Module, loss_fn, make_optimizer,
@@ -400,7 +405,8 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
                                optimizer=setup.optimizer, schedule=setup.schedule,
                                loader=data.loaders.train, monitors=monitors,
                                **({"scaler": ctx.prec.scaler} if ctx.prec.scaler else {}),  # fp16: its scale too
-                               **({"average": setup.average} if setup.average else {}))
+                               **({"average": setup.average} if setup.average else {}),
+                               **({"margins": setup.margins} if setup.margins else {}))
     if resume_from:
         checkpoints.restore(resume_from)
     log.info("[8/9] training up to %d epochs -> %s%s", tr.max_epochs, out.path,

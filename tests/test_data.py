@@ -373,7 +373,8 @@ def test_a_disk_too_small_for_the_raw_cache_gets_the_images_re_encoded_as_jpeg(t
     monkeypatch.undo()
     caplog.clear()
     again = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c2", 0)
-    assert "decoded images loaded from cache" in caplog.text and type(again.parts["all"].stored).__name__ == "JpegImages"
+    assert "decoded images loaded from cache" in caplog.text
+    assert type(again.parts["all"].stored).__name__ == "JpegImages"
 
 
 def test_a_disk_that_fills_while_the_jpegs_are_written_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -279,7 +279,7 @@ def test_two_processes_read_their_shares_of_the_disk_cache(tmp_path):
     assert len(list((tmp_path / "cache" / "stored v1").iterdir())) == 3  # decoded once (.pt, images, 32 px): no temp
     assert "disk-cache path" in (tmp_path / "disk" / "safetrain.log").read_text()
     assert "streaming path" in (tmp_path / "files" / "safetrain.log").read_text()
-    a, b = model_of(tmp_path / "disk" / "checkpoints" / "last.pt"), model_of(tmp_path / "files" / "checkpoints" / "last.pt")
+    a, b = (model_of(tmp_path / name / "checkpoints" / "last.pt") for name in ("disk", "files"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     one = run_cli(*base, f"hydra.run.dir={tmp_path / 'one'}", env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]

@@ -208,11 +208,14 @@ class BatchPipeline:
 
 class _RandomState:
     """A training loader's random state, for exact resume: the order of the samples (shuffling or class-balanced
-    draws) and the augmentation. Both generators are seeded once per run and move on from epoch to epoch.
+    draws) and the augmentation. `batch_ids`: the positions in the split of the batch last yielded (this rank's
+    share), for what is recorded per sample during training (monitors.Margins). Both generators are seeded once per
+    run and move on from epoch to epoch.
     Inside an epoch (a mid-epoch checkpoint: engine.train_epoch) the state is the order's at the epoch's start, the
     augmentation's now and `skip`, the batches already trained: the next pass draws the same order and starts after
     them, without drawing their augmentation again."""
     skip = 0
+    batch_ids: Optional[Tensor] = None
 
     def state_dict(self) -> dict:
         return {"order": self.g.get_state(), "augment": self.pipeline.g.get_state()}
@@ -260,6 +263,7 @@ class TensorLoader(_RandomState):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             if self.drop_last:
                 idx = share_of(idx, self.at)
+            self.batch_ids = idx
             yield self.pipeline.labelled(self.images[idx], self.labels[idx])
 
 
@@ -293,7 +297,8 @@ class StreamLoader(_RandomState):
         return len(self.batches)
 
     def __iter__(self):
-        for x, y in self._stored() if self.loader is None else self.loader:
+        for x, y, ids in self._stored() if self.loader is None else self.loader:
+            self.batch_ids = ids
             if self.pipeline is None:  # raw uint8 batches (statistics)
                 yield x, y
                 continue
@@ -307,7 +312,7 @@ class StreamLoader(_RandomState):
         images, labels = self.data.stored, self.data.labels
         if isinstance(images, JpegImages) and self.pipeline is not None and self.pipeline.device.type == "cuda":
             images = images.on(self.pipeline.device)  # decoded by nvjpeg, where the batch goes
-        return _ahead(((images[idx], labels[idx]) for idx in order))
+        return _ahead(((images[idx], labels[idx], torch.tensor(idx)) for idx in order))
 
 
 def _ahead(batches: Iterable, depth: int = 4) -> Iterator:
@@ -356,12 +361,14 @@ class _Shares:
                 yield share_of(torch.tensor(batch), self.at).tolist() if self.at[1] > 1 else batch
 
 
-def _stack(items, shape: tuple) -> tuple[Tensor, Tensor]:
-    for img, _, path in items:
+def _stack(items, shape: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """(images, labels, positions in the split) of a batch of _LabelledFiles items."""
+    for img, _, path, _ in items:
         if tuple(img.shape) != shape:
             raise DataError(f"[data] {path} decodes to {tuple(img.shape)} but the dataset's images are {shape}. "
                             "Set data.image_size=N to train every image at NxN.")
-    return torch.stack([i for i, _, _ in items]), torch.tensor([y for _, y, _ in items])
+    return (torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items]),
+            torch.tensor([item[3] for item in items]))
 
 
 class _LabelledFiles(FileDataset):
@@ -370,7 +377,7 @@ class _LabelledFiles(FileDataset):
         self.labels = data.labels.tolist()
 
     def __getitem__(self, i):
-        return super().__getitem__(i), self.labels[i], self.files[i]
+        return super().__getitem__(i), self.labels[i], self.files[i], i
 
 
 def make_loader(data: ImageSet, pipeline: Optional[BatchPipeline], *, batch_size: int, train: bool, seed: int,
