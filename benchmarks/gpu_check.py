@@ -13,6 +13,8 @@ what it measured; a part that would start after --budget-s is recorded as skippe
   3. trainer.precision=fp16 (the gradient scaler): the run must end without [M26] or a stop.
   4. trainer.compile=true.
   5. mode=predict and mode=export (ONNX + torch.export parity) from seed 0's CUDA-trained checkpoint.
+  6. The streamed loader's disk cache, raw and JPEG (decoded by nvJPEG), delivering 64-px batches to the GPU, against
+     ImageFolder + PIL (benchmarks/scale.py throughput, on the same copy).
 Each safetrain run's data seconds (load, split with the near-copy search, audit) and peak GPU memory come from its
 metrics.json. OUT/gpu_check.md is a RESULTS.md section with the targets of issue 25 marked met or not.
 
@@ -36,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar import TARBALL, timed_run, unpack  # noqa: E402
+import scale  # noqa: E402
 
 TARGETS = {"cifar10_acc": 0.925, "cifar10_wall_s": 60.0, "fast_acc": 0.905, "fast_vs_airbench": 1.5}
 TINY = ["model.widths=[8,16,16]", "trainer.max_epochs=2", "data.batch_size=32"]
@@ -171,6 +174,17 @@ def main() -> None:
             return {"predict_s": pred["wall_s"], "predicted_rows": rows, "export_s": exp["wall_s"],
                     "parity": meta["parity"]}
         check.part("predict_export", predict_export)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        def loader() -> dict:
+            rows = scale.throughput(root, 8 if device == "cuda" else 2, 1 if a.tiny else 100, 0,
+                                    batch=64 if a.tiny else 256, kinds=("raw", "jpeg"), device=device, models=())
+            first, speed = rows[0::2], rows[1::2]
+            return {"to": device, "imagefolder_pil_images_s": speed[0]["torchvision_imagefolder_pil"],
+                    **{f"{kind}_images_s": r["safetrain_disk_cache"] for kind, r in zip(("raw", "jpeg"), speed)},
+                    **{f"{kind}_cache_mb": r["cache_mb"] for kind, r in zip(("raw", "jpeg"), first)},
+                    **{f"{kind}_first_pass_s": r["seconds"] for kind, r in zip(("raw", "jpeg"), first)}}
+        check.part("disk_cache_loader", loader)
     check.result["targets"] = verdicts(check.result)
     (a.out / "gpu_check.json").write_text(json.dumps(check.result, indent=1))
     (a.out / "gpu_check.md").write_text(markdown(check.result))

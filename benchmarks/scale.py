@@ -182,9 +182,9 @@ def _rate(batches, limit: int, step=None, device: str = "cpu") -> float:
 
 
 def throughput(root: Path, workers: int, batches: int, train_batches: int, batch: int = 256, kinds=("raw",),
-               device: str = "cpu") -> list[dict]:
+               device: str = "cpu", models=tuple(MODELS)) -> list[dict]:
     """The first pass and the loader alone for each kind of disk cache (`kinds`: raw, jpeg) against ImageFolder +
-    PIL, batches delivered to `device`; then training steps on the CPU with the first kind."""
+    PIL, batches delivered to `device`; then training steps of `models` on the CPU with the first kind."""
     torch.set_num_threads(os.cpu_count() or 1)
     out = []
     with tempfile.TemporaryDirectory() as cache:
@@ -202,7 +202,7 @@ def throughput(root: Path, workers: int, batches: int, train_batches: int, batch
                         "ratio": round(ours / theirs, 2), **peak_mb()})
         loader = _safetrain_loader(root, Path(cache), workers, batch, kinds[0])[0]  # cached: the training steps on CPU
         norm = loader.pipeline.normalize
-        for name in MODELS:
+        for name in models:
             net, opt = _model(name)
 
             def step(x, y):

@@ -173,10 +173,11 @@ def test_the_gpu_check_runs_every_part_it_can_here_with_tiny(tmp_path):
     gpu = torch.cuda.is_available()
     for name in ("airbench94", "cifar10_fp16_scaler", "cifar10_compile"):
         assert parts[name]["status"] == ("ok" if gpu else "skipped"), parts[name]
-    for name in ("cifar10_fast_airbench_width", "cifar10_seed0_fresh_cache", "predict_export"):
+    for name in ("cifar10_fast_airbench_width", "cifar10_seed0_fresh_cache", "predict_export", "disk_cache_loader"):
         assert parts[name]["status"] == "ok", parts[name]
     run = parts["cifar10_seed0_fresh_cache"]
     assert run["test_acc"] > 0.3 and run["epochs"] == 2  # 10 classes: it learned and set(run["data_seconds"]) == {"load", "split", "audit"}
+    assert parts["disk_cache_loader"]["jpeg_images_s"] > 0 and parts["disk_cache_loader"]["jpeg_cache_mb"] >= 0
     parity = parts["predict_export"]["parity"]
     assert parts["predict_export"]["predicted_rows"] == 80 and parity["onnx_argmax_agreement"] == 1.0
     assert parity["onnx_max_abs_diff"] < 1e-3 and parity["torch_export_argmax_agreement"] == 1.0

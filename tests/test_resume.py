@@ -32,6 +32,7 @@ def same_run(a, b) -> None:
             assert all(torch.equal(v, y["optimizer"]["state"][i][n]) for n, v in s.items()), (name, i)
         assert all(torch.equal(x["loader"][k], y["loader"][k]) for k in x["loader"])
         assert x["schedule"] == y["schedule"] and x["monitors"]["by_epoch"] == y["monitors"]["by_epoch"]
+        assert x.keys() == y.keys() and all(torch.equal(x["margins"][k], y["margins"][k]) for k in x.get("margins", ()))
     fa, fb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert {k: v for k, v in fa.items() if k not in TIMING} == {k: v for k, v in fb.items() if k not in TIMING}
     la, lb = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
