@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from safetrain import data as D
@@ -289,17 +289,8 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
         if average is not None:
             average.after_step()
         total_loss += loss.detach() * len(y)
-        if multilabel:
-            correct += ((logits.detach() > 0) == y.bool()).float().mean(1).sum()
-            drawn = y.sum(0) if drawn is None else drawn + y.sum(0)
-        else:
-            y = D.hard_labels(y)  # data.mix: the larger share's class
-            correct += (logits.argmax(1) == y).sum()
-            if setup.margins is not None:
-                setup.margins.add(loader.batch_ids, logits, y)
-            if drawn is None:
-                drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device)
-            drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount, no device sync
+        hits, drawn = _tally(logits.detach(), y, multilabel, drawn, setup.margins, loader)
+        correct += hits
         seen += len(y)
         if mid and step < last and (_signalled(stop) or mid[0].due(step)):  # Ctrl-C, SIGTERM: kept too
             dist.together(lambda: _checks(guard, None, f"in {desc}, step {step + 1}"))  # only a healthy state is kept
@@ -322,6 +313,19 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
             "grad_norm": float(grad_norm), "images_per_s": seen / dt, "seconds": dt,
             "layer_grad_norms": {k: float(v) for k, v in norms.items()}, "label_counts": dist.total(drawn),
             "images": seen}
+
+
+def _tally(logits: Tensor, y: Tensor, multilabel: bool, drawn: Optional[Tensor], margins, loader):
+    """-> (the step's correct predictions, the label counts so far with its batch's). With several labels per image a
+    prediction is one label at 0.5 and a count a positive; with one, data.mix's labels count as their larger share's
+    class, and `margins` (monitors.Margins, where recorded) takes each sample's margin."""
+    if multilabel:
+        return ((logits > 0) == y.bool()).float().mean(1).sum(), y.sum(0) if drawn is None else drawn + y.sum(0)
+    y = D.hard_labels(y)
+    if margins is not None:
+        margins.add(loader.batch_ids, logits, y)
+    drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device) if drawn is None else drawn
+    return (logits.argmax(1) == y).sum(), drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount: no sync
 
 
 def _signalled(stop: StopRequest | None) -> bool:

@@ -140,15 +140,17 @@ def image_grid(images: torch.Tensor, captions: list[str], title: str, columns: i
     for i, img in enumerate(images):
         y, x = (i // cols) * (cap + h + pad) + cap, (i % cols) * (w + pad)
         mosaic[y:y + h, x:x + w] = img.expand(3, h, w).permute(1, 2, 0)
-    fig = Figure(figsize=(cols * TILE * (w + pad) / w, rows * TILE * (cap + h + pad) / w + 0.5))
-    ax = fig.add_axes((0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    head = textwrap.fill(title, max(30, int(cols * TILE * 11)))
+    band = 0.15 + 0.2 * (head.count("\n") + 1)  # inches above the mosaic for the title's lines (a narrow grid wraps it)
+    fig = Figure(figsize=(cols * TILE * (w + pad) / w, rows * TILE * (cap + h + pad) / w + band))
+    ax = fig.add_axes((0, 0, 1, 1 - band / fig.get_figheight()))
     ax.imshow(mosaic.numpy(), interpolation="nearest", aspect="equal")
     ax.set_axis_off()
     for i, text in enumerate(captions[:n]):
         lines = [part for line in text.split("\n") for part in textwrap.wrap(line, 24)]
         y, x = (i // cols) * (cap + h + pad) + cap, (i % cols) * (w + pad)
         ax.text(x + w / 2, y - 0.5, "\n".join(lines[:4]), ha="center", va="bottom", fontsize=7)
-    fig.suptitle(textwrap.fill(title, max(30, int(cols * TILE * 11))), fontsize=10, y=1 - 0.06 / fig.get_figheight())
+    fig.suptitle(head, fontsize=10, y=1 - 0.06 / fig.get_figheight())
     return fig
 
 

@@ -301,13 +301,18 @@ def build_training(ctx: Context, data: Prepared, model: Optional[nn.Module] = No
              f", which learn at {o.bias_lr_mult:g}x" if o.bias_lr_mult != 1 else "", s.name, *selection,
              ", lookahead weight averaging" if o.lookahead else "")
     metrics = (build_multilabel_metrics if facts.multilabel else build_metrics)(facts.num_classes, ctx.device)
-    # each training sample's margin over training ranks the suspected wrong labels [M08]: one label per image and
-    # unmixed batches (a mixed image has two), one process (each rank sees its own share; rank 0 writes checkpoints)
-    margins = Margins(len(data.splits["train"]), ctx.device) \
-        if not facts.multilabel and cfg.data.mix == "none" and not dist.active() else None
     return Setup(net, loss_fn, optimizer, schedule, selection, metrics, lr,
                  make_optimizer, n_params, model is not None, trainable, Lookahead(net, steps) if o.lookahead else None,
-                 margins)
+                 _margins(ctx, data))
+
+
+def _margins(ctx: Context, data: Prepared) -> Optional[Margins]:
+    """Each training sample's margin over training, which ranks the suspected wrong labels [M08]: with one label per
+    image and unmixed batches (a mixed image has two), in one process (each rank sees its own share, and rank 0 writes
+    the checkpoints)."""
+    if data.facts.multilabel or ctx.cfg.data.mix != "none" or dist.active():
+        return None
+    return Margins(len(data.splits["train"]), ctx.device)
 
 
 def epochs_in_budget(ctx: Context, data: Prepared, trainable: nn.Module, net: nn.Module, loss_fn, make_optimizer,

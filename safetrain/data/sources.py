@@ -23,8 +23,7 @@ from torch import Tensor
 
 from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, channels_of, fit_image, header, hidden,
                                   list_images, pixel_limit, shrink_on_load, to_array)
-from safetrain.data import stored
-from safetrain.data.stored import DiskImages, JpegImages
+from safetrain.data.stored import DiskImages, JpegImages, choose, complete, disk_mode, reader, writers
 from safetrain.errors import DataError
 from safetrain.io import cached
 
@@ -399,7 +398,7 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
     fp = digest("files v2", str(base.resolve()), fit, channels, classes, *stat)
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
     done = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers, keep=not stream,
-                       disk=stored.disk_mode(disk_cache))
+                       disk=disk_mode(disk_cache))
     images, bad, digests = done["images"], done["bad"], done.get("digests")
     unusable = _refuse_or_skip(dict(sorted({**bad_headers, **{Path(listed[i][1]): why for i, why in bad.items()}}
                                            .items())), len(listed) + len(bad_headers), bad_files)  # one list to fix
@@ -468,14 +467,14 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
     """Decode every file once, before training, in worker processes: {"images": (N, C, H, W) uint8 if `keep`, else
     None; "bad": {index: why} of the files that cannot be decoded}; when not `keep` (a streamed folder), also
     "digests" (of the decoded pixels, as in memory), "small" (every image at AUDIT_SIDE, for the audit) and, with
-    `disk` (stored.disk_mode), "stored" (every image at the training size: the disk cache its epochs read instead of
+    `disk` (data/stored.py: disk_mode), "stored" (every image at the training size: the disk cache its epochs read instead of
     the files). Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
     c, h, w = shape
     small_shape, full = (len(files), c, *audit_hw(h, w)), (len(files), c, h, w)
     mode = None if keep else disk
     if mode == "auto":  # the kind an earlier run cached, else the one the disk holds
         mode = next((m for m in ("raw", "jpeg") if (cache_dir / CACHES[m] / f"{fp}.pt").is_file()), None) or \
-            stored.choose("auto", math.prod(small_shape), math.prod(full), cache_dir)
+            choose("auto", math.prod(small_shape), math.prod(full), cache_dir)
     folder = cache_dir / ("decoded" if keep else CACHES[mode])
     raw = {} if keep else {"small": (folder / f"{fp}.small.u8", small_shape)}
     if mode:
@@ -485,8 +484,8 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
         out = torch.empty(full, dtype=torch.uint8) if keep else None
         bad, digests, made = {}, [b""] * len(files), {}
         if not keep:
-            stored.choose(mode or "raw", math.prod(small_shape), math.prod(full) if mode else 0, folder)
-        writers = stored.writers(raw, mode)
+            choose(mode or "raw", math.prod(small_shape), math.prod(full) if mode else 0, folder)
+        writing = writers(raw, mode)
         try:
             for batch in file_loader(CheckedFiles(files, c, resize), batch_size=256, num_workers=num_workers,
                                      collate_fn=list):
@@ -500,25 +499,25 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
                     continue
                 for i, img in good:
                     digests[i] = hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
-                writers["small"].write(idx, audit_size(imgs))
-                if "stored" in writers:
-                    writers["stored"].write(idx, imgs)
-            for writer in writers.values():  # complete: then under their final names
+                writing["small"].write(idx, audit_size(imgs))
+                if "stored" in writing:
+                    writing["stored"].write(idx, imgs)
+            for writer in writing.values():  # complete: then under their final names
                 made.update(writer.commit())
         finally:
-            for writer in writers.values():
+            for writer in writing.values():
                 writer.discard()
         return {"images": out, "bad": bad, **({} if keep else {"digests": digests}), **made}
 
     path = folder / f"{fp}.pt"
     entry, hit = cached(path, decode, keys=("images", "bad"))
-    if hit and not all(stored.complete(p, s, entry, name == "stored" and mode == "jpeg")
+    if hit and not all(complete(p, s, entry, name == "stored" and mode == "jpeg")
                        for name, (p, s) in raw.items()):
         log.warning("the cache entry %s lacks its image files (removed?): decoding again", path)
         path.unlink(missing_ok=True)
         entry, hit = cached(path, decode, keys=("images", "bad"))
     log.info("%s %s", "decoded images loaded from cache" if hit else "every image decoded once, cached at", path)
-    return {**entry, **{name: stored.reader(p, s, entry, name == "stored" and mode == "jpeg")
+    return {**entry, **{name: reader(p, s, entry, name == "stored" and mode == "jpeg")
                         for name, (p, s) in raw.items()}}
 
 
