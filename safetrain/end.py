@@ -201,8 +201,9 @@ def _suspects(trained, margins, ids: list[str], facts, csv_path: Path) -> list[d
     w.writeheader()
     w.writerows(rows)
     write_text(csv_path, buf.getvalue())
-    log.info("%d training samples %s [M08]; the top %d are in report.md, all in %s", len(ranked),
-             "kept another class above their label while training (area under the margin < 0)" if area is not None
+    log.info("%d training samples %s [M08]: most likely mislabeled first, the top %d in report.md, all in %s",
+             len(ranked), "had another class above their label on average over training (area under the margin < 0; "
+             "the first epochs count too, so a short run lists many)" if area is not None
              else "look mislabeled to the final model", min(len(ranked), TOP_SUSPECTS), csv_path.name)
     return ranked
 

@@ -130,10 +130,10 @@ def _mislabeled_lines(mislabeled: list[dict], figures: dict[str, Figure]) -> lis
             f"| {m['id']} | {m['given']} | {m['predicted']} | {m['doubted']} | {m['p_predicted']} |"
             for m in mislabeled]
     if "margin" in mislabeled[0]:  # ranked by the area under the margin (monitors.Margins)
-        how = ("Each kept another class above its label while training: its margin (the label's logit minus the "
-               "largest other, averaged over the steps that trained on it) is below zero, lowest first. A wrong "
-               "label stays below zero until the model memorizes it; a hard image with a right label climbs above "
-               "early. p(label) and p(other) are the final model's. suspects.csv lists them all.")
+        how = ("Each had another class above its label on average over training: its margin (the label's logit "
+               "minus the largest other, averaged over the steps that trained on it) is below zero, lowest first. A "
+               "wrong label stays below zero until the model memorizes it; a hard image with a right label climbs "
+               "above earlier. p(label) and p(other) are the final model's. suspects.csv lists them all.")
         head, cell = "| sample | label | looks like | margin | p(label) | p(other) |", lambda m: f" {m['margin']} |"
     else:
         how = "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first)."
