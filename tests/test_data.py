@@ -403,7 +403,8 @@ def test_the_scale_benchmark_runs_every_stage_with_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     stages = [r.get("stage", "made") for r in rows]
-    assert stages[:3] == ["made", "first pass (decode once, write the cache)", "loader only"]
+    assert stages[:5] == ["made", "first pass (decode once, write the raw cache)", "loader only, raw cache, to cpu",
+                          "first pass (decode once, write the jpeg cache)", "loader only, jpeg cache, to cpu"]
     assert all(r["safetrain_disk_cache"] > 0 and r["torchvision_imagefolder_pil"] > 0 for r in rows
                if "ratio" in r)
     audits = [r for r in rows if r.get("stage") == "audit"]
