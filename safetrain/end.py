@@ -192,10 +192,9 @@ def _suspects(trained, margins, ids: list[str], facts, csv_path: Path) -> list[d
         return ranked
     area = None if margins is None else margins.area()
     ranked = suspected_mislabeled(*trained, ids, facts.classes, area)
-    doubted = suspected_mislabeled(*trained, ids, facts.classes) if area is not None else []
+    doubted = suspected_mislabeled(*trained, ids, facts.classes, area, by_doubt=True) if area is not None else []
     listed = {m["id"] for m in ranked}
-    where = {sid: i for i, sid in enumerate(ids)}
-    rows = ranked + [{**m, "margin": round(float(area[where[m["id"]]]), 3)} for m in doubted if m["id"] not in listed]
+    rows = ranked + [m for m in doubted if m["id"] not in listed]
     buf = io.StringIO()
     w = csv.DictWriter(buf, ["id", "given", "predicted", "margin", "p_given", "p_predicted"], restval="")
     w.writeheader()

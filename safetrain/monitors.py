@@ -344,15 +344,16 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
 
 
 def suspected_mislabeled(probs: torch.Tensor, labels: torch.Tensor, ids: list[str], classes: list[str],
-                         area: torch.Tensor | None = None) -> list[dict]:
+                         area: torch.Tensor | None = None, by_doubt: bool = False) -> list[dict]:
     """Training samples whose given label looks wrong [M08], most likely first, each with the final model's
     probabilities (`probs`: on the split in order through the eval pipeline, predicted_probs). With `area` (each
     sample's margin over training, Margins.area): those that kept a negative margin (another class above their label,
-    on average while training), lowest first. Without it: those the final model gives p(label) < 0.1 while another
-    class has p > 0.8, by the gap (a model that has memorized a wrong label no longer doubts it)."""
+    on average while training), lowest first. Without it, or `by_doubt`: those the final model gives p(label) < 0.1
+    while another class has p > 0.8, by the gap (a model that has memorized a wrong label no longer doubts it). Each
+    row has its margin where `area` is given."""
     other, pred = probs.scatter(1, labels[:, None], -1.0).max(1)  # the most likely class other than the label
     given = probs.gather(1, labels[:, None]).squeeze(1)
-    if area is None:
+    if area is None or by_doubt:
         suspect = ((given < 0.1) & (other > 0.8)).nonzero().squeeze(1)
         order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)]
     else:

@@ -129,21 +129,19 @@ def _mislabeled_lines(mislabeled: list[dict], figures: dict[str, Figure]) -> lis
                 "| sample | tags | the model sees | doubted | p(doubt) |", "|---|---|---|---|---|"] + [
             f"| {m['id']} | {m['given']} | {m['predicted']} | {m['doubted']} | {m['p_predicted']} |"
             for m in mislabeled]
-    if "margin" in mislabeled[0]:  # ranked by the area under the margin (monitors.Margins)
-        how = ("Each had another class above its label on average over training: its margin (the label's logit "
-               "minus the largest other, averaged over the steps that trained on it) is below zero, lowest first. A "
-               "wrong label stays below zero until the model memorizes it; a hard image with a right label climbs "
-               "above earlier. p(label) and p(other) are the final model's. suspects.csv lists them all.")
-        head, cell = "| sample | label | looks like | margin | p(label) | p(other) |", lambda m: f" {m['margin']} |"
-    else:
-        how = "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first)."
-        head, cell = "| sample | label | looks like | p(label) | p(other) |", lambda m: ""
+    margin = "margin" in mislabeled[0]  # ranked by the area under the margin (monitors.Margins)
+    how = ("Each had another class above its label on average over training: its margin (the label's logit minus the "
+           "largest other, averaged over the steps that trained on it) is below zero, lowest first. A wrong label "
+           "stays below zero until the model memorizes it; a hard image with a right label climbs above earlier. "
+           "p(label) and p(other) are the final model's. suspects.csv lists them all." if margin else
+           "The final model gives these labels p < 0.1 and another class p > 0.8 (most confident first).")
     return ["", "## Suspected mislabeled training samples [M08]", "",
             how + " Some are hard or ambiguous images, some wrong labels: check them.", "",
             *figure("suspected_mislabeled", "suspected mislabeled: given label -> what the model sees", figures),
-            head, "|---" * head.count(" | ") + "|---|"] + [
-        f"| {m['id']} | {m['given']} | {m['predicted']} |{cell(m)} {m['p_given']} | {m['p_predicted']} |"
-        for m in mislabeled]
+            f"| sample | label | looks like |{' margin |' if margin else ''} p(label) | p(other) |",
+            "|---|---|---|---|---|" + ("---|" if margin else "")] + [
+        f"| {m['id']} | {m['given']} | {m['predicted']} |" + (f" {m['margin']} |" if margin else "")
+        + f" {m['p_given']} | {m['p_predicted']} |" for m in mislabeled]
 
 
 def write_report(path: Path, *, facts, audit: dict, checks: list[Finding], findings: list[Finding],

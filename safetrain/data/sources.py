@@ -467,8 +467,8 @@ def _decode_all(files: list[str], shape: tuple[int, int, int], resize: Optional[
     """Decode every file once, before training, in worker processes: {"images": (N, C, H, W) uint8 if `keep`, else
     None; "bad": {index: why} of the files that cannot be decoded}; when not `keep` (a streamed folder), also
     "digests" (of the decoded pixels, as in memory), "small" (every image at AUDIT_SIDE, for the audit) and, with
-    `disk` (data/stored.py: disk_mode), "stored" (every image at the training size: the disk cache its epochs read instead of
-    the files). Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
+    `disk` (data/stored.py: disk_mode), "stored" (every image at the training size: the disk cache its epochs read
+    instead of the files). Cached by the folder's fingerprint, so a folder is decoded (or checked) once."""
     c, h, w = shape
     small_shape, full = (len(files), c, *audit_hw(h, w)), (len(files), c, h, w)
     mode = None if keep else disk
