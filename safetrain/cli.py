@@ -132,15 +132,15 @@ def refuse_code_overrides(overrides: list[str]) -> None:
 @dataclass(frozen=True)
 class Command:
     """The command line, read once: what to do (`kind`, a key of COMMANDS) and with what."""
-    kind: str  # list, train, doctor, sweep, resume, predict, evaluate, export
+    kind: str  # list, train, doctor, sweep, tune, resume, predict, evaluate, export
     settings: list[str]  # key=value settings (and Hydra's flags, for train/doctor/sweep)
     recipe: Optional[str] = None
-    run_dir: Optional[Path] = None  # resume: the run to go on with
+    run_dir: Optional[Path] = None  # resume (and tune): the run (the search) to go on with
 
 
 def parse(argv: list[str]) -> Command:
-    """mode=predict|evaluate|export (the checkpoint has the recipe), resume=RUN_DIR, recipe=NAME (train, doctor or a
-    sweep with -m), or nothing: the list of recipes."""
+    """mode=predict|evaluate|export (the checkpoint has the recipe), resume=RUN_DIR (a run or a search), recipe=NAME
+    (train, doctor, tune, or a sweep with -m), or nothing: the list of recipes."""
     modes = {a.split("=", 1)[1] for a in argv if a.startswith("mode=")}
     after = next((m for m in ("predict", "evaluate", "export") if m in modes), None)
     if after:  # the checkpoint has the recipe
@@ -152,7 +152,8 @@ def parse(argv: list[str]) -> Command:
     rest = [a for a in argv if not a.startswith("recipe=")]
     if recipe is None:
         return Command("list", rest)
-    kind = "sweep" if {"-m", "--multirun"} & set(rest) else "doctor" if "doctor" in modes else "train"
+    kind = "tune" if "tune" in modes else "sweep" if {"-m", "--multirun"} & set(rest) else \
+        "doctor" if "doctor" in modes else "train"
     return Command(kind, rest, recipe)
 
 
@@ -301,7 +302,10 @@ def resume_command(command: Command) -> int:
 
     from safetrain import resume as resuming
     from safetrain.run import run
+    from safetrain.tune import STUDY
 
+    if (Path(command.run_dir) / STUDY).exists():  # a search
+        return tune_command(Command("tune", command.settings, run_dir=Path(command.run_dir)))
     dist.init()
     run_dir, args = command.run_dir, command.settings
     bad = [a for a in args if "=" not in a or a.startswith(("-", "hydra.", "recipe="))]
@@ -326,6 +330,69 @@ def resume_command(command: Command) -> int:
     return _attempt(lambda: run(cfg, run_dir, overrides, resume=True), run_dir)[2]
 
 
+def tune_command(command: Command) -> int:
+    """`python -m safetrain recipe=NAME mode=tune [settings]`, or `resume=SEARCH_DIR [tune.trials=N
+    tune.max_minutes=M]`: a search (safetrain/tune.py), its trials one after another in this process, logged to
+    SEARCH_DIR/safetrain.log. Without hydra.run.dir the search dir is runs/NAME/tune_<hash of the search>: the same
+    command goes on with the same search."""
+    from safetrain import tune
+
+    if dist.requested():
+        raise ConfigError("[config] mode=tune runs its trials one after another in one process: use `python -m "
+                          "safetrain`, not torchrun (a trial under torchrun is not supported).")
+    if command.run_dir is not None:
+        search, search_dir = _saved_search(command)
+    else:
+        search, search_dir = _new_search(command)
+    limits = {o.split("=", 1)[0]: o for o in search.limits}  # the last given
+    search.limits = list(limits.values())
+    recipe_file = next(p for p in (Path(d) / f"{search.recipe}.yaml" for d in (search.config_dir, RECIPES_DIR) if d)
+                       if p.exists())
+    make = lambda overrides: compose(search.recipe, overrides, search.config_dir)[0]  # noqa: E731
+    cfg = make([*search.overrides, *search.limits])
+    if not (search_dir / tune.STUDY).exists():
+        refuse_used_run_dir(search_dir)  # before its log is written there
+    search_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(logging.FileHandler(search_dir / "safetrain.log"))
+    groups = tuple(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    return tune.search(tune.Job(search, make, recipe_file, groups), cfg, search_dir)
+
+
+LIMITS = ("tune.trials=", "tune.max_minutes=")  # what a search may change from one command to the next
+
+
+def _new_search(command: Command):
+    from hydra._internal.utils import get_args_parser
+
+    from safetrain.tune import Search, leaves
+
+    args = get_args_parser().parse_intermixed_args(command.settings)  # -m or --config-dir anywhere
+    if args.multirun:
+        raise ConfigError("[config] mode=tune runs its own search: drop -m (a Hydra sweep of searches is not "
+                          "supported).")
+    refuse_code_overrides(args.overrides)
+    task = [o for o in args.overrides if not o.startswith("hydra.")]
+    config_dir = args.config_dir and str(Path(args.config_dir).resolve())
+    cfg, _ = compose(command.recipe, task, config_dir)
+    search = Search(command.recipe, [o for o in task if not o.lstrip("+").startswith(("mode=", *LIMITS))],
+                    config_dir, leaves(cfg.tune.space), [o.lstrip("+") for o in task if o.lstrip("+").startswith(LIMITS)])
+    given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
+    return search, Path(given) if given else Path("runs", command.recipe, search.folder())
+
+
+def _saved_search(command: Command):
+    from safetrain.tune import saved_search
+
+    bad = [a for a in command.settings if not a.startswith(LIMITS)]
+    if bad:
+        raise ConfigError(f"[config] resume={command.run_dir} goes on with a search: it takes tune.trials=N and "
+                          f"tune.max_minutes=M only, not {' '.join(bad)} (the search keeps its recipe, settings "
+                          "and space).")
+    search = saved_search(command.run_dir)
+    search.limits = [*search.limits, *command.settings]
+    return search, Path(command.run_dir)
+
+
 # what each kind of command runs; a new mode joins here
 COMMANDS = {"list": list_command, "train": train_command, "doctor": train_command, "sweep": train_command,
-            "resume": resume_command, "predict": after_training, "evaluate": after_training, "export": after_training}
+            "tune": tune_command, "resume": resume_command, "predict": after_training, "evaluate": after_training, "export": after_training}

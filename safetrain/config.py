@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass, field, is_dataclass
-from typing import Any, Optional, get_type_hints
+from typing import Any, Dict, Optional, get_type_hints
 
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -30,7 +30,9 @@ from safetrain.optim import OPTIMIZERS, SCHEDULES
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("auto", "memory", "stream")
-MODES = ("train", "doctor")
+MODES = ("train", "doctor", "tune")
+SAMPLERS = ("tpe", "random")  # tune.sampler: Optuna's TPE (default) or random search
+PRUNERS = ("median", "halving", "none")  # tune.pruner: Optuna's median or successive-halving pruner, or none
 MAX_ROTATION = 30.0  # degrees, beyond which digits, text and most objects change meaning [M05]
 MIN_CROP_SCALE = 0.08  # random resized crops: a smaller share of the image often leaves the object out [M05]
 MAX_CROP_RATIO = 2.0  # ... and a box more than 2:1 (or 1:2) stretches the object beyond recognition
@@ -138,16 +140,27 @@ class TrainerConfig:
 
 
 @dataclass
+class TuneConfig:
+    """mode=tune (safetrain/tune.py): an Optuna search whose trials are runs of this recipe."""
+    trials: int = 20  # trials in all, those of an interrupted search included
+    max_minutes: Optional[float] = None  # no trial starts after N minutes of this command
+    sampler: str = "tpe"
+    pruner: str = "median"  # on the per-epoch validation metric
+    space: Dict[str, Any] = field(default_factory=dict)  # setting -> [low, high(, log|int)] | [choice, a, b, ...] | auto
+
+
+@dataclass
 class Config:
     seed: int = 0
     task: str = "auto"  # auto: from the labels (multilabel where an image has other than one), or stated
-    mode: str = "train"  # train, or doctor: audit + preflight + overfit-one-batch, no training
+    mode: str = "train"  # train; doctor: audit + preflight + overfit-one-batch, no training; tune: a search
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # checked against the schema of the chosen model: MODELS[model.name][0]
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def schema_keys(schema=Config, prefix: str = "") -> list[str]:
@@ -258,7 +271,8 @@ def _check_values(c: Config) -> None:
                **{f"model.{k}": (own[k], allowed) for k, allowed in (("activation", ACTIVATIONS), ("norm", NORMS))
                   if k in own},  # safetrain's own models
                "optim": (c.optim.name, OPTIMIZERS), "sched.name": (c.sched.name, SCHEDULES),
-               "trainer.device": (c.trainer.device, DEVICES), "trainer.precision": (c.trainer.precision, PRECISIONS)}
+               "trainer.device": (c.trainer.device, DEVICES), "trainer.precision": (c.trainer.precision, PRECISIONS),
+               "tune.sampler": (c.tune.sampler, SAMPLERS), "tune.pruner": (c.tune.pruner, PRUNERS)}
     for key, (value, allowed) in choices.items():
         _choice(key, value, allowed)
     if c.loss.name != "auto" and not any(c.loss.name in names for names in LOSSES.values()):
@@ -288,6 +302,9 @@ def _check_values(c: Config) -> None:
         check_range("trainer.checkpoint_minutes", c.trainer.checkpoint_minutes, 0.0, 1e6,
                     fix=" null writes checkpoints at epoch ends only.")
     check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
+    check_range("tune.trials", c.tune.trials, 1, 100000)
+    if c.tune.max_minutes is not None:
+        check_range("tune.max_minutes", c.tune.max_minutes, 0.1, 1e6)
     check_range("sched.factor", c.sched.factor, 0.01, 0.99)
     check_range("sched.warmup_fraction", c.sched.warmup_fraction, 0.0, 0.9)
     c.model.check()  # each model's own settings, checked by its schema (safetrain/models/)

@@ -201,6 +201,7 @@ class Limits:
     early_stop_patience: int = 0  # 0: off
     progress: bool = False
     checkpoint_minutes: Optional[float] = None  # inside an epoch, a resumable last.pt every N minutes; None: off
+    prune: Optional[Callable[[int, str, float], None]] = None  # mode=tune: may stop the run after an epoch (Pruned)
 
 
 class MidEpoch:
@@ -402,7 +403,8 @@ def fit(setup: Setup, train_loader, val_loader, limits: Limits, *, prec: Precisi
     and stop early on no improvement. The monitors' findings come at the end, about the kept and the last model.
     `resume`: the state a checkpoint saved (epoch, best, history; inside an epoch, its sums so far), everything else
     already restored. limits.checkpoint_minutes: "last" is also saved inside an epoch, with the loader's state at
-    its start, the steps done and the sums so far (every rank's), to go on from that step.
+    its start, the steps done and the sums so far (every rank's), to go on from that step. limits.prune(epoch,
+    metric, value) is told each epoch's value once its checkpoints are written (mode=tune; it may raise Pruned).
     `setup.trainable` may be the DistributedDataParallel wrapper (safetrain/distributed.py); evaluation uses
     `setup.model`, unwrapped."""
     net, max_epochs, patience = setup.model, limits.max_epochs, limits.early_stop_patience
@@ -445,6 +447,8 @@ def fit(setup: Setup, train_loader, val_loader, limits: Limits, *, prec: Precisi
         log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f %s | lr %.2e | %.0f img/s%s", epoch,
                  max_epochs, tr["loss"], tr["acc"], val["loss"], scores, history[-1]["lr"], tr["images_per_s"],
                  "  * best" if improved else "")
+        if limits.prune:
+            limits.prune(epoch, metric, value)
         if patience and epoch - best["epoch"] >= patience:
             log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
                      metric, epoch - best["epoch"], best["value"], best["epoch"])

@@ -36,6 +36,14 @@ class TrainingStopped(SafetrainError):
         self.resumable = resumable
 
 
+class Pruned(TrainingStopped):
+    """mode=tune: the search stopped this trial after an epoch whose validation metric lagged the earlier trials' at
+    that epoch (safetrain/tune.py); its checkpoints stay, and resuming trains it to its end."""
+
+    def __init__(self, message: str):
+        super().__init__(message, resumable=True)
+
+
 def check_range(key: str, value, lo, hi, row: str = "config", fix: str = "") -> None:
     """Refuse a setting outside [lo, hi], naming the key, the value and the range (and a fix, if given)."""
     if not lo <= value <= hi:

@@ -217,3 +217,48 @@ def co_occurrence(targets: torch.Tensor, classes: list[str], title: str = "train
                         color="white" if share[i, j] > 0.6 else "black")
     fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
+
+
+def search_history(trials: list[dict], metric: str, importances: dict[str, float]) -> Optional[Figure]:
+    """mode=tune: each trial's value in order with the best so far (pruned trials at their last epoch's value),
+    every trial's validation curve per epoch (pruned ones end early), and each searched setting's importance.
+    `trials`: tune.rows(). None before any trial reported an epoch."""
+    reported = [t for t in trials if t["history"]]
+    if not reported:
+        return None
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    order, curves, weight = fig.subplots(1, 3, width_ratios=(1.2, 1.2, 1))
+    done = [t for t in reported if t["state"] == "complete"]
+    pruned = [t for t in reported if t["state"] == "pruned"]
+    order.plot([t["trial"] for t in done], [t["value"] for t in done], "o", color="C0", label="complete")
+    order.plot([t["trial"] for t in pruned], [t["history"][t["last_epoch"]] for t in pruned], "x", color="C3",
+               label="pruned (last epoch)")
+    if done:
+        best, xs, ys = -float("inf"), [], []
+        for t in sorted(done, key=lambda t: t["trial"]):
+            best = max(best, t["value"])
+            xs.append(t["trial"])
+            ys.append(best)
+        last = max(t["trial"] for t in trials)
+        order.step(xs + [last], ys + [best], where="post", color="C2", label="best so far")
+    order.set(title=f"val {metric} per trial", xlabel="trial")
+    order.xaxis.set_major_locator(MaxNLocator(integer=True))
+    order.legend(fontsize=8)
+    for t in reported:
+        epochs = sorted(t["history"])
+        color = "C3" if t["state"] == "pruned" else "C0" if t["state"] == "complete" else "grey"
+        curves.plot(epochs, [t["history"][e] for e in epochs], "-", lw=1, alpha=0.8, color=color)
+        if t["state"] == "pruned":  # where the search stopped it
+            curves.plot(epochs[-1], t["history"][epochs[-1]], "x", color=color)
+    curves.set(title=f"val {metric} per epoch (red: pruned)", xlabel="epoch")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if importances:
+        names = list(importances)[::-1]
+        weight.barh(names, [importances[n] for n in names], color="C4")
+        weight.set(xlim=(0, 1), title="importance (share of the variation)")
+    else:
+        weight.axis("off")
+        weight.text(0.5, 0.5, "importance: too few complete trials", ha="center", va="center", fontsize=9)
+    for ax in (order, curves):
+        ax.grid(alpha=0.3)
+    return fig

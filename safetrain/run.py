@@ -32,11 +32,12 @@ log = logging.getLogger("safetrain")
 
 
 def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, model=None,
-        resume: bool = False) -> dict:
+        resume: bool = False, prune=None) -> dict:
     """Train and test one classifier; returns metrics.json's content. `dataset` (a torch Dataset of (image,
     label)) and `model` (an nn.Module) replace the configured ones and meet the same checks. Every refusal
     happens before anything is written to `run_dir` (Hydra's log aside). `resume`: go on with the run in
-    `run_dir` from its last complete epoch (`cfg` is its saved config; safetrain/resume.py).
+    `run_dir` from its last complete epoch (`cfg` is its saved config; safetrain/resume.py). `prune(epoch, metric,
+    value)` is told each epoch's validation value (mode=tune's pruner: it may stop the run, errors.Pruned).
     Under torchrun (safetrain/distributed.py) every process calls this with the same `run_dir`; rank 0 writes."""
     dist.init()
     try:
@@ -52,7 +53,7 @@ def run(cfg: Config, run_dir: Path, overrides: list[str] = (), *, dataset=None, 
                           "and measured is cached); run the same command again.", signal.SIGINT, resumable=resume) \
             from None
     try:
-        result = train(ctx, data, setup, out, saved)
+        result = train(ctx, data, setup, out, saved, prune)
         return finish(ctx, data, setup, out, checks, findings, result).metrics
     except KeyboardInterrupt:  # a second Ctrl-C in training (the first stops it cleanly), or one during the test
         error = Interrupted("SIGINT received after training began: the checkpoints of the complete epochs are "

@@ -393,9 +393,11 @@ def open_run_dir(ctx: Context, run_dir: Path, overrides, data: Prepared, finding
     return RunDir(run_dir, tracker)
 
 
-def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: Optional[dict] = None) -> FitResult:
+def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: Optional[dict] = None,
+          prune=None) -> FitResult:
     """fit() with the monitors and checkpoints of this run; best.pt is chosen on validation [M07, M29].
-    `resume_from`: a checkpoint of this run, whose state goes back into everything before training goes on."""
+    `resume_from`: a checkpoint of this run, whose state goes back into everything before training goes on.
+    `prune`: mode=tune's pruner (engine.Limits.prune)."""
     tr, c = ctx.cfg.trainer, data.facts.num_classes
     guard = StepGuard(c, ctx.device, setup.lr, setup.model, lr_from_range_test=ctx.cfg.optim.lr == "auto",
                       scaler=ctx.prec.scaler)
@@ -418,7 +420,8 @@ def train(ctx: Context, data: Prepared, setup: Setup, out: RunDir, resume_from: 
              _resumed_at(resume_from, len(data.loaders.train)))
     with StopRequest().installed() as stop:  # SIGINT/SIGTERM: stop cleanly after the current step
         return fit(setup, data.loaders.train, data.loaders.val,
-                   Limits(tr.max_epochs, tr.grad_clip, tr.early_stop_patience, tr.progress, tr.checkpoint_minutes),
+                   Limits(tr.max_epochs, tr.grad_clip, tr.early_stop_patience, tr.progress, tr.checkpoint_minutes,
+                          prune),
                    prec=ctx.prec,
                    save=checkpoints.save, track=out.tracker.epoch if out.tracker else _no_track, monitors=monitors,
                    stop=stop, resume=resume_from)

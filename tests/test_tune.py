@@ -1,0 +1,138 @@
+"""mode=tune: an Optuna search whose trials are safetrain runs, pruned on the validation metric, kept in SQLite so
+that it goes on after a kill, and handing back its best trial as a recipe."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from safetrain.cli import compose, main
+from safetrain.run import run
+from tests.conftest import REPO, run_cli
+
+SMOKE = ["recipe=smoke", "mode=tune", "trainer.progress=false"]
+
+
+def summary(search_dir) -> dict:
+    return json.loads((search_dir / "summary.json").read_text())
+
+
+def test_a_search_prunes_and_hands_back_a_recipe_that_repeats_its_best_trial(tmp_path):
+    s = tmp_path / "s"
+    assert main([*SMOKE, "tune.trials=5", f"hydra.run.dir={s}"]) == 0
+    out = summary(s)
+    states = [t["state"] for t in out["trials"]]
+    assert len(states) == 5 and "pruned" in states and "complete" in states, states
+    pruned = next(t for t in out["trials"] if t["state"] == "pruned")
+    stopped = json.loads((s / pruned["run_dir"] / "metrics.json").read_text())["stopped"]
+    assert "pruned by the search" in stopped and f"after epoch {pruned['last_epoch']}" in stopped  # it says why
+    assert (s / pruned["run_dir"] / "checkpoints" / "last.pt").exists()  # and keeps its run dir
+    assert pruned["last_epoch"] < 3  # smoke trains 3 epochs: it stopped early
+    text = (s / "summary.md").read_text()
+    assert f"**Best: trial {out['best']['trial']}**" in text and (s / "search.png").stat().st_size > 10_000
+    cfg, _ = compose("best", [], str(s))  # best.yaml, as `--config-dir SEARCH_DIR recipe=best` runs it
+    assert run(cfg, tmp_path / "again")["best_val"] == out["best"]["value"]  # same seed, same machine
+
+
+def test_m07_a_search_chooses_its_best_trial_on_validation_never_on_test(tmp_path):
+    s = tmp_path / "s"
+    assert main([*SMOKE, "tune.trials=4", "tune.pruner=none", "trainer.max_epochs=2", f"hydra.run.dir={s}"]) == 0
+    trials = summary(s)["trials"]
+    assert len(trials) == 4 and all(t["state"] == "complete" for t in trials)
+    best_val = max(trials, key=lambda t: t["value"])
+    assert summary(s)["best"]["trial"] == best_val["trial"]
+    assert all("test_acc" in t for t in trials)  # reported for every trial, but not what chooses
+
+
+def test_a_search_goes_on_after_a_kill_with_its_finished_trials_kept(tmp_path):
+    import optuna
+
+    s = tmp_path / "s"
+    assert main([*SMOKE, "tune.trials=2", "tune.pruner=none", f"hydra.run.dir={s}"]) == 0
+    before = summary(s)["trials"]
+    study = optuna.load_study(study_name="safetrain", storage=f"sqlite:///{s / 'study.db'}")
+    cut = study.ask()  # what a command killed in its third trial leaves: a trial the study thinks is running
+    lr = cut.suggest_float("optim.lr", 1e-5, 1e-2, log=True)
+    cut.suggest_float("optim.weight_decay", 1e-5, 0.1, log=True)
+    assert main([f"resume={s}", "tune.trials=3"]) == 0
+    after = summary(s)["trials"]
+    assert after[:2] == before  # kept as they were, not run again
+    assert after[2]["status"] == "interrupted" and after[3]["params"]["optim.lr"] == lr  # run again
+    assert after[3]["state"] == "complete" and len(after) == 4
+    # the same command again: the same search (tune.trials reached: nothing to do), found by its folder's name
+    assert main([*SMOKE, "tune.trials=3", "tune.pruner=none", f"hydra.run.dir={s}"]) == 0
+    assert len(summary(s)["trials"]) == 4
+    code = main([*SMOKE, "tune.trials=3", "tune.pruner=none", "seed=1", f"hydra.run.dir={s}"])
+    assert code == 2  # another search in the same folder: refused
+
+
+def test_refused_and_diverged_trials_are_failed_trials_and_the_search_goes_on(tmp_path):
+    s = tmp_path / "s"
+    code = main([*SMOKE, "tune.trials=6", "tune.sampler=random", "tune.pruner=none", "trainer.max_epochs=1",
+                 "optim=sgd", "optim.allow_unusual_lr=true", "trainer.grad_clip=0",
+                 "tune.space.optim.lr=[choice,0.05,1000]", "tune.space.optim.weight_decay=null",
+                 "+tune.space.data.batch_size=[choice,32,5000]", f"hydra.run.dir={s}"])
+    trials = summary(s)["trials"]
+    assert code == 0 and len(trials) == 6
+    expect = {(0.05, 32): "done", (1000, 32): "stopped", (0.05, 5000): "refused", (1000, 5000): "refused"}
+    seen = {(t["params"]["optim.lr"], t["params"]["data.batch_size"]): t["status"] for t in trials}
+    assert seen == {k: expect[k] for k in seen} and len(set(seen.values())) == 3, seen
+    refused = next(t for t in trials if t["status"] == "refused")
+    assert "[M23]" in refused["note"] and not (s / refused["run_dir"] / "config.yaml").exists()  # no training
+
+
+@pytest.mark.parametrize("setting,says", [
+    ("tune.space.optim.lr=[1e-3,5.0,log]", r"tune.space.optim.lr.*\[M16\] optim.lr=5.0"),
+    ("tune.space.optim.weight_decay=[0.01,0.9]", r"tune.space.optim.weight_decay.*\[M21\]"),
+    ("tune.space.optim.lr=[1e-3]", "not a search range"),
+    ("tune.space.optim.lr=[0,1e-2,log]", "log scale needs a low end above 0"),
+    ("tune.space.optim.lr=[1e-2,1e-3]", "low end must be below"),
+    ("+tune.space.optim.lrr=[1e-3,1e-2]", "optim.lrr is not a setting.*Did you mean 'optim.lr'"),
+    ("tune.sampler=grid", r"tune.sampler.*tpe"),
+])
+def test_m16_m21_a_search_space_beyond_the_sane_ranges_is_refused_before_any_trial(tmp_path, capsys, setting, says):
+    import re
+
+    assert main([*SMOKE, setting, f"hydra.run.dir={tmp_path / 's'}"]) == 2
+    assert re.search(says, capsys.readouterr().err, re.S), setting
+    assert not (tmp_path / "s" / "study.db").exists()
+
+
+def test_without_optuna_the_message_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    assert main([*SMOKE, f"hydra.run.dir={tmp_path / 's'}"]) == 2
+    assert 'pip install -e ".[tune]"' in capsys.readouterr().err
+
+
+def test_a_search_is_not_run_under_torchrun_or_as_a_sweep(tmp_path, monkeypatch, capsys):
+    assert main([*SMOKE, "-m", f"hydra.run.dir={tmp_path / 's'}"]) == 2
+    assert "drop -m" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main([*SMOKE, f"hydra.run.dir={tmp_path / 's'}"]) == 2
+    assert "not torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a real SIGKILL in a subprocess, and the search run again to its end (about 40 s)
+def test_a_search_killed_with_sigkill_goes_on_when_the_same_command_runs_again(tmp_path):
+    command = [*SMOKE, "tune.trials=4", "tune.pruner=none", "trainer.max_epochs=30", "trainer.early_stop_patience=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "safetrain", *command], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 180
+    metrics = []
+    while time.time() < deadline and len(metrics) < 3:
+        metrics = [line for p in tmp_path.glob("runs/smoke/tune_*/trial_001/metrics.jsonl")
+                   for line in p.read_text().splitlines()]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    search_dir = next(tmp_path.glob("runs/smoke/tune_*"))
+    first = json.loads((search_dir / "trial_000" / "metrics.json").read_text())
+    out = run_cli(*command, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trials = summary(search_dir)["trials"]
+    assert [t["status"] for t in trials] == ["done", "interrupted", "done", "done", "done"]
+    assert trials[0]["value"] == first["best_val"]  # trial 0 kept, not run again
+    assert trials[2]["params"] == trials[1]["params"]  # the interrupted trial, run again
