@@ -344,6 +344,8 @@ def tune_command(command: Command) -> int:
         search, search_dir = _saved_search(command)
     else:
         search, search_dir = _new_search(command)
+        if search is None:  # --cfg job: printed
+            return 0
     limits = {o.split("=", 1)[0]: o for o in search.limits}  # the last given
     search.limits = list(limits.values())
     recipe_file = next(p for p in (Path(d) / f"{search.recipe}.yaml" for d in (search.config_dir, RECIPES_DIR) if d)
@@ -371,9 +373,19 @@ def _new_search(command: Command):
         raise ConfigError("[config] mode=tune runs its own search: drop -m (a Hydra sweep of searches is not "
                           "supported).")
     refuse_code_overrides(args.overrides)
+    flags = [f"--{k.replace('_', '-')}" for k in ("help", "hydra_help", "info", "config_path", "config_name",
+                                                   "shell_completion", "experimental_rerun") if getattr(args, k, None)]
+    if flags:
+        raise ConfigError(f"[config] mode=tune takes --config-dir and --cfg job among Hydra's flags, not "
+                          f"{' '.join(flags)}. The search's settings: tune.* in conf/config.yaml (README: mode=tune).")
     task = [o for o in args.overrides if not o.startswith("hydra.")]
     config_dir = args.config_dir and str(Path(args.config_dir).resolve())
-    cfg, _ = compose(command.recipe, task, config_dir)
+    cfg, raw = compose(command.recipe, task, config_dir)
+    if args.cfg:  # --cfg job: the composed config, as for a run, and nothing run
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(raw))
+        return None, None
     search = Search(command.recipe, [o for o in task if not o.lstrip("+").startswith(("mode=", *LIMITS))],
                     config_dir, leaves(cfg.tune.space), [o.lstrip("+") for o in task if o.lstrip("+").startswith(LIMITS)])
     given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)

@@ -288,9 +288,9 @@ def run_trial(study, trial, dims: dict[str, Dim], job: Job, search_dir: Path):
     except Pruned as e:
         state, status, note = op.trial.TrialState.PRUNED, "pruned", str(e)
     except Interrupted as e:
-        status, note = "interrupted", "stopped by a signal: run again"
-        study.enqueue_trial(params, skip_if_exists=False)
-        trial.set_user_attr("status", status)
+        study.enqueue_trial(params, skip_if_exists=False)  # the next command runs it again
+        trial.set_user_attr("status", "interrupted")
+        trial.set_user_attr("note", "stopped by a signal: runs again when the search goes on")
         study.tell(trial, state=state)
         return e
     except SafetrainError as e:

@@ -19,7 +19,7 @@ def summary(search_dir) -> dict:
     return json.loads((search_dir / "summary.json").read_text())
 
 
-def test_a_search_prunes_and_hands_back_a_recipe_that_repeats_its_best_trial(tmp_path):
+def test_m07_a_search_prunes_chooses_on_validation_and_hands_back_a_recipe_that_repeats_its_best(tmp_path):
     s = tmp_path / "s"
     assert main([*SMOKE, "tune.trials=5", f"hydra.run.dir={s}"]) == 0
     out = summary(s)
@@ -30,20 +30,13 @@ def test_a_search_prunes_and_hands_back_a_recipe_that_repeats_its_best_trial(tmp
     assert "pruned by the search" in stopped and f"after epoch {pruned['last_epoch']}" in stopped  # it says why
     assert (s / pruned["run_dir"] / "checkpoints" / "last.pt").exists()  # and keeps its run dir
     assert pruned["last_epoch"] < 3  # smoke trains 3 epochs: it stopped early
+    complete = [t for t in out["trials"] if t["state"] == "complete"]
+    assert out["best"]["trial"] == max(complete, key=lambda t: t["value"])["trial"]  # chosen on validation [M07]
+    assert all("test_acc" in t for t in complete)  # the test score is shown for every trial, not what chooses
     text = (s / "summary.md").read_text()
     assert f"**Best: trial {out['best']['trial']}**" in text and (s / "search.png").stat().st_size > 10_000
     cfg, _ = compose("best", [], str(s))  # best.yaml, as `--config-dir SEARCH_DIR recipe=best` runs it
     assert run(cfg, tmp_path / "again")["best_val"] == out["best"]["value"]  # same seed, same machine
-
-
-def test_m07_a_search_chooses_its_best_trial_on_validation_never_on_test(tmp_path):
-    s = tmp_path / "s"
-    assert main([*SMOKE, "tune.trials=4", "tune.pruner=none", "trainer.max_epochs=2", f"hydra.run.dir={s}"]) == 0
-    trials = summary(s)["trials"]
-    assert len(trials) == 4 and all(t["state"] == "complete" for t in trials)
-    best_val = max(trials, key=lambda t: t["value"])
-    assert summary(s)["best"]["trial"] == best_val["trial"]
-    assert all("test_acc" in t for t in trials)  # reported for every trial, but not what chooses
 
 
 def test_a_search_goes_on_after_a_kill_with_its_finished_trials_kept(tmp_path):
@@ -83,6 +76,15 @@ def test_refused_and_diverged_trials_are_failed_trials_and_the_search_goes_on(tm
     assert "[M23]" in refused["note"] and not (s / refused["run_dir"] / "config.yaml").exists()  # no training
 
 
+@pytest.mark.slow  # a 6-second budget spent on trials (the other tests cover the search itself)
+def test_tune_max_minutes_ends_a_search_with_successive_halving_before_its_trials(tmp_path, caplog):
+    s = tmp_path / "s"
+    assert main([*SMOKE, "tune.trials=500", "tune.max_minutes=0.1", "tune.pruner=halving", f"hydra.run.dir={s}"]) == 0
+    trials = summary(s)["trials"]
+    assert 1 <= len(trials) < 500 and "tune.max_minutes=0.1 reached" in (s / "safetrain.log").read_text()
+    assert {t["state"] for t in trials} <= {"complete", "pruned"}
+
+
 @pytest.mark.parametrize("setting,says", [
     ("tune.space.optim.lr=[1e-3,5.0,log]", r"tune.space.optim.lr.*\[M16\] optim.lr=5.0"),
     ("tune.space.optim.weight_decay=[0.01,0.9]", r"tune.space.optim.weight_decay.*\[M21\]"),
@@ -109,6 +111,10 @@ def test_without_optuna_the_message_names_the_extra(tmp_path, monkeypatch, capsy
 def test_a_search_is_not_run_under_torchrun_or_as_a_sweep(tmp_path, monkeypatch, capsys):
     assert main([*SMOKE, "-m", f"hydra.run.dir={tmp_path / 's'}"]) == 2
     assert "drop -m" in capsys.readouterr().err
+    assert main([*SMOKE, "--cfg", "job", f"hydra.run.dir={tmp_path / 's'}"]) == 0  # prints, runs nothing
+    assert "weight_decay:" in capsys.readouterr().out and not (tmp_path / "s").exists()
+    assert main([*SMOKE, "--hydra-help", f"hydra.run.dir={tmp_path / 's'}"]) == 2
+    assert "--hydra-help" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main([*SMOKE, f"hydra.run.dir={tmp_path / 's'}"]) == 2
