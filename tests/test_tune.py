@@ -21,10 +21,10 @@ def summary(search_dir) -> dict:
 
 def test_m07_a_search_prunes_chooses_on_validation_and_hands_back_a_recipe_that_repeats_its_best(tmp_path):
     s = tmp_path / "s"
-    assert main([*SMOKE, "tune.trials=5", f"hydra.run.dir={s}"]) == 0
+    assert main([*SMOKE, "tune.trials=4", f"hydra.run.dir={s}"]) == 0
     out = summary(s)
     states = [t["state"] for t in out["trials"]]
-    assert len(states) == 5 and "pruned" in states and "complete" in states, states
+    assert len(states) == 4 and "pruned" in states and "complete" in states, states
     pruned = next(t for t in out["trials"] if t["state"] == "pruned")
     stopped = json.loads((s / pruned["run_dir"] / "metrics.json").read_text())["stopped"]
     assert "pruned by the search" in stopped and f"after epoch {pruned['last_epoch']}" in stopped  # it says why
@@ -43,7 +43,8 @@ def test_a_search_goes_on_after_a_kill_with_its_finished_trials_kept(tmp_path):
     import optuna
 
     s = tmp_path / "s"
-    assert main([*SMOKE, "tune.trials=2", "tune.pruner=none", f"hydra.run.dir={s}"]) == 0
+    quick = [*SMOKE, "tune.pruner=none", "trainer.max_epochs=1"]
+    assert main([*quick, "tune.trials=2", f"hydra.run.dir={s}"]) == 0
     before = summary(s)["trials"]
     study = optuna.load_study(study_name="safetrain", storage=f"sqlite:///{s / 'study.db'}")
     cut = study.ask()  # what a command killed in its third trial leaves: a trial the study thinks is running
@@ -55,9 +56,9 @@ def test_a_search_goes_on_after_a_kill_with_its_finished_trials_kept(tmp_path):
     assert after[2]["status"] == "interrupted" and after[3]["params"]["optim.lr"] == lr  # run again
     assert after[3]["state"] == "complete" and len(after) == 4
     # the same command again: the same search (tune.trials reached: nothing to do), found by its folder's name
-    assert main([*SMOKE, "tune.trials=3", "tune.pruner=none", f"hydra.run.dir={s}"]) == 0
+    assert main([*quick, "tune.trials=3", f"hydra.run.dir={s}"]) == 0
     assert len(summary(s)["trials"]) == 4
-    code = main([*SMOKE, "tune.trials=3", "tune.pruner=none", "seed=1", f"hydra.run.dir={s}"])
+    code = main([*quick, "tune.trials=3", "seed=1", f"hydra.run.dir={s}"])
     assert code == 2  # another search in the same folder: refused
 
 
