@@ -76,7 +76,8 @@ def killed_and_resumed(base: list[str], work: Path) -> dict:
     code, wall = cli(*command, cwd=work)
     trials = json.loads((d / "summary.json").read_text())["trials"]
     return {"exit": code, "finished_before_kill": before, "statuses": [t["status"] for t in trials],
-            "kept": all(t["status"] != "interrupted" for t in trials if t["run_dir"] in before), "rerun_wall_s": round(wall)}
+            "kept": all(t["status"] != "interrupted" for t in trials if t["run_dir"] in before),
+            "rerun_wall_s": round(wall)}
 
 
 def main() -> None:
@@ -122,7 +123,8 @@ def main() -> None:
         kill = killed_and_resumed(base, work)
         print(f"killed in trial 2 and run again: exit {kill['exit']}, statuses {kill['statuses']}", flush=True)
         print(json.dumps({"data": name, "epochs": a.epochs, "space": a.space, "default": {"val": default["best_val"],
-                          "test": default["test_acc"]}, "searches": runs, "time_to_reach_s": {"pruned": own, "no pruning": reach},
+                          "test": default["test_acc"]}, "searches": runs,
+                          "time_to_reach_s": {"pruned": own, "no pruning": reach},
                           "best_yaml_val": again, "killed": kill}))
 
 

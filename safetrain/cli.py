@@ -386,8 +386,9 @@ def _new_search(command: Command):
 
         print(OmegaConf.to_yaml(raw))
         return None, None
-    search = Search(command.recipe, [o for o in task if not o.lstrip("+").startswith(("mode=", *LIMITS))],
-                    config_dir, leaves(cfg.tune.space), [o.lstrip("+") for o in task if o.lstrip("+").startswith(LIMITS)])
+    plain = [o.lstrip("+") for o in task]
+    search = Search(command.recipe, [o for o, p in zip(task, plain) if not p.startswith(("mode=", *LIMITS))],
+                    config_dir, leaves(cfg.tune.space), [p for p in plain if p.startswith(LIMITS)])
     given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
     return search, Path(given) if given else Path("runs", command.recipe, search.folder())
 
@@ -407,4 +408,5 @@ def _saved_search(command: Command):
 
 # what each kind of command runs; a new mode joins here
 COMMANDS = {"list": list_command, "train": train_command, "doctor": train_command, "sweep": train_command,
-            "tune": tune_command, "resume": resume_command, "predict": after_training, "evaluate": after_training, "export": after_training}
+            "tune": tune_command, "resume": resume_command, "predict": after_training, "evaluate": after_training,
+            "export": after_training}

@@ -146,7 +146,7 @@ class TuneConfig:
     max_minutes: Optional[float] = None  # no trial starts after N minutes of this command
     sampler: str = "tpe"
     pruner: str = "median"  # on the per-epoch validation metric
-    space: Dict[str, Any] = field(default_factory=dict)  # setting -> [low, high(, log|int)] | [choice, a, b, ...] | auto
+    space: Dict[str, Any] = field(default_factory=dict)  # setting -> [low, high(, log|int)] | [choice, ...] | auto
 
 
 @dataclass

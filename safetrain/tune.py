@@ -212,7 +212,8 @@ def open_study(search_dir: Path, search: Search, cfg: Config):
         store.set_trial_user_attr(tid, "status", "interrupted")
         store.set_trial_user_attr(tid, "note", "the command running it was stopped: run again")
         store.set_trial_state_values(tid, op.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
+        study.enqueue_trial(trial.params, skip_if_exists=False, user_attrs={"resume_from": trial.user_attrs.get(
+            "run_dir", "")})
     done = len(counted(study))
     # reseeded by the trials done: a resumed search does not draw its first trials' values again
     sampler = (op.samplers.TPESampler(seed=cfg.seed + done, n_startup_trials=min(10, max(3, t.trials // 3)))
@@ -284,15 +285,20 @@ def run_trial(study, trial, dims: dict[str, Dim], job: Job, search_dir: Path):
 
     op = optuna()
     params = {key: d.suggest(trial, key) for key, d in dims.items()}
-    run_dir, t0 = search_dir / f"trial_{trial.number:03d}", time.time()
+    resumed = resumable(search_dir, trial.user_attrs.get("resume_from"))
+    run_dir, t0 = resumed or search_dir / f"trial_{trial.number:03d}", time.time()
     trial.set_user_attr("run_dir", run_dir.name)
     log.info("trial %d: %s -> %s", trial.number, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in params.items()), run_dir)
-    state, value, status, note = op.trial.TrialState.FAIL, None, "done", ""
+    state, value, status = op.trial.TrialState.FAIL, None, "done"
+    note = f"went on with {run_dir.name} from its checkpoint" if resumed else ""
     try:
         cfg = job.compose(job.overrides(params))
         with trial_log(run_dir):
-            final = run(cfg, run_dir, job.overrides(params), prune=pruning(trial, cfg.tune.pruner))
+            if resumed:  # the interrupted trial's run goes on from its checkpoint, its epochs told to the pruner again
+                cfg = replay(trial, resumed)
+            final = run(cfg, run_dir, job.overrides(params), resume=bool(resumed),
+                        prune=pruning(trial, cfg.tune.pruner))
         state, value = op.trial.TrialState.COMPLETE, final["best_val"]
         for key in ("best_epoch", "epochs_run", "test_acc", "test_macro_f1", "test_map", "selection_metric"):
             if final.get(key) is not None:
@@ -300,7 +306,7 @@ def run_trial(study, trial, dims: dict[str, Dim], job: Job, search_dir: Path):
     except Pruned as e:
         state, status, note = op.trial.TrialState.PRUNED, "pruned", str(e)
     except Interrupted as e:
-        study.enqueue_trial(params, skip_if_exists=False)  # the next command runs it again
+        study.enqueue_trial(params, skip_if_exists=False, user_attrs={"resume_from": run_dir.name})  # goes on
         trial.set_user_attr("status", "interrupted")
         trial.set_user_attr("note", "stopped by a signal: runs again when the search goes on")
         study.tell(trial, state=state)
@@ -315,6 +321,33 @@ def run_trial(study, trial, dims: dict[str, Dim], job: Job, search_dir: Path):
     study.tell(trial, value if state == op.trial.TrialState.COMPLETE else None, state=state)
     log.info("trial %d %s%s", trial.number, status, f": val {value:.4f}" if value is not None else f": {note}")
     return status, note
+
+
+def resumable(search_dir: Path, name: Optional[str]) -> Optional[Path]:
+    """The run dir of an interrupted trial where its run can go on from a checkpoint (else it starts over)."""
+    from safetrain.resume import finished, last_checkpoint
+
+    folder = Path(search_dir) / name if name else None
+    if folder is None or not (folder / "config.yaml").exists() or finished(folder):
+        return None
+    try:
+        return folder if last_checkpoint(folder) else None
+    except ConfigError as e:  # a damaged last.pt: the trial starts over in a new directory
+        log.warning("trial in %s starts over: %s", folder, e)
+        return None
+
+
+def replay(trial, run_dir: Path) -> Config:
+    """The interrupted trial's saved config (checked for resuming), its complete epochs reported to this trial."""
+    from safetrain.resume import check, saved_config
+
+    cfg = saved_config(run_dir)
+    ckpt = check(run_dir, cfg)
+    metric = ckpt["best"]["metric"]
+    for epoch, scalars in enumerate(ckpt["history"], 1):
+        trial.report(scalars[f"val/{metric}"], epoch)
+    log.info("trial %d goes on with %s after epoch %d", trial.number, run_dir, len(ckpt["history"]))
+    return cfg
 
 
 def pruning(trial, pruner: str):
@@ -414,10 +447,10 @@ def summary_text(table, best, metric, test, job: Job, dims, importances, recipe,
                   + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".", ""]
     lines += ["![search](search.png)", "", f"| trial | {' | '.join(dims)} | state | val {metric} | epochs | "
               f"{test_name} | seconds | note |", "|" + "---|" * (len(dims) + 7)]
+    shown = [r["value"] if r["value"] is not None else r["history"].get(r["last_epoch"]) for r in table]
     lines += [f"| {r['trial']} | " + " | ".join(_short(r["params"].get(k, "")) for k in dims)
-              + f" | {r['status']} | {_num(r['value'] if r['value'] is not None else r['history'].get(r['last_epoch']))}"
-              f" | {r['last_epoch']} | {_num(r.get(test))} | {r['seconds'] or ''} | "
-              f"{r['note'].splitlines()[0] if r['note'] else ''} |" for r in table]
+              + f" | {r['status']} | {_num(value)} | {r['last_epoch']} | {_num(r.get(test))} | {r['seconds'] or ''} | "
+              f"{r['note'].splitlines()[0] if r['note'] else ''} |" for r, value in zip(table, shown)]
     return "\n".join(lines) + "\n"
 
 
@@ -440,7 +473,8 @@ def write_recipe(job: Job, best: dict, metric: str, search_dir: Path) -> Path:
         if key in job.groups:  # a config group: its option in the defaults list
             entry = next((e for e in defaults if isinstance(e, dict) and f"override {key}" in e), None)
             if entry is None:
-                defaults.insert(len(defaults) - 1 if "_self_" in defaults else len(defaults), {f"override {key}": value})
+                at = defaults.index("_self_") if "_self_" in defaults else len(defaults)
+                defaults.insert(at, {f"override {key}": value})
             else:
                 entry[f"override {key}"] = value
         else:

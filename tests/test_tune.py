@@ -142,4 +142,9 @@ def test_a_search_killed_with_sigkill_goes_on_when_the_same_command_runs_again(t
     trials = summary(search_dir)["trials"]
     assert [t["status"] for t in trials] == ["done", "interrupted", "done", "done", "done"]
     assert trials[0]["value"] == first["best_val"]  # trial 0 kept, not run again
-    assert trials[2]["params"] == trials[1]["params"]  # the interrupted trial, run again
+    assert trials[2]["params"] == trials[1]["params"]  # the interrupted trial goes on ...
+    assert trials[2]["run_dir"] == "trial_001" and "from its checkpoint" in trials[2]["note"]  # ... where it was
+    lines = (search_dir / "trial_001" / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in lines if "train/loss" in line]
+    assert epochs == list(range(1, 31))  # every epoch once: resumed, not started over
+    assert sorted(int(e) for e in trials[2]["history"]) == list(range(1, 31))  # and the pruner was told every epoch
