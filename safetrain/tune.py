@@ -7,8 +7,9 @@ with the command line's settings and the sampled values, validated like any run 
 took no training time), trained in SEARCH_DIR/trial_NNN with every check on. After each epoch a trial tells the
 pruner its validation selection metric [M29] (the value the run keeps its checkpoint by); a pruned trial stops there
 (errors.Pruned: its report says why, and `resume=` would train it to its end). A diverged or stopped trial is a
-failed trial and a crash is logged: the search goes on. Run again (the same command with hydra.run.dir=SEARCH_DIR,
-or `resume=SEARCH_DIR`), an interrupted search goes on with its finished trials; the trial it was in is run again.
+failed trial and a crash is logged: the search goes on. Run again (the same command, or
+`resume=SEARCH_DIR`), an interrupted search goes on with its finished trials, and the trial it was in goes on from
+its run's last checkpoint (or starts over where there is none).
 At the end: summary.md, summary.json, search.png and best.yaml, the best trial as a recipe that runs as is
 (`python -m safetrain --config-dir SEARCH_DIR recipe=best`). Every trial's test score is reported, never used to
 choose [M07]. Optuna is an optional extra (`pip install -e ".[tune]"`); one process only (not under torchrun)."""
@@ -246,16 +247,17 @@ def search(job: Job, cfg: Config, search_dir: Path) -> int:
     trial starts after that); write its summary and best recipe; the exit code: 0, or that of an interruption."""
     dims = space(cfg)
     check_space(job, dims)
-    search_dir = Path(search_dir)
-    if not (search_dir / STUDY).exists():
+    search_dir, fresh = Path(search_dir), not (Path(search_dir) / STUDY).exists()
+    if fresh:
         refuse_used_run_dir(search_dir)  # a new search: a folder of its own (its safetrain.log aside)
     search_dir.mkdir(parents=True, exist_ok=True)
     with locked(search_dir):
         study = open_study(search_dir, job.search, cfg)
         t, start, code = cfg.tune, time.monotonic(), 0
+        first = first_prunable_epoch(cfg)
         log.info("search %s: %d of %d trials done; %s; sampler %s, pruner %s%s", search_dir, len(counted(study)),
                  t.trials, "; ".join(f"{k} {d}" for k, d in dims.items()), t.sampler, t.pruner,
-                 f" (from epoch {first_prunable_epoch(cfg)}: the schedule's warm-up)" if t.pruner != "none" else "")
+                 f" (from epoch {first}, the end of the schedule's warm-up)" if t.pruner != "none" and first > 1 else "")
         while len(counted(study)) < t.trials:
             if t.max_minutes is not None and time.monotonic() - start > 60 * t.max_minutes:
                 log.info("tune.max_minutes=%g reached: no new trial starts", t.max_minutes)
@@ -267,15 +269,31 @@ def search(job: Job, cfg: Config, search_dir: Path) -> int:
                 break
             status, note = outcome
             if status == "refused" and not any(key in note for key in dims):  # it would refuse every trial
-                log.error("trial %d was refused for a reason that names none of the searched settings, so every "
-                          "trial would be: the search stops. Fix it and run the same command again to go on.\n%s",
-                          trial.number, note)
                 code = 2
                 break
+        if code == 2 and fresh and all(t.user_attrs.get("status") == "refused" for t in counted(study)):
+            return refused_at_once(search_dir, note)
         summarize(study, search_dir, job, dims)
-    if code:
+    if code == 2:
+        log.error("the search stopped: trial %d was refused for a reason that names none of the searched settings, so "
+                  "every trial would be. Fix it, then go on: python -m safetrain resume=%s\n%s", trial.number,
+                  search_dir, note)
+    elif code:
         log.info("go on with this search: python -m safetrain resume=%s", search_dir)
     return code
+
+
+def refused_at_once(search_dir: Path, why: str) -> int:
+    """A new search whose first trials were refused for a reason that no searched value changes (a data folder
+    that is not there): its study and trial folders go (only their logs were in them), so that the command, once
+    fixed, starts it anew; the reason is the error (ConfigError: exit code 2)."""
+    import shutil
+
+    for trial_dir in search_dir.glob("trial_*"):
+        shutil.rmtree(trial_dir)
+    (search_dir / STUDY).unlink()
+    raise ConfigError(f"{why}\n(mode=tune: every trial would be refused for this, so the search did not start; "
+                      "fix it and run the command again.)")
 
 
 def run_trial(study, trial, dims: dict[str, Dim], job: Job, search_dir: Path):

@@ -77,6 +77,14 @@ def test_refused_and_diverged_trials_are_failed_trials_and_the_search_goes_on(tm
     assert "[M23]" in refused["note"] and not (s / refused["run_dir"] / "config.yaml").exists()  # no training
 
 
+def test_a_refusal_no_searched_value_changes_stops_a_new_search_before_it_starts(tmp_path, capsys):
+    s = tmp_path / "s"
+    assert main(["recipe=imagefolder", f"data.root={tmp_path / 'missing'}", "mode=tune", f"hydra.run.dir={s}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root=" in err and "is not a folder" in err and "the search did not start" in err
+    assert not (s / "study.db").exists() and not list(s.glob("trial_*"))  # the fixed command starts it anew
+
+
 @pytest.mark.slow  # a 6-second budget spent on trials (the other tests cover the search itself)
 def test_tune_max_minutes_ends_a_search_with_successive_halving_before_its_trials(tmp_path, caplog):
     s = tmp_path / "s"
