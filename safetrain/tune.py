@@ -255,9 +255,9 @@ def search(job: Job, cfg: Config, search_dir: Path) -> int:
         study = open_study(search_dir, job.search, cfg)
         t, start, code = cfg.tune, time.monotonic(), 0
         first = first_prunable_epoch(cfg)
+        delayed = f" (from epoch {first}, the end of the schedule's warm-up)" if t.pruner != "none" and first > 1 else ""
         log.info("search %s: %d of %d trials done; %s; sampler %s, pruner %s%s", search_dir, len(counted(study)),
-                 t.trials, "; ".join(f"{k} {d}" for k, d in dims.items()), t.sampler, t.pruner,
-                 f" (from epoch {first}, the end of the schedule's warm-up)" if t.pruner != "none" and first > 1 else "")
+                 t.trials, "; ".join(f"{k} {d}" for k, d in dims.items()), t.sampler, t.pruner, delayed)
         while len(counted(study)) < t.trials:
             if t.max_minutes is not None and time.monotonic() - start > 60 * t.max_minutes:
                 log.info("tune.max_minutes=%g reached: no new trial starts", t.max_minutes)
