@@ -255,7 +255,7 @@ def search(job: Job, cfg: Config, search_dir: Path) -> int:
         study = open_study(search_dir, job.search, cfg)
         t, start, code = cfg.tune, time.monotonic(), 0
         first = first_prunable_epoch(cfg)
-        delayed = f" (from epoch {first}, the end of the schedule's warm-up)" if t.pruner != "none" and first > 1 else ""
+        delayed = f" (from epoch {first}, the end of the warm-up)" if t.pruner != "none" and first > 1 else ""
         log.info("search %s: %d of %d trials done; %s; sampler %s, pruner %s%s", search_dir, len(counted(study)),
                  t.trials, "; ".join(f"{k} {d}" for k, d in dims.items()), t.sampler, t.pruner, delayed)
         while len(counted(study)) < t.trials:
