@@ -179,12 +179,12 @@ def locked(search_dir: Path):
     """One command at a time in a search dir (a lock left by a killed command is taken over)."""
     lock = Path(search_dir) / LOCK
     if lock.exists():
-        pid = int(lock.read_text().strip() or 0)
         try:
+            pid = int(lock.read_text().strip())
             os.kill(pid, 0)
             alive = pid != os.getpid()
-        except (OSError, ValueError):
-            alive = False
+        except (OSError, ValueError):  # gone, or a lock file cut short
+            pid, alive = 0, False
         if alive:
             raise ConfigError(f"[config] {search_dir} is being searched by another command (process {pid}). Wait for "
                               "it, or stop it and run this command again to go on.")

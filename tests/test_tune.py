@@ -156,3 +156,18 @@ def test_a_search_killed_with_sigkill_goes_on_when_the_same_command_runs_again(t
     epochs = [json.loads(line)["epoch"] for line in lines if "train/loss" in line]
     assert epochs == list(range(1, 31))  # every epoch once: resumed, not started over
     assert sorted(int(e) for e in trials[2]["history"]) == list(range(1, 31))  # and the pruner was told every epoch
+
+
+def test_one_command_at_a_time_in_a_search_dir_and_a_dead_commands_lock_is_taken_over(tmp_path):
+    from safetrain.errors import ConfigError
+    from safetrain.tune import LOCK, locked
+
+    (tmp_path / LOCK).write_text("1")  # a live process (init) holds it
+    with pytest.raises(ConfigError, match="being searched by another command"):
+        with locked(tmp_path):
+            pass
+    for stale in ("999999999", ""):  # a pid no process has, a lock file cut short
+        (tmp_path / LOCK).write_text(stale)
+        with locked(tmp_path):
+            assert (tmp_path / LOCK).read_text() == str(__import__("os").getpid())
+        assert not (tmp_path / LOCK).exists()
