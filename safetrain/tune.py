@@ -34,7 +34,6 @@ from safetrain.config import Config, nearest_key, schema_keys
 from safetrain.errors import ConfigError, Interrupted, Pruned, SafetrainError
 from safetrain.io import write_json, write_text
 from safetrain.optim import OPTIMIZERS
-from safetrain.runtime import refuse_used_run_dir
 
 STUDY, LOCK, BEST = "study.db", "tune.lock", "best"
 log = logging.getLogger("safetrain")
@@ -142,7 +141,7 @@ class Job:
     search: Search
     compose: Callable[[list[str]], Config]
     recipe_file: Path
-    groups: tuple = ("data", "model", "optim")  # config groups (conf/*/): their options go in best.yaml's defaults
+    groups: tuple  # the config groups (conf/*/): their options go into best.yaml's defaults list
 
     def overrides(self, params: dict) -> list[str]:
         return [*self.search.overrides, "mode=train", *(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}"
@@ -243,13 +242,12 @@ def counted(study) -> list:
 
 
 def search(job: Job, cfg: Config, search_dir: Path) -> int:
-    """Run the search in `search_dir` (new, or one to go on with) up to tune.trials trials (tune.max_minutes: no
-    trial starts after that); write its summary and best recipe; the exit code: 0, or that of an interruption."""
+    """Run the search in `search_dir` (new: checked by the caller with runtime.refuse_used_run_dir before its log
+    goes there; or one to go on with) up to tune.trials trials (tune.max_minutes: no trial starts after that); write
+    its summary and best recipe; the exit code: 0, or that of an interruption."""
     dims = space(cfg)
     check_space(job, dims)
     search_dir, fresh = Path(search_dir), not (Path(search_dir) / STUDY).exists()
-    if fresh:
-        refuse_used_run_dir(search_dir)  # a new search: a folder of its own (its safetrain.log aside)
     search_dir.mkdir(parents=True, exist_ok=True)
     with locked(search_dir):
         study = open_study(search_dir, job.search, cfg)
@@ -272,7 +270,7 @@ def search(job: Job, cfg: Config, search_dir: Path) -> int:
                 code = 2
                 break
         if code == 2 and fresh and all(t.user_attrs.get("status") == "refused" for t in counted(study)):
-            return refused_at_once(search_dir, note)
+            raise refused_at_once(search_dir, note)
         summarize(study, search_dir, job, dims)
     if code == 2:
         log.error("the search stopped: trial %d was refused for a reason that names none of the searched settings, so "
@@ -283,16 +281,16 @@ def search(job: Job, cfg: Config, search_dir: Path) -> int:
     return code
 
 
-def refused_at_once(search_dir: Path, why: str) -> int:
+def refused_at_once(search_dir: Path, why: str) -> ConfigError:
     """A new search whose first trials were refused for a reason that no searched value changes (a data folder
     that is not there): its study and trial folders go (only their logs were in them), so that the command, once
-    fixed, starts it anew; the reason is the error (ConfigError: exit code 2)."""
+    fixed, starts it anew -> the error to raise, the reason first."""
     import shutil
 
     for trial_dir in search_dir.glob("trial_*"):
         shutil.rmtree(trial_dir)
     (search_dir / STUDY).unlink()
-    raise ConfigError(f"{why}\n(mode=tune: every trial would be refused for this, so the search did not start; "
+    return ConfigError(f"{why}\n(mode=tune: every trial would be refused for this, so the search did not start; "
                       "fix it and run the command again.)")
 
 
@@ -311,10 +309,9 @@ def run_trial(study, trial, dims: dict[str, Dim], job: Job, search_dir: Path):
     state, value, status = op.trial.TrialState.FAIL, None, "done"
     note = f"went on with {run_dir.name} from its checkpoint" if resumed else ""
     try:
-        cfg = job.compose(job.overrides(params))
+        # the interrupted trial's run goes on from its checkpoint (its epochs told to the pruner again), or a new one
+        cfg = replay(trial, resumed) if resumed else job.compose(job.overrides(params))
         with trial_log(run_dir):
-            if resumed:  # the interrupted trial's run goes on from its checkpoint, its epochs told to the pruner again
-                cfg = replay(trial, resumed)
             final = run(cfg, run_dir, job.overrides(params), resume=bool(resumed),
                         prune=pruning(trial, cfg.tune.pruner))
         state, value = op.trial.TrialState.COMPLETE, final["best_val"]
@@ -406,8 +403,8 @@ def rows(study) -> list[dict]:
         a = t.user_attrs
         out.append({"trial": t.number, "state": t.state.name.lower(), "status": a.get("status", "done"),
                     "value": t.value, "params": t.params, "last_epoch": max(t.intermediate_values, default=0),
-                    "history": {int(k): v for k, v in t.intermediate_values.items()}, "run_dir": a.get("run_dir"),
-                    "note": a.get("note", ""), "seconds": a.get("seconds"),
+                    "history": dict(t.intermediate_values), "run_dir": a.get("run_dir"),
+                    "note": a.get("note", ""), "seconds": a.get("seconds"), "metric": a.get("selection_metric"),
                     **{k: a[k] for k in ("best_epoch", "test_acc", "test_macro_f1", "test_map") if k in a}})
     return out
 
@@ -417,7 +414,7 @@ def summarize(study, search_dir: Path, job: Job, dims: dict[str, Dim]) -> Option
     table = rows(study)
     done = [r for r in table if r["state"] == "complete"]
     best = max(done, key=lambda r: r["value"]) if done else None
-    metric = next((study.trials[r["trial"]].user_attrs.get("selection_metric") for r in done), None) or "metric"
+    metric = next((r["metric"] for r in done if r["metric"]), "metric")
     test = "test_map" if any("test_map" in r for r in table) else "test_acc"
     importances = _importances(study) if len(done) > 2 else {}
     recipe = write_recipe(job, best, metric, search_dir) if best else None
