@@ -252,7 +252,7 @@ def audit(root: Path, sizes: list[int], workers: int, exact_max: int | None = No
             row = {"stage": "audit", "train": n, "queries": len(both), "seconds": round(seconds, 1),
                    "search": "exact" if n <= A.EXACT_MAX else "approximate (faiss HNSW)",
                    "planted_recall": hits / len(planted), "other_flags": len(pairs) - hits,
-                   "typical_distance": round(typical, 4), **peak_mb()}
+                   "typical_distance": round(typical.pixels, 4), **peak_mb()}
             if compare:  # the planted copies and `compare` other queries, searched exactly too (as in memory)
                 few = ImageSet(torch.cat([queries.labels[:compare], planted.labels]), queries.ids[:compare] +
                                planted.ids, torch.cat([queries.small[0:compare], planted.small[0:len(planted)]]))

@@ -1,16 +1,26 @@
 """Data audit before training: near-duplicates across splits [M06], copies inside the training split
 with different labels, constant or blank images [M08].
 
-Near-duplicates are judged against the dataset's own geometry, in two stages, on uint8 images in memory:
+Near-duplicates are judged against the dataset's own geometry, in three stages, on uint8 images in memory:
 1. candidates: for every val/test image, the 5 nearest distinct training images by cosine similarity of an
    8x8 grayscale thumbnail with its mean removed, the best over query crops moved by up to 2 px, the
    mirrored query, and re-crops (1/16 of each border cut, scaled back) of either side;
 2. distances at full resolution: per-image standardized colour pixels (so brightness, contrast and
    re-encoding do not matter), the best over shifts of up to 2 pixels, mirroring and those re-crops.
-A val/test image is a near-duplicate of its nearest training image when that distance d1 is far below
-the typical nearest-neighbour distance between two training images (REL times its median) and far below
-the distance to its 5th candidate (RATIO times it): a copy stands out from the crowd of merely similar
-images. Images smaller than MIN_SIDE pixels a side are too small to tell a copy from a look-alike (two
+   A val/test image is a near-duplicate of its nearest training image when that distance d1 is far below
+   the typical nearest-neighbour distance between two training images (REL times its median) and far below
+   the distance to its 5th candidate (RATIO times it): a copy stands out from the crowd of merely similar images.
+3. aligned distances, for the images stage 2 leaves out that are still within ALIGN_FROM x the typical distance of
+   a training image. Real copies are often re-cropped at another scale, or recoloured, or have several copies in
+   train (so none stands out from the 5th candidate): on CIFAR-10, stage 2 found about 1 in 3 of the same-photo
+   copies judged by eye. Each candidate (and its mirror) is aligned to the image by a scale and a shift per axis
+   (Adam steps on grey images, blurred then sharp) and compared on the central region: the standardized pixels plus
+   the colour balance the standardization removes (a brown and a black horse in the same pose), and, as a second,
+   independent descriptor, the correlation of the fine detail (the image minus its blur: the same edges in the
+   same places). A copy (ALIGNED, DETAIL): d1 at most 0.25 x the typical aligned distance; or at most 0.4 x it
+   with a detail correlation of 0.8 (a photo with several copies in train, all as close); or at most 0.5 x the
+   3rd candidate's distance and 0.7 x the typical (judged by eye on CIFAR-10, RESULTS.md).
+Images smaller than MIN_SIDE pixels a side are too small to tell a copy from a look-alike (two
 8x8 handwritten digits often coincide): only their exact copies are checked (data/splits.py).
 """
 from __future__ import annotations
@@ -48,6 +58,15 @@ MIN_SIDE = 16  # smaller images: no near-duplicate search
 REF_CHUNK = 65536  # training thumbnails compared at once: bounds the similarity buffer (1024 x this x 4 bytes)
 EXACT_MAX = 50_000  # larger training splits are searched approximately (faiss's HNSW graph, when installed):
 HNSW_LINKS, HNSW_SEARCH = 32, 64  # its links per node and search breadth (recall of planted copies: RESULTS.md)
+ALIGN_FROM = 1.3  # stage 3 aligns the images stage 2 leaves out whose d1 is at most this x the typical distance
+# (on CIFAR-10 none beyond it was found: 19 copies between 1.0 and 1.3)
+ALIGN_STEPS = (10, 10)  # Adam steps on blurred, then sharp grey images ((20, 20): a few more copies, more look-alikes)
+ALIGN_BORDER = 4 / 32  # share of each side left out of the aligned comparison (what a re-crop or shift brings in)
+BALANCE = 0.5  # weight of the colour balance difference in the aligned distance
+ALIGNED = (0.25, 0.4, 0.5, 0.7)  # a copy: d1 <= 0.25 x the typical aligned distance; or <= 0.4 x it with the same
+# fine detail (DETAIL: a photo with several copies in train, all as close); or <= 0.5 x the 3rd candidate's and
+# <= 0.7 x the typical (judged by eye on CIFAR-10, RESULTS.md)
+DETAIL = 0.8
 BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is blank or constant
 
 
@@ -60,6 +79,7 @@ class Audit:
     blank: list[str] = field(default_factory=list)
     eval_sizes: dict = field(default_factory=dict)
     typical_distance: float = 0.0  # median nearest-neighbour distance within the training split
+    typical_aligned: float = 0.0  # the same, aligned (stage 3)
     skipped: str = ""  # why the near-duplicate search did not run, if it did not
 
     def summary(self) -> dict:
@@ -71,6 +91,7 @@ class Audit:
                 "near_duplicates_kept_in_train": len(self.kept_together),
                 "kept_together_with_other_label": sum(p["labels"][0] != p["labels"][1] for p in self.kept_together),
                 "typical_train_distance": round(self.typical_distance, 4),
+                "typical_train_distance_aligned": round(self.typical_aligned, 4),
                 **({"near_duplicate_search": f"skipped: {self.skipped}"} if self.skipped else {})}
 
 
@@ -191,6 +212,100 @@ def distances(imgs: Tensor, train_images: Tensor, idx: Tensor) -> Tensor:
     return torch.stack(cols, 1)
 
 
+def _blur(x: Tensor) -> Tensor:
+    """A 5x5 binomial blur per channel (edges repeated), as two passes of shifted sums (a grouped convolution is
+    20x slower on a CPU)."""
+    h, w = x.shape[-2:]
+    k = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+    x = F.pad(x, (2, 2, 0, 0), mode="replicate")
+    x = sum(c * x[..., :, i:i + w] for i, c in enumerate(k))
+    x = F.pad(x, (0, 0, 2, 2), mode="replicate")
+    return sum(c * x[..., i:i + h, :] for i, c in enumerate(k))
+
+
+def _warp(x: Tensor, p: Tensor) -> Tensor:
+    """x (n, C, H, W) float resampled at a scale and shift per axis: p (n, 4) = log scale x, y; shift x, y (in
+    units of half the side)."""
+    h, w = x.shape[-2:]
+    gx = (torch.arange(w, device=x.device) * 2 + 1) / w - 1  # pixel centres in [-1, 1] (align_corners=False)
+    gy = (torch.arange(h, device=x.device) * 2 + 1) / h - 1
+    sx, sy = p[:, 0].exp()[:, None, None], p[:, 1].exp()[:, None, None]
+    grid = torch.stack(((sx * gx[None, None, :] + p[:, 2, None, None]).expand(-1, h, w),
+                        (sy * gy[None, :, None] + p[:, 3, None, None]).expand(-1, h, w)), -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _inner(x: Tensor) -> Tensor:
+    """The central region (ALIGN_BORDER of each side left out), standardized per image and channel."""
+    h, w = x.shape[-2:]
+    m, n = round(h * ALIGN_BORDER), round(w * ALIGN_BORDER)
+    return _standardize(x[..., m:h - m, n:w - n])
+
+
+def _balance(x: Tensor) -> Tensor:
+    """(n, C): each channel's mean over the central region relative to the image's, in units of its spread: the
+    colour balance that _inner removes."""
+    h, w = x.shape[-2:]
+    m, n = round(h * ALIGN_BORDER), round(w * ALIGN_BORDER)
+    x = x[..., m:h - m, n:w - n]
+    mean = x.mean((2, 3))
+    return (mean - mean.mean(1, keepdim=True)) / x.std((1, 2, 3)).clamp_min(1.0)[:, None]
+
+
+def align(a: Tensor, b: Tensor) -> Tensor:
+    """(n, 4) _warp parameters that best map each b onto its a (float, same shape): Adam steps on the grey central
+    regions, blurred first (a wider basin), then sharp; the loss is a smooth L1 (an object that moved between the
+    two shots does not pull the rest out of place)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        a, b = a.mean(1, keepdim=True).clone(), b.mean(1, keepdim=True).clone()
+        p = torch.zeros(len(a), 4, device=a.device, requires_grad=True)
+        opt = torch.optim.Adam([p], lr=0.03)
+        for blurred, steps in zip((True, False), ALIGN_STEPS):
+            x, y = (_blur(a), _blur(b)) if blurred else (a, b)
+            target = _inner(x)
+            for _ in range(steps):
+                opt.zero_grad()
+                ((_inner(_warp(y, p)) - target) ** 2 + 0.01).sqrt().mean((1, 2, 3)).sum().backward()  # ~L1: robust
+                opt.step()
+                with torch.no_grad():  # within a third larger or smaller, 15% of the side away
+                    p[:, :2].clamp_(-0.35, 0.35)
+                    p[:, 2:].clamp_(-0.3, 0.3)
+    return p.detach()
+
+
+def _detail(x: Tensor) -> Tensor:
+    """(n, P): the fine detail of the grey central region (the image minus its blur), mean-free and unit-norm."""
+    g = x.mean(1, keepdim=True)
+    h, w = x.shape[-2:]
+    m, n = round(h * ALIGN_BORDER), round(w * ALIGN_BORDER)
+    d = (g - _blur(g))[..., m:h - m, n:w - n].flatten(1)
+    d = d - d.mean(1, keepdim=True)
+    return d / d.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def aligned_distances(imgs: Tensor, train_images: Tensor, idx: Tensor, device: torch.device, chunk: int = 128
+                      ) -> tuple[Tensor, Tensor]:
+    """(distances, detail), each (n, k), to the candidates after aligning each (or its mirror, the closer one before
+    aligning: as good on CIFAR-10's copies as aligning both, at half the cost) to the image: mean |difference| of the
+    standardized central regions + BALANCE x the difference of colour balance; and the correlation of their fine
+    detail (1: the same edges in the same places). The k candidates of `chunk` images are aligned in one batch (larger
+    batches are slower on a CPU: the working set leaves the cache)."""
+    if len(imgs) > chunk:
+        parts = [aligned_distances(imgs[i:i + chunk], train_images, idx[i:i + chunk], device, chunk)
+                 for i in range(0, len(imgs), chunk)]
+        return torch.cat([d for d, _ in parts]), torch.cat([c for _, c in parts])
+    n, k = idx.shape
+    q = imgs.to(device).float().repeat(k, 1, 1, 1)  # candidate-major: row c * n + i
+    match = train_images[idx.T.flatten()].to(device).float()
+    inner = _inner(q)
+    flip = (_inner(match.flip(3)) - inner).abs().mean((1, 2, 3)) < (_inner(match) - inner).abs().mean((1, 2, 3))
+    b = torch.where(flip[:, None, None, None], match.flip(3), match)
+    w = _warp(b, align(q, b))
+    dist = (_inner(w) - inner).abs().mean((1, 2, 3)) + BALANCE * (_balance(w) - _balance(q)).abs().mean(1)
+    corr = (_detail(w) * _detail(q)).sum(1)
+    return dist.view(k, n).T.cpu(), corr.view(k, n).T.cpu()
+
+
 def reference(train: ImageSet, device: torch.device, chunk: int = 4096) -> Reference:
     """The training split's thumbnails, as is and re-cropped (computed once per audit, `chunk` images at a time), and
     above EXACT_MAX training images, when faiss is installed, an HNSW graph over each (approximate search)."""
@@ -219,40 +334,78 @@ def reference(train: ImageSet, device: torch.device, chunk: int = 4096) -> Refer
     return Reference(thumbs, zoomed, tuple(graphs))
 
 
+class Typical(NamedTuple):
+    """The median distance from a training image to its nearest other training image: in pixels (stage 2) and
+    aligned (stage 3)."""
+    pixels: float
+    aligned: float
+
+
 def typical_distance(train: ImageSet, refs: Reference, device: torch.device, sample: int = 1000,
-                     seed: int = 0) -> float:
-    """Median distance from a training image to its nearest other training image (a seeded sample)."""
+                     seed: int = 0) -> Typical:
+    """The typical distances, measured on a seeded sample of training images."""
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:sample]
     imgs = train.images[pick]
     _, idx = candidates(imgs, refs, device, exclude=pick)
-    return float(distances(imgs, train.images, idx).min(1).values.median())
+    return Typical(float(distances(imgs, train.images, idx).min(1).values.median()),
+                   float(aligned_distances(imgs, train.images, idx, device)[0].min(1).values.median()))
 
 
 def is_copy(relative: float, ratio: float) -> bool:
-    """relative: d1 / the typical training distance; ratio: d1 / the CANDIDATES-th candidate's distance."""
+    """Stage 2. relative: d1 / the typical training distance; ratio: d1 / the CANDIDATES-th candidate's distance."""
     near, far = RATIO
     limit = near - (near - far) * min(1.0, max(0.0, (relative - 0.35) / (REL - 0.35)))
     return relative <= REL and ratio <= limit
 
 
-def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: float, refs: Reference,
+def is_aligned_copy(relative: float, ratio: float, detail: float) -> bool:
+    """Stage 3. relative: aligned d1 / the typical aligned distance; ratio: d1 / the 3rd candidate's distance;
+    detail: the correlation of the image's fine detail with its nearest candidate's."""
+    alone, group, crowd, far = ALIGNED
+    return relative <= alone or (relative <= group and detail >= DETAIL) or (ratio <= crowd and relative <= far)
+
+
+def _pair(split: str, qid: str, tid: str, cosine: float, d: float, typical: float, ratio: float, **more) -> dict:
+    return {"split": split, "id": qid, "train_id": tid, "cosine": round(cosine, 4), "diff": round(d, 4),
+            "relative": round(d / typical, 4), "ratio": round(ratio, 4), **more}
+
+
+def near_duplicates(train: ImageSet, other: ImageSet, split: str, typical: Typical, refs: Reference,
                     device: torch.device = torch.device("cpu"), chunk: int = 1024) -> list[dict]:
     found = []
     for i in range(0, len(other), chunk):
-        imgs = other.images[i:i + chunk]
+        imgs, ids = other.images[i:i + chunk], other.ids[i:i + chunk]
         cos, idx = candidates(imgs, refs, device)
         rows = (cos[:, 0] >= GATE).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
         d = distances(imgs[rows], train.images, idx[rows])  # (r, k)
         d1, best = d.min(1)
-        crowd = d.max(1).values
-        for r, j, x, c in zip(rows.tolist(), best.tolist(), d1.tolist(), crowd.tolist()):
-            if is_copy(x / typical, x / max(c, 1e-6)):
-                found.append({"split": split, "id": other.ids[i + r], "train_id": train.ids[int(idx[r, j])],
-                              "cosine": round(float(cos[r, j]), 4), "diff": round(x, 4),
-                              "relative": round(x / typical, 4), "ratio": round(x / max(c, 1e-6), 4)})
+        ratio = d1 / d.max(1).values.clamp_min(1e-6)
+        left = []
+        for k, (r, j, x, q) in enumerate(zip(rows.tolist(), best.tolist(), d1.tolist(), ratio.tolist())):
+            if is_copy(x / typical.pixels, q):
+                found.append(_pair(split, ids[r], train.ids[int(idx[r, j])], float(cos[r, j]), x, typical.pixels, q))
+            elif x <= ALIGN_FROM * typical.pixels:
+                left.append(r)
+        if left:
+            found += _aligned_copies(train, imgs, ids, cos, idx, torch.tensor(left), split, typical, device)
     return found
+
+
+def _aligned_copies(train: ImageSet, imgs: Tensor, ids: list[str], cos: Tensor, idx: Tensor, rows: Tensor,
+                    split: str, typical: Typical, device: torch.device) -> list[dict]:
+    """Stage 3 for the images `rows` of `imgs` (their candidates `idx`, thumbnail cosines `cos`)."""
+    d, detail = aligned_distances(imgs[rows], train.images, idx[rows], device)  # (r, k) each
+    d1, best = d.min(1)
+    third = d.sort(1).values[:, min(2, d.shape[1] - 1)]
+    same = detail.gather(1, best[:, None]).squeeze(1)
+    out = []
+    for r, j, x, t, e in zip(rows.tolist(), best.tolist(), d1.tolist(), third.tolist(), same.tolist()):
+        if is_aligned_copy(x / typical.aligned, x / max(t, 1e-6), e):
+            out.append(_pair(split, ids[r], train.ids[int(idx[r, j])], float(cos[r, j]), x, typical.aligned,
+                             x / max(t, 1e-6), aligned=True, detail=round(e, 4)))
+    return out
 
 
 def shrunk(s: ImageSet) -> ImageSet:
@@ -261,7 +414,7 @@ def shrunk(s: ImageSet) -> ImageSet:
 
 
 def search(train: ImageSet, queries: dict[str, ImageSet], device: torch.device,
-           typical: float | None = None) -> tuple[list[dict], float]:
+           typical: Typical | None = None) -> tuple[list[dict], Typical]:
     """(the near-duplicates of training images among each named set of `queries`, the typical distance between
     training images they were judged by: measured, or `typical`), on the images shrunk to AUDIT_SIDE."""
     train = shrunk(train)
@@ -285,7 +438,7 @@ def near_copies(splits: dict[str, ImageSet], carved: list[str], fingerprint: str
         if {"val", "test"} <= set(carved):  # judged by the training images' typical distance, not val's sparser one
             pairs += [{**p, "into": "val"} for p in search(splits["val"], {"test": splits["test"]}, device, typical)[0]]
         return {"pairs": pairs}
-    key = digest("near copies v3", fingerprint, *carved, *(i for s in splits.values() for i in s.ids))
+    key = digest("near copies v4", fingerprint, *carved, *(i for s in splits.values() for i in s.ids))
     return cached(cache_dir / "audit" / f"{key}.json", both, keys=("pairs",))[0]["pairs"]
 
 
@@ -325,8 +478,8 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
         a.skipped = (f"images of {tuple(train.pixels().shape[-2:])} pixels are too small to tell a copy from a "
                      "look-alike; exact copies are still refused")
     else:
-        a.near_duplicates, a.typical_distance = search(train, {s: splits[s] for s in ("val", "test")
-                                                              if s not in joined}, device)
+        a.near_duplicates, typical = search(train, {s: splits[s] for s in ("val", "test") if s not in joined}, device)
+        a.typical_distance, a.typical_aligned = typical
     a.conflicting_copies = conflicting_copies(splits)
     a.kept_together = train.joined
     hashed = Counter(d for s in splits.values() for d in (s.digests or []))  # digests: where safetrain split
@@ -338,7 +491,7 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device,
                  joined: tuple[str, ...] = ()) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v11", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
+    key = digest("audit v12", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
     stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device, joined)),
                        keys=tuple(f.name for f in fields(Audit)))
     return Audit(**stored)
@@ -361,7 +514,8 @@ def findings(a: Audit) -> list[Finding]:
                            f"carry different labels (e.g. {ex['ids'][0]} and {ex['ids'][1]}): at least one label of "
                            "each pair is wrong.", "Fix or remove them.", "audit",
                            evidence={"count": len(a.conflicting_copies)}))
-    conflicts = [p for p in a.kept_together if p["labels"][0] != p["labels"][1] and p["ratio"] <= CONFLICT_RATIO]
+    conflicts = [p for p in a.kept_together if p["labels"][0] != p["labels"][1] and not p.get("aligned")
+                 and p["ratio"] <= CONFLICT_RATIO]  # an aligned pair (stage 3) is too close a call to name a label
     if conflicts:
         ex = conflicts[0]
         out.append(Finding("M08", "near-copies with different labels", f"{len(conflicts)} of the "
