@@ -283,3 +283,28 @@ def test_m06_a_large_training_split_is_searched_approximately_and_finds_the_same
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # not installed
     assert audit(sets).near_duplicates == exact.near_duplicates
     assert "pip install faiss-cpu" in caplog.text
+
+
+def textured(n: int, seed: int) -> torch.Tensor:
+    """(n, 3, 32, 32) uint8: random colour fields with 12x12 control points (finer than smooth_images: a re-crop
+    at another scale moves every edge)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, 12, 12, generator=g), size=32, mode="bicubic", align_corners=False)
+    return (x.clamp(0, 1) * 255).round().byte()
+
+
+def test_m06_a_copy_recropped_at_another_scale_and_recoloured_is_found_by_aligning(monkeypatch):
+    """Stage 3: six training images cut to their central 24x24 (x1.35), moved by a pixel, scaled back and recoloured
+    are beyond stage 2's reach (it has no scale beyond 1/16 of a border); aligning finds them, and no other image."""
+    train, others = textured(300, 0), textured(20, 1)
+    crop = F.interpolate(train[:6, :, 5:29, 4:28].float(), size=32, mode="bilinear", antialias=True)
+    copies = (crop * 0.8 + torch.tensor([20., 0, -10])[:, None, None]).clamp(0, 255).round().byte()
+    test = torch.cat([copies, others])
+    sets = {"train": ImageSet(torch.zeros(300, dtype=torch.long), [f"t{i}" for i in range(300)], train),
+            "val": ImageSet(torch.zeros(1, dtype=torch.long), ["v"], textured(1, 2)),
+            "test": ImageSet(torch.zeros(26, dtype=torch.long), [f"x{i}" for i in range(26)], test)}
+    found = audit(sets).near_duplicates
+    assert len(found) >= 3 and all(p["aligned"] and p["id"][1:] == p["train_id"][1:] for p in found)
+    assert all(int(p["id"][1:]) < 6 for p in found)
+    monkeypatch.setattr("safetrain.data.audit.ALIGN_FROM", 0.0)  # stage 2 alone
+    assert audit(sets).near_duplicates == []
