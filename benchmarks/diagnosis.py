@@ -1,7 +1,7 @@
 """Does safetrain say the right thing? Healthy runs on real data must be silent; planted faults must be named
 by their catalogue row, with nothing else.
 
-    python benchmarks/diagnosis.py [--cifar PATH_TO_cifar10-jpeg.tar.gz] [--seeds 2]
+    python benchmarks/diagnosis.py [--cifar PATH_TO_cifar10-jpeg.tar.gz] [--seeds 2] [--only TEXT] [--crossfit K]
 
 Data: scikit-learn's handwritten digits (1,797 8x8 grayscale images, shipped inside the package) and, when
 the tarball is there, a CIFAR-10 subset (600 training and 200 test images a class from the JPEG copy).
@@ -10,6 +10,8 @@ a healthy run warns nothing, or a fault run warns at least one expected row and 
 `false alarm`, `missed` or `spurious`. A training stopped on purpose, or a refusal, counts with the row of
 its message; an unlocked bound (the user's own choice, acknowledged in the report) is not a diagnosis. On the
 CIFAR-10 subset [M06] is allowed: CIFAR-10 itself holds same-photo copies across train and test.
+With --crossfit K, each case with planted wrong labels is also ranked by mode=crossfit (K runs, each without one
+fold of the training split), on the same data and settings.
 """
 from __future__ import annotations
 
@@ -175,9 +177,6 @@ def ranking_precision(run_dir: Path) -> dict:
     split (a relabelled file is named <true class>_<name>), for the ranking safetrain reports (the margin over
     training) and the one before it (the final model's doubt: p(label) < 0.1 and p(other) > 0.8, by the gap), both
     read from the run's suspects.csv. A ranking that lists fewer than k counts its missing places as misses."""
-    def planted(sid: str) -> bool:
-        *_, given, name = sid.split("/")
-        return name.rsplit("_", 1)[0] != given
     rows = list(csv.DictReader(open(run_dir / "suspects.csv")))
     k = sum(map(planted, json.loads((run_dir / "splits.json").read_text())["train"])) // 2
     margin = sorted((r for r in rows if r["margin"] and float(r["margin"]) < 0), key=lambda r: float(r["margin"]))
@@ -187,7 +186,29 @@ def ranking_precision(run_dir: Path) -> dict:
             "final_model": sum(planted(r["id"]) for r in doubt[:k]) / max(1, k)}
 
 
-def one(case: dict, work: Path) -> dict:
+def crossfit_ranking(case: dict, work: Path, folds: int) -> dict:
+    """mode=crossfit on the same data and settings: precision of its suspects at the same k, and its estimate."""
+    from safetrain.crossfit import crossfit
+    over = [f"data.root={case['root']}", "trainer.progress=false", *case["over"]]
+    out_dir = work / "crossfit" / re.sub(r"\W+", "_", case["name"])
+    t0 = time.perf_counter()
+    summary = crossfit(lambda o: compose("imagefolder", o)[0], over, out_dir, folds)
+    rows = list(csv.DictReader(open(out_dir / "suspects.csv")))
+    held = [i for k in range(folds) for i in torch.load(out_dir / f"fold_{k + 1}" / "held_out.pt",
+                                                          weights_only=True)["ids"]]
+    k = sum(map(planted, held)) // 2
+    return {"k": k, "precision": sum(planted(r["id"]) for r in rows[:k]) / max(1, k),
+            "estimate": summary["label_noise_estimate"], "held_out_accuracy": summary["held_out_accuracy"],
+            "seconds": round(time.perf_counter() - t0)}
+
+
+def planted(sid: str) -> bool:
+    """A relabelled file is named <true class>_<name> in its given class's folder."""
+    *_, given, name = sid.split("/")
+    return name.rsplit("_", 1)[0] != given
+
+
+def one(case: dict, work: Path, folds: int = 0) -> dict:
     cfg, _ = compose("imagefolder", [f"data.root={case['root']}", "trainer.progress=false", *case["over"]])
     t0 = time.perf_counter()
     try:
@@ -197,6 +218,8 @@ def one(case: dict, work: Path) -> dict:
         warned, acc = {f["row"] for f in final["findings"] if f["source"] != "unlock"}, final["test_acc"]
         estimate = final.get("label_noise_estimate")
         ranking = ranking_precision(run_dir) if case.get("noisy") else None
+        if ranking and folds:
+            ranking["crossfit"] = crossfit_ranking(case, work, folds)
     except (TrainingStopped, SafetrainError) as e:  # stopped on purpose, or refused before training
         warned, acc, estimate, ranking = set(re.findall(r"\[(M\d\d)\]", str(e))[:1]), float("nan"), None, None
     expect, warned = case["expect"], warned - case.get("allow", set())
@@ -214,6 +237,7 @@ def main() -> None:
     ap.add_argument("--cifar", type=Path, default=TARBALL)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--crossfit", type=int, default=0, help="K: also rank the noisy cases by mode=crossfit, K folds")
     a = ap.parse_args()
     import logging
     logging.getLogger("safetrain").setLevel(logging.ERROR)
@@ -224,12 +248,16 @@ def main() -> None:
         rows = []
         for case in cases(digits, cifar, work, a.seeds):
             if a.only in case["name"]:
-                rows.append(one(case, work))
+                rows.append(one(case, work, a.crossfit))
                 r = rows[-1]
                 noise = "-" if r["noise_estimate"] is None else f"{r['noise_estimate']:.1%}" + (
                     f" ({r['planted_noise']:.1%} planted)" if r["planted_noise"] is not None else "")
                 rank = "-" if not r["ranking"] else \
                     f"{r['ranking']['margin']:.2f} / {r['ranking']['final_model']:.2f} (k={r['ranking']['k']})"
+                if r["ranking"] and "crossfit" in r["ranking"]:
+                    cf = r["ranking"]["crossfit"]
+                    rank += (f" / crossfit {cf['precision']:.2f} (estimate {cf['estimate'][0]:.1%}-"
+                             f"{cf['estimate'][1]:.1%}, held-out acc {cf['held_out_accuracy']:.3f}, {cf['seconds']} s)")
                 print(f"| {r['case']} | {r['test_acc']:.3f} | {', '.join(r['warned']) or '-'} | "
                       f"{', '.join(r['expected']) or '-'} | {r['verdict']} | {noise} | {rank} | {r['seconds']} s |",
                       flush=True)

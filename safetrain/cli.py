@@ -6,9 +6,11 @@ the job, so a bad key or value fails within seconds with a message, before any d
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Optional
 
 from safetrain import distributed as dist
 from safetrain.errors import ConfigError, Interrupted, SafetrainError, TrainingStopped
+from safetrain.io import write_json
 from safetrain.resume import command as resume_cmd
 from safetrain.runtime import refuse_used_run_dir
 from safetrain.sweep import job_overrides, record, summarize
@@ -152,8 +155,8 @@ def parse(argv: list[str]) -> Command:
     rest = [a for a in argv if not a.startswith("recipe=")]
     if recipe is None:
         return Command("list", rest)
-    kind = "tune" if "tune" in modes else "sweep" if {"-m", "--multirun"} & set(rest) else \
-        "doctor" if "doctor" in modes else "train"
+    kind = next((m for m in ("tune", "crossfit") if m in modes), None) or \
+        ("sweep" if {"-m", "--multirun"} & set(rest) else "doctor" if "doctor" in modes else "train")
     return Command(kind, rest, recipe)
 
 
@@ -406,7 +409,45 @@ def _saved_search(command: Command):
     return search, Path(command.run_dir)
 
 
+def crossfit_command(command: Command) -> int:
+    """`python -m safetrain recipe=NAME mode=crossfit [crossfit.folds=K] [settings]`: K runs of the recipe, one after
+    another in this process, each without one fold of the training split (safetrain/crossfit.py). The same command
+    with the same hydra.run.dir goes on where it stopped."""
+    from hydra._internal.utils import get_args_parser
+
+    from safetrain.crossfit import crossfit
+
+    if dist.requested():
+        raise ConfigError("[config] mode=crossfit runs its folds one after another in one process: use `python -m "
+                          "safetrain`, not torchrun.")
+    args = get_args_parser().parse_args(command.settings)
+    if args.multirun:
+        raise ConfigError("[config] mode=crossfit runs its own K runs: drop -m.")
+    refuse_code_overrides(args.overrides)
+    task = [o for o in args.overrides if not o.startswith("hydra.")]
+    make = lambda overrides: compose(command.recipe, overrides, args.config_dir)[0]  # noqa: E731
+    folds = make(task).crossfit.folds  # every setting checked before anything runs
+    given = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
+    out_dir = Path(given) if given else Path("runs", command.recipe, time.strftime("crossfit_%Y-%m-%d_%H-%M-%S"))
+    plan = {"recipe": command.recipe, "overrides": task}
+    saved = out_dir / "plan.json"
+    if not saved.exists():
+        refuse_used_run_dir(out_dir)
+    elif json.loads(saved.read_text()) != plan:
+        raise ConfigError(f"[config] {out_dir} holds another crossfit ({saved.read_text().strip()}): give this one "
+                          "a new hydra.run.dir, or the same recipe and settings to go on with that one.")
+    write_json(saved, plan)
+    _log_to(logging.FileHandler(out_dir / "safetrain.log"))
+    try:
+        crossfit(make, task, out_dir, folds)
+    except SafetrainError as e:  # a fold refused, stopped or interrupted: the folds before it are kept
+        logging.getLogger("safetrain").error("%s: %s\nGo on with the same command and hydra.run.dir=%s", type(e).__name__,
+                                             e, out_dir)
+        return e.exit_code if isinstance(e, Interrupted) else 1 if isinstance(e, TrainingStopped) else 2
+    return 0
+
+
 # what each kind of command runs; a new mode joins here
 COMMANDS = {"list": list_command, "train": train_command, "doctor": train_command, "sweep": train_command,
-            "tune": tune_command, "resume": resume_command, "predict": after_training, "evaluate": after_training,
-            "export": after_training}
+            "tune": tune_command, "crossfit": crossfit_command, "resume": resume_command, "predict": after_training,
+            "evaluate": after_training, "export": after_training}

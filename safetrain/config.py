@@ -30,7 +30,7 @@ from safetrain.optim import OPTIMIZERS, SCHEDULES
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("auto", "memory", "stream")
-MODES = ("train", "doctor", "tune")
+MODES = ("train", "doctor", "tune", "crossfit")
 SAMPLERS = ("tpe", "random")  # tune.sampler: Optuna's TPE (default) or random search
 PRUNERS = ("median", "halving", "none")  # tune.pruner: Optuna's median or successive-halving pruner, or none
 MAX_ROTATION = 30.0  # degrees, beyond which digits, text and most objects change meaning [M05]
@@ -95,6 +95,8 @@ class DataConfig:
     num_workers: int = 4
     cache_dir: Optional[str] = None  # default: $SAFETRAIN_CACHE or ~/.cache/safetrain
     download: bool = True
+    fold: Optional[list[int]] = None  # [k, K]: train without the k-th of K stratified folds of the training split, and
+    # predict it (held_out.pt): mode=crossfit's runs
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -150,6 +152,12 @@ class TuneConfig:
 
 
 @dataclass
+class CrossfitConfig:
+    """mode=crossfit (safetrain/crossfit.py): suspected mislabeled samples from out-of-sample predictions."""
+    folds: int = 5  # runs of this recipe, each trained without one fold of the training split and predicting it
+
+
+@dataclass
 class Config:
     seed: int = 0
     task: str = "auto"  # auto: from the labels (multilabel where an image has other than one), or stated
@@ -161,6 +169,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    crossfit: CrossfitConfig = field(default_factory=CrossfitConfig)
 
 
 def schema_keys(schema=Config, prefix: str = "") -> list[str]:
@@ -303,6 +312,10 @@ def _check_values(c: Config) -> None:
                     fix=" null writes checkpoints at epoch ends only.")
     check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
     check_range("tune.trials", c.tune.trials, 1, 100000)
+    check_range("crossfit.folds", c.crossfit.folds, 2, 20)
+    if c.data.fold is not None and (len(c.data.fold) != 2 or not 0 <= c.data.fold[0] < c.data.fold[1]):
+        raise ConfigError(f"[config] data.fold={c.data.fold} is not [k, K] with 0 <= k < K: it names the fold of the "
+                          "training split a run leaves out (mode=crossfit sets it).")
     if c.tune.max_minutes is not None:
         check_range("tune.max_minutes", c.tune.max_minutes, 0.1, 1e6)
     check_range("sched.factor", c.sched.factor, 0.01, 0.99)

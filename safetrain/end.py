@@ -3,8 +3,6 @@ label-noise estimate [M08], metrics.json, report.md/html, the final TensorBoard 
 why it stopped and how to continue. The run's figures are drawn here."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from safetrain.data.audit import pair_images
 from safetrain.engine import FitResult, Setup, test
 from safetrain.errors import Interrupted
 from safetrain.findings import Finding
-from safetrain.io import write_json, write_text
+from safetrain.io import save_torch, write_csv, write_json, write_text
 from safetrain.metrics import average_precisions, per_label, selection_metric
 from safetrain.models.layers import hooks
 from safetrain.optim import OPTIMIZERS
@@ -126,6 +124,8 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     hooks(setup.model).eval_views("one")  # what the model makes of the images it trained on: one view is enough
     trained = predicted_probs(setup.model, data.loaders.train_in_order, ctx.prec, facts.multilabel)
     ranked = _suspects(trained, setup.margins, train_ids, facts, out.path / "suspects.csv")
+    if data.held_out is not None:  # mode=crossfit: the fold this run left out
+        _predict_held_out(ctx, data, setup, out.path / HELD_OUT)
     suspects, n_suspects = ranked[:TOP_SUSPECTS], len(ranked)
     estimate, noise = _label_noise(data, held_out, suspects)
     noise = _or_unfit(noise, trained, estimate, facts, findings + result.findings,
@@ -153,6 +153,23 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     log.info("summary: %d warning(s)%s; report: %s", len(findings), "".join(f"\n  {w}" for w in findings),
              out.path / "report.md")
     return RunResult(final, findings)
+
+
+HELD_OUT, SHOWN = "held_out.pt", 32  # data.fold: the held-out fold's predictions, with the images of the SHOWN
+# lowest margins of the given label over the other classes (mode=crossfit draws its grid from them)
+
+
+def _predict_held_out(ctx: Context, data: Prepared, setup: Setup, path: Path) -> None:
+    """data.fold: the kept model's probabilities on the training images this run left out, for mode=crossfit."""
+    held = data.held_out
+    loader = D.make_loader(held, data.eval_pipeline, batch_size=2 * ctx.cfg.data.batch_size, train=False, seed=0,
+                           decoding=data.decoding)
+    hooks(setup.model).eval_views("all")  # as predict sees them
+    probs, labels = predicted_probs(setup.model, loader, ctx.prec)
+    margin = probs.gather(1, labels[:, None]).squeeze(1) - probs.scatter(1, labels[:, None], -1.0).amax(1)
+    low = margin.argsort()[:SHOWN].tolist()
+    save_torch(path, {"classes": data.facts.classes, "ids": held.ids, "probs": probs, "labels": labels, "shown": [held.ids[i] for i in low],
+                      "images": D.pick_images(held, [held.ids[i] for i in low], data.decoding)})
 
 
 def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]], examples: list[dict]):
@@ -195,11 +212,7 @@ def _suspects(trained, margins, ids: list[str], facts, csv_path: Path) -> list[d
     doubted = suspected_mislabeled(*trained, ids, facts.classes, area, by_doubt=True) if area is not None else []
     listed = {m["id"] for m in ranked}
     rows = ranked + [m for m in doubted if m["id"] not in listed]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, ["id", "given", "predicted", "margin", "p_given", "p_predicted"], restval="")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(csv_path, buf.getvalue())
+    write_csv(csv_path, rows, ["id", "given", "predicted", "margin", "p_given", "p_predicted"])
     log.info("%d training samples %s [M08]: most likely mislabeled first, the top %d in report.md, all in %s",
              len(ranked), "had another class above their label on average over training (area under the margin < 0; "
              "the first epochs count too, so a short run lists many)" if area is not None

@@ -4,7 +4,9 @@ Every file safetrain writes goes through `atomic_write`: a temp file in the same
 `os.replace`, so a crash or a signal leaves the previous file (or none), never half of one."""
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import logging
 import os
@@ -55,6 +57,15 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2))
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """`rows` under a header of `columns` (a key a row lacks: an empty cell)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns, restval="")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def cache_root(configured: str | None) -> Path:

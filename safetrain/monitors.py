@@ -417,14 +417,14 @@ NOISE_MIN_COUNT = 5  # ... and at least this many held-out images look mislabele
 FLOOR_MIN_PER_CELL = 5  # held-out images per (given, true) pair of classes needed to trust the floor
 
 
-def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+def label_noise(probs: torch.Tensor, labels: torch.Tensor, floor: bool = True) -> tuple[float, torch.Tensor]:
     """Share of wrong labels from held-out predictions, by confident learning (Northcutt et al. 2021): a sample
     counts for class j when p_j reaches the mean p_j of the samples labelled j; the confident joint of (given,
     true) is calibrated to the label counts, and its off-diagonal mass estimates the wrong labels. A weak
     model's own confusions (cat/dog) land there too; where there are enough samples per pair of classes, the
     estimate is capped by the floor under the off-diagonal cells (the mean of their lower half), which wrong
-    labels raise everywhere and a classifier's confusions only in a few places. Returns (estimate, (N,) mask
-    of the samples counted off the diagonal)."""
+    labels raise everywhere and a classifier's confusions only in a few places (`floor`=False: not capped). Returns
+    (estimate, (N,) mask of the samples counted off the diagonal)."""
     n, c = probs.shape
     counts = torch.bincount(labels, minlength=c).double()
     thresholds = torch.stack([probs[labels == j, j].mean() if counts[j] else torch.tensor(1.0) for j in range(c)])
@@ -437,9 +437,8 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch
     joint = joint / joint.sum(1, keepdim=True).clamp_min(1) * counts[:, None]  # rows sum to the label counts
     estimate = float(1 - joint.trace() / joint.sum().clamp_min(1))
     cells = joint[~torch.eye(c, dtype=torch.bool)]  # (C(C-1),) off-diagonal
-    if n / len(cells) >= FLOOR_MIN_PER_CELL:
-        floor = float(cells.sort().values[:max(1, len(cells) // 2)].mean() * len(cells) / n)
-        estimate = min(estimate, floor)
+    if floor and n / len(cells) >= FLOOR_MIN_PER_CELL:
+        estimate = min(estimate, float(cells.sort().values[:max(1, len(cells) // 2)].mean() * len(cells) / n))
     return estimate, counted & (confident != labels)
 
 

@@ -82,6 +82,7 @@ class Prepared:
     input_check: Finding  # [M33] on a batch in the split's own class mix
     findings: list[Finding]  # audit and data findings
     seconds: dict[str, float]  # load (decoding on a fresh cache), split (with the near-copy search), audit
+    held_out: Optional[D.ImageSet] = None  # data.fold: the training images this run leaves out and predicts
 
 
 @dataclass
@@ -121,6 +122,7 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     copies = D.exact_duplicates(splits)
     if ctx.cfg.mode != "doctor":  # the doctor reports them as a FAIL instead
         D.refuse_duplicates(copies, d.allow_duplicates_across_splits)
+    splits, held = _held_out(splits, d.fold, seed) if d.fold is not None else (splits, None)  # mode=crossfit
     name = "custom Dataset" if dataset is not None else d.name
     log.info("[2/9] data %s: %s (stratified, seed %d)", name, ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
              seed)
@@ -165,7 +167,17 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     loaders, eval_pipeline, first, checked = _loaders(ctx, splits, facts, balance[0] == "sampler", decoding,
                                                       contract)
     return Prepared(name, spec, splits, facts, audit, balance, loaders, eval_pipeline, decoding, first, checked,
-                    found, {k: round(v, 2) for k, v in seconds.items()})
+                    found, {k: round(v, 2) for k, v in seconds.items()}, held)
+
+
+def _held_out(splits: dict[str, D.ImageSet], fold: list[int], seed: int):
+    """data.fold=[k, K] (mode=crossfit's runs): (the splits with the k-th fold left out of train, that fold)."""
+    if splits["train"].labels.ndim == 2:
+        raise ConfigError("[config] mode=crossfit ranks images with one label each; with several labels per image a "
+                          "run's report.md lists the training images whose tags the final model doubts.")
+    rest, held = D.hold_out(splits["train"], *fold, seed)
+    log.info("fold %d of %d: %d training images held out, predicted after training", fold[0] + 1, fold[1], len(held))
+    return {**splits, "train": rest}, held
 
 
 def _follow_the_weights(facts: D.DataFacts, contract) -> list[Finding]:

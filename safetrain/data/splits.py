@@ -109,6 +109,18 @@ def long_tailed(data: ImageSet, ratio: float, seed: int) -> ImageSet:
     return data.subset(torch.cat(keep).sort().values)
 
 
+def hold_out(data: ImageSet, k: int, folds: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(the rest, the k-th of `folds` folds) of a single-label split: each class dealt out over the folds in a seeded
+    order, byte-identical copies in their first copy's fold (a copy in the rest would be predicted in-sample)."""
+    g = torch.Generator().manual_seed(seed)
+    where = torch.empty(len(data), dtype=torch.int64)
+    for c in data.labels.unique().tolist():
+        idx = (data.labels == c).nonzero().squeeze(1)
+        where[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % folds
+    where = where[copy_groups(data)]
+    return data.subset((where != k).nonzero().squeeze(1)), data.subset((where == k).nonzero().squeeze(1))
+
+
 def split_source(src: Source, spec: DataSpec, cache_dir: Path | None = None,
                  device: torch.device = torch.device("cpu")) -> dict[str, ImageSet]:
     """The splits `spec` describes, of `src` (training and the commands after it make them through here). With a

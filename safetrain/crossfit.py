@@ -1,0 +1,92 @@
+"""mode=crossfit: suspected mislabeled training images from out-of-sample predictions (cross-fitting, as cleanlab's
+k folds). K runs of the recipe, each trained without one stratified fold of the training split (data.fold=[k, K]; the
+same val and test) and predicting that fold with its kept model: every training image is predicted once, by a model
+that never saw it. Confident learning on those predictions (monitors.label_noise) estimates the share of wrong labels
+and flags the images that another class confidently outweighs; suspects.csv ranks them by their given label's
+probability minus the most likely other class's, lowest first (cleanlab's normalized margin: on CIFAR-10 look-alike
+swaps twice as precise as the given label's probability alone, RESULTS.md). It costs K runs: it is for small data, where a run's own ranking (the margin over
+training, in its suspects.csv) rests on few steps per image.
+
+Its folder (runs/NAME/crossfit_<time>, or hydra.run.dir) holds fold_1 ... fold_K (complete runs, each with its
+report), plan.json (the recipe and settings), and suspects.csv, suspects.png, crossfit.json; the same command with the same hydra.run.dir goes on where it
+stopped (the folds already predicted are kept)."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from safetrain import figures as draw
+from safetrain.config import Config
+from safetrain.end import HELD_OUT
+from safetrain.io import write_csv, write_json
+from safetrain.monitors import NOISE_WARN, label_noise
+from safetrain.run import run
+
+log = logging.getLogger("safetrain")
+SHOWN = 16  # suspects drawn in suspects.png
+
+
+def crossfit(make: Callable[[list[str]], Config], overrides: list[str], out_dir: Path, folds: int) -> dict:
+    """The K fold runs (`make(overrides)` composes a run's config), then their predictions merged -> crossfit.json."""
+    t0 = time.perf_counter()
+    parts = []
+    for k in range(folds):
+        fold_dir = out_dir / f"fold_{k + 1}"
+        if not (fold_dir / HELD_OUT).exists():
+            if fold_dir.exists():  # a run that did not finish: it is one of K, started again
+                log.info("crossfit: %s did not finish; it starts again", fold_dir)
+                shutil.rmtree(fold_dir)
+            log.info("crossfit: fold %d of %d -> %s", k + 1, folds, fold_dir)
+            ov = [*overrides, f"data.fold=[{k},{folds}]"]
+            run(make(ov), fold_dir, ov)
+        parts.append(torch.load(fold_dir / HELD_OUT, weights_only=True))
+    return merge(parts, out_dir, folds, time.perf_counter() - t0)
+
+
+def merge(parts: list[dict], out_dir: Path, folds: int, seconds: float) -> dict:
+    """The folds' held-out predictions as one: the estimate, the ranked suspects (suspects.csv, suspects.png)."""
+    classes = parts[0]["classes"]
+    ids = [i for p in parts for i in p["ids"]]
+    probs, labels = torch.cat([p["probs"] for p in parts]), torch.cat([p["labels"] for p in parts])
+    low, off = label_noise(probs, labels)  # capped by the floor under the off-diagonal cells
+    high = label_noise(probs, labels, floor=False)[0]  # the model's own confusions included
+    given = probs.gather(1, labels[:, None]).squeeze(1)
+    other, pred = probs.scatter(1, labels[:, None], -1.0).max(1)
+    flagged = off.nonzero().squeeze(1)
+    order = flagged[(given - other)[flagged].argsort()].tolist()
+    rows = [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
+             "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)} for i in order]
+    write_csv(out_dir / "suspects.csv", rows, ["id", "given", "predicted", "p_given", "p_predicted"])
+    _draw(parts, rows[:SHOWN], out_dir / "suspects.png")
+    acc = float((probs.argmax(1) == labels).float().mean())
+    out = {"folds": folds, "training_images": len(ids), "held_out_accuracy": round(acc, 4),
+           "label_noise_estimate": [round(low, 4), round(high, 4)], "suspects": len(rows), "top": rows[:20],
+           "wall_time_s": round(seconds, 1)}
+    write_json(out_dir / "crossfit.json", out)
+    log.info("crossfit: %d training images, each predicted by the model of the fold that left it out (accuracy "
+             "%.1f%%): between %.1f%% and %.1f%% of the labels look wrong (confident learning: the low end counts only "
+             "what every pair of classes shares, the high end the model's own confusions too)%s; %d suspects, the "
+             "most likely mislabeled first (the given label's probability least above, or most below, another's), in "
+             "%s (the top %d drawn in suspects.png)", len(ids), 100 * acc, 100 * low, 100 * high,
+             " [M08]: check the labels of the top suspects" if low >= NOISE_WARN else "", len(rows),
+             out_dir / "suspects.csv", min(SHOWN, len(rows)))
+    return out
+
+
+def _draw(parts: list[dict], rows: list[dict], path: Path) -> None:
+    """The top suspects with their given and predicted labels (from the images each fold kept of its lowest
+    margins)."""
+    kept = {i: img for p in parts for i, img in zip(p["shown"], p["images"])}
+    rows = [r for r in rows if r["id"] in kept]
+    if not rows:
+        return
+    fig = draw.image_grid(torch.stack([kept[r["id"]] for r in rows]),
+                          [f"{r['id']}\ngiven {r['given']} ({r['p_given']:.2f})\nseen {r['predicted']} "
+                           f"({r['p_predicted']:.2f})" for r in rows],
+                          "suspected mislabeled training images [M08], predicted by models that never saw them")
+    draw.save(fig, path)
