@@ -4,12 +4,14 @@ same val and test) and predicting that fold with its kept model: every training 
 that never saw it. Confident learning on those predictions (monitors.label_noise) estimates the share of wrong labels
 and flags the images that another class confidently outweighs; suspects.csv ranks them by their given label's
 probability minus the most likely other class's, lowest first (cleanlab's normalized margin: on CIFAR-10 look-alike
-swaps twice as precise as the given label's probability alone, RESULTS.md). It costs K runs: it is for small data, where a run's own ranking (the margin over
-training, in its suspects.csv) rests on few steps per image.
+swaps twice as precise as the given label's probability alone). It costs about K runs on (K-1)/K of the images each;
+on CIFAR-10 subsets its ranking beat a run's own (the margin over training) on noise between look-alike classes and
+trailed it on uniform noise (benchmarks/RESULTS.md).
 
 Its folder (runs/NAME/crossfit_<time>, or hydra.run.dir) holds fold_1 ... fold_K (complete runs, each with its
-report), plan.json (the recipe and settings), and suspects.csv, suspects.png, crossfit.json; the same command with the same hydra.run.dir goes on where it
-stopped (the folds already predicted are kept)."""
+report), plan.json (the recipe and settings), and suspects.csv, suspects.png, crossfit.json. The same command with the
+same hydra.run.dir goes on where it stopped: the folds already predicted are kept, a fold killed in training goes on
+from its last checkpoint."""
 from __future__ import annotations
 
 import logging
@@ -25,6 +27,7 @@ from safetrain.config import Config
 from safetrain.end import HELD_OUT
 from safetrain.io import write_csv, write_json
 from safetrain.monitors import NOISE_WARN, label_noise
+from safetrain.resume import finished, saved_config
 from safetrain.run import run
 
 log = logging.getLogger("safetrain")
@@ -38,14 +41,23 @@ def crossfit(make: Callable[[list[str]], Config], overrides: list[str], out_dir:
     for k in range(folds):
         fold_dir = out_dir / f"fold_{k + 1}"
         if not (fold_dir / HELD_OUT).exists():
-            if fold_dir.exists():  # a run that did not finish: it is one of K, started again
-                log.info("crossfit: %s did not finish; it starts again", fold_dir)
-                shutil.rmtree(fold_dir)
             log.info("crossfit: fold %d of %d -> %s", k + 1, folds, fold_dir)
-            ov = [*overrides, f"data.fold=[{k},{folds}]"]
-            run(make(ov), fold_dir, ov)
+            _fold(make, [*overrides, f"data.fold=[{k},{folds}]"], fold_dir)
         parts.append(torch.load(fold_dir / HELD_OUT, weights_only=True))
     return merge(parts, out_dir, folds, time.perf_counter() - t0)
+
+
+def _fold(make: Callable[[list[str]], Config], overrides: list[str], fold_dir: Path) -> None:
+    """One fold's run: new, or going on from its last checkpoint (a kill in training), or started again (a kill
+    after its test, before its predictions were written: nothing left to resume)."""
+    if (fold_dir / "checkpoints" / "last.pt").exists() and not finished(fold_dir):
+        log.info("crossfit: %s goes on from its last checkpoint", fold_dir)
+        run(saved_config(fold_dir), fold_dir, overrides, resume=True)
+        return
+    if fold_dir.exists():
+        log.info("crossfit: %s did not finish; it starts again", fold_dir)
+        shutil.rmtree(fold_dir)
+    run(make(overrides), fold_dir, overrides)
 
 
 def merge(parts: list[dict], out_dir: Path, folds: int, seconds: float) -> dict:

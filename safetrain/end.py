@@ -124,8 +124,6 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     hooks(setup.model).eval_views("one")  # what the model makes of the images it trained on: one view is enough
     trained = predicted_probs(setup.model, data.loaders.train_in_order, ctx.prec, facts.multilabel)
     ranked = _suspects(trained, setup.margins, train_ids, facts, out.path / "suspects.csv")
-    if data.held_out is not None:  # mode=crossfit: the fold this run left out
-        _predict_held_out(ctx, data, setup, out.path / HELD_OUT)
     suspects, n_suspects = ranked[:TOP_SUSPECTS], len(ranked)
     estimate, noise = _label_noise(data, held_out, suspects)
     noise = _or_unfit(noise, trained, estimate, facts, findings + result.findings,
@@ -142,6 +140,8 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
                            findings=findings, final=final, mislabeled=suspects,
                            figures=report_figures(data, out.path, setup.selection[0], final, suspects, test_scores))
     _final_tensorboard(out.tracker, figures, t, ctx.config, final)
+    if data.held_out is not None:  # mode=crossfit: the fold this run left out, written last (a fold is done with it)
+        _predict_held_out(ctx, data, setup, out.path / HELD_OUT)
     scores = (f"mAP {t['map']:.4f}, macro-F1 {t['macro_f1']:.4f}, micro-F1 {t['micro_f1']:.4f} at the thresholds "
               f"chosen on validation (over all {facts.num_classes} labels); exact label sets {t['exact_match']:.4f}"
               if facts.multilabel else f"acc {t['acc']:.4f}, balanced acc {t['balanced_acc']:.4f}, macro-F1 "

@@ -54,10 +54,16 @@ def test_a_crossfit_goes_on_with_the_folds_it_has_and_refuses_another_in_its_fol
     args = [*QUICK, "trainer.max_epochs=1", f"data.root={root}", f"hydra.run.dir={out}"]
     assert main(args) == 0
     kept = (out / "fold_1" / "held_out.pt").stat().st_mtime_ns
-    (out / "fold_3" / "held_out.pt").unlink()  # what a kill in the last fold leaves: a run without its predictions
+    (out / "fold_3" / "held_out.pt").unlink()  # a kill after fold 3's test: nothing to resume, it starts again
+    trained = (out / "fold_2" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    for name in ("held_out.pt", "metrics.json"):  # a kill after fold 2's last epoch: it goes on to its test
+        (out / "fold_2" / name).unlink()
     assert main(args) == 0
     assert (out / "fold_1" / "held_out.pt").stat().st_mtime_ns == kept  # not run again
-    assert (out / "fold_3" / "held_out.pt").exists()
+    assert (out / "fold_2" / "checkpoints" / "last.pt").stat().st_mtime_ns == trained  # resumed, not trained again
+    assert all((out / f"fold_{k}" / "held_out.pt").exists() for k in (2, 3))
+    log = (out / "safetrain.log").read_text()
+    assert "fold_2 goes on from its last checkpoint" in log and "fold_3 did not finish; it starts again" in log
     assert main([*args, "seed=1"]) == 2  # another crossfit: refused, the folder untouched
     assert (out / "fold_1" / "held_out.pt").stat().st_mtime_ns == kept
 
