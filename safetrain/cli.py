@@ -420,7 +420,7 @@ def crossfit_command(command: Command) -> int:
     if dist.requested():
         raise ConfigError("[config] mode=crossfit runs its folds one after another in one process: use `python -m "
                           "safetrain`, not torchrun.")
-    args = get_args_parser().parse_args(command.settings)
+    args = get_args_parser().parse_intermixed_args(command.settings)  # -m anywhere
     if args.multirun:
         raise ConfigError("[config] mode=crossfit runs its own K runs: drop -m.")
     refuse_code_overrides(args.overrides)
@@ -434,8 +434,10 @@ def crossfit_command(command: Command) -> int:
     if not saved.exists():
         refuse_used_run_dir(out_dir)
     elif json.loads(saved.read_text()) != plan:
-        raise ConfigError(f"[config] {out_dir} holds another crossfit ({saved.read_text().strip()}): give this one "
-                          "a new hydra.run.dir, or the same recipe and settings to go on with that one.")
+        other = json.loads(saved.read_text())
+        raise ConfigError(f"[config] {out_dir} holds another crossfit (recipe={other['recipe']} "
+                          f"{' '.join(other['overrides'])}): give this one a new hydra.run.dir, or the same recipe and "
+                          "settings to go on with that one.")
     write_json(saved, plan)
     _log_to(logging.FileHandler(out_dir / "safetrain.log"))
     try:

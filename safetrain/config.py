@@ -312,7 +312,8 @@ def _check_values(c: Config) -> None:
                     fix=" null writes checkpoints at epoch ends only.")
     check_range("trainer.grad_clip", c.trainer.grad_clip, 0.0, 1e6)
     check_range("tune.trials", c.tune.trials, 1, 100000)
-    check_range("crossfit.folds", c.crossfit.folds, 2, 20)
+    check_range("crossfit.folds", c.crossfit.folds, 2, 20, fix=" 5 is usual: each run trains on 4/5 of the training "
+                "split and predicts the rest.")
     if c.data.fold is not None and (len(c.data.fold) != 2 or not 0 <= c.data.fold[0] < c.data.fold[1]):
         raise ConfigError(f"[config] data.fold={c.data.fold} is not [k, K] with 0 <= k < K: it names the fold of the "
                           "training split a run leaves out (mode=crossfit sets it).")
