@@ -161,7 +161,8 @@ class CrossfitConfig:
 class Config:
     seed: int = 0
     task: str = "auto"  # auto: from the labels (multilabel where an image has other than one), or stated
-    mode: str = "train"  # train; doctor: audit + preflight + overfit-one-batch, no training; tune: a search
+    mode: str = "train"  # train; doctor: audit + preflight + overfit-one-batch, no training; tune: a search;
+    # crossfit: K runs, each without one fold of the training split (suspects from out-of-sample predictions)
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # checked against the schema of the chosen model: MODELS[model.name][0]
     loss: LossConfig = field(default_factory=LossConfig)
