@@ -1,4 +1,5 @@
-"""Near-duplicates on CIFAR-10's real copies: the test images with a same-photo copy in the training split, judged by eye.
+"""Near-duplicates on CIFAR-10's real copies: the test images with a same-photo copy in the training split, judged
+by eye.
 
     python benchmarks/real_copies.py [--out DIR] [--labels benchmarks/real_copies_labels.json]
 

@@ -431,10 +431,10 @@ def crossfit_command(command: Command) -> int:
     out_dir = Path(given) if given else Path("runs", command.recipe, time.strftime("crossfit_%Y-%m-%d_%H-%M-%S"))
     plan = {"recipe": command.recipe, "overrides": task}
     saved = out_dir / "plan.json"
-    if not saved.exists():
+    other = json.loads(saved.read_text()) if saved.exists() else None
+    if other is None:
         refuse_used_run_dir(out_dir)
-    elif json.loads(saved.read_text()) != plan:
-        other = json.loads(saved.read_text())
+    elif other != plan:
         raise ConfigError(f"[config] {out_dir} holds another crossfit (recipe={other['recipe']} "
                           f"{' '.join(other['overrides'])}): give this one a new hydra.run.dir, or the same recipe and "
                           "settings to go on with that one.")
@@ -443,8 +443,8 @@ def crossfit_command(command: Command) -> int:
     try:
         crossfit(make, task, out_dir, folds)
     except SafetrainError as e:  # a fold refused, stopped or interrupted: the folds before it are kept
-        logging.getLogger("safetrain").error("%s: %s\nGo on with the same command and hydra.run.dir=%s", type(e).__name__,
-                                             e, out_dir)
+        logging.getLogger("safetrain").error("%s: %s\nGo on with the same command and hydra.run.dir=%s",
+                                             type(e).__name__, e, out_dir)
         return e.exit_code if isinstance(e, Interrupted) else 1 if isinstance(e, TrainingStopped) else 2
     return 0
 

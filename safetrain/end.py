@@ -19,13 +19,13 @@ from safetrain.data.audit import pair_images
 from safetrain.engine import FitResult, Setup, test
 from safetrain.errors import Interrupted
 from safetrain.findings import Finding
-from safetrain.io import save_torch, write_csv, write_json, write_text
+from safetrain.io import save_torch, write_csv, write_json
 from safetrain.metrics import average_precisions, per_label, selection_metric
 from safetrain.models.layers import hooks
 from safetrain.optim import OPTIMIZERS
-from safetrain.monitors import (label_noise, label_noise_finding, predicted_probs, probabilities, rare_label_findings,
-                                suspected_mislabeled, suspected_wrong_tags, tag_noise, tag_noise_finding,
-                                too_weak_for_tag_noise, underfit_not_noise, unfit_for_noise)
+from safetrain.monitors import (given_and_other, label_noise, label_noise_finding, predicted_probs, probabilities,
+                                rare_label_findings, suspected_mislabeled, suspected_wrong_tags, tag_noise,
+                                tag_noise_finding, too_weak_for_tag_noise, underfit_not_noise, unfit_for_noise)
 from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.resume import command
 from safetrain.stages import Context, Prepared, RunDir, advice_for, augmented_batch
@@ -141,7 +141,7 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
                            figures=report_figures(data, out.path, setup.selection[0], final, suspects, test_scores))
     _final_tensorboard(out.tracker, figures, t, ctx.config, final)
     if data.held_out is not None:  # mode=crossfit: the fold this run left out, written last (a fold is done with it)
-        _predict_held_out(ctx, data, setup, out.path / HELD_OUT)
+        _predict_held_out(ctx, data, setup, out.path / HELD_OUT, noise is not None and noise.kind == "label noise")
     scores = (f"mAP {t['map']:.4f}, macro-F1 {t['macro_f1']:.4f}, micro-F1 {t['micro_f1']:.4f} at the thresholds "
               f"chosen on validation (over all {facts.num_classes} labels); exact label sets {t['exact_match']:.4f}"
               if facts.multilabel else f"acc {t['acc']:.4f}, balanced acc {t['balanced_acc']:.4f}, macro-F1 "
@@ -159,17 +159,19 @@ HELD_OUT, SHOWN = "held_out.pt", 32  # data.fold: the held-out fold's prediction
 # lowest margins of the given label over the other classes (mode=crossfit draws its grid from them)
 
 
-def _predict_held_out(ctx: Context, data: Prepared, setup: Setup, path: Path) -> None:
-    """data.fold: the kept model's probabilities on the training images this run left out, for mode=crossfit."""
+def _predict_held_out(ctx: Context, data: Prepared, setup: Setup, path: Path, noise_warned: bool) -> None:
+    """data.fold: the kept model's probabilities on the training images this run left out, for mode=crossfit, and
+    whether this run warned of label noise [M08] (its estimate, checked against how well the model fit its data)."""
     held = data.held_out
     loader = D.make_loader(held, data.eval_pipeline, batch_size=2 * ctx.cfg.data.batch_size, train=False, seed=0,
                            decoding=data.decoding)
     hooks(setup.model).eval_views("all")  # as predict sees them
     probs, labels = predicted_probs(setup.model, loader, ctx.prec)
-    margin = probs.gather(1, labels[:, None]).squeeze(1) - probs.scatter(1, labels[:, None], -1.0).amax(1)
-    low = margin.argsort()[:SHOWN].tolist()
-    save_torch(path, {"classes": data.facts.classes, "ids": held.ids, "probs": probs, "labels": labels, "shown": [held.ids[i] for i in low],
-                      "images": D.pick_images(held, [held.ids[i] for i in low], data.decoding)})
+    given, other, _ = given_and_other(probs, labels)
+    shown = [held.ids[i] for i in (given - other).argsort()[:SHOWN].tolist()]
+    save_torch(path, {"classes": data.facts.classes, "ids": held.ids, "probs": probs, "labels": labels,
+                      "noise_warned": noise_warned, "shown": shown,
+                      "images": D.pick_images(held, shown, data.decoding)})
 
 
 def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]], examples: list[dict]):

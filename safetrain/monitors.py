@@ -343,6 +343,12 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     return logits.sigmoid() if multilabel else logits.softmax(1)
 
 
+def given_and_other(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N,) each: the probability of the given label, of the most likely other class, and that class."""
+    other, pred = probs.scatter(1, labels[:, None], -1.0).max(1)
+    return probs.gather(1, labels[:, None]).squeeze(1), other, pred
+
+
 def suspected_mislabeled(probs: torch.Tensor, labels: torch.Tensor, ids: list[str], classes: list[str],
                          area: torch.Tensor | None = None, by_doubt: bool = False) -> list[dict]:
     """Training samples whose given label looks wrong [M08], most likely first, each with the final model's
@@ -351,8 +357,7 @@ def suspected_mislabeled(probs: torch.Tensor, labels: torch.Tensor, ids: list[st
     on average while training), lowest first. Without it, or `by_doubt`: those the final model gives p(label) < 0.1
     while another class has p > 0.8, by the gap (a model that has memorized a wrong label no longer doubts it). Each
     row has its margin where `area` is given."""
-    other, pred = probs.scatter(1, labels[:, None], -1.0).max(1)  # the most likely class other than the label
-    given = probs.gather(1, labels[:, None]).squeeze(1)
+    given, other, pred = given_and_other(probs, labels)
     if area is None or by_doubt:
         suspect = ((given < 0.1) & (other > 0.8)).nonzero().squeeze(1)
         order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)]

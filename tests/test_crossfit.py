@@ -49,6 +49,7 @@ def test_m08_crossfit_predicts_each_training_image_once_and_ranks_the_wrong_labe
     assert (out / "suspects.png").stat().st_size > 5000
 
 
+@pytest.mark.slow  # three more fold runs end to end (the default tier has the ranking's)
 def test_a_crossfit_goes_on_with_the_folds_it_has_and_refuses_another_in_its_folder(tmp_path):
     root, out = planted_folder(tmp_path / "imgs"), tmp_path / "cf"
     args = [*QUICK, "trainer.max_epochs=1", f"data.root={root}", f"hydra.run.dir={out}"]
@@ -96,3 +97,19 @@ def test_a_bad_fold_and_several_labels_per_image_are_refused(tmp_path):
                                "data.fold=[0,3]", "trainer.progress=false"])
     with pytest.raises(ConfigError, match="mode=crossfit ranks images with one label each"):
         run(cfg, tmp_path / "run")
+
+
+def test_m08_crossfit_warns_of_label_noise_only_where_the_fold_runs_could_tell_it(tmp_path):
+    """The same out-of-sample predictions (a third of the labels confidently contradicted): [M08] when most fold runs
+    found label noise by their own checks, not when their models could not tell it from their own confusions."""
+    from safetrain.crossfit import merge
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 10
+    seen = torch.where(torch.rand(300, generator=g) < 0.3, (labels + 1) % 10, labels)  # what the models see
+    probs = torch.full((300, 10), 0.02).scatter(1, seen[:, None], 0.82)
+    for warned, folds_saying in ((True, (True, True, False)), (False, (False, False, True))):
+        parts = [{"classes": [f"c{k}" for k in range(10)], "ids": [f"s{i}" for i in range(f, 300, 3)],
+                  "probs": probs[f::3], "labels": labels[f::3], "noise_warned": said, "shown": [], "images": []}
+                 for f, said in enumerate(folds_saying)]
+        out = merge(parts, tmp_path, 3, 0.0)
+        assert out["label_noise_estimate"][0] > 0.2 and out["label_noise_warned"] is warned
