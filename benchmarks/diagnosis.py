@@ -2,6 +2,7 @@
 by their catalogue row, with nothing else.
 
     python benchmarks/diagnosis.py [--cifar PATH_TO_cifar10-jpeg.tar.gz] [--seeds 2] [--only TEXT] [--crossfit K]
+                                   [--large]
 
 Data: scikit-learn's handwritten digits (1,797 8x8 grayscale images, shipped inside the package) and, when
 the tarball is there, a CIFAR-10 subset (600 training and 200 test images a class from the JPEG copy).
@@ -10,6 +11,8 @@ a healthy run warns nothing, or a fault run warns at least one expected row and 
 `false alarm`, `missed` or `spurious`. A training stopped on purpose, or a refusal, counts with the row of
 its message; an unlocked bound (the user's own choice, acknowledged in the report) is not a diagnosis. On the
 CIFAR-10 subset [M06] is allowed: CIFAR-10 itself holds same-photo copies across train and test.
+With --large, a larger subset (2,500 training and 500 test images a class) trained by recipe=cifar10 (20 epochs
+at its CPU width), healthy and with look-alikes swapped: the model a user of that data would train.
 With --crossfit K, each case with planted wrong labels is also ranked by mode=crossfit (K runs, each without one
 fold of the training split), on the same data and settings.
 """
@@ -41,6 +44,7 @@ TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpe
 DIGITS = ["data.augment=crop", "data.hflip_keeps_label=false", "trainer.max_epochs=30"]
 CIFAR = ["model=cnn_small", "data.batch_size=128", "trainer.max_epochs=12", "sched.name=onecycle",
          "optim.lr=5e-3", "trainer.early_stop_patience=0"]
+LARGE = ["data=imagefolder", "trainer.max_minutes=null", "trainer.max_epochs=20"]  # recipe=cifar10, fixed length
 
 
 def digits_folder(root: Path) -> Path:
@@ -134,6 +138,18 @@ class Blind(nn.Module):
         return self.bias.expand(len(x), -1) + 0 * x.mean()
 
 
+def large_cases(cifar: Path, work: Path) -> list[dict]:
+    """recipe=cifar10 on the larger subset: healthy, and class-conditional noise between look-alikes."""
+    out = [dict(name="cifar10-25k recipe=cifar10 healthy", root=cifar, recipe="cifar10", over=LARGE, expect=set(),
+                allow={"M06"})]
+    for share in (0.1, 0.2, 0.3):
+        root, planted = swap_lookalikes(cifar, work / f"lswap{share}", share)
+        out.append(dict(name=f"cifar10-25k recipe=cifar10 {share:.0%} of cat/dog, car/truck, deer/horse swapped",
+                        root=root, recipe="cifar10", over=LARGE, expect={"M08"}, allow={"M06"}, planted=planted,
+                        noisy=True))
+    return out
+
+
 def cases(digits: Path, cifar: Path | None, work: Path, seeds: int) -> list[dict]:
     out = [dict(name=f"digits healthy seed {s}", root=digits, over=DIGITS + [f"seed={s}"], expect=set())
            for s in range(seeds)]
@@ -192,7 +208,7 @@ def crossfit_ranking(case: dict, work: Path, folds: int) -> dict:
     over = [f"data.root={case['root']}", "trainer.progress=false", *case["over"]]
     out_dir = work / "crossfit" / re.sub(r"\W+", "_", case["name"])
     t0 = time.perf_counter()
-    summary = crossfit(lambda o: compose("imagefolder", o)[0], over, out_dir, folds)
+    summary = crossfit(lambda o: compose(case.get("recipe", "imagefolder"), o)[0], over, out_dir, folds)
     rows = list(csv.DictReader(open(out_dir / "suspects.csv")))
     held = [i for k in range(folds) for i in torch.load(out_dir / f"fold_{k + 1}" / "held_out.pt",
                                                           weights_only=True)["ids"]]
@@ -209,7 +225,8 @@ def planted(sid: str) -> bool:
 
 
 def one(case: dict, work: Path, folds: int = 0) -> dict:
-    cfg, _ = compose("imagefolder", [f"data.root={case['root']}", "trainer.progress=false", *case["over"]])
+    cfg, _ = compose(case.get("recipe", "imagefolder"),
+                     [f"data.root={case['root']}", "trainer.progress=false", *case["over"]])
     t0 = time.perf_counter()
     try:
         run_dir = work / "runs" / re.sub(r"\W+", "_", case["name"])
@@ -238,6 +255,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     ap.add_argument("--crossfit", type=int, default=0, help="K: also rank the noisy cases by mode=crossfit, K folds")
+    ap.add_argument("--large", action="store_true", help="also recipe=cifar10 on 2,500 training images a class")
     a = ap.parse_args()
     import logging
     logging.getLogger("safetrain").setLevel(logging.ERROR)
@@ -245,8 +263,10 @@ def main() -> None:
         work = Path(tmp)
         digits = digits_folder(work / "digits")
         cifar = cifar_subset(a.cifar, work / "cifar") if a.cifar.exists() else None
-        rows = []
-        for case in cases(digits, cifar, work, a.seeds):
+        rows, todo = [], cases(digits, cifar, work, a.seeds)
+        if a.large and a.cifar.exists():
+            todo += large_cases(cifar_subset(a.cifar, work / "cifar25k", 2500, 500), work)
+        for case in todo:
             if a.only in case["name"]:
                 rows.append(one(case, work, a.crossfit))
                 r = rows[-1]
@@ -256,8 +276,8 @@ def main() -> None:
                     f"{r['ranking']['margin']:.2f} / {r['ranking']['final_model']:.2f} (k={r['ranking']['k']})"
                 if r["ranking"] and "crossfit" in r["ranking"]:
                     cf = r["ranking"]["crossfit"]
-                    rank += (f" / crossfit {cf['precision']:.2f} (estimate {cf['estimate'][0]:.1%}-"
-                             f"{cf['estimate'][1]:.1%}, held-out acc {cf['held_out_accuracy']:.3f}, {cf['seconds']} s)")
+                    rank += (f" / crossfit {cf['precision']:.2f} (estimate {cf['estimate']:.1%}, "
+                             f"held-out acc {cf['held_out_accuracy']:.3f}, {cf['seconds']} s)")
                 print(f"| {r['case']} | {r['test_acc']:.3f} | {', '.join(r['warned']) or '-'} | "
                       f"{', '.join(r['expected']) or '-'} | {r['verdict']} | {noise} | {rank} | {r['seconds']} s |",
                       flush=True)

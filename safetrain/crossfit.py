@@ -65,10 +65,9 @@ def merge(parts: list[dict], out_dir: Path, folds: int, seconds: float) -> dict:
     classes = parts[0]["classes"]
     ids = [i for p in parts for i in p["ids"]]
     probs, labels = torch.cat([p["probs"] for p in parts]), torch.cat([p["labels"] for p in parts])
-    low, off = label_noise(probs, labels)  # capped by the floor under the off-diagonal cells
-    high = label_noise(probs, labels, floor=False)[0]  # the model's own confusions included
+    noise = label_noise(probs, labels)
     given, other, pred = given_and_other(probs, labels)
-    flagged = off.nonzero().squeeze(1)
+    flagged = noise.off.nonzero().squeeze(1)
     order = flagged[(given - other)[flagged].argsort()].tolist()
     rows = [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
              "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4)} for i in order]
@@ -77,19 +76,22 @@ def merge(parts: list[dict], out_dir: Path, folds: int, seconds: float) -> dict:
     acc = float((probs.argmax(1) == labels).float().mean())
     # [M08] as a run decides it: the fold runs' own checks (their estimate, and whether their models fit their data
     # well enough to tell wrong labels from their own confusions) must have found label noise, most of them
-    warned = low >= NOISE_WARN and 2 * sum(p["noise_warned"] for p in parts) > len(parts)
+    warned = noise.estimate >= NOISE_WARN and 2 * sum(p["noise_warned"] for p in parts) > len(parts)
+    pairs = [[classes[j], classes[i], round(share, 4)] for j, i, share in noise.pairs]
     out = {"folds": folds, "training_images": len(ids), "held_out_accuracy": round(acc, 4),
-           "label_noise_estimate": [round(low, 4), round(high, 4)], "label_noise_warned": warned,
+           "label_noise_estimate": round(noise.estimate, 4), "label_noise_spread": round(noise.spread, 4),
+           "label_noise_pairs": pairs, "label_noise_warned": warned,
            "suspects": len(rows), "top": rows[:20], "wall_time_s": round(seconds, 1)}
     write_json(out_dir / "crossfit.json", out)
     log.info("crossfit: %d training images, each predicted by the model of the fold that left it out (accuracy "
-             "%.1f%%): between %.1f%% and %.1f%% of the labels look wrong (confident learning: the low end counts only "
-             "what every pair of classes shares, the high end the model's own confusions too)%s; %d suspects, the "
+             "%.1f%%): about %.1f%% of the labels look wrong (the labels of the images the models are surest of; "
+             "%.1f%% spread over every pair of classes)%s%s; %d suspects, the "
              "most likely mislabeled first (the given label's probability least above, or most below, another's), in "
-             "%s (the top %d drawn in suspects.png)", len(ids), 100 * acc, 100 * low, 100 * high,
+             "%s (the top %d drawn in suspects.png)", len(ids), 100 * acc, 100 * noise.estimate, 100 * noise.spread,
+             "".join(f"; {t} -> {g} {share:.0%}" for t, g, share in pairs),
              " [M08]: check the labels of the top suspects" if warned else " (no [M08]: most fold runs did not find "
              "label noise they could tell from their models' own confusions; their report.md says why)"
-             if low >= NOISE_WARN else "", len(rows),
+             if noise.estimate >= NOISE_WARN else "", len(rows),
              out_dir / "suspects.csv", min(SHOWN, len(rows)))
     return out
 

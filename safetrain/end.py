@@ -23,9 +23,10 @@ from safetrain.io import save_torch, write_csv, write_json
 from safetrain.metrics import average_precisions, per_label, selection_metric
 from safetrain.models.layers import hooks
 from safetrain.optim import OPTIMIZERS
-from safetrain.monitors import (given_and_other, label_noise, label_noise_finding, predicted_probs, probabilities,
-                                rare_label_findings, suspected_mislabeled, suspected_wrong_tags, tag_noise,
-                                tag_noise_finding, too_weak_for_tag_noise, underfit_not_noise, unfit_for_noise)
+from safetrain.monitors import (LabelNoise, given_and_other, label_noise, label_noise_finding, predicted_probs,
+                                probabilities, rare_label_findings, suspected_mislabeled, suspected_wrong_tags,
+                                tag_noise, tag_noise_finding, too_weak_for_tag_noise, underfit_not_noise,
+                                unfit_for_noise)
 from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.resume import command
 from safetrain.stages import Context, Prepared, RunDir, advice_for, augmented_batch
@@ -125,15 +126,17 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     trained = predicted_probs(setup.model, data.loaders.train_in_order, ctx.prec, facts.multilabel)
     ranked = _suspects(trained, setup.margins, train_ids, facts, out.path / "suspects.csv")
     suspects, n_suspects = ranked[:TOP_SUSPECTS], len(ranked)
-    estimate, noise = _label_noise(data, held_out, suspects)
-    noise = _or_unfit(noise, trained, estimate, facts, findings + result.findings,
+    estimated, noise = _label_noise(data, held_out, suspects)
+    noise = _or_unfit(noise, trained, estimated, facts, findings + result.findings,
                       advice_for(ctx.cfg, setup.custom_model))
     findings = findings + caused_by_lr(explained_by(noise, result.findings), ctx.cfg.optim)
     if facts.multilabel:  # a label too rare to learn, judged on validation [M08]
         val = [torch.cat(part) for part in zip(*held_out[0::2])]  # every rank's share: (probabilities, labels)
         findings += rare_label_findings(facts.classes, facts.counts["train"], average_precisions(*val)[1])
     final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
-    final["label_noise_estimate"] = estimate
+    final["label_noise_estimate"] = None if estimated is None else estimated.estimate
+    final["label_noise_pairs"] = None if estimated is None else [[facts.classes[j], facts.classes[i], round(share, 4)]
+                                                                 for j, i, share in estimated.pairs]
     write_json(out.path / "metrics.json", final)
     test_scores = [torch.cat(part) for part in zip(*held_out[1::2])] if facts.multilabel else None  # (probs, labels)
     figures = write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks,
@@ -175,7 +178,7 @@ def _predict_held_out(ctx: Context, data: Prepared, setup: Setup, path: Path, no
 
 
 def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]], examples: list[dict]):
-    """(estimate or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
+    """(LabelNoise or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
     validation and test splits, which it never trained on (the checkpoint is already chosen: nothing is selected on
     test here). No estimate from a model no better than chance: its doubts say nothing."""
     probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
@@ -187,14 +190,15 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
         estimate, off = tag_noise(probs, labels)
         log.info("label noise: about %.1f%% of each label's tags look wrong on the better-learned half of the labels "
                  "(confident learning per label, kept model)", 100 * estimate)
-        return estimate, tag_noise_finding(estimate, off, examples)
+        return LabelNoise(estimate, estimate, off, []), tag_noise_finding(estimate, off, examples)
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
         return None, None
-    estimate, off = label_noise(probs, labels)
-    log.info("label noise: about %.1f%% of the held-out labels look wrong (confident learning, kept model)",
-             100 * estimate)
-    return estimate, label_noise_finding(estimate, off, len(labels), examples)
+    noise = label_noise(probs, labels)
+    log.info("label noise: about %.1f%% of the held-out labels look wrong (the labels of the images the kept model is "
+             "surest of; %.1f%% spread over every pair of classes)%s", 100 * noise.estimate, 100 * noise.spread,
+             "".join(f"; {data.facts.classes[j]} -> {data.facts.classes[i]} {share:.0%}" for j, i, share in noise.pairs))
+    return noise, label_noise_finding(noise, data.facts.classes, len(labels), examples)
 
 
 TOP_SUSPECTS = 20  # in report.md and metrics.json; suspects.csv has them all
@@ -222,7 +226,7 @@ def _suspects(trained, margins, ids: list[str], facts, csv_path: Path) -> list[d
     return ranked
 
 
-def _or_unfit(noise: Optional[Finding], trained, estimate, facts, found: list[Finding],
+def _or_unfit(noise: Optional[Finding], trained, estimate: Optional[LabelNoise], facts, found: list[Finding],
               fixes: dict) -> Optional[Finding]:
     """The [M08] label-noise finding, or, where the model has not fit its training data, what it is instead: nothing
     more when the monitors already said the run did not learn (a plateau at chance, underfitting, a collapse) or
@@ -231,19 +235,18 @@ def _or_unfit(noise: Optional[Finding], trained, estimate, facts, found: list[Fi
         return noise
     said = [f"[{f.row}] {f.kind}" for f in found if (f.row, f.kind) in NOT_LEARNED]
     if said:
-        log.info("label noise: not reported [M08]: the run did not learn (%s), so its confusions are its own",
-                 ", ".join(said))
+        log.info("label noise: not reported [M08]: the run did not learn, or not all its classes (%s), so its "
+                 "confusions are its own", ", ".join(said))
         return None
-    unfit = unfit_for_noise(*trained, estimate, facts.classes)
+    unfit = unfit_for_noise(*trained, estimate.estimate, facts.classes, estimate.explained)
     if unfit is None:
         return noise
     log.info("label noise: not reported [M08]: %s", unfit[0])
-    if any((f.row, f.kind) == ("M24", "imbalance ignored") for f in found):
-        return None
     return underfit_not_noise(*unfit, fixes)
 
 
-NOT_LEARNED = {("M28", "plateau"), ("M09", "underfitting"), ("M27", "collapse")}  # no label-noise estimate after these
+NOT_LEARNED = {("M28", "plateau"), ("M09", "underfitting"), ("M27", "collapse"),  # no label-noise verdict after these:
+               ("M24", "imbalance ignored")}  # the model's rare classes read as its wrong labels
 
 
 LR_SYMPTOMS = {("M27", "collapse"), ("M28", "plateau"), ("M09", "underfitting"), ("M26", "vanishing"),

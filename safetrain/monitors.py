@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+
 import torch
 
 from safetrain.data.pipelines import flips
@@ -417,21 +419,69 @@ class Margins:
         self.counts.copy_(state["counts"])
 
 
-NOISE_WARN = 0.08  # estimated share of wrong labels above which [M08] is a warning (healthy real runs: 0-1.7%)
+NOISE_WARN = 0.08  # estimated share of wrong labels above which [M08] is a warning (healthy real runs: 0-2%)
 NOISE_MIN_COUNT = 5  # ... and at least this many held-out images look mislabeled
 FLOOR_MIN_PER_CELL = 5  # held-out images per (given, true) pair of classes needed to trust the floor
+SUREST_SHARE, SUREST_MIN = 0.1, 30  # per class: the held-out images the model is surest of, as a share of the
+# images labelled with it (at least SUREST_MIN, at most all of them)
+PAIR_SHARE, PAIR_MIN = 0.05, 3  # a (true, given) pair of classes is named where this share of the surest images of
+# the true class, and at least this many, carry the given label
 
 
-def label_noise(probs: torch.Tensor, labels: torch.Tensor, floor: bool = True) -> tuple[float, torch.Tensor]:
-    """Share of wrong labels from held-out predictions, by confident learning (Northcutt et al. 2021): a sample
-    counts for class j when p_j reaches the mean p_j of the samples labelled j; the confident joint of (given,
-    true) is calibrated to the label counts, and its off-diagonal mass estimates the wrong labels. A weak
-    model's own confusions (cat/dog) land there too; where there are enough samples per pair of classes, the
-    estimate is capped by the floor under the off-diagonal cells (the mean of their lower half), which wrong
-    labels raise everywhere and a classifier's confusions only in a few places (`floor`=False: not capped). Returns
-    (estimate, (N,) mask of the samples counted off the diagonal)."""
+@dataclass
+class LabelNoise:
+    """Wrong labels estimated from held-out predictions (`label_noise`)."""
+    estimate: float  # the share of wrong labels: the labels of the images the model is surest of, per class
+    spread: float  # the part that every pair of classes shares (confident learning's floor, see `label_noise`)
+    off: torch.Tensor  # (N,) held-out images confidently another class than their label (confident learning)
+    pairs: list[tuple[int, int, float]]  # (true, given, share of the surest images of `true` labelled `given`)
+    both_ways: float = 0.0  # the share of all labels in the pairs named both ways (cat -> dog and dog -> cat)
+
+    @property
+    def explained(self) -> float:
+        """The part of the estimate that a weak model's own confusions do not produce: the wrong labels spread over
+        every pair of classes, and those of pairs named both ways. In the runs measured (benchmarks/RESULTS.md), a
+        model's confusions among the images it is surest of ran one way (its surest cats held dogs, its surest dogs
+        no cats), and swaps between look-alikes both ways."""
+        return min(self.estimate, self.spread + self.both_ways)
+
+
+def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
+    """Wrong labels from predictions on held-out images (the model never trained on them). The estimate: for each
+    class j, the images the model is surest show a j (the top SUREST_SHARE of as many as are labelled j, by p_j);
+    the share of them labelled otherwise is how often a j carries a wrong label. On an image the model did not train
+    on, a label given at random is independent of what the model sees, so wrong labels appear among the surest j at
+    their rate, while the model's own confusions (a cat it takes for a dog) sit lower, among the images it is unsure
+    of. Averaged over the classes by their label counts, it holds for noise spread over every class and for noise
+    between two look-alike classes (class-conditional) alike; wrong labels given to ambiguous images more than to
+    clear ones are undercounted. `spread`: confident learning (Northcutt et al. 2021; a sample counts for class j
+    where p_j reaches the mean p_j of the samples labelled j; the joint of (given, counted) calibrated to the label
+    counts) capped by the floor under its off-diagonal cells (the mean of their lower half), which wrong labels
+    spread over every class raise and a weak model's confusions, concentrated in a few pairs, do not."""
     n, c = probs.shape
-    counts = torch.bincount(labels, minlength=c).double()
+    counts = torch.bincount(labels, minlength=c)
+    carried = torch.zeros(c, c, dtype=torch.float64)  # (true j, given i): the labels of the surest images of j
+    for j in range(c):
+        k = min(n, int(counts[j]), max(SUREST_MIN, int(SUREST_SHARE * counts[j])))
+        if k:
+            carried[j] = torch.bincount(labels[probs[:, j].topk(k).indices], minlength=c).double()
+    shares = carried / carried.sum(1, keepdim=True).clamp_min(1)
+    estimate = float((counts.double() / n * (1 - shares.diag())).sum())
+    off_cells = carried * (1 - torch.eye(c, dtype=torch.float64))
+    # a pair is named where its wrong labels are not a chance few: PAIR_MIN images or more, PAIR_SHARE of the surest
+    # images of its class or more, and most of the wrong labels of those images (noise spread evenly names none)
+    named = (off_cells >= PAIR_MIN) & (shares >= PAIR_SHARE) & (2 * off_cells >= off_cells.sum(1, keepdim=True))
+    pairs = [(j, i, float(shares[j, i])) for j, i in named.nonzero().tolist()]
+    both = named & named.T
+    both_ways = float((counts.double()[:, None] / n * shares * both).sum())
+    spread, off = _confident_learning(probs, labels, counts.double())
+    return LabelNoise(estimate, spread, off, sorted(pairs, key=lambda p: -p[2]), both_ways)
+
+
+def _confident_learning(probs: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Confident learning's estimate, capped by the floor under the off-diagonal cells where there are enough
+    samples per pair of classes -> (share, (N,) mask of the samples counted off the diagonal)."""
+    n, c = probs.shape
     thresholds = torch.stack([probs[labels == j, j].mean() if counts[j] else torch.tensor(1.0) for j in range(c)])
     above = probs >= thresholds
     confident = torch.where(above, probs, torch.full_like(probs, -1.0)).argmax(1)
@@ -440,11 +490,11 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor, floor: bool = True) -
     joint.index_put_((labels[counted], confident[counted]), torch.ones(int(counted.sum()), dtype=torch.float64),
                      accumulate=True)
     joint = joint / joint.sum(1, keepdim=True).clamp_min(1) * counts[:, None]  # rows sum to the label counts
-    estimate = float(1 - joint.trace() / joint.sum().clamp_min(1))
+    share = float(1 - joint.trace() / joint.sum().clamp_min(1))
     cells = joint[~torch.eye(c, dtype=torch.bool)]  # (C(C-1),) off-diagonal
-    if floor and n / len(cells) >= FLOOR_MIN_PER_CELL:
-        estimate = min(estimate, float(cells.sort().values[:max(1, len(cells) // 2)].mean() * len(cells) / n))
-    return estimate, counted & (confident != labels)
+    if n / len(cells) >= FLOOR_MIN_PER_CELL:
+        share = min(share, float(cells.sort().values[:max(1, len(cells) // 2)].mean() * len(cells) / n))
+    return share, counted & (confident != labels)
 
 
 TAG_NOISE_WARN = 0.08  # several labels per image: the per-label wrong-tag floor above which [M08] is a warning
@@ -535,26 +585,30 @@ NOISE_FIT_SLACK = 0.25  # training error (per class, averaged) beyond the noise 
 
 
 def unfit_for_noise(probs: torch.Tensor, labels: torch.Tensor, estimate: float,
-                    classes: list[str]) -> tuple[str, dict] | None:
+                    classes: list[str], explained: float | None = None) -> tuple[str, dict] | None:
     """Why held-out confusions cannot be blamed on the labels, or None. A model that has learned its data gets its
     own training images wrong where their labels are wrong (and not all of those: it memorizes some), so its error on
     them stays near the share of wrong labels. A model that underfits (a learning rate too low, too few epochs) or has
-    not learned some classes (imbalance without balancing) gets many more wrong, and confuses held-out images as much:
-    its confusions read as noise. The rule: the kept model's error on its training images, averaged over classes (an
-    unlearned small class counts as much as a large one), must not exceed the estimate by more than NOISE_FIT_SLACK.
-    `probs`, `labels`: the kept model's predictions on its training split (predicted_probs). -> (why, evidence)."""
+    not learned some classes (imbalance without balancing) gets many more wrong, and is unsure, or wrong, even on the
+    held-out images it is surest of: its confusions read as noise. The rule: the kept model's error on its training
+    images, averaged over classes (an unlearned small class counts as much as a large one), must not exceed the
+    wrong labels by more than NOISE_FIT_SLACK, counting only the `explained` part of the estimate where it is given
+    (LabelNoise.explained: what a weak model's own confusions do not produce). `probs`, `labels`: the
+    kept model's predictions on its training split (predicted_probs). -> (why, evidence)."""
     wrong = (probs.argmax(1) != labels).double()
     c = probs.shape[1]
     counts = torch.bincount(labels, minlength=c).double()
     per_class = torch.bincount(labels, weights=wrong, minlength=c) / counts.clamp_min(1)
     balanced = float(per_class[counts > 0].mean())
-    if balanced <= estimate + NOISE_FIT_SLACK:
+    explained = estimate if explained is None else explained
+    if balanced <= explained + NOISE_FIT_SLACK:
         return None
     worst = per_class.argsort(descending=True)[:3].tolist()
     shown = ", ".join(f"{classes[k]} {per_class[k]:.0%}" for k in worst)
     return (f"the kept model gets {balanced:.0%} of its own training images wrong (per class, on average; most: "
-            f"{shown}), more than the {estimate:.0%} of wrong labels its held-out confusions would suggest can "
-            "explain: it has not learned the training data well enough to tell wrong labels from its own limits",
+            f"{shown}), more than wrong labels can explain (the {explained:.0%} of them that a weak model's own "
+            "confusions would not produce): it has not learned the training data well enough to tell wrong labels from "
+            "its own limits",
             {"train_error_per_class": round(balanced, 4), "estimate": round(estimate, 4),
              "worst": {classes[k]: round(float(per_class[k]), 4) for k in worst}})
 
@@ -568,14 +622,20 @@ def underfit_not_noise(why: str, evidence: dict, fixes: dict = FIXES) -> Finding
         evidence=evidence)
 
 
-def label_noise_finding(estimate: float, off: torch.Tensor, split_size: int, examples: list[dict]) -> Finding | None:
-    """[M08] when the estimate and the number of samples behind it are both large enough."""
-    if estimate < NOISE_WARN or int(off.sum()) < NOISE_MIN_COUNT:
+def label_noise_finding(noise: LabelNoise, classes: list[str], split_size: int, examples: list[dict]) -> Finding | None:
+    """[M08] when the estimate and the number of samples behind it are both large enough: the pairs of classes
+    whose labels are mixed up where the noise sits in a few, the suspected training images."""
+    if noise.estimate < NOISE_WARN or int(noise.off.sum()) < NOISE_MIN_COUNT:
         return None
+    where = "; ".join(f"{share:.0%} of those surest to be {classes[j]} are labelled {classes[i]}"
+                      for j, i, share in noise.pairs[:4])
     shown = ", ".join(f"{m['id']} ({m['given']} -> {m['predicted']})" for m in examples[:3])
     return Finding("M08", "label noise", (
-        f"about {estimate:.0%} of the labels look wrong: of {split_size} validation and test images the model never "
-        f"trained on, {int(off.sum())} are confidently another class than their label (confident learning). Training "
-        f"images the final model doubts most: {shown or 'none'} (report.md lists more)."),
+        f"about {noise.estimate:.0%} of the labels look wrong: of the {split_size} validation and test images the model "
+        "never trained on, that share of those it is surest to be of a class carry another label"
+        f"{' (' + where + ')' if where else ', spread over the classes'}. Training images most likely mislabeled: "
+        f"{shown or 'none'} (report.md lists more)."),
         "Check and fix the labels of those classes; a relabelled dataset will train to a higher accuracy.",
-        "monitor", evidence={"estimate": estimate, "off_diagonal": int(off.sum()), "split_size": split_size})
+        "monitor", evidence={"estimate": noise.estimate, "spread": noise.spread, "off_diagonal": int(noise.off.sum()),
+                             "split_size": split_size, "pairs": [[classes[j], classes[i], round(share, 4)]
+                                                                 for j, i, share in noise.pairs]})

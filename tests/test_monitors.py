@@ -1,6 +1,7 @@
 """Detectors, preflight, doctor mode and report: each planted fault is caught and named."""
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -308,3 +309,45 @@ def test_m08_the_noise_rule_asks_for_a_model_that_has_fit_its_training_images():
     rare = labels >= 2  # two classes never learned (a long tail): 50% per class on average, the others perfect
     why, evidence = unfit_for_noise(probs(rare), labels, 0.1, classes)
     assert "most: c 100%, d 100%" in why and evidence["worst"]["d"] == 1.0
+
+
+def _held_out_swaps(swap: float, n: int = 3000):
+    """Held-out predictions of 10 classes; a `swap` share of classes 0-3 labelled as their partner (0<->1, 2<->3),
+    and a model that is sure of 60% of the images and torn between two partner classes (4<->5 too) on the rest."""
+    g = torch.Generator().manual_seed(0)
+    true = torch.arange(n) % 10
+    partner = true ^ 1
+    labels = torch.where((true < 4) & (torch.rand(n, generator=g) < swap), partner, true)
+    torn = torch.rand(n, generator=g) < 0.4
+    probs = torch.full((n, 10), 0.01)
+    probs[torch.arange(n), true] = torch.where(torn, 0.5, 0.92)
+    probs[torch.arange(n), partner] += torch.where(torn, 0.41, 0.0)
+    return probs, labels
+
+
+def test_m08_wrong_labels_between_look_alike_classes_are_estimated_and_their_pairs_named():
+    """Class-conditional noise sits in a few pairs of classes, as a model's own confusions do: the labels of the
+    images the model is surest of tell them apart, where the floor of confident learning sees nothing."""
+    from safetrain.monitors import NOISE_WARN, label_noise
+    noisy = label_noise(*_held_out_swaps(0.3))  # 30% of 4 classes: 12% of all labels
+    assert abs(noisy.estimate - 0.12) < 0.03 and noisy.spread < 0.03
+    assert {(j, i) for j, i, _ in noisy.pairs} == {(0, 1), (1, 0), (2, 3), (3, 2)}  # not the torn 4<->5
+    assert abs(noisy.explained - noisy.estimate) < 0.01  # named both ways: not what a weak model's confusions do
+    clean = label_noise(*_held_out_swaps(0.0))  # the same model's confusions alone
+    assert clean.estimate < NOISE_WARN / 4 and clean.pairs == []
+
+
+def test_m24_a_long_tail_trained_without_balancing_is_not_read_as_wrong_labels():
+    """Balancing off on a long tail [M24]: the rare classes the model has not learned make the held-out images it is
+    surest of carry other labels; that is the imbalance, named as such, not label noise [M08]."""
+    from safetrain.end import _or_unfit
+    from safetrain.findings import Finding
+    from safetrain.monitors import FIXES, LabelNoise
+    labels = torch.arange(400) % 4
+    fit = (torch.nn.functional.one_hot(labels, 4).float(), labels)  # a model that fits its training images
+    facts = SimpleNamespace(multilabel=False, classes=["a", "b", "c", "d"])
+    noise = Finding("M08", "label noise", "about 10% of the labels look wrong", "fix the labels", "monitor")
+    estimated = LabelNoise(0.1, 0.02, torch.zeros(400, dtype=torch.bool), [])
+    assert _or_unfit(noise, fit, estimated, facts, [], FIXES) is noise
+    ignored = Finding("M24", "imbalance ignored", "the largest class has 20x the smallest", "balance", "preflight")
+    assert _or_unfit(noise, fit, estimated, facts, [ignored], FIXES) is None
