@@ -191,14 +191,17 @@ def cases(digits: Path, cifar: Path | None, work: Path, seeds: int) -> list[dict
 def ranking_precision(run_dir: Path) -> dict:
     """Precision of the suspected mislabeled training images at k = half the planted wrong labels in the training
     split (a relabelled file is named <true class>_<name>), for the ranking safetrain reports (the margin over
-    training) and the one before it (the final model's doubt: p(label) < 0.1 and p(other) > 0.8, by the gap), both
-    read from the run's suspects.csv. A ranking that lists fewer than k counts its missing places as misses."""
+    training, shifted by the share of wrong labels estimated for the given class), the margin alone, and the final
+    model's doubt (p(label) < 0.1 and p(other) > 0.8, by the gap), all read from the run's suspects.csv. A ranking
+    that lists fewer than k counts its missing places as misses."""
     rows = list(csv.DictReader(open(run_dir / "suspects.csv")))
     k = sum(map(planted, json.loads((run_dir / "splits.json").read_text())["train"])) // 2
-    margin = sorted((r for r in rows if r["margin"] and float(r["margin"]) < 0), key=lambda r: float(r["margin"]))
+    margin = [r for r in rows if r["margin"] and float(r["margin"]) < 0]  # in the order the run ranked them
+    alone = sorted(margin, key=lambda r: float(r["margin"]))  # by the margin alone (before the class prior)
     doubt = sorted((r for r in rows if float(r["p_given"]) < 0.1 and float(r["p_predicted"]) > 0.8),
                    key=lambda r: float(r["p_predicted"]) - float(r["p_given"]), reverse=True)
     return {"k": k, "margin": sum(planted(r["id"]) for r in margin[:k]) / max(1, k),
+            "margin_alone": sum(planted(r["id"]) for r in alone[:k]) / max(1, k),
             "final_model": sum(planted(r["id"]) for r in doubt[:k]) / max(1, k)}
 
 
@@ -273,7 +276,8 @@ def main() -> None:
                 noise = "-" if r["noise_estimate"] is None else f"{r['noise_estimate']:.1%}" + (
                     f" ({r['planted_noise']:.1%} planted)" if r["planted_noise"] is not None else "")
                 rank = "-" if not r["ranking"] else \
-                    f"{r['ranking']['margin']:.2f} / {r['ranking']['final_model']:.2f} (k={r['ranking']['k']})"
+                    f"{r['ranking']['margin']:.2f} / {r['ranking']['margin_alone']:.2f} / " \
+                    f"{r['ranking']['final_model']:.2f} (k={r['ranking']['k']})"
                 if r["ranking"] and "crossfit" in r["ranking"]:
                     cf = r["ranking"]["crossfit"]
                     rank += (f" / crossfit {cf['precision']:.2f} (estimate {cf['estimate']:.1%}, "

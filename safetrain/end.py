@@ -124,9 +124,13 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
     train_ids, facts = data.splits["train"].ids, data.facts
     hooks(setup.model).eval_views("one")  # what the model makes of the images it trained on: one view is enough
     trained = predicted_probs(setup.model, data.loaders.train_in_order, ctx.prec, facts.multilabel)
-    ranked = _suspects(trained, setup.margins, train_ids, facts, out.path / "suspects.csv")
+    estimated = _label_noise(data, held_out)
+    ranked = _suspects(trained, setup.margins, train_ids, facts, out.path / "suspects.csv",
+                       None if estimated is None else estimated.given_wrong)
     suspects, n_suspects = ranked[:TOP_SUSPECTS], len(ranked)
-    estimated, noise = _label_noise(data, held_out, suspects)
+    noise = None if estimated is None else (
+        tag_noise_finding(estimated.estimate, estimated.off, suspects) if facts.multilabel else
+        label_noise_finding(estimated, facts.classes, len(estimated.off), suspects))
     noise = _or_unfit(noise, trained, estimated, facts, findings + result.findings,
                       advice_for(ctx.cfg, setup.custom_model))
     findings = findings + caused_by_lr(explained_by(noise, result.findings), ctx.cfg.optim)
@@ -177,8 +181,8 @@ def _predict_held_out(ctx: Context, data: Prepared, setup: Setup, path: Path, no
                       "images": D.pick_images(held, shown, data.decoding)})
 
 
-def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]], examples: list[dict]):
-    """(LabelNoise or None, [M08] finding or None) from the kept model's predictions (probabilities, labels) on the
+def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor]]) -> Optional[LabelNoise]:
+    """The wrong labels estimated (or None) from the kept model's predictions (probabilities, labels) on the
     validation and test splits, which it never trained on (the checkpoint is already chosen: nothing is selected on
     test here). No estimate from a model no better than chance: its doubts say nothing."""
     probs, labels = torch.cat([p for p, _ in held_out]), torch.cat([y for _, y in held_out])
@@ -186,25 +190,25 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
         weak = too_weak_for_tag_noise(probs, labels)
         if weak:
             log.info("label noise: not estimated (%s)", weak)
-            return None, None
+            return None
         estimate, off = tag_noise(probs, labels)
         log.info("label noise: about %.1f%% of each label's tags look wrong on the better-learned half of the labels "
                  "(confident learning per label, kept model)", 100 * estimate)
-        return LabelNoise(estimate, estimate, off, []), tag_noise_finding(estimate, off, examples)
+        return LabelNoise(estimate, estimate, off, [])
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
-        return None, None
-    noise = label_noise(probs, labels)
+        return None
+    noise, classes = label_noise(probs, labels), data.facts.classes
     log.info("label noise: about %.1f%% of the held-out labels look wrong (the labels of the images the kept model is "
              "surest of; %.1f%% spread over every pair of classes)%s", 100 * noise.estimate, 100 * noise.spread,
-             "".join(f"; {data.facts.classes[j]} -> {data.facts.classes[i]} {share:.0%}" for j, i, share in noise.pairs))
-    return noise, label_noise_finding(noise, data.facts.classes, len(labels), examples)
+             "".join(f"; {classes[j]} -> {classes[i]} {share:.0%}" for j, i, share in noise.pairs))
+    return noise
 
 
 TOP_SUSPECTS = 20  # in report.md and metrics.json; suspects.csv has them all
 
 
-def _suspects(trained, margins, ids: list[str], facts, csv_path: Path) -> list[dict]:
+def _suspects(trained, margins, ids: list[str], facts, csv_path: Path, given_wrong=None) -> list[dict]:
     """The suspected mislabeled training samples [M08], most likely first: by their margin over training (AUM:
     monitors.Margins) where it was recorded, else by the final model's doubt. suspects.csv lists them all, then the
     samples only the final model doubts, each with both signals, so either ranking can be read from it."""
@@ -214,7 +218,7 @@ def _suspects(trained, margins, ids: list[str], facts, csv_path: Path) -> list[d
                  len(ranked), min(len(ranked), TOP_SUSPECTS))
         return ranked
     area = None if margins is None else margins.area()
-    ranked = suspected_mislabeled(*trained, ids, facts.classes, area)
+    ranked = suspected_mislabeled(*trained, ids, facts.classes, area, prior=given_wrong)
     doubted = suspected_mislabeled(*trained, ids, facts.classes, area, by_doubt=True) if area is not None else []
     listed = {m["id"] for m in ranked}
     rows = ranked + [m for m in doubted if m["id"] not in listed]

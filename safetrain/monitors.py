@@ -351,21 +351,29 @@ def given_and_other(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return probs.gather(1, labels[:, None]).squeeze(1), other, pred
 
 
+PRIOR_WEIGHT, PRIOR_RANGE = 0.3, (0.01, 0.5)  # suspected_mislabeled's prior (set on CIFAR-10 subsets: RESULTS.md)
+
+
 def suspected_mislabeled(probs: torch.Tensor, labels: torch.Tensor, ids: list[str], classes: list[str],
-                         area: torch.Tensor | None = None, by_doubt: bool = False) -> list[dict]:
+                         area: torch.Tensor | None = None, by_doubt: bool = False,
+                         prior: torch.Tensor | None = None) -> list[dict]:
     """Training samples whose given label looks wrong [M08], most likely first, each with the final model's
     probabilities (`probs`: on the split in order through the eval pipeline, predicted_probs). With `area` (each
     sample's margin over training, Margins.area): those that kept a negative margin (another class above their label,
-    on average while training), lowest first. Without it, or `by_doubt`: those the final model gives p(label) < 0.1
-    while another class has p > 0.8, by the gap (a model that has memorized a wrong label no longer doubts it). Each
-    row has its margin where `area` is given."""
+    on average while training), lowest first; with `prior` too ((C,) the share of wrong labels estimated among the
+    held-out images of each given class, LabelNoise.given_wrong), ranked by the margin minus PRIOR_WEIGHT x the
+    log-odds of that share (+1.4 where none is estimated, +0.3 at 25%), so that where the wrong labels sit in a few
+    classes (look-alikes swapped) their images come before the hard images of classes with none. Without `area`, or
+    `by_doubt`: those the final model gives p(label) < 0.1 while another class has p > 0.8, by the gap (a model that
+    has memorized a wrong label no longer doubts it). Each row has its margin where `area` is given."""
     given, other, pred = given_and_other(probs, labels)
     if area is None or by_doubt:
         suspect = ((given < 0.1) & (other > 0.8)).nonzero().squeeze(1)
         order = suspect[(other[suspect] - given[suspect]).argsort(descending=True)]
     else:
         suspect = (area < 0).nonzero().squeeze(1)
-        order = suspect[area[suspect].argsort()]
+        score = area if prior is None else area - PRIOR_WEIGHT * prior.clamp(*PRIOR_RANGE).logit().float()[labels]
+        order = suspect[score[suspect].argsort()]
     return [{"id": ids[i], "given": classes[int(labels[i])], "predicted": classes[int(pred[i])],
              "p_given": round(float(given[i]), 4), "p_predicted": round(float(other[i]), 4),
              **({} if area is None else {"margin": round(float(area[i]), 3)})} for i in order.tolist()]
@@ -436,6 +444,7 @@ class LabelNoise:
     off: torch.Tensor  # (N,) held-out images confidently another class than their label (confident learning)
     pairs: list[tuple[int, int, float]]  # (true, given, share of the surest images of `true` labelled `given`)
     both_ways: float = 0.0  # the share of all labels in the pairs named both ways (cat -> dog and dog -> cat)
+    given_wrong: torch.Tensor | None = None  # (C,) the estimated share of wrong labels among the images labelled c
 
     @property
     def explained(self) -> float:
@@ -467,15 +476,16 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
             carried[j] = torch.bincount(labels[probs[:, j].topk(k).indices], minlength=c).double()
     shares = carried / carried.sum(1, keepdim=True).clamp_min(1)
     estimate = float((counts.double() / n * (1 - shares.diag())).sum())
-    off_cells = carried * (1 - torch.eye(c, dtype=torch.float64))
+    off_cells, off_shares = (x * (1 - torch.eye(c, dtype=torch.float64)) for x in (carried, shares))
     # a pair is named where its wrong labels are not a chance few: PAIR_MIN images or more, PAIR_SHARE of the surest
     # images of its class or more, and most of the wrong labels of those images (noise spread evenly names none)
     named = (off_cells >= PAIR_MIN) & (shares >= PAIR_SHARE) & (2 * off_cells >= off_cells.sum(1, keepdim=True))
     pairs = [(j, i, float(shares[j, i])) for j, i in named.nonzero().tolist()]
     both = named & named.T
     both_ways = float((counts.double()[:, None] / n * shares * both).sum())
+    given_wrong = (counts.double()[:, None] * off_shares).sum(0) / counts.clamp_min(1)  # (C,) by given label
     spread, off = _confident_learning(probs, labels, counts.double())
-    return LabelNoise(estimate, spread, off, sorted(pairs, key=lambda p: -p[2]), both_ways)
+    return LabelNoise(estimate, spread, off, sorted(pairs, key=lambda p: -p[2]), both_ways, given_wrong)
 
 
 def _confident_learning(probs: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -631,8 +641,8 @@ def label_noise_finding(noise: LabelNoise, classes: list[str], split_size: int, 
                       for j, i, share in noise.pairs[:4])
     shown = ", ".join(f"{m['id']} ({m['given']} -> {m['predicted']})" for m in examples[:3])
     return Finding("M08", "label noise", (
-        f"about {noise.estimate:.0%} of the labels look wrong: of the {split_size} validation and test images the model "
-        "never trained on, that share of those it is surest to be of a class carry another label"
+        f"about {noise.estimate:.0%} of the labels look wrong: of the {split_size} validation and test images the "
+        "model never trained on, that share of those it is surest to be of a class carry another label"
         f"{' (' + where + ')' if where else ', spread over the classes'}. Training images most likely mislabeled: "
         f"{shown or 'none'} (report.md lists more)."),
         "Check and fix the labels of those classes; a relabelled dataset will train to a higher accuracy.",

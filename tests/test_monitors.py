@@ -351,3 +351,16 @@ def test_m24_a_long_tail_trained_without_balancing_is_not_read_as_wrong_labels()
     assert _or_unfit(noise, fit, estimated, facts, [], FIXES) is noise
     ignored = Finding("M24", "imbalance ignored", "the largest class has 20x the smallest", "balance", "preflight")
     assert _or_unfit(noise, fit, estimated, facts, [ignored], FIXES) is None
+
+
+def test_m08_suspects_of_the_classes_with_wrong_labels_come_before_hard_images_of_clean_ones():
+    """The same margin over training ranks first in a class whose held-out labels are estimated 20% wrong, then in
+    one estimated clean; without the estimate, the lower margin first."""
+    from safetrain.monitors import suspected_mislabeled
+    labels = torch.tensor([0, 1, 0, 1])
+    probs = torch.nn.functional.one_hot(labels, 2).float()
+    area = torch.tensor([-0.5, -0.4, 1.0, 1.0])  # samples 0 (class 0) and 1 (class 1) kept a negative margin
+    ids, classes = ["a", "b", "c", "d"], ["clean", "noisy"]
+    assert [m["id"] for m in suspected_mislabeled(probs, labels, ids, classes, area)] == ["a", "b"]
+    prior = torch.tensor([0.0, 0.2], dtype=torch.float64)  # LabelNoise.given_wrong
+    assert [m["id"] for m in suspected_mislabeled(probs, labels, ids, classes, area, prior=prior)] == ["b", "a"]
