@@ -1,8 +1,9 @@
 """mode=crossfit: suspected mislabeled training images from out-of-sample predictions (cross-fitting, as cleanlab's
 k folds). K runs of the recipe, each trained without one stratified fold of the training split (data.fold=[k, K]; the
 same val and test) and predicting that fold with its kept model: every training image is predicted once, by a model
-that never saw it. Confident learning on those predictions (monitors.label_noise) estimates the share of wrong labels
-and flags the images that another class confidently outweighs; suspects.csv ranks them by their given label's
+that never saw it. Those predictions give the share of wrong labels as a run estimates it (monitors.label_noise: the
+labels of the images the models are surest of, per class), and confident learning flags the images that another
+class confidently outweighs; suspects.csv ranks them by their given label's
 probability minus the most likely other class's, lowest first (cleanlab's normalized margin: on CIFAR-10 look-alike
 swaps twice as precise as the given label's probability alone). It costs about K runs on (K-1)/K of the images each;
 on CIFAR-10 subsets its ranking beat a run's own (the margin over training) on noise between look-alike classes and
@@ -77,10 +78,9 @@ def merge(parts: list[dict], out_dir: Path, folds: int, seconds: float) -> dict:
     # [M08] as a run decides it: the fold runs' own checks (their estimate, and whether their models fit their data
     # well enough to tell wrong labels from their own confusions) must have found label noise, most of them
     warned = noise.estimate >= NOISE_WARN and 2 * sum(p["noise_warned"] for p in parts) > len(parts)
-    pairs = [[classes[j], classes[i], round(share, 4)] for j, i, share in noise.pairs]
     out = {"folds": folds, "training_images": len(ids), "held_out_accuracy": round(acc, 4),
            "label_noise_estimate": round(noise.estimate, 4), "label_noise_spread": round(noise.spread, 4),
-           "label_noise_pairs": pairs, "label_noise_warned": warned,
+           "label_noise_pairs": noise.named(classes), "label_noise_warned": warned,
            "suspects": len(rows), "top": rows[:20], "wall_time_s": round(seconds, 1)}
     write_json(out_dir / "crossfit.json", out)
     log.info("crossfit: %d training images, each predicted by the model of the fold that left it out (accuracy "
@@ -88,7 +88,7 @@ def merge(parts: list[dict], out_dir: Path, folds: int, seconds: float) -> dict:
              "%.1f%% spread over every pair of classes)%s%s; %d suspects, the "
              "most likely mislabeled first (the given label's probability least above, or most below, another's), in "
              "%s (the top %d drawn in suspects.png)", len(ids), 100 * acc, 100 * noise.estimate, 100 * noise.spread,
-             "".join(f"; {t} -> {g} {share:.0%}" for t, g, share in pairs),
+             noise.in_words(classes),
              " [M08]: check the labels of the top suspects" if warned else " (no [M08]: most fold runs did not find "
              "label noise they could tell from their models' own confusions; their report.md says why)"
              if noise.estimate >= NOISE_WARN else "", len(rows),

@@ -139,8 +139,7 @@ def _report(ctx, data, setup, out, checks, findings, result, t, held_out) -> Run
         findings += rare_label_findings(facts.classes, facts.counts["train"], average_precisions(*val)[1])
     final = _final_metrics(ctx, data, setup, result, t, findings, suspects, n_suspects)
     final["label_noise_estimate"] = None if estimated is None else estimated.estimate
-    final["label_noise_pairs"] = None if estimated is None else [[facts.classes[j], facts.classes[i], round(share, 4)]
-                                                                 for j, i, share in estimated.pairs]
+    final["label_noise_pairs"] = None if estimated is None else estimated.named(facts.classes)
     write_json(out.path / "metrics.json", final)
     test_scores = [torch.cat(part) for part in zip(*held_out[1::2])] if facts.multilabel else None  # (probs, labels)
     figures = write_report(out.path / "report.md", facts=facts, audit=data.audit.summary(), checks=checks,
@@ -198,10 +197,10 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
         return None
-    noise, classes = label_noise(probs, labels), data.facts.classes
+    noise = label_noise(probs, labels)
     log.info("label noise: about %.1f%% of the held-out labels look wrong (the labels of the images the kept model is "
              "surest of; %.1f%% spread over every pair of classes)%s", 100 * noise.estimate, 100 * noise.spread,
-             "".join(f"; {classes[j]} -> {classes[i]} {share:.0%}" for j, i, share in noise.pairs))
+             noise.in_words(data.facts.classes))
     return noise
 
 

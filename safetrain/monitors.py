@@ -441,7 +441,8 @@ class LabelNoise:
     """Wrong labels estimated from held-out predictions (`label_noise`)."""
     estimate: float  # the share of wrong labels: the labels of the images the model is surest of, per class
     spread: float  # the part that every pair of classes shares (confident learning's floor, see `label_noise`)
-    off: torch.Tensor  # (N,) held-out images confidently another class than their label (confident learning)
+    off: torch.Tensor  # (N,) held-out images confidently another class than their label (confident learning);
+    # several labels per image: (N, C), the tags counted as wrong (tag_noise)
     pairs: list[tuple[int, int, float]]  # (true, given, share of the surest images of `true` labelled `given`)
     both_ways: float = 0.0  # the share of all labels in the pairs named both ways (cat -> dog and dog -> cat)
     given_wrong: torch.Tensor | None = None  # (C,) the estimated share of wrong labels among the images labelled c
@@ -453,6 +454,14 @@ class LabelNoise:
         model's confusions among the images it is surest of ran one way (its surest cats held dogs, its surest dogs
         no cats), and swaps between look-alikes both ways."""
         return min(self.estimate, self.spread + self.both_ways)
+
+    def named(self, classes: list[str]) -> list[list]:
+        """The pairs as [true class, given class, share], for metrics.json, crossfit.json and the finding."""
+        return [[classes[j], classes[i], round(share, 4)] for j, i, share in self.pairs]
+
+    def in_words(self, classes: list[str]) -> str:
+        """The pairs for a log line: "; cat -> dog 21%; ..." ("" where none is named)."""
+        return "".join(f"; {t} -> {g} {share:.0%}" for t, g, share in self.named(classes))
 
 
 def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
@@ -468,23 +477,23 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
     counts) capped by the floor under its off-diagonal cells (the mean of their lower half), which wrong labels
     spread over every class raise and a weak model's confusions, concentrated in a few pairs, do not."""
     n, c = probs.shape
-    counts = torch.bincount(labels, minlength=c)
+    counts = torch.bincount(labels, minlength=c).double()
     carried = torch.zeros(c, c, dtype=torch.float64)  # (true j, given i): the labels of the surest images of j
     for j in range(c):
-        k = min(n, int(counts[j]), max(SUREST_MIN, int(SUREST_SHARE * counts[j])))
+        k = min(int(counts[j]), max(SUREST_MIN, int(SUREST_SHARE * counts[j])))
         if k:
             carried[j] = torch.bincount(labels[probs[:, j].topk(k).indices], minlength=c).double()
     shares = carried / carried.sum(1, keepdim=True).clamp_min(1)
-    estimate = float((counts.double() / n * (1 - shares.diag())).sum())
+    estimate = float((counts / n * (1 - shares.diag())).sum())
     off_cells, off_shares = (x * (1 - torch.eye(c, dtype=torch.float64)) for x in (carried, shares))
     # a pair is named where its wrong labels are not a chance few: PAIR_MIN images or more, PAIR_SHARE of the surest
     # images of its class or more, and most of the wrong labels of those images (noise spread evenly names none)
     named = (off_cells >= PAIR_MIN) & (shares >= PAIR_SHARE) & (2 * off_cells >= off_cells.sum(1, keepdim=True))
     pairs = [(j, i, float(shares[j, i])) for j, i in named.nonzero().tolist()]
     both = named & named.T
-    both_ways = float((counts.double()[:, None] / n * shares * both).sum())
-    given_wrong = (counts.double()[:, None] * off_shares).sum(0) / counts.clamp_min(1)  # (C,) by given label
-    spread, off = _confident_learning(probs, labels, counts.double())
+    both_ways = float((counts[:, None] / n * shares * both).sum())
+    given_wrong = (counts[:, None] * off_shares).sum(0) / counts.clamp_min(1)  # (C,) by given label
+    spread, off = _confident_learning(probs, labels, counts)
     return LabelNoise(estimate, spread, off, sorted(pairs, key=lambda p: -p[2]), both_ways, given_wrong)
 
 
@@ -647,5 +656,4 @@ def label_noise_finding(noise: LabelNoise, classes: list[str], split_size: int, 
         f"{shown or 'none'} (report.md lists more)."),
         "Check and fix the labels of those classes; a relabelled dataset will train to a higher accuracy.",
         "monitor", evidence={"estimate": noise.estimate, "spread": noise.spread, "off_diagonal": int(noise.off.sum()),
-                             "split_size": split_size, "pairs": [[classes[j], classes[i], round(share, 4)]
-                                                                 for j, i, share in noise.pairs]})
+                             "split_size": split_size, "pairs": noise.named(classes)})

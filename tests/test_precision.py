@@ -162,6 +162,7 @@ def test_trainer_compile_trains_the_compiled_model_and_keeps_the_plain_checkpoin
     assert compiled["test_acc"] == pytest.approx(plain["test_acc"], abs=0.1)  # the same training, to float noise
 
 
+@pytest.mark.slow  # every part of the GPU check end to end on the CPU (~40 s)
 def test_the_gpu_check_runs_every_part_it_can_here_with_tiny(tmp_path):
     """benchmarks/gpu_check.py --tiny: the GPU check's steps on a generated folder, so a session without a GPU can
     tell that the one with a GPU will find it working; parts that need CUDA are recorded as skipped, not dropped."""

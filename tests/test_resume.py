@@ -54,6 +54,7 @@ def _untimed(rows, like):
     return [{**r, **{k: o[k] for k in TIMING if k in o}} for r, o in zip(rows, like)] + rows[len(like):]
 
 
+@pytest.mark.slow  # seven launches, SIGKILL at random (exact resume in the default tier: the streamed-run test below)
 def test_a_run_killed_at_random_points_and_resumed_ends_bit_for_bit_as_an_uninterrupted_one(tmp_path):
     args = ["recipe=smoke", "trainer.max_epochs=20", "trainer.progress=false", "model.dropout=0.2",
             "data.synthetic.samples_per_class=400", "data.augment=crop_flip"]  # dropout: the global RNG matters too
