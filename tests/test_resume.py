@@ -168,6 +168,7 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path):
         run(saved_config(tmp_path / "r", ["trainer.max_epochs=2"]), tmp_path / "r", resume=True)
 
 
+@pytest.mark.slow  # end-to-end launches of the command line (the default tier is at its 10 minutes)
 def test_the_command_line_says_how_to_resume_and_refuses_other_arguments(tmp_path):
     cut = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "safetrain", "recipe=smoke", "trainer.max_epochs=100000",

@@ -53,6 +53,7 @@ def test_code_in_a_hydra_override_is_refused(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # end-to-end launches of the command line (the default tier is at its 10 minutes)
 def test_a_sweep_goes_on_after_a_refused_and_a_diverging_job_and_summarizes(tmp_path):
     out = run_cli("-m", "recipe=smoke", "trainer.max_epochs=1", "trainer.progress=false", "optim=sgd",
                   "optim.allow_unusual_lr=true", "trainer.grad_clip=0", "optim.lr=0.05,1000", "data.batch_size=32,5000",
@@ -140,6 +141,7 @@ def test_a_run_dir_under_a_read_only_folder_is_refused(tmp_path):
         locked.chmod(0o700)
 
 
+@pytest.mark.slow  # end-to-end launches of the command line (the default tier is at its 10 minutes)
 def test_exit_codes_are_the_documented_ones(tmp_path):
     """0 done, 2 refused (config or data), 1 stopped on purpose; 130/143 are tested with the signals."""
     assert run_cli("recipe=smoke", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}").returncode == 0

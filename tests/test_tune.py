@@ -39,6 +39,7 @@ def test_m07_a_search_prunes_chooses_on_validation_and_hands_back_a_recipe_that_
     assert run(cfg, tmp_path / "again")["best_val"] == out["best"]["value"]  # same seed, same machine
 
 
+@pytest.mark.slow  # end-to-end launches of the command line (the default tier is at its 10 minutes)
 def test_a_search_goes_on_after_a_kill_with_its_finished_trials_kept(tmp_path):
     import optuna
 
