@@ -9,12 +9,11 @@ import json
 import logging
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from safetrain import data as D
+from safetrain import __version__, data as D
 from safetrain.config import AfterTrainingConfig
 from safetrain.errors import ConfigError, SafetrainError
 from safetrain.inference import Trained, load_trained, run_splits
@@ -148,7 +147,8 @@ def sidecar(trained: Trained, parity: dict) -> dict:
                                                    "test_micro_f1", "best_val", "selection_metric", "best_epoch")
                              if k in final},
         "checkpoint_epoch": trained.ckpt["epoch"],
-        "safetrain_version": metadata.version("safetrain"), "torch_version": torch.__version__,
+        "safetrain_version": __version__,  # also where safetrain runs from a clone (not installed)
+        "torch_version": torch.__version__,
         "source_run": str(trained.run_dir.resolve()), "source_checkpoint": str(trained.path.resolve()),
         "parity": parity,
         "files": {"model.onnx": "ONNX (opset of torch.onnx's dynamo exporter)", "model.pt2": "torch.export program "

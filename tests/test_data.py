@@ -386,6 +386,23 @@ def test_a_disk_that_fills_while_the_jpegs_are_written_leaves_nothing_behind(tmp
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
 
 
+def test_torchcodec_is_needed_only_by_the_jpeg_cache(tmp_path, monkeypatch):
+    """TorchCodec is built for one torch version: where it does not load, safetrain imports and trains from memory or
+    the raw cache, and the JPEG cache stops before writing anything, with the two ways out."""
+    code = ("import sys; sys.modules['torchcodec'] = None; import safetrain.cli, safetrain.data.stored; "
+            "print('torchcodec' in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
+    _smooth_images(tmp_path / "imgs", per_class=20)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # import of it raises ImportError
+    with pytest.raises(DataError, match=r"needs TorchCodec, which does not load here.*pip install torchcodec.*"
+                                         r"data\.disk_cache=raw"):
+        load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c", 0, disk_cache="jpeg")
+    assert not [p for p in (tmp_path / "c").rglob("*.tmp")]
+    raw = load_folder(str(tmp_path / "imgs"), None, "stream", tmp_path / "c2", 0, disk_cache="raw")
+    assert type(raw.parts["all"].stored).__name__ == "DiskImages"
+
+
 def test_data_disk_cache_takes_its_kinds_and_the_old_true(tmp_path):
     for value, mode in (("true", "auto"), ("false", None), ("jpeg", "jpeg"), (True, "auto"), (False, None)):
         assert stored.disk_mode(value) == mode

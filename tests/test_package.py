@@ -43,3 +43,13 @@ def test_installed_wheel_runs_smoke_outside_the_repo(wheel, tmp_path):
                         "trainer.progress=false"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(work.glob("runs/smoke/*/metrics.json"))
+
+
+def test_the_version_safetrain_reports_is_the_packaged_one():
+    """export's model.json names safetrain's version from safetrain.__version__, which a run from a clone (never
+    installed: no package metadata, as on a lent GPU machine) has too: it must be the version pyproject.toml ships."""
+    import tomllib
+
+    import safetrain
+
+    assert safetrain.__version__ == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

@@ -25,8 +25,6 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from torch import Tensor
-from torchcodec.decoders import decode_jpeg
-from torchcodec.encoders import JpegEncoder
 
 from safetrain.errors import DataError
 from safetrain.io import UMASK
@@ -133,7 +131,21 @@ class JpegImages(_Rows):
             for i, b in zip(at.tolist(), torch.split(block, (ends[1:] - ends[:-1]).tolist())):
                 data[i] = b
         mode = "RGB" if self.full[1] == 3 else "GRAY"
-        return torch.stack(decode_jpeg(data, mode=mode, device=self.device))
+        return torch.stack(codec()[0](data, mode=mode, device=self.device))
+
+
+def codec():
+    """TorchCodec's (decode_jpeg, JpegEncoder), imported where the JPEG cache is used: everything else runs without
+    it (TorchCodec is built for one torch version; a machine whose torch it does not match fails at its import)."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+        from torchcodec.encoders import JpegEncoder
+    except (ImportError, OSError, RuntimeError) as e:  # not installed; built for another torch or without its libraries
+        raise DataError(f"[data] the JPEG disk cache (data.disk_cache=jpeg, or auto on a disk too small for the decoded "
+                        f"images) needs TorchCodec, which does not load here ({type(e).__name__}: {e}). Install the "
+                        f"TorchCodec made for torch {torch.__version__} (pip install torchcodec), or keep the decoded "
+                        "images: data.disk_cache=raw, with data.cache_dir=DIR on a disk that holds them.") from e
+    return decode_jpeg, JpegEncoder
 
 
 class _Writer:
@@ -176,12 +188,13 @@ class JpegWriter(_Writer):
     that never come (bad files) are empty. The free disk is checked as it grows: SPARE is never given up."""
 
     def __init__(self, path: Path, shape: tuple):
+        self.encoder = codec()[1]
         super().__init__(path)
         self.sizes, self.next = torch.zeros(shape[0], dtype=torch.int64), 0
 
     def write(self, idx: list[int], images: Tensor) -> None:
         assert idx[0] >= self.next, "written in the order of the indices"
-        data = [JpegEncoder(img).to_tensor(quality=JPEG_QUALITY) for img in images]
+        data = [self.encoder(img).to_tensor(quality=JPEG_QUALITY) for img in images]
         block = b"".join(d.numpy().tobytes() for d in data)
         if shutil.disk_usage(self.path.parent).free < len(block) + SPARE:
             raise DataError(f"[data] the disk of the cache folder {self.path.parent} filled up while the images were "
@@ -225,6 +238,8 @@ def choose(mode: str, small: int, images: int, folder: Path) -> str:
 
 def writers(raw: dict, mode: Optional[str]) -> dict:
     """{name: writer} of the `raw` files {name: (path, shape)}: the training-size one ("stored") of `mode`."""
+    if mode == "jpeg":
+        codec()  # without TorchCodec: stop before any file is opened
     return {name: (JpegWriter if name == "stored" and mode == "jpeg" else RawWriter)(path, shape)
             for name, (path, shape) in raw.items()}
 

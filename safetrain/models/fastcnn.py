@@ -64,6 +64,14 @@ class Whitening(nn.Conv2d):
         self.weight.copy_(torch.cat([w, -w]))
 
 
+class GlobalMaxPool(nn.Module):
+    """AdaptiveMaxPool2d(1) as a max over the map: the same numbers, and an ONNX ReduceMax on every torch (torch 2.11's
+    ONNX exporter has no translation of adaptive_max_pool2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax((2, 3), keepdim=True)
+
+
 def _identity_conv(cin: int, cout: int) -> nn.Conv2d:
     conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
     with torch.no_grad():
@@ -99,7 +107,7 @@ class FastCNN(Classifier):
                        activation(activation_name)]
             cin = w
         super().__init__(nn.Sequential(*layers), cin, num_classes, dropout, sizes, init=None)
-        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+        self.head = nn.Sequential(GlobalMaxPool(), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(cin, num_classes, bias=False))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
