@@ -3,6 +3,9 @@
     python benchmarks/gpu_check.py --out gpu_check             # a GPU, `pip install airbench`, ../shared/data's copy
     python benchmarks/gpu_check.py --tiny --out /tmp/check     # any machine, seconds: the same steps, a tiny folder
 
+On the lent GPU machine of DEVELOPERS.md (no internet, no hydra): `bash benchmarks/device_prep.sh` here first; it
+prepares what the machine lacks and prints the one call of the device tool that runs this script there.
+
 Parts, in order (each one's result is written to OUT/gpu_check.json as soon as it ends, so a run cut short keeps
 what it measured; a part that would start after --budget-s is recorded as skipped):
   1. airbench94 (the `airbench` package, its own timing: training + its test-time augmentation) x3, then
