@@ -88,6 +88,7 @@ class DataConfig:
     label_delimiter: Optional[str] = None  # data=csv: splits a label cell into several labels ("|"): multi-label
     split_column: Optional[str] = None  # data=csv: a column of train/val/test (None: safetrain splits)
     bad_files: str = "refuse"  # unreadable/empty/non-image files: refuse (listing each) or skip (counted)
+    allow_similar_labels: bool = False  # labels that differ only in case or spacing ('Cat', 'cat'): refused [M08]
     max_image_pixels: Optional[int] = None  # larger files are bad files; None: PIL's decompression-bomb limit (89 MP)
     loader: str = "auto"  # auto: in memory when the decoded images fit MEMORY_LIMIT_BYTES, else stream
     disk_cache: str = "auto"  # stream: decode every image once into a file under cache_dir that the epochs read:
@@ -417,6 +418,9 @@ def unlocks(c: Config) -> list[Finding]:
         out.append(Finding("M06", "unlocked", "data.allow_duplicates_across_splits=true: exact copies across "
                            "train/val/test are allowed, so validation and test scores may be optimistic.",
                            source="unlock"))
+    if c.data.allow_similar_labels:
+        out.append(Finding("M08", "unlocked", "data.allow_similar_labels=true: labels that differ only in case or "
+                           "spacing are trained as different classes.", source="unlock"))
     return out
 
 
@@ -466,7 +470,7 @@ def data_spec(c: Config, weights_size: Optional[int] = None, device_type: str = 
                     path_column=d.path_column, label_column=d.label_column, split_column=d.split_column,
                     label_delimiter=d.label_delimiter,
                     loader=d.loader, disk_cache=d.disk_cache, num_workers=d.num_workers, download=d.download,
-                    bad_files=d.bad_files,
+                    bad_files=d.bad_files, allow_similar_labels=d.allow_similar_labels,
                     synthetic=tuple(vars(d.synthetic).items()), seed=c.seed, val_fraction=d.val_fraction,
                     test_fraction=d.test_fraction, min_samples_per_class=d.min_samples_per_class,
                     imbalance_ratio=d.imbalance_ratio, min_eval_per_class=d.min_eval_per_class)

@@ -27,7 +27,7 @@ from safetrain import figures as draw
 from safetrain.config import Config
 from safetrain.end import HELD_OUT
 from safetrain.io import write_csv, write_json
-from safetrain.monitors import NOISE_WARN, given_and_other, label_noise
+from safetrain.monitors import NOISE_WARN, given_and_other, label_noise, too_few_held_out
 from safetrain.resume import finished, saved_config
 from safetrain.run import run
 
@@ -77,22 +77,24 @@ def merge(parts: list[dict], out_dir: Path, folds: int, seconds: float) -> dict:
     acc = float((probs.argmax(1) == labels).float().mean())
     # [M08] as a run decides it: the fold runs' own checks (their estimate, and whether their models fit their data
     # well enough to tell wrong labels from their own confusions) must have found label noise, most of them
-    warned = noise.estimate >= NOISE_WARN and 2 * sum(p["noise_warned"] for p in parts) > len(parts)
+    few = too_few_held_out(labels, len(classes))
+    warned = not few and noise.estimate >= NOISE_WARN and 2 * sum(p["noise_warned"] for p in parts) > len(parts)
     out = {"folds": folds, "training_images": len(ids), "held_out_accuracy": round(acc, 4),
-           "label_noise_estimate": round(noise.estimate, 4), "label_noise_spread": round(noise.spread, 4),
-           "label_noise_pairs": noise.named(classes), "label_noise_warned": warned,
+           "label_noise_estimate": None if few else round(noise.estimate, 4),
+           "label_noise_spread": None if few else round(noise.spread, 4),
+           "label_noise_pairs": [] if few else noise.named(classes), "label_noise_warned": warned,
            "suspects": len(rows), "top": rows[:20], "wall_time_s": round(seconds, 1)}
     write_json(out_dir / "crossfit.json", out)
+    estimate = (f"label noise not estimated ({few})" if few else
+                f"about {100 * noise.estimate:.1f}% of the labels look wrong (the labels of the images the models are "
+                f"surest of; {100 * noise.spread:.1f}% spread over every pair of classes){noise.in_words(classes)}"
+                + (" [M08]: check the labels of the top suspects" if warned else " (no [M08]: most fold runs did not "
+                   "find label noise they could tell from their models' own confusions; their report.md says why)"
+                   if noise.estimate >= NOISE_WARN else ""))
     log.info("crossfit: %d training images, each predicted by the model of the fold that left it out (accuracy "
-             "%.1f%%): about %.1f%% of the labels look wrong (the labels of the images the models are surest of; "
-             "%.1f%% spread over every pair of classes)%s%s; %d suspects, the "
-             "most likely mislabeled first (the given label's probability least above, or most below, another's), in "
-             "%s (the top %d drawn in suspects.png)", len(ids), 100 * acc, 100 * noise.estimate, 100 * noise.spread,
-             noise.in_words(classes),
-             " [M08]: check the labels of the top suspects" if warned else " (no [M08]: most fold runs did not find "
-             "label noise they could tell from their models' own confusions; their report.md says why)"
-             if noise.estimate >= NOISE_WARN else "", len(rows),
-             out_dir / "suspects.csv", min(SHOWN, len(rows)))
+             "%.1f%%): %s; %d suspects, the most likely mislabeled first (the given label's probability least above, "
+             "or most below, another's), in %s (the top %d drawn in suspects.png)", len(ids), 100 * acc, estimate,
+             len(rows), out_dir / "suspects.csv", min(SHOWN, len(rows)))
     return out
 
 

@@ -25,8 +25,8 @@ from safetrain.models.layers import hooks
 from safetrain.optim import OPTIMIZERS
 from safetrain.monitors import (LabelNoise, given_and_other, label_noise, label_noise_finding, predicted_probs,
                                 probabilities, rare_label_findings, suspected_mislabeled, suspected_wrong_tags,
-                                tag_noise, tag_noise_finding, too_weak_for_tag_noise, underfit_not_noise,
-                                unfit_for_noise)
+                                tag_noise, tag_noise_finding, too_few_held_out, too_weak_for_tag_noise,
+                                underfit_not_noise, unfit_for_noise)
 from safetrain.report import balance_lines, per_class_table, write_report
 from safetrain.resume import command
 from safetrain.stages import Context, Prepared, RunDir, advice_for, augmented_batch
@@ -196,6 +196,10 @@ def _label_noise(data: Prepared, held_out: list[tuple[torch.Tensor, torch.Tensor
         return LabelNoise(estimate, estimate, off, [])
     if float((probs.argmax(1) == labels).float().mean()) <= 1.5 / data.facts.num_classes:
         log.info("label noise: not estimated (the model is not clearly better than chance on validation)")
+        return None
+    few = too_few_held_out(labels, data.facts.num_classes)
+    if few:
+        log.info("label noise: not estimated (%s)", few)
         return None
     noise = label_noise(probs, labels)
     log.info("label noise: about %.1f%% of the held-out labels look wrong (the labels of the images the kept model is "

@@ -77,11 +77,11 @@ class StepGuard:
 
 
 def advice(*, lr=1e-3, weight_decay: float = 0.05, grad_clip: float = 5.0, augment: tuple[str, bool] = ("none", True),
-           model=None) -> dict[str, str]:
+           model=None, epochs: int | None = None) -> dict[str, str]:
     """What to change, per kind of finding, in the run's own settings: only changes that are not in effect already,
     and only settings that exist for this run. `lr`: optim.lr (a number or "auto"); `augment`: (data.augment,
-    data.hflip_keeps_label); `model`: the model settings (models/), None for a user's nn.Module. The defaults give
-    the generic advice."""
+    data.hflip_keeps_label); `model`: the model settings (models/), None for a user's nn.Module; `epochs`:
+    trainer.max_epochs. The defaults give the generic advice."""
     aug, flips_keep = augment
     own = model.builder_settings() if model is not None else {}  # torchvision's models: no model.dropout etc.
     lr_auto = [] if lr == "auto" else ["optim.lr=auto"]
@@ -103,7 +103,8 @@ def advice(*, lr=1e-3, weight_decay: float = 0.05, grad_clip: float = 5.0, augme
     else:
         deeper = [f"model.{k}={v}" for k, v in (("norm", "batch"), ("activation", "relu")) if own[k] != v]
         deeper += [] if model.name == "resnet" else ["model=resnet"]
-        wider = ["a wider model (model.widths)" if model.name == "cnn" else "a wider model (model.base_width)"]
+        wider = [f"a wider model (model.{k})" for k in ("widths", "base_width") if hasattr(model, k)][:1] or [
+            "a wider model"]
         leaky = [] if own["activation"] in ("leaky_relu", "prelu") else ["model.activation=leaky_relu"]
     labels = "check that the labels match the images (report.md lists suspects)."
 
@@ -114,7 +115,7 @@ def advice(*, lr=1e-3, weight_decay: float = 0.05, grad_clip: float = 5.0, augme
             "exploding": say(lower_lr + ([] if grad_clip > 0 else ["trainer.grad_clip=5"])),
             "dead": say(leaky + lower_lr),
             "overfitting": say(regularize, "a smaller model; the best checkpoint (on validation) is kept anyway."),
-            "underfitting": say(wider + lr_auto + relax)}
+            "underfitting": say(([f"trainer.max_epochs={2 * epochs}"] if epochs else []) + wider + lr_auto + relax)}
 
 
 FIXES = advice()  # the generic advice, for detectors called outside a run
@@ -430,8 +431,9 @@ class Margins:
 NOISE_WARN = 0.08  # estimated share of wrong labels above which [M08] is a warning (healthy real runs: 0-2%)
 NOISE_MIN_COUNT = 5  # ... and at least this many held-out images look mislabeled
 FLOOR_MIN_PER_CELL = 5  # held-out images per (given, true) pair of classes needed to trust the floor
-SUREST_SHARE, SUREST_MIN = 0.1, 30  # per class: the held-out images the model is surest of, as a share of the
-# images labelled with it (at least SUREST_MIN, at most all of them)
+SUREST_SHARE, SUREST_MIN = 0.1, 20  # per class: the held-out images the model is surest of, as a share of the
+# images labelled with it (at least SUREST_MIN); a class with fewer than 2 x SUREST_MIN held-out images gives none: its
+# "surest" images would be most of them, and their labels the model's plain error rate (`too_few_held_out`)
 PAIR_SHARE, PAIR_MIN = 0.05, 3  # a (true, given) pair of classes is named where this share of the surest images of
 # the true class, and at least this many, carry the given label
 
@@ -466,7 +468,8 @@ class LabelNoise:
 
 def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
     """Wrong labels from predictions on held-out images (the model never trained on them). The estimate: for each
-    class j, the images the model is surest show a j (the top SUREST_SHARE of as many as are labelled j, by p_j);
+    class j, the images the model is surest show a j (the top SUREST_SHARE of as many as are labelled j, by p_j, at
+    least SUREST_MIN, and at most half of them: classes with fewer held-out images are left out);
     the share of them labelled otherwise is how often a j carries a wrong label. On an image the model did not train
     on, a label given at random is independent of what the model sees, so wrong labels appear among the surest j at
     their rate, while the model's own confusions (a cat it takes for a dog) sit lower, among the images it is unsure
@@ -480,11 +483,12 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
     counts = torch.bincount(labels, minlength=c).double()
     carried = torch.zeros(c, c, dtype=torch.float64)  # (true j, given i): the labels of the surest images of j
     for j in range(c):
-        k = min(int(counts[j]), max(SUREST_MIN, int(SUREST_SHARE * counts[j])))
-        if k:
+        k = max(SUREST_MIN, int(SUREST_SHARE * counts[j]))
+        if 2 * k <= counts[j]:  # a selection: at most half of them
             carried[j] = torch.bincount(labels[probs[:, j].topk(k).indices], minlength=c).double()
     shares = carried / carried.sum(1, keepdim=True).clamp_min(1)
-    estimate = float((counts / n * (1 - shares.diag())).sum())
+    chosen = carried.sum(1) > 0
+    estimate = float((counts * chosen / max(1.0, float(counts[chosen].sum())) * (1 - shares.diag())).sum())
     off_cells, off_shares = (x * (1 - torch.eye(c, dtype=torch.float64)) for x in (carried, shares))
     # a pair is named where its wrong labels are not a chance few: PAIR_MIN images or more, PAIR_SHARE of the surest
     # images of its class or more, and most of the wrong labels of those images (noise spread evenly names none)
@@ -495,6 +499,20 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
     given_wrong = (counts[:, None] * off_shares).sum(0) / counts.clamp_min(1)  # (C,) by given label
     spread, off = _confident_learning(probs, labels, counts)
     return LabelNoise(estimate, spread, off, sorted(pairs, key=lambda p: -p[2]), both_ways, given_wrong)
+
+
+def too_few_held_out(labels: torch.Tensor, num_classes: int) -> str | None:
+    """Why `label_noise` cannot be trusted on these held-out labels, or None: the classes with 2 x SUREST_MIN held-out
+    images or more (whose surest images are a selection) must hold half of them. With fewer, the images a model is
+    "surest" of are about all of them, and the share labelled otherwise is the model's error rate: a model that has
+    not generalized (263 training photos of 5 classes) would read as 30-40% wrong labels."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    enough = counts >= 2 * SUREST_MIN
+    if int(counts[enough].sum()) * 2 >= len(labels):
+        return None
+    return (f"too few validation and test images to tell wrong labels from the model's own errors: "
+            f"{int(counts.min())}-{int(counts.max())} a class, {2 * SUREST_MIN} needed (raise data.val_fraction, or "
+            "add images)")
 
 
 def _confident_learning(probs: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> tuple[float, torch.Tensor]:

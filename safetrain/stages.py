@@ -455,7 +455,8 @@ def advice_for(cfg: Config, custom_model: bool) -> dict[str, str]:
     """The detectors' advice (monitors.advice) in this run's settings; a custom nn.Module has no model.* settings."""
     d, o = cfg.data, cfg.optim
     return advice(lr=o.lr, weight_decay=o.weight_decay, grad_clip=cfg.trainer.grad_clip,
-                  augment=(d.augment, d.hflip_keeps_label), model=None if custom_model else cfg.model)
+                  augment=(d.augment, d.hflip_keeps_label), model=None if custom_model else cfg.model,
+                  epochs=cfg.trainer.max_epochs)
 
 
 def augmented_batch(data: Prepared):

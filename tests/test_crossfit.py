@@ -16,10 +16,14 @@ QUICK = ["recipe=imagefolder", "mode=crossfit", "crossfit.folds=3", "model=cnn_t
          "data.batch_size=8", "trainer.progress=false"]
 
 
+PER, WRONG = 100, 12
+
+
 def planted_folder(root):
-    """3 classes told apart by their brightness, 60 images each; 8 of class_0 filed under class_2 as wrong_<i>."""
-    write_images(root, classes=3, per_class=60, size=(8, 8))
-    for i in range(8):
+    """3 classes told apart by their brightness, PER images each (enough for an estimate: too_few_held_out); WRONG of class_0 filed under class_2 as
+    wrong_<i>."""
+    write_images(root, classes=3, per_class=PER, size=(8, 8))
+    for i in range(WRONG):
         (root / "class_0" / f"img_{i}.png").rename(root / "class_2" / f"wrong_{i}.png")
     return root
 
@@ -105,11 +109,11 @@ def test_m08_crossfit_warns_of_label_noise_only_where_the_fold_runs_could_tell_i
     found label noise by their own checks, not when their models could not tell it from their own confusions."""
     from safetrain.crossfit import merge
     g = torch.Generator().manual_seed(0)
-    labels = torch.arange(300) % 10
-    seen = torch.where(torch.rand(300, generator=g) < 0.3, (labels + 1) % 10, labels)  # what the models see
-    probs = torch.full((300, 10), 0.02).scatter(1, seen[:, None], 0.82)
+    labels = torch.arange(600) % 10  # 60 a class: enough for their surest to be a selection (too_few_held_out)
+    seen = torch.where(torch.rand(600, generator=g) < 0.3, (labels + 1) % 10, labels)  # what the models see
+    probs = torch.full((600, 10), 0.02).scatter(1, seen[:, None], 0.82)
     for warned, folds_saying in ((True, (True, True, False)), (False, (False, False, True))):
-        parts = [{"classes": [f"c{k}" for k in range(10)], "ids": [f"s{i}" for i in range(f, 300, 3)],
+        parts = [{"classes": [f"c{k}" for k in range(10)], "ids": [f"s{i}" for i in range(f, 600, 3)],
                   "probs": probs[f::3], "labels": labels[f::3], "noise_warned": said, "shown": [], "images": []}
                  for f, said in enumerate(folds_saying)]
         out = merge(parts, tmp_path, 3, 0.0)

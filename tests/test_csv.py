@@ -67,3 +67,25 @@ def test_a_run_from_a_csv_trains_and_keeps_its_spec(tmp_path):
     spec = D.DataSpec.from_dict(__import__("torch").load(tmp_path / "run" / "checkpoints" / "best.pt",
                                                          weights_only=True)["data_spec"])
     assert spec.name == "csv" and spec.path_column == "path" and spec.root == str(path)
+
+
+def test_m08_a_label_written_two_ways_is_refused_with_both_spellings(tmp_path):
+    """'cat', 'Cat ' and 'CAT' in one column would train as three classes, each with a share of the cats (found by
+    trying a real CSV: the few odd spellings then failed as classes with no validation image, whose advice was to add
+    images). Refused before any image is decoded, each group with its counts; data.allow_similar_labels keeps them."""
+    files = _images(tmp_path, classes=2, per_class=12)
+    spell = {"class_0": ["cat", "Cat", "CAT"], "class_1": ["sea_lion", "sea-lion", "sea lion"]}
+    number = {f: int(f.stem.split("_")[-1]) for f in files}  # img_0 and img_1 of each class spelled otherwise
+    rows = [(str(f.relative_to(tmp_path)), spell[f.parent.name][number[f] + 1 if number[f] < 2 else 0]) for f in files]
+    path = _table(tmp_path, rows)
+    with pytest.raises(DataError, match=r"\[M08\] CSV .*labels.csv: 2 label\(s\) written more than one way.*'CAT' "
+                                        r"\(1\) and 'Cat' \(1\) and 'cat' \(10\); 'sea lion' \(1\) and 'sea-lion' "
+                                        r"\(1\) and 'sea_lion' \(10\).*data\.allow_similar_labels=true"):
+        D.load_source(D.DataSpec(name="csv", root=str(path)), tmp_path / ".cache")
+    assert not (tmp_path / ".cache").exists() or not any((tmp_path / ".cache").rglob("*.pt"))  # nothing decoded
+    kept = D.load_source(D.DataSpec(name="csv", root=str(path), allow_similar_labels=True), tmp_path / ".cache")
+    assert len(kept.classes) == 6
+    folders = write_images(tmp_path / "folders", classes=2, per_class=3, size=(12, 12))
+    (folders / "class_0").rename(folders / "Class_1")  # two folders, one class
+    with pytest.raises(DataError, match=r"'Class_1' \(3\) and 'class_1' \(3\)"):
+        D.load_source(D.DataSpec(name="imagefolder", root=str(folders)), tmp_path / ".cache")

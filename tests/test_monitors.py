@@ -325,6 +325,23 @@ def _held_out_swaps(swap: float, n: int = 3000):
     return probs, labels
 
 
+def test_m08_too_few_held_out_images_give_no_label_noise_estimate():
+    """With under 2 x SUREST_MIN held-out images of a class, the images a model is "surest" of are about all of them and
+    their labels its plain error rate: a CSV of 263 training photos of 5 classes, right labels, 28 held-out images a
+    class, read as 41% wrong labels after 5 epochs (59% accuracy) and 32% after 30 (67%). No estimate there; a class
+    that has too few is left out of an estimate the others can make."""
+    from safetrain.monitors import SUREST_MIN, label_noise, too_few_held_out
+    probs, labels = _held_out_swaps(0.3)  # 300 held-out images a class
+    assert too_few_held_out(labels, 10) is None
+    few = torch.arange(10).repeat_interleave(2 * SUREST_MIN - 1)
+    assert "too few validation and test images" in too_few_held_out(few, 10)
+    assert too_few_held_out(torch.arange(10).repeat_interleave(2 * SUREST_MIN), 10) is None
+    keep = (labels != 9) | (torch.cumsum((labels == 9).long(), 0) <= 10)  # class 9 down to 10 images: left out
+    without = labels != 9
+    assert label_noise(probs[keep], labels[keep]).estimate == pytest.approx(
+        label_noise(probs[without], labels[without]).estimate)
+
+
 def test_m08_wrong_labels_between_look_alike_classes_are_estimated_and_their_pairs_named():
     """Class-conditional noise sits in a few pairs of classes, as a model's own confusions do: the labels of the
     images the model is surest of tell them apart, where the floor of confident learning sees nothing."""
@@ -364,3 +381,19 @@ def test_m08_suspects_of_the_classes_with_wrong_labels_come_before_hard_images_o
     assert [m["id"] for m in suspected_mislabeled(probs, labels, ids, classes, area)] == ["a", "b"]
     prior = torch.tensor([0.0, 0.2], dtype=torch.float64)  # LabelNoise.given_wrong
     assert [m["id"] for m in suspected_mislabeled(probs, labels, ids, classes, area, prior=prior)] == ["b", "a"]
+
+
+@pytest.mark.parametrize("model", ["cnn", "fastcnn", "resnet", "torchvision"])
+def test_the_advice_names_only_settings_this_model_has(model):
+    """Every model.X the detectors' advice names must exist for the run's model (fastcnn was told to widen
+    model.base_width, a setting only resnet has); an underfit run is also told how many epochs to try."""
+    import re
+
+    from safetrain.stages import advice_for
+    cfg, _ = compose("smoke", [f"model={model}", "trainer.max_epochs=5"])
+    fixes = advice_for(cfg, custom_model=False)
+    named = {m for text in fixes.values() for m in re.findall(r"model\.(\w+)", text)}
+    assert all(hasattr(cfg.model, k) for k in named) and (named or model == "torchvision"), (model, named)
+    assert "trainer.max_epochs=10" in fixes["underfitting"]
+    if model == "fastcnn":
+        assert "a wider model (model.widths)" in fixes["underfitting"]

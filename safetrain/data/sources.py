@@ -11,6 +11,8 @@ import io
 import logging
 import math
 import os
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -107,6 +109,7 @@ class DataSpec:
     num_workers: int = 4
     download: bool = True
     bad_files: str = "refuse"
+    allow_similar_labels: bool = False  # labels that differ only in case or spacing: refused unless true [M08]
     synthetic: tuple = ()  # data.synthetic's (key, value) pairs
     seed: int = 0
     val_fraction: float = 0.1
@@ -285,9 +288,9 @@ class Listing(NamedTuple):
 
 def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Path, num_workers: int,
                 bad_files: str = "refuse", resize: str = "crop", auto_side: tuple = AUTO_SIDE["cpu"],
-                disk_cache: str = "auto") -> Source:
-    return load_files(list_folder(root), image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side,
-                      disk_cache)
+                disk_cache: str = "auto", allow_similar_labels: bool = False) -> Source:
+    return load_files(refuse_similar_labels(list_folder(root), allow_similar_labels), image_size, loader, cache_dir,
+                      num_workers, bad_files, resize, auto_side, disk_cache)
 
 
 def list_folder(root: str) -> Listing:
@@ -326,6 +329,24 @@ class Columns(NamedTuple):
 
 
 SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+
+
+def refuse_similar_labels(listing: Listing, allow: bool) -> Listing:
+    """[M08] Labels written more than one way ('CAT', 'cat', 'Cat ', 'sea-lion' and 'sea_lion') would train as
+    classes of their own, each with a share of the images: refused, every group with its image counts, unless
+    data.allow_similar_labels (where case or spacing is the class: letters, say)."""
+    groups: dict[str, list[int]] = {}
+    for k, name in enumerate(listing.classes):
+        groups.setdefault(" ".join(re.split(r"[\s_-]+", name.casefold())).strip(), []).append(k)
+    similar = [g for g in groups.values() if len(g) > 1]
+    if similar and not allow:
+        counts = Counter(k for _, _, y in listing.rows for k in (y if isinstance(y, tuple) else (y,)))
+        shown = "; ".join(" and ".join(f"{listing.classes[k]!r} ({counts[k]})" for k in g) for g in similar[:5])
+        raise DataError(f"[M08] {listing.what}: {len(similar)} label(s) written more than one way, which would train "
+                        f"as different classes: {shown}{' ...' if len(similar) > 5 else ''} (images each). Write each "
+                        "label one way (in the file, or as one folder), or, if case or spacing is what tells those "
+                        "classes apart, set data.allow_similar_labels=true.")
+    return listing
 
 
 def list_csv(root: str, columns: Columns) -> Listing:
@@ -544,11 +565,12 @@ def _torchvision_source(name: str):
 SOURCES = {
     **{name: _torchvision_source(name) for name in TORCHVISION},
     "imagefolder": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side,
-    disk_cache, **_: load_folder(root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side,
-                                 disk_cache),
+    disk_cache, allow_similar_labels, **_: load_folder(root, image_size, loader, cache_dir, num_workers, bad_files,
+                                                       resize, auto_side, disk_cache, allow_similar_labels),
     "csv": lambda *, root, image_size, loader, cache_dir, num_workers, bad_files, resize, auto_side, disk_cache,
-    columns, **_: load_files(list_csv(root, columns), image_size, loader, cache_dir, num_workers, bad_files, resize,
-                             auto_side, disk_cache),
+    columns, allow_similar_labels, **_: load_files(refuse_similar_labels(list_csv(root, columns), allow_similar_labels),
+                                                   image_size, loader, cache_dir, num_workers, bad_files, resize,
+                                                   auto_side, disk_cache),
     "synthetic": lambda *, seed, synthetic, **_: load_synthetic(seed=seed, **synthetic),
 }
 
@@ -562,6 +584,7 @@ def load_source(spec: DataSpec, cache_dir: Path) -> Source:
                               num_workers=spec.num_workers, cache_dir=cache_dir, seed=spec.seed,
                               synthetic=dict(spec.synthetic), bad_files=spec.bad_files, resize=spec.resize,
                               auto_side=tuple(spec.auto_side), disk_cache=spec.disk_cache,
+                              allow_similar_labels=spec.allow_similar_labels,
                               columns=Columns(spec.path_column, spec.label_column, spec.split_column,
                                               spec.label_delimiter))
 
