@@ -1,4 +1,5 @@
 """The data audit: planted faults are found and named, healthy data raises no warning."""
+import io
 import json
 
 import numpy as np
@@ -219,6 +220,30 @@ def test_m08_identical_images_with_different_labels_are_found_in_any_split():
               "val": ImageSet(torch.tensor([0, 1]), ["v1", "v2"], same), "test": ImageSet(torch.tensor([0]), ["t"], img[:1])}
     found = conflicting_copies(splits)
     assert [f["ids"] for f in found] == [["v1", "v2"]]  # t is a copy with v1's label: not a conflict, v2 is
+
+
+def test_m08_one_photo_filed_under_two_labels_in_train_is_found_re_encoded_or_resized():
+    """Found by trying a messy folder: three photos copied under another class, re-saved (a CMYK JPEG as an RGB PNG,
+    re-encoded, resized); the one whose original fell in val was named (kept together), the two in train were not,
+    since the near-duplicate search compares val/test with train. Within the training split now too; photos that
+    only look alike are not named."""
+    from safetrain.data.audit import SAME_PHOTO, findings, same_photo_other_label
+    imgs = torch.from_numpy(smooth_images(40, 5)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.arange(40) % 2
+    buffer = io.BytesIO()
+    Image.fromarray(imgs[3].permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=70)
+    jpeg = torch.from_numpy(np.asarray(Image.open(buffer)).copy()).permute(2, 0, 1)
+    small = F.interpolate(imgs[6:7].float(), size=24, mode="bilinear", antialias=True)
+    back = F.interpolate(small, size=32, mode="bilinear").round().clamp(0, 255).byte()[0]
+    train = ImageSet(torch.cat([labels, torch.tensor([0, 1])]), [str(i) for i in range(42)],
+                     torch.cat([imgs, jpeg[None], back[None]]))  # 3 (class 1) as class 0, 6 (class 0) as class 1
+    found = same_photo_other_label(train, typical=float(shifted_diff(imgs[:20], imgs[20:]).median()))
+    assert [p["ids"] for p in found] == [["3", "40"], ["6", "41"]] and all(p["relative"] <= SAME_PHOTO for p in found)
+    assert same_photo_other_label(ImageSet(labels, [str(i) for i in range(40)], imgs), 1.0) == []
+    a = audit({"train": train, "val": ImageSet(labels[:4], list("abcd"), imgs[:4].flip(2)),
+               "test": ImageSet(labels[:4], list("efgh"), imgs[4:8].flip(2))})
+    said = [str(f) for f in findings(a)]
+    assert any(s.startswith("[M08] 2 pairs of training images are the same photo under different labels") for s in said)
 
 
 def test_m06_the_audit_counts_the_groups_of_exact_copies_kept_in_one_split():

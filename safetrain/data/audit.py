@@ -1,5 +1,6 @@
-"""Data audit before training: near-duplicates across splits [M06], copies inside the training split
-with different labels, constant or blank images [M08].
+"""Data audit before training: near-duplicates across splits [M06], copies with different labels (identical images
+in any split; the same photo re-encoded, resized or converted inside the training split: `same_photo_other_label`),
+constant or blank images [M08].
 
 Near-duplicates are judged against the dataset's own geometry, in three stages, on uint8 images in memory:
 1. candidates: for every val/test image, the 5 nearest distinct training images by cosine similarity of an
@@ -67,6 +68,10 @@ ALIGNED = (0.25, 0.4, 0.5, 0.7)  # a copy: d1 <= 0.25 x the typical aligned dist
 # fine detail (DETAIL: a photo with several copies in train, all as close); or <= 0.5 x the 3rd candidate's and
 # <= 0.7 x the typical (judged by eye on CIFAR-10, RESULTS.md)
 DETAIL = 0.8
+SAME_PHOTO, SAME_COSINE = 0.2, 0.95  # two training images with different labels within SAME_PHOTO x the typical
+# distance (stage 2) are one photo filed twice (re-encoded, resized, converted: a CMYK JPEG and its RGB PNG, 0.15);
+# compared where their thumbnails agree this well. CIFAR-10's training split: its closest pair of different labels is
+# 0.29, two look-alike scenes (none is a copy)
 BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is blank or constant
 
 
@@ -74,6 +79,7 @@ BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255 scale) is bl
 class Audit:
     near_duplicates: list[dict] = field(default_factory=list)  # {"split", "id", "train_id", "cosine", "diff"}
     conflicting_copies: list[dict] = field(default_factory=list)  # same pixels, different labels
+    same_photo_other_label: list[dict] = field(default_factory=list)  # training images: one photo, two labels
     kept_together: list[dict] = field(default_factory=list)  # near-duplicates moved to join their copy (splits.py)
     copy_groups: int = 0  # groups of exact copies that safetrain's split kept within one split
     blank: list[str] = field(default_factory=list)
@@ -86,7 +92,8 @@ class Audit:
         per_split = {s: sum(p["split"] == s for p in self.near_duplicates) for s in self.eval_sizes}
         return {"near_duplicates": len(self.near_duplicates),
                 "near_duplicate_fraction": {s: per_split[s] / max(1, n) for s, n in self.eval_sizes.items()},
-                "conflicting_copies": len(self.conflicting_copies), "blank_images": len(self.blank),
+                "conflicting_copies": len(self.conflicting_copies),
+                "same_photo_other_label_in_train": len(self.same_photo_other_label), "blank_images": len(self.blank),
                 "exact_copy_groups_kept_in_one_split": self.copy_groups,
                 "near_duplicates_kept_in_train": len(self.kept_together),
                 "kept_together_with_other_label": sum(p["labels"][0] != p["labels"][1] for p in self.kept_together),
@@ -455,6 +462,27 @@ def conflicting_copies(splits: dict[str, ImageSet]) -> list[dict]:
     return out
 
 
+def same_photo_other_label(train: ImageSet, typical: float, chunk: int = 1024) -> list[dict]:
+    """The same photo filed under two labels inside the training split, not byte for byte (re-encoded, resized,
+    converted to another mode; an exact copy is `conflicting_copies`'): for each training image, its nearest training
+    thumbnail of another label, compared at full resolution (stage 2's distance) where the thumbnails agree
+    (SAME_COSINE); within SAME_PHOTO x the `typical` distance, one pair. One label per image only."""
+    if train.labels.ndim != 1:
+        return []
+    thumbs, labels, found = thumbnails(train.images), train.labels, {}
+    for i in range(0, len(train), chunk):
+        sim = (thumbs[i:i + chunk] @ thumbs.T).masked_fill_(labels[i:i + chunk, None] == labels[None, :], -2.0)
+        cos, idx = sim.max(1)
+        rows = (cos >= SAME_COSINE).nonzero().squeeze(1)
+        if len(rows):
+            d = distances(train.images[i + rows], train.images, idx[rows, None]).squeeze(1) / typical
+            for r, j, x in zip((i + rows).tolist(), idx[rows].tolist(), d.tolist()):
+                if x <= SAME_PHOTO:
+                    found.setdefault(tuple(sorted((r, j))), round(x, 4))
+    return [{"ids": [train.ids[a], train.ids[b]], "labels": [int(labels[a]), int(labels[b])], "relative": x}
+            for (a, b), x in sorted(found.items())]
+
+
 def blank_images(s: ImageSet, chunk: int = 4096) -> list[str]:
     out = []
     for i in range(0, len(s), chunk):
@@ -480,6 +508,9 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
     else:
         a.near_duplicates, typical = search(train, {s: splits[s] for s in ("val", "test") if s not in joined}, device)
         a.typical_distance, a.typical_aligned = typical
+        kept = {frozenset((p["id"], p["train_id"])) for p in train.joined}  # named with the pairs kept together
+        a.same_photo_other_label = [p for p in same_photo_other_label(shrunk(train), typical.pixels)
+                                    if frozenset(p["ids"]) not in kept]
     a.conflicting_copies = conflicting_copies(splits)
     a.kept_together = train.joined
     hashed = Counter(d for s in splits.values() for d in (s.digests or []))  # digests: where safetrain split
@@ -491,7 +522,7 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device,
                  joined: tuple[str, ...] = ()) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v12", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
+    key = digest("audit v13", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
     stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device, joined)),
                        keys=tuple(f.name for f in fields(Audit)))
     return Audit(**stored)
@@ -523,6 +554,13 @@ def findings(a: Audit) -> list[Finding]:
                            f"labels (e.g. {ex['id']} and {ex['train_id']}): one label of each pair is likely wrong.",
                            "Look at the pairs (audit.json, kept_together) and fix or remove them.", "audit",
                            evidence={"count": len(conflicts)}))
+    if a.same_photo_other_label:
+        ex = a.same_photo_other_label[0]
+        out.append(Finding("M08", "one photo, two labels", f"{len(a.same_photo_other_label)} pairs of training images "
+                           f"are the same photo under different labels (re-encoded, resized or converted; e.g. "
+                           f"{ex['ids'][0]} and {ex['ids'][1]}): at least one label of each pair is wrong.",
+                           "Look at the pairs (audit.json, same_photo_other_label) and fix or remove them.", "audit",
+                           evidence={"count": len(a.same_photo_other_label)}))
     if a.blank:
         out.append(Finding("M08", "blank images", f"{len(a.blank)} images are blank or constant (e.g. {a.blank[0]}): "
                            "they carry no class signal.", "Remove them.", "audit", evidence={"count": len(a.blank)}))
