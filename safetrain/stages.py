@@ -136,7 +136,7 @@ def prepare_data(ctx: Context, dataset=None) -> Prepared:
     seconds = {"load": t1 - t0, "split": t2 - t1, "audit": time.perf_counter() - t3}
     found = audit_findings(audit) + D.thin_eval_classes(facts.counts, facts.classes, d.min_eval_per_class)
     found += _follow_the_weights(facts, contract)
-    found += [f for f in [D.duplicates_finding(copies)] if f and not d.allow_duplicates_across_splits]
+    found += _source_findings(src, copies, d)
     for f in found:
         log.warning("%s", f)
     log.info("[3/9] data facts (train split): %d %s, %dx%dx%d, mean %s, std %s, imbalance %.1f | images per "
@@ -449,6 +449,14 @@ def _resumed_at(ckpt: Optional[dict], steps: int) -> str:
 
 def _no_track(*_, **__) -> None:
     """The ranks other than 0 write no metrics."""
+
+
+def _source_findings(src, copies: list, d) -> list[Finding]:
+    """The source's own: exact copies across its splits, unless unlocked [M06]; a CSV's labels that look like several
+    joined in one cell [M13]."""
+    found = [] if d.allow_duplicates_across_splits else [D.duplicates_finding(copies)]
+    found += [D.joined_labels(src.classes)] if d.name == "csv" and not d.label_delimiter else []
+    return [f for f in found if f]
 
 
 def advice_for(cfg: Config, custom_model: bool) -> dict[str, str]:

@@ -89,3 +89,24 @@ def test_m08_a_label_written_two_ways_is_refused_with_both_spellings(tmp_path):
     (folders / "class_0").rename(folders / "Class_1")  # two folders, one class
     with pytest.raises(DataError, match=r"'Class_1' \(3\) and 'class_1' \(3\)"):
         D.load_source(D.DataSpec(name="imagefolder", root=str(folders)), tmp_path / ".cache")
+
+
+def test_m13_labels_that_join_several_tags_are_warned_with_the_delimiter_that_reads_them():
+    """A tag column read without data.label_delimiter: 'cat|animal', 'cat|animal|outdoor' ... would each train as a
+    class (a softmax over combinations); warned with the setting. Class names that merely hold the character are not."""
+    from safetrain.data import joined_labels
+    tags = ["cat|animal", "cat|animal|outdoor", "dog|animal", "truck|vehicle", "ship|vehicle|outdoor"]
+    found = joined_labels(tags)
+    assert found.row == "M13" and "data.label_delimiter='|'" in found.fix and "5 of the 5 labels hold '|'" in str(found)
+    assert joined_labels(["cat", "dog", "sea lion", "t-shirt"]) is None
+    assert joined_labels(["a|b", "c|d", "e", "f"]) is None  # no part recurs: names that hold '|'
+
+
+def test_an_image_listed_twice_is_read_once_or_refused_when_its_labels_differ(tmp_path):
+    files = _images(tmp_path, classes=2, per_class=6)
+    rows = [(str(f.relative_to(tmp_path)), f.parent.name) for f in files]
+    listing = list_csv(str(_table(tmp_path, rows + rows[:2])), Columns())
+    assert len(listing.rows) == 12  # the repeated rows counted once
+    with pytest.raises(DataError, match=r"imgs/class_0/img_0.png listed twice, as 'class_0' and 'class_1'.*an image "
+                                        r"one row"):
+        list_csv(str(_table(tmp_path, rows + [(rows[0][0], "class_1")], "two.csv")), Columns())

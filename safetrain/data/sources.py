@@ -27,6 +27,7 @@ from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, c
                                   list_images, pixel_limit, shrink_on_load, to_array)
 from safetrain.data.stored import DiskImages, JpegImages, choose, complete, disk_mode, reader, writers
 from safetrain.errors import DataError
+from safetrain.findings import Finding
 from safetrain.io import cached
 
 log = logging.getLogger(__name__)
@@ -349,6 +350,45 @@ def refuse_similar_labels(listing: Listing, allow: bool) -> Listing:
     return listing
 
 
+JOINERS = "|;,+"  # characters that join several labels in one cell
+
+
+def joined_labels(classes: list[str]) -> Optional[Finding]:
+    """[M13] A CSV read with one label a cell (data.label_delimiter unset) whose labels look like several joined by
+    one character ('cat|animal', 'cat|animal|outdoor', 'dog|animal'): most of them hold it, and its parts recur across
+    labels. Trained as they are, each combination would be a class of its own (a multi-class task over 12 combinations
+    of 8 tags, softmax where each tag needs its own sigmoid). Warned with the setting that reads them as tags."""
+    for c in JOINERS:
+        joined = [k for k in classes if c in k]
+        parts = Counter(t.strip() for k in joined for t in k.split(c) if t.strip())
+        shared = [t for t, n in parts.items() if n > 1]
+        if 2 * len(joined) >= len(classes) and shared:
+            return Finding("M13", "labels joined in one cell", (
+                f"{len(joined)} of the {len(classes)} labels hold '{c}' ({', '.join(repr(k) for k in joined[:3])}"
+                f"{' ...' if len(joined) > 3 else ''}), and parts of them recur ({', '.join(repr(t) for t in shared[:3])}"
+                f"): they look like several labels of one image, each combination trained as a class of its own."),
+                f"For several labels per image: data.label_delimiter='{c}' (a multi-label task, a sigmoid per label). "
+                f"If '{c}' is part of your class names, leave it unset.", "data", evidence={"joiner": c,
+                                                                                         "labels": len(joined)})
+    return None
+
+
+def _one_row_per_image(rows: list[tuple], problems: list[str], base: Path) -> tuple[list[tuple], list[str]]:
+    """An image listed twice: with the same label and split, the second row is dropped (it would count the image
+    twice); with another, both rows are a problem (which label is right?)."""
+    first, kept = {}, []
+    for k, (split, file, label) in enumerate(rows):
+        if file not in first:
+            first[file] = (k, split, label)
+            kept.append((split, file, label))
+        elif first[file][1:] != (split, label):
+            problems.append(f"{os.path.relpath(file, base)} listed twice, as {first[file][2] or 'no label'!r} and "
+                            f"{label or 'no label'!r}")
+    if len(kept) < len(rows):
+        log.info("data=csv: %d rows list an image a row above already lists: read once", len(rows) - len(kept))
+    return kept, problems
+
+
 def list_csv(root: str, columns: Columns) -> Listing:
     """A CSV or TSV file (the delimiter sniffed) of image paths (relative to the file, or absolute) and labels, and
     optionally the split of each row. Classes are the labels' names, sorted. With `columns.delimiter` a cell may hold
@@ -381,11 +421,12 @@ def list_csv(root: str, columns: Columns) -> Listing:
                                                 f"split {r[columns.split]!r}"))
         else:
             rows.append((split, (path.parent / file).resolve(), label))
+    rows, problems = _one_row_per_image(rows, problems, path.parent)
     if problems:
         raise DataError(f"[data] {path}: {len(problems)} rows cannot be used ({'; '.join(problems[:10])}"
                         f"{' ...' if len(problems) > 10 else ''}). Every row needs a path and a label"
                         + (f", and {columns.split} one of {sorted(SPLIT_VALUES)}" if columns.split else "")
-                        + ". Fix or remove those rows.")
+                        + ", and an image one row. Fix or remove those rows.")
     multi = columns.delimiter is not None and any(len(label) != 1 for _, _, label in rows)
     if columns.delimiter and not multi:  # one label per image after all: multiclass
         rows = [(s, f, label[0]) for s, f, label in rows]
