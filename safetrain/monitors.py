@@ -482,12 +482,11 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
     n, c = probs.shape
     counts = torch.bincount(labels, minlength=c).double()
     carried = torch.zeros(c, c, dtype=torch.float64)  # (true j, given i): the labels of the surest images of j
-    for j in range(c):
+    chosen = _selective(counts)
+    for j in chosen.nonzero().squeeze(1).tolist():
         k = max(SUREST_MIN, int(SUREST_SHARE * counts[j]))
-        if 2 * k <= counts[j]:  # a selection: at most half of them
-            carried[j] = torch.bincount(labels[probs[:, j].topk(k).indices], minlength=c).double()
+        carried[j] = torch.bincount(labels[probs[:, j].topk(k).indices], minlength=c).double()
     shares = carried / carried.sum(1, keepdim=True).clamp_min(1)
-    chosen = carried.sum(1) > 0
     estimate = float((counts * chosen / max(1.0, float(counts[chosen].sum())) * (1 - shares.diag())).sum())
     off_cells, off_shares = (x * (1 - torch.eye(c, dtype=torch.float64)) for x in (carried, shares))
     # a pair is named where its wrong labels are not a chance few: PAIR_MIN images or more, PAIR_SHARE of the surest
@@ -501,14 +500,18 @@ def label_noise(probs: torch.Tensor, labels: torch.Tensor) -> LabelNoise:
     return LabelNoise(estimate, spread, off, sorted(pairs, key=lambda p: -p[2]), both_ways, given_wrong)
 
 
+def _selective(counts: torch.Tensor) -> torch.Tensor:
+    """(C,) the classes with enough held-out images that their surest SUREST_MIN or more are at most half of them."""
+    return counts >= 2 * SUREST_MIN
+
+
 def too_few_held_out(labels: torch.Tensor, num_classes: int) -> str | None:
     """Why `label_noise` cannot be trusted on these held-out labels, or None: the classes with 2 x SUREST_MIN held-out
     images or more (whose surest images are a selection) must hold half of them. With fewer, the images a model is
     "surest" of are about all of them, and the share labelled otherwise is the model's error rate: a model that has
     not generalized (263 training photos of 5 classes) would read as 30-40% wrong labels."""
     counts = torch.bincount(labels, minlength=num_classes)
-    enough = counts >= 2 * SUREST_MIN
-    if int(counts[enough].sum()) * 2 >= len(labels):
+    if int(counts[_selective(counts)].sum()) * 2 >= len(labels):
         return None
     return (f"too few validation and test images to tell wrong labels from the model's own errors: "
             f"{int(counts.min())}-{int(counts.max())} a class, {2 * SUREST_MIN} needed (raise data.val_fraction, or "

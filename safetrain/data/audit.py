@@ -506,10 +506,11 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
         a.skipped = (f"images of {tuple(train.pixels().shape[-2:])} pixels are too small to tell a copy from a "
                      "look-alike; exact copies are still refused")
     else:
-        a.near_duplicates, typical = search(train, {s: splits[s] for s in ("val", "test") if s not in joined}, device)
+        small = shrunk(train)  # once for both searches (search's own shrunk() leaves it as it is)
+        a.near_duplicates, typical = search(small, {s: splits[s] for s in ("val", "test") if s not in joined}, device)
         a.typical_distance, a.typical_aligned = typical
         kept = {frozenset((p["id"], p["train_id"])) for p in train.joined}  # named with the pairs kept together
-        a.same_photo_other_label = [p for p in same_photo_other_label(shrunk(train), typical.pixels)
+        a.same_photo_other_label = [p for p in same_photo_other_label(small, typical.pixels)
                                     if frozenset(p["ids"]) not in kept]
     a.conflicting_copies = conflicting_copies(splits)
     a.kept_together = train.joined

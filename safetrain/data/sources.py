@@ -377,12 +377,12 @@ def _one_row_per_image(rows: list[tuple], problems: list[str], base: Path) -> tu
     """An image listed twice: with the same label and split, the second row is dropped (it would count the image
     twice); with another, both rows are a problem (which label is right?)."""
     first, kept = {}, []
-    for k, (split, file, label) in enumerate(rows):
+    for split, file, label in rows:
         if file not in first:
-            first[file] = (k, split, label)
+            first[file] = (split, label)
             kept.append((split, file, label))
-        elif first[file][1:] != (split, label):
-            problems.append(f"{os.path.relpath(file, base)} listed twice, as {first[file][2] or 'no label'!r} and "
+        elif first[file] != (split, label):
+            problems.append(f"{os.path.relpath(file, base)} listed twice, as {first[file][1] or 'no label'!r} and "
                             f"{label or 'no label'!r}")
     if len(kept) < len(rows):
         log.info("data=csv: %d rows list an image a row above already lists: read once", len(rows) - len(kept))
