@@ -208,7 +208,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM,  # SIGKILL: the slow tier (the default tier is near its 10 minutes)
+                                 pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
 def test_data_loader_workers_do_not_outlive_a_stopped_run(tmp_path, sig):
     root = write_images(tmp_path / "imgs", classes=2, per_class=300, size=(16, 16))
     proc = subprocess.Popen([sys.executable, "-m", "safetrain", "recipe=smoke", "data=imagefolder",

@@ -77,7 +77,8 @@ def test_every_job_of_a_sweep_is_validated_before_the_first_one_starts(tmp_path)
     assert not (tmp_path / "sw").exists()  # job 0 did not train first
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143),  # SIGINT: the slow tier (default tier near 10 min)
+                                      pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_a_signal_stops_training_cleanly_keeping_the_checkpoints(tmp_path, sig, code):
     run_dir = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "safetrain", "recipe=smoke", "trainer.max_epochs=100000",
