@@ -12,6 +12,8 @@ no list of the real copies, so the script draws two seeded samples for a person 
   image (x the typical distance; grids missed_<band>.png, each beside its closest candidate after alignment). The
   copies judged in a band, times the band's size over 40, estimate the copies missed there; recall = the flagged
   copies over those plus the missed ones.
+ciFAIR-10's human-judged list (cifair_first512.json): of its copies among the first 512 test images (the ones whose
+original index maps onto this copy's file names), how many each search flags.
 With --labels (the judgements: ids judged not a copy or unsure among the flagged, copies or unsure among the
 unflagged), the script prints the estimates; a sampled id that the labels lack is reported (the samples are seeded:
 the same code draws the same images).
@@ -109,6 +111,24 @@ def estimate(drawn: dict, labels: dict, flagged: int, stage2: int) -> dict:
             "recall_stage2_only": [round(stage2 * prec2 / fewest, 3), round(stage2 * prec2 / most, 3)]}
 
 
+def cifair(pairs: list[dict], path: Path) -> dict:
+    """The human-judged test images with a training copy (ciFAIR-10's list) among the first 512 test images, the ones
+    whose original index the known labels map onto this copy's file names: how many the audit flags, by judgment."""
+    known = json.loads(path.read_text())
+    labels, names = known["test_labels"], known["classes"]
+    flagged = {p["id"] for p in pairs}
+    found = {1: [0, 0], 2: [0, 0]}  # judgment -> [flagged, listed]
+    for row in known["cifair_rows"]:
+        i = row["test_index"]
+        c = labels[i]
+        name = f"test/{names[c]}/{labels[:i].count(c):04d}.jpg"
+        found[row["judgment"]][0] += name in flagged
+        found[row["judgment"]][1] += 1
+    first = {f"test/{names[c]}/{labels[:i].count(c):04d}.jpg" for i, c in enumerate(labels)}
+    return {"near_duplicates": found[1], "very_similar": found[2], "flagged_among_first": len(flagged & first),
+            "first": len(labels)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("real_copies"))
@@ -130,6 +150,12 @@ def main() -> None:
     refs = A.reference(train, torch.device("cpu"))
     drawn = samples(train, test, pairs, nearest_rel(train, test, refs, typical.pixels), refs, a.out)
     (a.out / "samples.json").write_text(json.dumps(drawn, indent=1))
+    known = {name: cifair(run["pairs"], Path(__file__).with_name("cifair_first512.json")) for name, run in runs.items()}
+    for name, k in known.items():
+        print(f"{name}: ciFAIR-10's human-judged copies among the first {k['first']} test images, flagged: "
+              f"near-duplicates {k['near_duplicates'][0]} of {k['near_duplicates'][1]}, very similar "
+              f"{k['very_similar'][0]} of {k['very_similar'][1]} ({k['flagged_among_first']} of the {k['first']} flagged)")
+    (a.out / "cifair.json").write_text(json.dumps(known, indent=1))
     print(f"grids in {a.out}: precision_0/1.png (100 random flagged pairs), missed_<band>.png (40 unflagged a band)")
     if a.labels.exists():
         est = estimate(drawn, json.loads(a.labels.read_text()), len(pairs), len(runs["stage 2"]["pairs"]))
