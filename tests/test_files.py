@@ -139,6 +139,38 @@ def test_images_of_different_sizes_train_at_a_size_chosen_from_them_in_either_lo
     torch.testing.assert_close(decode_image(stream.parts["all"].files[j], 3, stream.resize), kept)
 
 
+def test_photos_are_decoded_upright_as_their_exif_orientation_says(tmp_path):
+    """A phone stores a portrait photo sideways with an EXIF orientation tag that every viewer applies: safetrain
+    applies it too (the header's size, the decode, the resized decode, a folder in memory), so one scene stored
+    upright or turned/mirrored with its tag decodes to the same pixels."""
+    scene = np.zeros((96, 64, 3), np.uint8)
+    scene[:48, :, 0] = 255  # red top, blue bottom, a green left edge: every turn and mirror tells
+    scene[48:, :, 2] = 255
+    scene[:, :8, 1] = 255
+    T = Image.Transpose
+    stored_as = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_90,
+                 7: T.TRANSVERSE, 8: T.ROTATE_270}  # how a camera's pixels sit for each tag (the inverse turn)
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    Image.fromarray(scene).save(root / "a" / "upright.jpg", quality=95)
+    for tag, turn in stored_as.items():
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        Image.fromarray(scene).transpose(turn).save(root / "b" / f"tag{tag}.jpg", quality=95, exif=exif)
+    fit = Fit((48, 48), "crop")
+    want, want_small = decode_image(str(root / "a" / "upright.jpg"), 3, None), decode_image(
+        str(root / "a" / "upright.jpg"), 3, fit)
+    for tag in stored_as:
+        path = root / "b" / f"tag{tag}.jpg"
+        assert header(path) == ("RGB", (96, 64)), tag
+        for got, ref in ((decode_image(str(path), 3, None), want), (decode_image(str(path), 3, fit), want_small)):
+            assert got.shape == ref.shape and (got.float() - ref.float()).abs().mean() < 3, tag
+    images = load_folder(str(root), None, "memory", tmp_path / "cache", 0).parts["all"].images
+    assert images.shape[1:] == (3, 96, 64)  # every file the upright size: nothing resized
+    assert (images.float() - images[0].float()).abs().mean((1, 2, 3)).max() < 3
+
+
 def test_fit_image_crops_pads_or_squashes():
     arr = np.arange(20 * 40, dtype=np.float64).reshape(20, 40) % 256
     arr = arr.astype(np.uint8)

@@ -2,8 +2,9 @@
 
 Skipped, and counted: hidden files and folders (`.ipynb_checkpoints/`, `.img.png`, macOS `._*` copies),
 `__MACOSX/`, files without an image extension, anything that is not a regular file (a FIFO would hang a read).
-Decoded: 16-bit images scaled to 8 bits (not clipped at 255); transparency composited over white (documented
-in the README); palette and CMYK images converted. Bad (unreadable, empty, not an image, too large to be safe,
+Decoded: upright, as the camera's EXIF orientation says (a phone's portrait photo is stored sideways with a tag that
+viewers apply; so does safetrain, everywhere an image is read); 16-bit images scaled to 8 bits (not clipped at 255);
+transparency composited over white (documented in the README); palette and CMYK images converted. Bad (unreadable, empty, not an image, too large to be safe,
 not permitted): listed by path and reason, refused together (`data.bad_files=refuse`) or left out (`skip`)."""
 from __future__ import annotations
 
@@ -47,6 +48,28 @@ def _regular(path: Path) -> bool:
         return True  # unreadable: reported as a bad file by `header`, not skipped silently
 
 
+EXIF_ORIENTATION = 0x0112
+# the EXIF orientation tag -> the transpose that makes the stored pixels upright (PIL's ImageOps.exif_transpose table)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+TURNED = {5, 6, 7, 8}  # stored a quarter turn from upright: height and width swap
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image: 1 (as stored) where it has none or an unreadable one."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: PIL raises whatever its parser met; the pixels may still be fine
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def upright(arr: np.ndarray, turn: int) -> np.ndarray:
+    """Stored pixels (H, W[, C]) uint8 -> as the EXIF orientation `turn` says they are seen."""
+    return arr if turn not in UPRIGHT else np.asarray(Image.fromarray(arr).transpose(UPRIGHT[turn]))
+
+
 PIL_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS  # PIL's guard against decompression bombs (about 89 megapixels)
 
 
@@ -57,14 +80,15 @@ def pixel_limit(limit: int | None) -> None:
 
 
 def header(path: Path) -> tuple[str, tuple[int, int]] | str:
-    """(mode, (H, W)) from the file's header, or the reason it cannot be an image."""
+    """(mode, (H, W)) from the file's header (upright: as its EXIF orientation turns it), or the reason it cannot be
+    an image."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return im.mode, im.size[::-1]
+                return im.mode, im.size if orientation(im) in TURNED else im.size[::-1]
     except FileNotFoundError:
         return "no such file"
     except PermissionError:

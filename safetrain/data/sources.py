@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, Fit, auto_side, channels_of, fit_image, header, hidden,
-                                  list_images, pixel_limit, shrink_on_load, to_array)
+from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, TURNED, Fit, auto_side, channels_of, fit_image, header,
+                                  hidden, list_images, orientation, pixel_limit, shrink_on_load, to_array, upright)
 from safetrain.data.stored import DiskImages, JpegImages, choose, complete, disk_mode, reader, writers
 from safetrain.errors import DataError
 from safetrain.findings import Finding
@@ -232,7 +232,9 @@ def decode_image(path: str, channels: int, resize: Optional[Fit]) -> Tensor:
 def _decode(path: str, channels: int, resize: Optional[Fit]) -> Tensor:
     """`resize`: the size and the rule (training's, and inference's from the checkpoint), or None."""
     with Image.open(path) as im:  # to_array reads every pixel: a file cut after its header fails here
-        arr = to_array(shrink_on_load(im, resize) if resize else im, channels)
+        turn = orientation(im)
+        stored = resize._replace(size=resize.size[::-1]) if resize and turn in TURNED else resize
+        arr = upright(to_array(shrink_on_load(im, stored) if resize else im, channels), turn)
     if resize:
         arr = fit_image(arr, resize)
     t = torch.from_numpy(np.array(arr))  # a writable copy
@@ -457,7 +459,7 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
     listed = [(part, str(f), y) for part, f, y in listing.rows if f in good]
     multi = any(isinstance(y, tuple) for _, _, y in listing.rows)
     stat = [(os.path.relpath(f, base), *_size_and_time(f), part, y) for part, f, y in listed]
-    fp = digest("files v2", str(base.resolve()), fit, channels, classes, *stat)
+    fp = digest("files v3", str(base.resolve()), fit, channels, classes, *stat)  # v3: EXIF orientation applied
     stream = loader == "stream" or (loader == "auto" and len(listed) * channels * h * w > MEMORY_LIMIT_BYTES)
     done = _decode_all([f for _, f, _ in listed], (channels, h, w), fit, cache_dir, fp, num_workers, keep=not stream,
                        disk=disk_mode(disk_cache))
