@@ -78,6 +78,25 @@ def test_bad_files_can_be_skipped_and_are_counted(zoo, tmp_path, caplog):
     assert len(src.parts["all"]) == 12 and "left out 3 unusable files" in caplog.text
 
 
+def test_photos_saved_as_jfif_are_read_and_heic_ones_are_refused_with_what_reads_them(tmp_path):
+    """A browser saves JPEGs as .jfif, an iPhone saves .heic: both are listed (not skipped as 'non-image' files,
+    which left a class folder of iPhone photos 'holding no images'); the JPEG is read, the HEIC that this Pillow
+    cannot open is a bad file whose reason names the fix."""
+    try:
+        import pillow_heif  # noqa: F401
+        pytest.skip("pillow-heif installed: HEIC files are read")
+    except ImportError:
+        pass
+    root = write_images(tmp_path / "imgs", classes=2, per_class=4, size=(32, 32))
+    Image.open(next((root / "class_0").iterdir())).save(root / "class_0" / "saved.jfif", "JPEG")
+    (root / "class_1" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    with pytest.raises(DataError) as e:
+        load_folder(str(root), None, "memory", tmp_path / "cache", 0)
+    assert "IMG_0001.HEIC: an HEIC photo" in str(e.value) and "pip install pillow-heif" in str(e.value)
+    src = load_folder(str(root), None, "memory", tmp_path / "cache", 0, bad_files="skip")
+    assert "class_0/saved.jfif" in src.parts["all"].ids and len(src.parts["all"]) == 9
+
+
 def _cut_after_header(path):
     """A JPEG whose header is whole and whose pixel data stops half-way (a copy interrupted mid-file)."""
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)

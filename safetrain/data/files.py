@@ -18,7 +18,20 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                    ".avif", ".heic", ".heif")
+# formats Pillow reads only with help: what a file of them that does not open needs (listed with the bad files, whose
+# policy applies: refused with this fix, or left out with data.bad_files=skip)
+NEEDS = {".heic": "an HEIC photo (as iPhones save them): pip install pillow-heif (safetrain then reads them), or "
+                  "convert it to JPEG",
+         ".avif": "an AVIF image: this Pillow has no AVIF support (pip install -U 'pillow>=11.3'), or convert it to "
+                  "JPEG or PNG"}
+NEEDS[".heif"] = NEEDS[".heic"]
+try:  # HEIC/HEIF photos where pillow-heif is installed (optional: it is a compiled library)
+    from pillow_heif import register_heif_opener
+    register_heif_opener()
+except ImportError:
+    pass
 SKIPPED_FOLDERS = {"__MACOSX"}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -97,6 +110,8 @@ def header(path: Path) -> tuple[str, tuple[int, int]] | str:
         return (f"more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb, or an image far too large; if "
                 "you trust the file, data.max_image_pixels=N raises the limit)")
     except (OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, Image.UnidentifiedImageError) and Path(path).suffix.lower() in NEEDS:
+            return NEEDS[Path(path).suffix.lower()]
         return f"not a readable image ({type(e).__name__}: {str(e)[:80]})"
 
 
