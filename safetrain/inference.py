@@ -20,7 +20,8 @@ from safetrain import data as D
 from safetrain.checkpoint import classifier, load_checkpoint
 from safetrain.config import AfterTrainingConfig, PredictConfig
 from safetrain.data.audit import MIN_SIDE, search
-from safetrain.data.files import GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images, pixel_limit
+from safetrain.data.files import (GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images, pixel_limit,
+                                  refuse_non_utf8_names)
 from safetrain.data.sources import (CheckedFiles, Columns, ImageSet, file_loader, label_sets, label_tensor,
                                     list_csv)
 from safetrain.errors import ConfigError, DataError, SafetrainError
@@ -81,6 +82,7 @@ def image_files(where: str) -> list[Path]:
     if not path.is_dir():
         raise DataError(f"[data] predict.input={where} does not exist. Give an image file or a folder of images.")
     files, _ = list_images(path)
+    refuse_non_utf8_names(files, path)
     if not files:
         raise DataError(f"[data] predict.input={where} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return files

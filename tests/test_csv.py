@@ -56,6 +56,18 @@ def test_csv_problems_are_named_by_line_and_column(tmp_path):
     assert len(src.parts["all"]) == 8 and list(src.left_out["bad"]) == ["imgs/gone.png"]
 
 
+def test_a_csv_saved_in_a_windows_encoding_is_refused_with_how_to_convert_it(tmp_path):
+    """Excel's plain 'CSV' on Windows is cp1252: a label like 'café' was a UnicodeDecodeError traceback."""
+    files = _images(tmp_path, classes=2, per_class=4)
+    text = "path,label\n" + "".join(f"{f.relative_to(tmp_path)},{'café' if f.parent.name.endswith('0') else 'thé'}\n"
+                                     for f in files)
+    (tmp_path / "labels.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(DataError, match=r"labels\.csv is not UTF-8 text \(byte 0xe9 .*Save it as 'CSV UTF-8'.*iconv"):
+        list_csv(str(tmp_path / "labels.csv"), Columns())
+    (tmp_path / "labels.csv").write_text(text, encoding="utf-8")
+    assert list_csv(str(tmp_path / "labels.csv"), Columns()).classes == ["café", "thé"]
+
+
 @pytest.mark.slow
 def test_a_run_from_a_csv_trains_and_keeps_its_spec(tmp_path):
     files = _images(tmp_path, classes=3, per_class=20)

@@ -97,6 +97,27 @@ def test_photos_saved_as_jfif_are_read_and_heic_ones_are_refused_with_what_reads
     assert "class_0/saved.jfif" in src.parts["all"].ids and len(src.parts["all"]) == 9
 
 
+def test_names_that_are_not_utf8_are_refused_each_named_with_how_to_rename_them(tmp_path):
+    """A zip made on an older Windows extracts 'café.jpg' as the bytes caf\\xe9.jpg: such names could not be written
+    to the log or JSON (a UnicodeEncodeError traceback half-way through the data stage). Refused up front, for
+    training and for predict, each name shown once."""
+    root = write_images(tmp_path / "imgs", classes=2, per_class=4, size=(16, 16))
+    try:
+        os.rename(next((root / "class_0").iterdir()), os.fsencode(root / "class_0") + b"/caf\xe9.png")
+        os.rename(root / "class_1", os.fsencode(root) + b"/gr\xfcn")
+    except OSError:
+        pytest.skip("this filesystem takes only UTF-8 names")
+    with pytest.raises(DataError) as e:
+        load_folder(str(root), None, "memory", tmp_path / "cache", 0)
+    msg = str(e.value)
+    assert "2 file or folder names under" in msg and "b'class_0/caf\\xe9.png'\n" in msg
+    assert "b'gr\\xfcn' (a folder of 4 images)" in msg and "convmv -f cp1252 -t utf-8 -r --notest" in msg
+    msg.encode("utf-8")  # the message itself can be logged
+    from safetrain.inference import image_files
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        image_files(str(root))
+
+
 def _cut_after_header(path):
     """A JPEG whose header is whole and whose pixel data stops half-way (a copy interrupted mid-file)."""
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)

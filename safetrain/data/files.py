@@ -18,6 +18,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from safetrain.errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
                     ".avif", ".heic", ".heif")
 # formats Pillow reads only with help: what a file of them that does not open needs (listed with the bad files, whose
@@ -52,6 +54,35 @@ def list_images(folder: Path) -> tuple[list[Path], int]:
             found += [path] if ok else []
             skipped += not ok
     return sorted(found), skipped
+
+
+def printable(path) -> str:
+    """A path as text: a name that is not UTF-8 (its bytes kept by Python as surrogates) shown as its bytes."""
+    try:
+        str(path).encode("utf-8")
+        return str(path)
+    except UnicodeEncodeError:
+        return repr(os.fsencode(path))
+
+
+def refuse_non_utf8_names(paths: list[Path], folder: Path) -> None:
+    """File or folder names that are not UTF-8 (made where another encoding was the rule: a zip from an older
+    Windows, a Latin-1 disk) cannot be written to the log, JSON or the report: refused before anything is read, each
+    name shown as its bytes once (a folder with how many images it holds), with how to rename them."""
+    names: dict[Path, int] = {}
+    for p in paths:
+        parts = Path(p).relative_to(folder).parts
+        first = next((i for i, part in enumerate(parts) if printable(part) != part), None)
+        if first is not None:
+            name = Path(*parts[:first + 1])
+            names[name] = names.get(name, 0) + (1 if first < len(parts) - 1 else 0)
+    if names:
+        shown = "\n".join(f"  {printable(n)}" + (f" (a folder of {k} images)" if k else "")
+                          for n, k in list(names.items())[:10]) + ("\n  ..." if len(names) > 10 else "")
+        raise DataError(f"[data] {len(names)} file or folder names under {printable(folder)} are not UTF-8 text "
+                        "(written where another encoding was the rule, e.g. a zip made on an older Windows):\n"
+                        f"{shown}\nRename them to UTF-8: convmv -f cp1252 -t utf-8 -r --notest {printable(folder)} "
+                        "(or extract the archive again with unzip -O cp437), or rename them by hand.")
 
 
 def _regular(path: Path) -> bool:

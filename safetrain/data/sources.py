@@ -24,7 +24,8 @@ from PIL import Image
 from torch import Tensor
 
 from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, TURNED, Fit, auto_side, channels_of, fit_image, header,
-                                  hidden, list_images, orientation, pixel_limit, shrink_on_load, to_array, upright)
+                                  hidden, list_images, orientation, pixel_limit, printable, refuse_non_utf8_names,
+                                  shrink_on_load, to_array, upright)
 from safetrain.data.stored import DiskImages, JpegImages, choose, complete, disk_mode, reader, writers
 from safetrain.errors import DataError
 from safetrain.findings import Finding
@@ -215,7 +216,7 @@ def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
         files, n = list_images(d)
         skipped += n
         if not files:
-            raise DataError(f"[data] class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
+            raise DataError(f"[data] class folder {printable(d)} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
                             f"Remove it or put its images in it.")
         classes[d.name] = files
     return classes, skipped
@@ -308,6 +309,7 @@ def list_folder(root: str) -> Listing:
                         "split to train/, or use one folder per class at the top.")
     layout = layout or {"all": folder}
     listed = {part: _list_classes(d) for part, d in layout.items()}
+    refuse_non_utf8_names([f for found, _ in listed.values() for fs in found.values() for f in fs], folder)
     per_part, skipped = {p: c for p, (c, _) in listed.items()}, sum(n for _, n in listed.values())
     first = "train" if "train" in per_part else "all"
     classes = list(per_part[first])
@@ -400,7 +402,12 @@ def list_csv(root: str, columns: Columns) -> Listing:
     if not path.is_file():
         raise DataError(f"[data] data.root={root!r} is not a file. With data=csv, data.root is a CSV or TSV file with "
                         f"a column of image paths ({columns.path}) and one of labels ({columns.label}).")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"[data] {path} is not UTF-8 text (byte {e.object[e.start]:#x} at position {e.start}: saved "
+                        "in another encoding, as Excel's 'CSV' does on Windows). Save it as 'CSV UTF-8', or convert "
+                        f"it: iconv -f cp1252 -t utf-8 {path} > labels_utf8.csv") from None
     try:
         dialect = csv.Sniffer().sniff(text[:8192], delimiters=",\t;")
     except csv.Error:
