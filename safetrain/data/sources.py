@@ -14,7 +14,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -251,7 +251,12 @@ def _scan(files: list[Path], image_size: Optional[int], bounds: tuple[int, int]
     bad = {f: h for f, h in heads.items() if isinstance(h, str)}
     good = {f: h for f, h in heads.items() if f not in bad}
     if not good:
-        raise DataError(f"[data] no usable image among the {len(files)} files found. Check the folder.")
+        shown = "\n".join(f"  {f}: {why}" for f, why in list(bad.items())[:3])
+        missing = all(why == "no such file" for why in bad.values())
+        raise DataError(f"[data] none of the {len(files)} files listed can be used, e.g.:\n{shown}\n"
+                        + ("None of them exists: a CSV's paths are read relative to the CSV's own folder (or as "
+                           "absolute paths); check that data.root points at the CSV beside the images." if missing
+                           else "Check data.root and the files."))
     sizes = {}
     for f, (_, size) in good.items():
         sizes.setdefault(size, f)
@@ -393,6 +398,35 @@ def _one_row_per_image(rows: list[tuple], problems: list[str], base: Path) -> tu
     return kept, problems
 
 
+def _parts(file: str) -> tuple[str, ...]:
+    """A path as a CSV holds it, in parts: Windows' (backslashes, a drive) or POSIX's."""
+    windows = "\\" in file or re.match(r"^[A-Za-z]:", file)
+    return (PureWindowsPath(file) if windows else PurePosixPath(file)).parts
+
+
+def _locate(files: list[str], csv_file: Path) -> list[Path]:
+    """A CSV's paths -> files: relative to the CSV's folder or absolute, backslashes read as folders. Paths written
+    on another machine (none of them here: C:\\Users\\ana\\photos\\cat\\1.jpg, /home/ana/photos/cat/1.jpg) are
+    looked for under the CSV's folder without their first parts, the same prefix for all; found there, they are
+    read from there and the log says so. Files still missing are bad files (listed, refused or skipped)."""
+    base = csv_file.parent
+    parts = [_parts(f) for f in files]
+    found = [(base / Path(*p)).resolve() if p and not PurePosixPath(f).is_absolute() else Path(*p)
+             for f, p in zip(files, parts)]
+    if not found or any(f.exists() for f in found):
+        return found
+    first = parts[0]
+    cut = next((k for k in range(1, len(first)) if (base / Path(*first[k:])).exists()), None)
+    moved = [(base / Path(*p[cut:])).resolve() if cut and p[:cut] == first[:cut] else None for p in parts]
+    if cut is None or not any(m is not None and m.exists() for m in moved):
+        return found
+    log.warning("%s: its paths start with %s, which is not on this machine; read from under the CSV's folder %s, "
+                "where %d of the %d files are (write the paths relative to the CSV to read them as written)",
+                csv_file, PureWindowsPath(*first[:cut]) if "\\" in files[0] else PurePosixPath(*first[:cut]), base,
+                sum(m is not None and m.exists() for m in moved), len(files))
+    return [m if m is not None else f for m, f in zip(moved, found)]
+
+
 def list_csv(root: str, columns: Columns) -> Listing:
     """A CSV or TSV file (the delimiter sniffed) of image paths (relative to the file, or absolute) and labels, and
     optionally the split of each row. Classes are the labels' names, sorted. With `columns.delimiter` a cell may hold
@@ -429,8 +463,9 @@ def list_csv(root: str, columns: Columns) -> Listing:
             problems.append(f"line {line}: " + ("no path" if not file else "no label" if not label else
                                                 f"split {r[columns.split]!r}"))
         else:
-            rows.append((split, (path.parent / file).resolve(), label))
-    rows, problems = _one_row_per_image(rows, problems, path.parent)
+            rows.append((split, file, label))
+    files = _locate([f for _, f, _ in rows], path)
+    rows, problems = _one_row_per_image([(s, f, y) for (s, _, y), f in zip(rows, files)], problems, path.parent)
     if problems:
         raise DataError(f"[data] {path}: {len(problems)} rows cannot be used ({'; '.join(problems[:10])}"
                         f"{' ...' if len(problems) > 10 else ''}). Every row needs a path and a label"
