@@ -46,6 +46,8 @@ def test_csv_problems_are_named_by_line_and_column(tmp_path):
                                         r"subset one of"):
         rows = [(p, "" if i == 1 else c, "holdout" if i == 3 else "train") for i, (p, c) in enumerate(good)]
         list_csv(str(_table(tmp_path, rows, header=("path", "label", "subset"))), Columns(split="subset"))
+    spaced = _table(tmp_path, good, "spaced.csv", header=("path", " label "))
+    assert list_csv(str(spaced), Columns()).classes == ["class_0", "class_1"]  # a header's spaces are no names
     with pytest.raises(DataError, match=r"data\.root='.*nope\.csv' is not a file"):
         list_csv(str(tmp_path / "nope.csv"), Columns())
     missing = _table(tmp_path, good + [("imgs/gone.png", "class_0")])

@@ -446,7 +446,8 @@ def list_csv(root: str, columns: Columns) -> Listing:
         dialect = csv.Sniffer().sniff(text[:8192], delimiters=",\t;")
     except csv.Error:
         dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-    table = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    table = [{(k.strip() if isinstance(k, str) else k): v for k, v in r.items()}  # "path, label": spaces not names
+             for r in csv.DictReader(io.StringIO(text), dialect=dialect)]
     names = list(table[0]) if table else []
     wanted = [c for c in (columns.path, columns.label, columns.split) if c]
     if [c for c in wanted if c not in names]:
