@@ -106,6 +106,23 @@ def test_folder_with_mixed_sizes_trains_at_a_chosen_size_or_the_given_one(tmp_pa
     assert src.parts["all"].images.shape == (6, 3, 10, 10)
 
 
+def test_split_folders_named_as_exports_name_them_are_read_and_others_beside_them_named(tmp_path, caplog):
+    """Roboflow exports train/ valid/ test/ and Kaggle datasets often Training/ Validation/: valid/ was silently
+    not read (its images unused, val carved from train). Two folders for one split are refused; a folder beside the
+    splits is named as not read."""
+    write_images(tmp_path / "Training", 2, 20)
+    write_images(tmp_path / "valid", 2, 6, seed=1)
+    write_images(tmp_path / "notes", 2, 3, seed=2)
+    src = load_folder(str(tmp_path), None, "auto", tmp_path / "cache", 0)
+    splits = D.make_splits(src, 0.1, 0.1, 0)
+    assert len(splits["val"]) == 12 and all(i.startswith("valid/") for i in splits["val"].ids)
+    assert all(i.startswith("Training/") for i in splits["train"].ids + splits["test"].ids)
+    assert "the folders ['notes'] beside the split folders are not read" in caplog.text
+    write_images(tmp_path / "val", 2, 2, seed=3)
+    with pytest.raises(DataError, match=r"has val/ and valid/: two folders for one split"):
+        load_folder(str(tmp_path), None, "auto", tmp_path / "cache", 0)
+
+
 def test_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         load_folder(str(tmp_path / "nope"), None, "auto", tmp_path, 0)

@@ -302,16 +302,40 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
                       num_workers, bad_files, resize, auto_side, disk_cache)
 
 
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}  # valid/: Roboflow's exports; validation/: Kaggle's
+
+
+def _split_folders(folder: Path) -> dict[str, Path]:
+    """{split: its folder} where `folder` holds split folders (train/, val/ or valid/ or validation/, test/: any case);
+    two folders for one split are refused; other folders beside them, which would not be read, are named."""
+    dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d.name))
+    found: dict[str, list[Path]] = {}
+    for d in dirs:
+        if d.name.lower() in SPLIT_FOLDERS:
+            found.setdefault(SPLIT_FOLDERS[d.name.lower()], []).append(d)
+    twice = [ds for ds in found.values() if len(ds) > 1]
+    if twice:
+        raise DataError(f"[data] {folder} has {' and '.join(d.name + '/' for d in twice[0])}: two folders for one "
+                        "split. Merge them into one, or rename or move the other.")
+    unread = [d.name for d in dirs if d.name.lower() not in SPLIT_FOLDERS]
+    if found and unread:
+        log.warning("[data] %s: the folders %s beside the split folders are not read (split folders: train/, val/ "
+                    "or valid/ or validation/, test/). Move their images into a split, or leave them out to silence "
+                    "this.", folder, unread)
+    return {split: ds[0] for split, ds in found.items()}
+
+
 def list_folder(root: str) -> Listing:
     """A folder of class folders (`train/`, `val/`, `test/` above them where the user split the data)."""
     folder = Path(root).expanduser()
     if not folder.is_dir():
         raise DataError(f"[data] data.root={root!r} is not a folder. Point data.root at a folder with "
                         "train/<class>/ images (and optional val/, test/), or with one folder per class.")
-    layout = {s: folder / s for s in ("train", "val", "test") if (folder / s).is_dir()}
+    layout = _split_folders(folder)
     if layout and "train" not in layout:
-        raise DataError(f"[data] {folder} has {sorted(layout)} but no train/ folder. Rename the training "
-                        "split to train/, or use one folder per class at the top.")
+        raise DataError(f"[data] {folder} has {sorted(d.name for d in layout.values())} but no train/ folder. Rename "
+                        "the training split to train/, or use one folder per class at the top.")
     layout = layout or {"all": folder}
     listed = {part: _list_classes(d) for part, d in layout.items()}
     refuse_non_utf8_names([f for found, _ in listed.values() for fs in found.values() for f in fs], folder)
