@@ -127,8 +127,19 @@ def test_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         load_folder(str(tmp_path / "nope"), None, "auto", tmp_path, 0)
     write_images(tmp_path / "one", 1, 3)
-    with pytest.raises(DataError, match=r"\[M08\].*at least 2"):
+    with pytest.raises(DataError, match=r"\[M08\].*at least 2\. Put each class's images in its own subfolder"):
         load_folder(str(tmp_path / "one"), None, "auto", tmp_path, 0)
+
+
+def test_class_folders_one_level_down_and_images_in_no_class_folder_are_named(tmp_path, caplog):
+    """An archive that unpacks into photos/photos/<class>/: the message points data.root one level down; an image
+    beside the class folders (in none of them) was silently not read."""
+    write_images(tmp_path / "photos" / "photos", 2, 4)
+    with pytest.raises(DataError, match=rf"one level down: data\.root={tmp_path / 'photos' / 'photos'}$"):
+        load_folder(str(tmp_path / "photos"), None, "auto", tmp_path / "cache", 0)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "photos" / "stray.png")
+    src = load_folder(str(tmp_path / "photos" / "photos"), None, "auto", tmp_path / "cache", 0)
+    assert len(src.parts["all"]) == 8 and "1 image(s) in" in caplog.text and "are in no class folder" in caplog.text
 
 
 def test_download_failure_gives_one_clear_error(monkeypatch, tmp_path):

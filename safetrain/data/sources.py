@@ -219,6 +219,11 @@ def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
             raise DataError(f"[data] class folder {printable(d)} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
                             f"Remove it or put its images in it.")
         classes[d.name] = files
+    loose = [f.name for f in folder.iterdir() if f.is_file() and not hidden(f.name)
+             and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        log.warning("[data] %d image(s) in %s are in no class folder and are not read (e.g. %s): move each into the "
+                    "folder of its class", len(loose), folder, sorted(loose)[0])
     return classes, skipped
 
 
@@ -343,8 +348,11 @@ def list_folder(root: str) -> Listing:
     first = "train" if "train" in per_part else "all"
     classes = list(per_part[first])
     if len(classes) < 2:
-        raise DataError(f"[M08] {layout[first]} has {len(classes)} class folder(s) {classes}; a classifier "
-                        "needs at least 2. Put each class's images in its own subfolder.")
+        inner = layout[first] / classes[0] if classes else None
+        nested = inner is not None and len([d for d in inner.iterdir() if d.is_dir() and not hidden(d.name)]) > 1
+        raise DataError(f"[M08] {layout[first]} has {len(classes)} class folder(s) {classes}; a classifier needs at "
+                        "least 2. " + (f"The class folders seem to be one level down: data.root={inner}" if nested
+                                       else "Put each class's images in its own subfolder."))
     for part, found in per_part.items():
         extra = set(found) - set(classes)
         if extra:
