@@ -72,8 +72,8 @@ def test_a_csv_saved_in_a_windows_encoding_is_refused_with_how_to_convert_it(tmp
 
 def test_csv_paths_written_on_windows_or_another_machine_are_found_beside_the_csv(tmp_path, caplog):
     """A CSV made on Windows (img\\cat\\1.png), or with absolute paths of the machine that made it
-    (C:\\Users\\ana\\..., /home/ana/...): read as folders, and found under the CSV's folder (said in the log), not
-    'no usable image among the files'. A CSV away from its images names that rule."""
+    (C:\\Users\\ana\\..., /home/ana/...), or of ids of the files in a folder beside it: read as folders, found
+    (said in the log), not 'no usable image among the files'. A CSV away from its images names that rule."""
     files = _images(tmp_path, classes=2, per_class=4)
     rel = [str(f.relative_to(tmp_path)) for f in files]
     for name, prefix, sep in (("win.csv", "", "\\"), ("drive.csv", "C:\\Users\\ana\\photos\\", "\\"),
@@ -81,8 +81,14 @@ def test_csv_paths_written_on_windows_or_another_machine_are_found_beside_the_cs
         table = _table(tmp_path, [(prefix + r.replace("/", sep), f.parent.name) for r, f in zip(rel, files)], name)
         listing = list_csv(str(table), Columns())
         assert [f for _, f, _ in listing.rows] == [f.resolve() for f in files], name
-    assert "home.csv: its paths start with /home/ana/photos, which is not on this machine" in caplog.text
-    assert "drive.csv: its paths start with C:\\Users\\ana\\photos" in caplog.text and "8 of the 8 files" in caplog.text
+    assert "they start with /home/ana/photos, which is not on this machine" in caplog.text
+    assert "they start with C:\\Users\\ana\\photos" in caplog.text and "8 of the 8 files" in caplog.text
+    (tmp_path / "train_images").mkdir()  # Kaggle's layout: ids in the CSV, the files in a folder beside it
+    flat = [f.rename(tmp_path / "train_images" / f"{f.parent.name}_{f.name}") for f in files]
+    ids = _table(tmp_path, [(f.stem, f.stem.split("_img")[0]) for f in flat], "ids.csv", header=("image_id", "label"))
+    listing = list_csv(str(ids), Columns(path="image_id"))
+    assert [f for _, f, _ in listing.rows] == [f.resolve() for f in flat] and listing.classes == ["class_0", "class_1"]
+    assert "read from " + str(tmp_path / "train_images") + " with .png added to each name" in caplog.text
     (tmp_path / "away").mkdir()
     away = _table(tmp_path / "away", [(r, f.parent.name) for r, f in zip(rel, files)])
     with pytest.raises(DataError, match=r"(?s)none of the 8 files listed can be used.*no such file.*relative to the "

@@ -437,26 +437,45 @@ def _parts(file: str) -> tuple[str, ...]:
 
 
 def _locate(files: list[str], csv_file: Path) -> list[Path]:
-    """A CSV's paths -> files: relative to the CSV's folder or absolute, backslashes read as folders. Paths written
-    on another machine (none of them here: C:\\Users\\ana\\photos\\cat\\1.jpg, /home/ana/photos/cat/1.jpg) are
-    looked for under the CSV's folder without their first parts, the same prefix for all; found there, they are
-    read from there and the log says so. Files still missing are bad files (listed, refused or skipped)."""
+    """A CSV's paths -> files: relative to the CSV's folder or absolute, backslashes read as folders. Where none of
+    them exists as written, the ways such a CSV is usually meant are tried on its first path: written on another
+    machine (C:\\Users\\ana\\photos\\cat\\1.jpg, /home/ana/photos/cat/1.jpg: found under the CSV's folder without
+    their first parts), or ids of files in a folder beside the CSV, with or without their extension (Kaggle's
+    `image_id,label` beside `train_images/`). The first way that finds it is applied to every path, and the log says
+    which. Files still missing are bad files (listed, refused or skipped)."""
     base = csv_file.parent
     parts = [_parts(f) for f in files]
     found = [(base / Path(*p)).resolve() if p and not PurePosixPath(f).is_absolute() else Path(*p)
              for f, p in zip(files, parts)]
     if not found or any(f.exists() for f in found):
         return found
-    first = parts[0]
-    cut = next((k for k in range(1, len(first)) if (base / Path(*first[k:])).exists()), None)
-    moved = [(base / Path(*p[cut:])).resolve() if cut and p[:cut] == first[:cut] else None for p in parts]
-    if cut is None or not any(m is not None and m.exists() for m in moved):
-        return found
-    log.warning("%s: its paths start with %s, which is not on this machine; read from under the CSV's folder %s, "
-                "where %d of the %d files are (write the paths relative to the CSV to read them as written)",
-                csv_file, PureWindowsPath(*first[:cut]) if "\\" in files[0] else PurePosixPath(*first[:cut]), base,
-                sum(m is not None and m.exists() for m in moved), len(files))
-    return [m if m is not None else f for m, f in zip(moved, found)]
+    for how, move in _ways(parts[0], base, "\\" in files[0]):
+        moved = [move(p) for p in parts]
+        there = sum(m is not None and m.exists() for m in moved)
+        log.warning("%s: none of its paths exists as written (e.g. %s); %s, where %d of the %d files are (write "
+                    "the paths relative to the CSV to read them as written)", csv_file, files[0], how, there,
+                    len(files))
+        return [m.resolve() if m is not None else f for m, f in zip(moved, found)]
+    return found
+
+
+def _ways(first: tuple[str, ...], base: Path, windows: bool):
+    """(what was done, parts -> file or None) for each way of reading a CSV's paths under which its first path
+    `first` (in parts) exists; see _locate."""
+    for k in range(1, len(first)):
+        if (base / Path(*first[k:])).exists():
+            prefix = first[:k]
+            shown = PureWindowsPath(*prefix) if windows else PurePosixPath(*prefix)
+            yield (f"they start with {shown}, which is not on this machine: read from under the CSV's folder {base}",
+                   lambda p: base / Path(*p[k:]) if p[:k] == prefix else None)
+            return
+    named = PurePosixPath(first[-1]).suffix.lower() in IMAGE_EXTENSIONS
+    for folder in [base] + sorted(d for d in base.iterdir() if d.is_dir() and not hidden(d.name)):
+        for ext in [""] + ([] if named else list(IMAGE_EXTENSIONS)):
+            if (folder / Path(*first[:-1]) / (first[-1] + ext)).is_file():
+                yield (f"read from {folder}" + (f" with {ext} added to each name" if ext else ""),
+                       lambda p: folder / Path(*p[:-1]) / (p[-1] + ext))
+                return
 
 
 def list_csv(root: str, columns: Columns) -> Listing:
