@@ -121,6 +121,13 @@ def test_split_folders_named_as_exports_name_them_are_read_and_others_beside_the
     write_images(tmp_path / "val", 2, 2, seed=3)
     with pytest.raises(DataError, match=r"has val/ and valid/: two folders for one split"):
         load_folder(str(tmp_path), None, "auto", tmp_path / "cache", 0)
+    vehicles = tmp_path / "vehicles"  # classes named like splits (a train, a Test group) hold images: classes
+    for name in ("bus", "train", "Test"):
+        write_images(vehicles / name, 1, 3)
+        for f in (vehicles / name / "class_0").iterdir():
+            f.rename(vehicles / name / f.name)
+        (vehicles / name / "class_0").rmdir()
+    assert load_folder(str(vehicles), None, "auto", tmp_path / "cache", 0).classes == ["Test", "bus", "train"]
 
 
 def test_folder_errors_name_the_folder(tmp_path):

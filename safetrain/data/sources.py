@@ -312,18 +312,19 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "
 
 
 def _split_folders(folder: Path) -> dict[str, Path]:
-    """{split: its folder} where `folder` holds split folders (train/, val/ or valid/ or validation/, test/: any case);
-    two folders for one split are refused; other folders beside them, which would not be read, are named."""
+    """{split: its folder} where `folder` holds split folders (train/, val/ or valid/ or validation/, test/: any case,
+    each holding class folders; a class may be called Test or train); two folders for one split are refused; other
+    folders beside them, which would not be read, are named."""
     dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d.name))
     found: dict[str, list[Path]] = {}
-    for d in dirs:
-        if d.name.lower() in SPLIT_FOLDERS:
+    for d in dirs:  # a split folder holds class folders; one named like a split that holds images is a class
+        if d.name.lower() in SPLIT_FOLDERS and any(c.is_dir() and not hidden(c.name) for c in d.iterdir()):
             found.setdefault(SPLIT_FOLDERS[d.name.lower()], []).append(d)
     twice = [ds for ds in found.values() if len(ds) > 1]
     if twice:
         raise DataError(f"[data] {folder} has {' and '.join(d.name + '/' for d in twice[0])}: two folders for one "
                         "split. Merge them into one, or rename or move the other.")
-    unread = [d.name for d in dirs if d.name.lower() not in SPLIT_FOLDERS]
+    unread = [d.name for d in dirs if not any(d in ds for ds in found.values())]
     if found and unread:
         log.warning("[data] %s: the folders %s beside the split folders are not read (split folders: train/, val/ "
                     "or valid/ or validation/, test/). Move their images into a split, or leave them out to silence "
