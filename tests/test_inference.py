@@ -88,6 +88,11 @@ def test_evaluate_names_unknown_class_folders_and_warns_about_missing_ones(train
     Image.new("RGB", (12, 12)).save(folder / "class_7" / "x.png")
     with pytest.raises(DataError, match=r"class folders \['class_7'\] that the model was not trained on"):
         evaluate(settings("evaluate", checkpoint=trained / "run", input=folder, output=tmp_path / "o2"))
+    export = tmp_path / "export"  # the dataset's root, not its test split: say which folder to give
+    write_images(export / "train", classes=2, per_class=2, size=(12, 12))
+    write_images(export / "valid", classes=2, per_class=2, size=(12, 12))
+    with pytest.raises(DataError, match=r"It holds split folders: evaluate one of them, e\.g\. predict\.input=.*valid$"):
+        evaluate(settings("evaluate", checkpoint=trained / "run", input=export, output=tmp_path / "o3"))
 
 
 def test_a_file_that_is_not_a_safetrain_checkpoint_gets_a_clear_error(trained, tmp_path):
