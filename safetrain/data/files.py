@@ -101,7 +101,12 @@ TURNED = {5, 6, 7, 8}  # stored a quarter turn from upright: height and width sw
 
 
 def orientation(im: Image.Image) -> int:
-    """The EXIF orientation of an opened image: 1 (as stored) where it has none or an unreadable one."""
+    """The EXIF orientation still to apply to an opened image: 1 (as stored) where it has none or an unreadable one,
+    and for TIFF, whose reader in Pillow applies its orientation tag itself (size and pixels). Only an EXIF block read
+    with the header is parsed: most files have none, and a PNG's getexif() without one would decode every pixel to
+    look for it."""
+    if im.format == "TIFF" or "exif" not in im.info:
+        return 1
     try:
         value = im.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # a damaged EXIF block: PIL raises whatever its parser met; the pixels may still be fine
