@@ -140,6 +140,12 @@ def test_m13_labels_that_join_several_tags_are_warned_with_the_delimiter_that_re
     assert found.row == "M13" and "data.label_delimiter='|'" in found.fix and "5 of the 5 labels hold '|'" in str(found)
     assert joined_labels(["cat", "dog", "sea lion", "t-shirt"]) is None
     assert joined_labels(["a|b", "c|d", "e", "f"]) is None  # no part recurs: names that hold '|'
+    planet = ["clear primary", "clear primary water", "haze primary", "clear primary road", "cloudy",
+              "partly_cloudy primary", "haze primary water", "clear primary road water"]  # space-joined tags
+    assert "data.label_delimiter=' '" in joined_labels(planet).fix
+    breeds = ["golden retriever", "labrador retriever", "flat-coated retriever", "german shepherd", "border collie",
+              "bearded collie", "pug"]  # names of several words, some shared: not tags
+    assert joined_labels(breeds) is None
 
 
 def test_an_image_listed_twice_is_read_once_or_refused_when_its_labels_differ(tmp_path):

@@ -392,7 +392,7 @@ def refuse_similar_labels(listing: Listing, allow: bool) -> Listing:
     return listing
 
 
-JOINERS = "|;,+"  # characters that join several labels in one cell
+JOINERS = "|;,+ "  # characters that join several labels in one cell (a space: Planet's 'clear primary water')
 
 
 def joined_labels(classes: list[str]) -> Optional[Finding]:
@@ -404,12 +404,15 @@ def joined_labels(classes: list[str]) -> Optional[Finding]:
         joined = [k for k in classes if c in k]
         parts = Counter(t.strip() for k in joined for t in k.split(c) if t.strip())
         shared = [t for t, n in parts.items() if n > 1]
-        if 2 * len(joined) >= len(classes) and shared:
+        combined = c != " " or len(joined) > len(parts)  # spaces join words of names too ('golden retriever'): tags
+        # only where the labels outnumber their parts, as combinations of a few tags do
+        if 2 * len(joined) >= len(classes) and shared and combined:
             return Finding("M13", "labels joined in one cell", (
                 f"{len(joined)} of the {len(classes)} labels hold '{c}' ({', '.join(repr(k) for k in joined[:3])}"
                 f"{' ...' if len(joined) > 3 else ''}), and parts of them recur ({', '.join(repr(t) for t in shared[:3])}"
                 f"): they look like several labels of one image, each combination trained as a class of its own."),
-                f"For several labels per image: data.label_delimiter='{c}' (a multi-label task, a sigmoid per label). "
+                f"For several labels per image: data.label_delimiter='{c}'" + (" (quoted in the shell: "
+                "'data.label_delimiter=\" \"')" if c == " " else "") + " (a multi-label task, a sigmoid per label). "
                 f"If '{c}' is part of your class names, leave it unset.", "data", evidence={"joiner": c,
                                                                                          "labels": len(joined)})
     return None
