@@ -12,7 +12,7 @@ from PIL import Image
 from safetrain import data as D
 from safetrain.cli import compose
 from safetrain.data import stored
-from safetrain.data.sources import load_folder
+from safetrain.data.sources import Columns, list_csv, load_folder
 from safetrain.errors import ConfigError, DataError
 from safetrain.stages import prepare_data, start
 from tests.conftest import REPO, SHARED_CIFAR, write_images
@@ -133,6 +133,13 @@ def test_split_folders_named_as_exports_name_them_are_read_and_others_beside_the
 def test_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         load_folder(str(tmp_path / "nope"), None, "auto", tmp_path, 0)
+    (tmp_path / "photos.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # what users download, given as it is
+    for read in (lambda p: load_folder(p, None, "auto", tmp_path, 0), lambda p: list_csv(p, Columns())):
+        with pytest.raises(DataError, match=r"is an archive\. Extract it first \(for example `unzip photos\.zip`"):
+            read(str(tmp_path / "photos.zip"))
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    with pytest.raises(DataError, match=r"is a table of labels: read it with data=csv data\.root="):
+        load_folder(str(tmp_path / "labels.csv"), None, "auto", tmp_path, 0)
     write_images(tmp_path / "one", 1, 3)
     with pytest.raises(DataError, match=r"\[M08\].*at least 2\. Put each class's images in its own subfolder"):
         load_folder(str(tmp_path / "one"), None, "auto", tmp_path, 0)

@@ -332,9 +332,22 @@ def _split_folders(folder: Path) -> dict[str, Path]:
     return {split: ds[0] for split, ds in found.items()}
 
 
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".7z", ".rar")
+
+
+def refuse_archive(path: Path, root: str) -> None:
+    """data.root given as the archive a dataset was downloaded as: refused with how to extract it."""
+    if path.is_file() and path.name.lower().endswith(ARCHIVES):
+        raise DataError(f"[data] data.root={root!r} is an archive. Extract it first (for example `unzip {path.name}` "
+                        f"or `tar xf {path.name}`) and point data.root at what it holds.")
+
+
 def list_folder(root: str) -> Listing:
     """A folder of class folders (`train/`, `val/`, `test/` above them where the user split the data)."""
     folder = Path(root).expanduser()
+    refuse_archive(folder, root)
+    if folder.is_file() and folder.suffix.lower() in (".csv", ".tsv"):
+        raise DataError(f"[data] data.root={root!r} is a table of labels: read it with data=csv data.root={root}")
     if not folder.is_dir():
         raise DataError(f"[data] data.root={root!r} is not a folder. Point data.root at a folder with "
                         "train/<class>/ images (and optional val/, test/), or with one folder per class.")
@@ -488,6 +501,7 @@ def list_csv(root: str, columns: Columns) -> Listing:
     several labels, or none (an image showing none of them); if any row then has other than one label, the rows'
     labels are tuples of class indices: a multi-label task. Else one class index per row."""
     path = Path(root).expanduser()
+    refuse_archive(path, root)
     if not path.is_file():
         raise DataError(f"[data] data.root={root!r} is not a file. With data=csv, data.root is a CSV or TSV file with "
                         f"a column of image paths ({columns.path}) and one of labels ({columns.label}).")
