@@ -22,7 +22,7 @@ from safetrain.config import AfterTrainingConfig, PredictConfig
 from safetrain.data.audit import MIN_SIDE, search
 from safetrain.data.files import (GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images, pixel_limit,
                                   refuse_non_utf8_names)
-from safetrain.data.sources import (SPLIT_FOLDERS, CheckedFiles, Columns, ImageSet, file_loader, label_sets,
+from safetrain.data.sources import (SPLIT_NAMES, CheckedFiles, Columns, ImageSet, file_loader, label_sets,
                                     label_tensor, list_csv)
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
@@ -231,8 +231,8 @@ def labelled_files(folder: str, classes: list[str]) -> tuple[list[Path], torch.T
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not hidden(d.name))
     unknown = [c for c in found if c not in classes]
     if unknown or not found:
-        splits = sorted((c for c in unknown if c.lower() in SPLIT_FOLDERS),  # the test split first, then val
-                        key=lambda c: ["test", "val", "train"].index(SPLIT_FOLDERS[c.lower()]))
+        splits = sorted((c for c in unknown if c.lower() in SPLIT_NAMES),  # the test split first, then val
+                        key=lambda c: ["test", "val", "train"].index(SPLIT_NAMES[c.lower()]))
         hint = (f"It holds split folders: evaluate one of them, e.g. predict.input={root / splits[0]}" if splits else
                 "Rename or remove those folders (one subfolder per training class).")
         raise DataError(f"[data] {root} has class folders {unknown or 'none'} that the model was not trained on; its "

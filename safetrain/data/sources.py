@@ -307,8 +307,9 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
                       num_workers, bad_files, resize, auto_side, disk_cache)
 
 
-SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test"}  # valid/: Roboflow's exports; validation/: Kaggle's
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+               "test": "test", "testing": "test"}  # a split column's values and split folders' names (any case);
+# valid/: Roboflow's exports, validation/: Kaggle's
 
 
 def _split_folders(folder: Path) -> dict[str, Path]:
@@ -318,8 +319,8 @@ def _split_folders(folder: Path) -> dict[str, Path]:
     dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d.name))
     found: dict[str, list[Path]] = {}
     for d in dirs:  # a split folder holds class folders; one named like a split that holds images is a class
-        if d.name.lower() in SPLIT_FOLDERS and any(c.is_dir() and not hidden(c.name) for c in d.iterdir()):
-            found.setdefault(SPLIT_FOLDERS[d.name.lower()], []).append(d)
+        if d.name.lower() in SPLIT_NAMES and any(c.is_dir() and not hidden(c.name) for c in d.iterdir()):
+            found.setdefault(SPLIT_NAMES[d.name.lower()], []).append(d)
     twice = [ds for ds in found.values() if len(ds) > 1]
     if twice:
         raise DataError(f"[data] {folder} has {' and '.join(d.name + '/' for d in twice[0])}: two folders for one "
@@ -382,9 +383,6 @@ class Columns(NamedTuple):
     label: str = "label"
     split: Optional[str] = None
     delimiter: Optional[str] = None  # between several labels in one cell
-
-
-SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
 
 def refuse_similar_labels(listing: Listing, allow: bool) -> Listing:
@@ -526,7 +524,7 @@ def list_csv(root: str, columns: Columns) -> Listing:
     rows, problems = [], []
     for line, r in enumerate(table, start=2):
         file, label = (r[columns.path] or "").strip(), (r[columns.label] or "").strip()
-        split = SPLIT_VALUES.get((r[columns.split] or "").strip().lower()) if columns.split else "all"
+        split = SPLIT_NAMES.get((r[columns.split] or "").strip().lower()) if columns.split else "all"
         if columns.delimiter:
             label = tuple(sorted({t.strip() for t in label.split(columns.delimiter) if t.strip()}))
         if not file or not (label or columns.delimiter) or split is None:
@@ -539,7 +537,7 @@ def list_csv(root: str, columns: Columns) -> Listing:
     if problems:
         raise DataError(f"[data] {path}: {len(problems)} rows cannot be used ({'; '.join(problems[:10])}"
                         f"{' ...' if len(problems) > 10 else ''}). Every row needs a path and a label"
-                        + (f", and {columns.split} one of {sorted(SPLIT_VALUES)}" if columns.split else "")
+                        + (f", and {columns.split} one of {sorted(SPLIT_NAMES)}" if columns.split else "")
                         + ", and an image one row. Fix or remove those rows.")
     multi = columns.delimiter is not None and any(len(label) != 1 for _, _, label in rows)
     if columns.delimiter and not multi:  # one label per image after all: multiclass
