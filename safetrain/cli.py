@@ -87,6 +87,10 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
     from safetrain.config import ConfigError, did_you_mean, nearest_key
 
     msg = f"{e}\n{e.__cause__ or ''}"
+    unreadable = getattr(e, "override", None) or next(  # Hydra's OverrideParseException names it; a comma does not
+        (ov for ov in overrides if "Ambiguous value" in msg and f"'{ov}'" in msg), None)
+    if unreadable:
+        return _quote_it(unreadable, msg)
     if "Cannot find primary config" in msg:
         return ConfigError(f"[config] no recipe named '{recipe}'.\n\n{list_recipes(config_dir)}")
     if "Could not find '" in msg:  # a group option: data=cifar1
@@ -107,6 +111,28 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
         return ConfigError(f"[config] recipe '{recipe}' sets '{key}', which is not a setting.{near} Remove "
                            "it from the recipe (safetrain builds objects from registry names, never from _target_).")
     return ConfigError(f"[config] {msg.splitlines()[0]}")
+
+
+PLAIN = re.compile(r"[A-Za-z0-9_/\\+.$*%@?|: -]")  # what Hydra's override syntax reads in a value without quotes
+
+
+def _quote_it(override: str, msg: str):
+    """An override Hydra's grammar cannot read (a path with `~`, `(1)`, an accent or a comma): how to quote it."""
+    from safetrain.config import ConfigError, _field_type
+
+    key, _, value = override.partition("=")
+    if value[:1] in "[{":  # meant as a list or a dict: Hydra's own words say what is wrong with it
+        return ConfigError(f"[config] `{override}`: {msg.splitlines()[0]}. A list is written key=[a,b,c].")
+    kind = _field_type(key.lstrip("+~"))
+    if kind in ("int", "float", "bool"):  # quotes would make it a string: say what the setting takes
+        return ConfigError(f"[config] `{override}`: {key} takes a plain {kind} (for example {key}="
+                           f"{ {'int': 3, 'float': 0.5, 'bool': 'true'}[kind]}); Hydra cannot read `{value}`.")
+    odd = "".join(dict.fromkeys(c for c in value if not PLAIN.fullmatch(c)))
+    quoted = f'"{key}=\\"{value}\\""' if "'" in value else f"'{key}=\"{value}\"'"
+    return ConfigError(
+        f"[config] `{override}`: Hydra's command-line syntax does not read {' '.join(f'`{c}`' for c in odd)} in a "
+        f"value without quotes. Quote the value, inside the shell's quotes so that the shell keeps them: {quoted}"
+        + (" (safetrain expands the ~)" if value.startswith("~") else "") + ".")
 
 
 # Hydra's own settings a command line may change: where runs go and what they are called. Everything else under

@@ -1,4 +1,6 @@
 """Config schema: every recipe composes; unknown keys, wrong types and bad choices fail fast."""
+import shlex
+
 import pytest
 
 from safetrain.cli import RECIPES_DIR, compose
@@ -42,6 +44,23 @@ def test_every_group_option_is_selectable_by_name(group, option):
 def test_a_bad_override_is_refused_naming_the_key_and_the_fix(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         compose("smoke", [override])
+
+
+@pytest.mark.parametrize("value", ["~/photos", "/data/Photos (1)", "/data/données", "/data/it's", "/data/cats,dogs",
+                                   "/data/a=b", "/data/[old]"])
+def test_a_path_hydra_cannot_read_unquoted_gets_a_quoted_form_that_works(value):
+    """`~`, `(1)`, accents, commas: Hydra's grammar refuses them unquoted; the message's own command line reads the path."""
+    with pytest.raises(ConfigError, match="without quotes") as refused:
+        compose("imagefolder", [f"data.root={value}"])
+    suggested = str(refused.value).split("keeps them: ")[1].removesuffix(".").removesuffix(" (safetrain expands the ~)")
+    (override,) = shlex.split(suggested)  # what the shell passes on
+    cfg, _ = compose("imagefolder", [override])
+    assert cfg.data.root == value
+
+
+def test_a_number_hydra_cannot_read_is_not_told_to_become_a_string():
+    with pytest.raises(ConfigError, match=r"tune\.trials takes a plain int"):
+        compose("imagefolder", ["data.root=/x", "tune.trials=(3)"])
 
 
 def test_unknown_recipe_lists_the_recipes():
