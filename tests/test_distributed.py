@@ -40,6 +40,20 @@ def jsonl(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+THEN_THREADS = """
+import os
+import sys
+
+from safetrain.cli import main
+
+code = main(sys.argv[1:])
+if os.path.isdir("/proc/self/task"):  # Linux: the threads this process still runs once the command is done
+    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print(f"threads after the command, rank {os.environ['RANK']}: {names}", flush=True)
+sys.exit(code)
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process (2 epochs); two processes (2 epochs, run directory chosen by Hydra: ${now:}); that run resumed
@@ -55,7 +69,9 @@ def runs(tmp_path_factory):
     before = {name: model_of(made[0] / "checkpoints" / f"{name}.pt") for name in ("best", "last")}
     lines, final = jsonl(made[0]), json.loads((made[0] / "metrics.json").read_text())
     resumed = torchrun(f"resume={made[0]}", "trainer.max_epochs=3", cwd=tmp)
-    whole = torchrun(*SETTINGS, "trainer.max_epochs=3", f"hydra.run.dir={tmp / 'whole'}", cwd=tmp)
+    (tmp / "then_threads.py").write_text(THEN_THREADS)
+    whole = torchrun(tmp / "then_threads.py", *SETTINGS, "trainer.max_epochs=3", f"hydra.run.dir={tmp / 'whole'}",
+                     cwd=tmp)
     return {"tmp": tmp, "one": tmp / "one", "two": made[0], "two_log": two, "two_models": before, "two_lines": lines,
             "two_final": final,
             "resumed": resumed,
@@ -109,6 +125,14 @@ def test_a_distributed_run_resumes_exactly(runs):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = jsonl(runs["two"]), jsonl(runs["whole"])
     assert [r["val/loss"] for r in ra if "val/loss" in r] == [r["val/loss"] for r in rb if "val/loss" in r]
+
+
+def test_the_process_group_is_gone_before_the_interpreter_exits(runs):
+    """Its gloo worker threads, left to the interpreter's teardown, abort a finished run now and then (SIGABRT)."""
+    said = [ln for ln in runs["whole_log"].stdout.splitlines() if ln.startswith("threads after the command")]
+    if not said:
+        pytest.skip("no /proc/self/task on this system")
+    assert len(said) == 2 and not any("gloo" in ln for ln in said), said
 
 
 def test_resume_with_another_number_of_processes_is_refused(runs):
