@@ -6,6 +6,7 @@ the model (checkpoint.classifier), so inference cannot preprocess differently fr
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import logging
 from dataclasses import dataclass, replace
@@ -72,13 +73,43 @@ def input_fit(trained: Trained) -> Fit:
         "resize", "squash"))
 
 
+WILDCARDS = "*?["
+
+
+def _pattern(where: str) -> bool:
+    """predict.input is a pattern (photos/*.jpg, shots/**/*.png): the shell leaves it whole after `predict.input=`."""
+    return any(c in where for c in WILDCARDS) and not Path(where).expanduser().exists()
+
+
+def input_root(where: str) -> Path:
+    """What the predicted files' names are relative to: the folder given, or a pattern's folder before its first
+    wildcard (a single file is named by its own name)."""
+    path = Path(where).expanduser()
+    if _pattern(where):
+        first = next(i for i, part in enumerate(path.parts) if any(c in part for c in WILDCARDS))
+        return Path(*path.parts[:first] or ["."])
+    return path
+
+
 def image_files(where: str) -> list[Path]:
-    """An image file, or every image under a folder (recursive; hidden and non-image entries skipped)."""
+    """An image file, every image under a folder (recursive; hidden and non-image entries skipped), or the images
+    a pattern matches (`**` for any depth)."""
     path = Path(where).expanduser()
     if path.is_file():
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(f"[data] predict.input={where} is not an image ({', '.join(IMAGE_EXTENSIONS)}).")
         return [path]
+    if "://" in where:
+        raise DataError(f"[data] predict.input={where} is an address: safetrain reads files on this machine. "
+                        f"Download it first (for example `curl -O {where}`) and give the file or its folder.")
+    if _pattern(where):
+        matched = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+        files = [m for m in matched if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS and not hidden(m.name)]
+        if not files:
+            raise DataError(f"[data] predict.input={where} matches no image ({len(matched)} entries matched; images "
+                            f"are {', '.join(IMAGE_EXTENSIONS)}). Check the pattern, or give a folder.")
+        refuse_non_utf8_names(files, input_root(where))
+        return files
     if not path.is_dir():
         raise DataError(f"[data] predict.input={where} does not exist. Give an image file or a folder of images.")
     files, _ = list_images(path)
@@ -128,7 +159,7 @@ def predict(cfg: AfterTrainingConfig) -> Path:
     p = cfg.predict
     trained = load_trained(p.checkpoint, p.device)
     files = image_files(p.input)
-    root = Path(p.input).expanduser()
+    root = input_root(p.input)
     logits, bad, changed = logits_of(trained, files, p)
     if trained.ckpt.get("thresholds"):
         return _predict_label_sets(trained, p, files, root, logits, bad, changed)
@@ -220,7 +251,7 @@ def _prediction_figures(trained: Trained, files: list[Path], decoded: list[int],
 
 
 def _stem(where: str) -> str:
-    return f"{Path(where).expanduser().resolve().name}-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"  # never the same twice
+    return f"{input_root(where).resolve().name}-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"  # never the same twice
 
 
 def labelled_files(folder: str, classes: list[str]) -> tuple[list[Path], torch.Tensor, list[str]]:

@@ -170,6 +170,18 @@ def test_predict_takes_a_single_image_and_names_the_output_after_it(trained):
     assert [r["path"] for r in rows(out)] == ["img_2.png"] and rows(out)[0]["predicted"].startswith("class_")
 
 
+def test_predict_takes_a_pattern_and_refuses_an_address(trained):
+    test = trained / "data" / "test"  # predict.input=photos/*.jpg reaches safetrain whole: the shell cannot expand it
+    out = predict(settings("predict", checkpoint=trained / "run", input=f"{test}/**/img_1*.png"))
+    want = sorted(str(f.relative_to(test)) for f in test.glob("*/img_1*.png"))
+    assert len(want) >= 3 and [r["path"] for r in rows(out)] == want  # named from the folder before the wildcard
+    assert out.name.startswith("test-")
+    with pytest.raises(DataError, match=r"matches no image \(0 entries"):
+        predict(settings("predict", checkpoint=trained / "run", input=f"{test}/*/*.bmp"))
+    with pytest.raises(DataError, match="Download it first"):
+        predict(settings("predict", checkpoint=trained / "run", input="https://example.com/cat.jpg"))
+
+
 def test_export_without_its_extra_says_how_to_install_it(trained, tmp_path, monkeypatch):
     import importlib.util
 
