@@ -56,8 +56,11 @@ class Checkpointer:
                 **state, **self.fixed, "rng": rng,
             })
         except OSError as e:
+            kept = sorted(p.name for p in self.folder.glob("*.pt"))
             raise TrainingStopped(f"[io] could not write {self.path(name)} ({e.strerror or e}). Free space or fix the "
-                                  "permissions; the last complete checkpoint is kept.", resumable=True) from None
+                                  "permissions; " + (f"the last complete checkpoints are kept ({', '.join(kept)})."
+                                                     if kept else "no checkpoint was complete yet."),
+                                  resumable=True) from None
 
     def restore(self, ckpt: dict) -> None:
         """Put the model, the parts and the global generators back as `ckpt` saved them."""

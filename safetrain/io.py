@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +49,9 @@ def save_torch(path: Path, obj) -> None:
     except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError of its own
         if "inline_container" not in str(e) and "write" not in str(e).lower():
             raise  # not a write: a bug
-        raise OSError(errno.EIO, f"the write failed: {str(e).splitlines()[0][:160]}", str(path)) from None
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(errno.EIO, f"the write failed with {free:.0f} MB free on that disk: "
+                                 f"{str(e).splitlines()[0][:160]}", str(path)) from None
 
 
 def write_text(path: Path, text: str) -> None:
