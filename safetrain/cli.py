@@ -63,6 +63,7 @@ def list_recipes(extra_dir: str | None = None) -> str:
 
 def compose(recipe: str, overrides: list[str], config_dir: str | None = None):
     """Compose a recipe with overrides (without running it) and validate it -> (Config, raw)."""
+    import yaml
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from safetrain.config import validate
@@ -75,7 +76,28 @@ def compose(recipe: str, overrides: list[str], config_dir: str | None = None):
             raw = hydra_compose(recipe, overrides=[*overrides, _searchpath()])
     except HydraException as e:
         raise _explain(e, recipe, overrides, config_dir) from None
+    except yaml.MarkedYAMLError as e:  # a recipe file (often a fork being edited) that is not YAML
+        raise _not_yaml(e) from None
     return validate(raw), raw
+
+
+YAML_HINTS = {"'\\t'": "YAML indents with spaces, never tabs: replace the tab with spaces",
+              "expected ':'": "a setting is written `key: value`, with a space after the colon",
+              "mapping values are not allowed": "check these lines: each setting 2 spaces under its group (`optim:` "
+                                                "then `  lr: 0.1`), and a space after each colon (`key: value`)"}
+
+
+def _not_yaml(e):
+    """A YAML syntax error in a recipe file: the file, its lines there as written, and what usually causes it."""
+    mark = e.context_mark or e.problem_mark  # where what failed began (the key without its space), else where
+    try:
+        lines = Path(mark.name).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    shown = "".join(f"\n  {i + 1}: {lines[i]}" for i in range(max(0, mark.line - 1), min(len(lines), mark.line + 1)))
+    hint = next((h for k, h in YAML_HINTS.items() if k in f"{e.problem} {e.context}"), "fix the syntax there")
+    return ConfigError(f"[config] {mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML "
+                       f"({e.problem}):{shown}\n{hint[0].upper() + hint[1:]}.")
 
 
 def _searchpath() -> str:

@@ -63,6 +63,17 @@ def test_a_number_hydra_cannot_read_is_not_told_to_become_a_string():
         compose("imagefolder", ["data.root=/x", "tune.trials=(3)"])
 
 
+@pytest.mark.parametrize("broken,line,hint", [
+    ("data:\n\tbatch_size: 64\n", 2, "never tabs"),  # a tab
+    ("data:\n  batch_size:64\n  augment: none\n", 3, r"2 spaces under its group.*space after each colon"),
+    ("optim:\nlr: 0.1\n  weight_decay: 0.05\n", 3, r"2 spaces under its group"),
+])
+def test_a_forked_recipe_that_is_not_yaml_names_its_file_line_and_fix(tmp_path, broken, line, hint):
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\n\n" + broken)
+    with pytest.raises(ConfigError, match=rf"(?s)mine\.yaml, line {line + 4}, .*not valid YAML.*{hint}"):
+        compose("mine", [], str(tmp_path))
+
+
 def test_unknown_recipe_lists_the_recipes():
     with pytest.raises(ConfigError, match=r"(?s)no recipe named 'cifar11'.*smoke"):
         compose("cifar11", [])
