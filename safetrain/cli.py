@@ -100,6 +100,18 @@ def _not_yaml(e):
                        f"({e.problem}):{shown}\n{hint[0].upper() + hint[1:]}.")
 
 
+def _recipe_file(recipe: str, config_dir: str | None) -> str:
+    """A recipe given as a file, or a file Hydra does not read (.yml): the command line that reads it."""
+    path = Path(recipe).expanduser()
+    for folder in filter(None, [config_dir, "."]):
+        for f in (path, Path(folder) / path, Path(folder) / f"{recipe}.yml", Path(folder) / f"{recipe}.yaml"):
+            if f.is_file() and f.suffix in (".yaml", ".yml"):
+                rename = f" once renamed {f.stem}.yaml (Hydra reads .yaml files only)" if f.suffix == ".yml" else ""
+                return (f" {f} is a recipe file; recipes are read from safetrain's folder and from the one "
+                        f"--config-dir names: python -m safetrain --config-dir {f.parent} recipe={f.stem}{rename}.")
+    return ""
+
+
 def _searchpath() -> str:
     return f"hydra.searchpath=[file://{CONF_DIR},file://{RECIPES_DIR}]"
 
@@ -114,7 +126,12 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
     if unreadable:
         return _quote_it(unreadable, msg)
     if "Cannot find primary config" in msg:
-        return ConfigError(f"[config] no recipe named '{recipe}'.\n\n{list_recipes(config_dir)}")
+        return ConfigError(f"[config] no recipe named '{recipe}'.{_recipe_file(recipe, config_dir)}\n\n"
+                           f"{list_recipes(config_dir)}")
+    if "No match in the defaults list" in msg:  # `override data: ...` in a recipe whose defaults lack `- config`
+        return ConfigError(f"[config] recipe '{recipe}': {msg.splitlines()[0].split(': ', 1)[-1]} A recipe's defaults "
+                           "list starts with `- config`, then its `- override GROUP: NAME` lines, then `- _self_` (as "
+                           "in recipes/imagefolder.yaml).")
     if "Could not find '" in msg:  # a group option: data=cifar1
         group, value = msg.split("Could not find '")[1].split("'")[0].split("/", 1)
         options = sorted(p.stem for p in (CONF_DIR / group.strip()).glob("*.yaml"))

@@ -79,6 +79,23 @@ def test_unknown_recipe_lists_the_recipes():
         compose("cifar11", [])
 
 
+@pytest.mark.parametrize("name,given", [("mine.yaml", "{dir}/mine.yaml"), ("mine.yml", "{dir}/mine.yml"),
+                                        ("mine.yml", "mine")])
+def test_a_recipe_given_as_a_file_gets_the_command_line_that_reads_it(tmp_path, name, given):
+    (tmp_path / name).write_text((RECIPES_DIR / "smoke.yaml").read_text())
+    with pytest.raises(ConfigError, match=rf"--config-dir {tmp_path} recipe=mine\b") as refused:
+        compose(given.format(dir=tmp_path), [], str(tmp_path) if given == "mine" else None)
+    assert ("once renamed mine.yaml" in str(refused.value)) == name.endswith(".yml")
+    (tmp_path / name).rename(tmp_path / "mine.yaml")
+    assert compose("mine", [], str(tmp_path))[0].data.name == "synthetic"  # what the message says works
+
+
+def test_a_recipe_without_config_in_its_defaults_is_told_how_they_start(tmp_path):
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - override data: synthetic\n  - _self_\n")
+    with pytest.raises(ConfigError, match=r"recipe 'mine':.*starts with `- config`"):
+        compose("mine", [], str(tmp_path))
+
+
 def test_imagefolder_without_root_says_how_to_set_it():
     with pytest.raises(ConfigError, match=r"data\.root"):
         compose("imagefolder", [])
