@@ -44,8 +44,11 @@ def saved_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     """The config saved in `run_dir` with the command line's `overrides` on top (checked by `check`)."""
     path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).is_dir():
-        raise ConfigError(f"[config] resume={run_dir}: there is no such folder. Give the directory of the run to go on "
-                          "with (the one that holds its config.yaml and checkpoints/).")
+        home = next((d for d in Path(run_dir).parents if (d / "config.yaml").is_file()), None)  # a file in a run
+        raise ConfigError(f"[config] resume={run_dir}: " + (
+            f"that is a file of the run in {home}: resume={home}" if Path(run_dir).is_file() and home else
+            "there is no such folder. Give the directory of the run to go on with (the one that holds its "
+            "config.yaml and checkpoints/)."))
     if not path.is_file():
         raise ConfigError(f"[config] resume={run_dir}: there is no config.yaml in it, so no run started there "
                           "(a run stopped before training began writes none). Start it again with its command.")

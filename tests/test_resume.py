@@ -149,6 +149,8 @@ def test_resume_refuses_what_would_not_end_as_the_uninterrupted_run(tmp_path):
         run(saved_config(tmp_path / "r"), tmp_path / "r", resume=True)
     with pytest.raises(ConfigError, match="there is no such folder"):  # not "no config.yaml in it"
         run(cfg, tmp_path / "nothing", resume=True)
+    with pytest.raises(ConfigError, match=rf"a file of the run in {tmp_path / 'r'}: resume={tmp_path / 'r'}$"):
+        run(cfg, tmp_path / "r" / "checkpoints" / "best.pt", resume=True)  # the checkpoint given for its run
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.yaml"):
         run(cfg, tmp_path / "empty", resume=True)
