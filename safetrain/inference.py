@@ -48,11 +48,7 @@ class Trained:
 
 def load_trained(checkpoint: str, device: str = "auto") -> Trained:
     """A checkpoint (or a run directory: its best.pt) -> Trained; a clear error for anything else."""
-    path = Path(checkpoint).expanduser()
-    path = path / "checkpoints" / "best.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {path} does not exist. Point it at a run's "
-                          "checkpoints/best.pt (or at the run directory).")
+    path = _checkpoint_file(checkpoint)
     try:
         ckpt = load_checkpoint(path)
     except ValueError as e:  # a plain state dict, another safetrain version's format
@@ -65,6 +61,28 @@ def load_trained(checkpoint: str, device: str = "auto") -> Trained:
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return Trained(classifier(ckpt).to(dev, memory_format=torch.channels_last), ckpt["data_facts"], ckpt, path, run_dir,
                    dev)
+
+
+def _checkpoint_file(checkpoint: str) -> Path:
+    """predict.checkpoint as given: a checkpoint, a run directory or its checkpoints/ (best.pt); for a folder of
+    runs, or another file of a run, the setting to give instead."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        found = next((f for f in (path / "checkpoints" / "best.pt", path / "best.pt") if f.is_file()), None)
+        if found:
+            return found
+        runs = sorted(path.glob("*/checkpoints/best.pt"), key=lambda f: f.stat().st_mtime)
+        raise ConfigError(f"[config] predict.checkpoint={checkpoint}: no checkpoints/best.pt in that folder. " + (
+            f"It holds {len(runs)} run(s); the newest: predict.checkpoint={runs[-1].parent.parent}" if runs else
+            "Point it at a run directory (or its checkpoints/best.pt)."))
+    home = next((d for d in path.parents if (d / "checkpoints" / "best.pt").is_file()), None)
+    if path.is_file() and path.suffix != ".pt" and home:
+        raise ConfigError(f"[config] predict.checkpoint={checkpoint} is a file of the run in {home}, not a "
+                          f"checkpoint: predict.checkpoint={home}")
+    if not path.is_file():
+        raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {path} does not exist. Point it at a run's "
+                          "checkpoints/best.pt (or at the run directory).")
+    return path
 
 
 def input_fit(trained: Trained) -> Fit:

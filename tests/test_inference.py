@@ -182,6 +182,16 @@ def test_predict_takes_a_pattern_and_refuses_an_address(trained):
         predict(settings("predict", checkpoint=trained / "run", input="https://example.com/cat.jpg"))
 
 
+def test_predict_checkpoint_given_as_users_point_at_a_run(trained):
+    image = trained / "data" / "test" / "class_0" / "img_2.png"
+    out = predict(settings("predict", checkpoint=trained / "run" / "checkpoints", input=image))  # its best.pt
+    assert out.parent == trained / "run" / "predictions"
+    with pytest.raises(ConfigError, match=rf"holds 1 run\(s\); the newest: predict\.checkpoint={trained / 'run'}$"):
+        predict(settings("predict", checkpoint=trained, input=image))  # the folder the runs are in
+    with pytest.raises(ConfigError, match=rf"a file of the run in {trained / 'run'}, not a checkpoint"):
+        predict(settings("predict", checkpoint=trained / "run" / "config.yaml", input=image))
+
+
 def test_export_without_its_extra_says_how_to_install_it(trained, tmp_path, monkeypatch):
     import importlib.util
 
