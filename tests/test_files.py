@@ -156,6 +156,19 @@ def test_the_files_left_out_are_in_data_facts_and_the_report(tmp_path):
     assert "class_0/cut_body.jpg: cannot be decoded" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_thumbnails_among_larger_images_are_named(tmp_path, caplog):
+    """A 6x6 icon among 40-50 px photos is enlarged 5x: named with its size; images of one size never are."""
+    caplog.set_level("INFO", logger="safetrain")
+    root = write_images(tmp_path / "imgs", classes=2, per_class=6, size=(40, 40))
+    Image.fromarray(np.full((50, 60, 3), 90, dtype=np.uint8)).save(root / "class_0" / "wide.png")
+    load_folder(str(root), None, "memory", tmp_path / "cache", 0)
+    assert "a quarter of the training size" not in caplog.text  # 40-50 px photos trained at 32
+    Image.fromarray(np.full((6, 6, 3), 90, dtype=np.uint8)).save(root / "class_1" / "icon.png")
+    load_folder(str(root), None, "memory", tmp_path / "cache", 0)
+    assert "1 image(s) are a quarter of the training size (32 px) or less" in caplog.text
+    assert "icon.png, 6x6): each is enlarged 5x" in caplog.text
+
+
 def test_images_of_different_sizes_train_at_a_size_chosen_from_them_in_either_loader(tmp_path, caplog):
     caplog.set_level("INFO", logger="safetrain")
     """No setting needed (the message once suggested the smallest side): the median shorter side within the
