@@ -101,6 +101,10 @@ def test_m25_a_class_without_validation_or_test_images_is_refused_not_scored():
     with pytest.raises(DataError, match=r"\[M25\] 1 class\(es\) have no val images.*c2 \(2 images in all\).*at least "
                                         r"3 images"):
         D.make_splits(_source([30, 30, 2]), 0.1, 0.1, seed=0, min_per_class=1)
+    searched = []  # three images in all: no training image is left to search against (a torch.cat traceback)
+    with pytest.raises(DataError, match=r"\[M25\] 2 class\(es\) have no val images"):
+        D.make_splits(_source([1, 2]), 0.1, 0.1, seed=0, near=lambda splits, carved: searched.append(1) or [])
+    assert not searched
     with pytest.raises(DataError, match=r"\[M25\].*no test images.*c1.*to the test/ folder"):
         D.make_splits(_source([30, 30], {"test": [5, 0]}), 0.1, 0.1, seed=0, min_per_class=1)
     splits = D.make_splits(_source([30, 30, 3]), 0.1, 0.1, seed=0, min_per_class=1)  # 3: one in each split

@@ -153,7 +153,7 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
         train = long_tailed(train, imbalance_ratio, seed + 2)
     splits = {"train": train, "val": parts["val"], "test": parts["test"]}
     carved = [name for name in ("val", "test") if name not in src.parts]
-    if near is not None and carved:
+    if near is not None and carved and all(len(splits[name]) for name in ("train", *carved)):  # (else refused below)
         splits = join_near_copies(splits, near(splits, carved))
     _check_labels(splits, src.classes, min_per_class, set(src.parts) & {"val", "test"})
     return splits
