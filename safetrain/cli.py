@@ -167,11 +167,33 @@ def _quote_it(override: str, msg: str):
         return ConfigError(f"[config] `{override}`: {key} takes a plain {kind} (for example {key}="
                            f"{ {'int': 3, 'float': 0.5, 'bool': 'true'}[kind]}); Hydra cannot read `{value}`.")
     odd = "".join(dict.fromkeys(c for c in value if not PLAIN.fullmatch(c)))
-    quoted = f'"{key}=\\"{value}\\""' if "'" in value else f"'{key}=\"{value}\"'"
-    return ConfigError(
-        f"[config] `{override}`: Hydra's command-line syntax does not read {' '.join(f'`{c}`' for c in odd)} in a "
-        f"value without quotes. Quote the value, inside the shell's quotes so that the shell keeps them: {quoted}"
-        + (" (safetrain expands the ~)" if value.startswith("~") else "") + ".")
+    line = _written(key, value)
+    home = " (the shell puts your home folder for $HOME; Hydra does not expand ~)" if "$HOME" in line else ""
+    return ConfigError(f"[config] `{override}`: Hydra's command-line syntax does not read "
+                       f"{' '.join(f'`{c}`' for c in odd)} in a value without quotes. Write it as: {line}{home}")
+
+
+def _readable(overrides: list[str]) -> None:
+    """Every override as Hydra's grammar will read it, refused with how to write it where it cannot."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise _quote_it(e.override, e.message) from None
+
+
+def _written(key: str, value: str) -> str:
+    """`key=value` as a shell passes it whole to Hydra: $HOME for a leading ~ (Hydra does not expand it; the shell
+    does, inside double quotes), the value in Hydra's quotes inside the shell's where Hydra needs them."""
+    if value == "~" or value.startswith("~/"):
+        home = "$HOME" + value[1:]
+        if all(PLAIN.fullmatch(c) for c in home):
+            return f'"{key}={home}"'
+        if not set(home) & set('"`\\'):
+            return f'"{key}=\\"{home}\\""'
+    return f'"{key}=\\"{value}\\""' if "'" in value else f"'{key}=\"{value}\"'"
 
 
 # Hydra's own settings a command line may change: where runs go and what they are called. Everything else under
@@ -257,6 +279,7 @@ def train_command(command: Command) -> int:
     args = get_args_parser().parse_args(command.settings)
     task_overrides = [o for o in args.overrides if not o.startswith("hydra.")]
     refuse_code_overrides(args.overrides)
+    _readable(args.overrides)  # hydra.run.dir too, which compose below does not see
     if args.multirun and dist.active():
         raise ConfigError("[config] a sweep (-m) under torchrun is not supported: launch one torchrun per job (each "
                           "job's settings on its own command line).")

@@ -1,4 +1,5 @@
 """Config schema: every recipe composes; unknown keys, wrong types and bad choices fail fast."""
+import os
 import shlex
 
 import pytest
@@ -46,16 +47,22 @@ def test_a_bad_override_is_refused_naming_the_key_and_the_fix(override, pattern)
         compose("smoke", [override])
 
 
-@pytest.mark.parametrize("value", ["~/photos", "/data/Photos (1)", "/data/données", "/data/it's", "/data/cats,dogs",
-                                   "/data/a=b", "/data/[old]"])
+@pytest.mark.parametrize("value", ["~/photos", "~/My Photos (1)", "/data/Photos (1)", "/data/données", "/data/it's",
+                                   "/data/cats,dogs", "/data/a=b", "/data/[old]"])
 def test_a_path_hydra_cannot_read_unquoted_gets_a_quoted_form_that_works(value):
-    """`~`, `(1)`, accents, commas: Hydra's grammar refuses them unquoted; the message's own command line reads the path."""
+    """`~`, `(1)`, accents, commas: refused by Hydra's grammar unquoted; the command line the message gives reads it."""
     with pytest.raises(ConfigError, match="without quotes") as refused:
         compose("imagefolder", [f"data.root={value}"])
-    suggested = str(refused.value).split("keeps them: ")[1].removesuffix(".").removesuffix(" (safetrain expands the ~)")
-    (override,) = shlex.split(suggested)  # what the shell passes on
-    cfg, _ = compose("imagefolder", [override])
-    assert cfg.data.root == value
+    suggested = str(refused.value).split("Write it as: ")[1].split(" (the shell puts")[0]
+    (override,) = shlex.split(suggested)  # what the shell passes on (and its $HOME)
+    cfg, _ = compose("imagefolder", [os.path.expandvars(override)])
+    assert cfg.data.root == os.path.expanduser(value)
+
+
+def test_hydra_run_dir_hydra_cannot_read_is_refused_with_how_to_write_it(tmp_path):
+    out = run_cli("recipe=smoke", "hydra.run.dir=~/runs/x", cwd=tmp_path)
+    assert out.returncode == 2 and '"hydra.run.dir=$HOME/runs/x"' in out.stderr
+    assert not (tmp_path / "~").exists()
 
 
 def test_a_number_hydra_cannot_read_is_not_told_to_become_a_string():
