@@ -156,6 +156,13 @@ def test_the_files_left_out_are_in_data_facts_and_the_report(tmp_path):
     assert "class_0/cut_body.jpg: cannot be decoded" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_a_link_to_a_missing_file_is_named_as_one(tmp_path):
+    """An image folder copied with its links: the link's target is what is missing, not the file in the folder."""
+    os.symlink(tmp_path / "elsewhere" / "cat.jpg", tmp_path / "cat.jpg")
+    assert header(tmp_path / "cat.jpg") == f"a link to {tmp_path / 'elsewhere' / 'cat.jpg'}, which does not exist"
+    assert header(tmp_path / "dog.jpg") == "no such file"
+
+
 def test_thumbnails_among_larger_images_are_named(tmp_path, caplog):
     """A 6x6 icon among 40-50 px photos is enlarged 5x: named with its size; images of one size never are."""
     caplog.set_level("INFO", logger="safetrain")

@@ -139,7 +139,7 @@ def header(path: Path) -> tuple[str, tuple[int, int]] | str:
             with Image.open(path) as im:
                 return im.mode, im.size if orientation(im) in TURNED else im.size[::-1]
     except FileNotFoundError:
-        return "no such file"
+        return f"a link to {os.readlink(path)}, which does not exist" if os.path.islink(path) else "no such file"
     except PermissionError:
         return "permission denied"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
