@@ -102,14 +102,15 @@ def _not_yaml(e):
 
 def _recipe_file(recipe: str, config_dir: str | None) -> str:
     """A recipe given as a file, or a file Hydra does not read (.yml): the command line that reads it."""
-    path = Path(recipe).expanduser()
-    for folder in filter(None, [config_dir, "."]):
-        for f in (path, Path(folder) / path, Path(folder) / f"{recipe}.yml", Path(folder) / f"{recipe}.yaml"):
-            if f.is_file() and f.suffix in (".yaml", ".yml"):
-                rename = f" once renamed {f.stem}.yaml (Hydra reads .yaml files only)" if f.suffix == ".yml" else ""
-                return (f" {f} is a recipe file; recipes are read from safetrain's folder and from the one "
-                        f"--config-dir names: python -m safetrain --config-dir {f.parent} recipe={f.stem}{rename}.")
-    return ""
+    folders = [Path(d) for d in (config_dir, ".") if d]
+    names = (recipe, f"{recipe}.yml", f"{recipe}.yaml")
+    candidates = [Path(recipe).expanduser(), *(d / n for d in folders for n in names)]
+    f = next((f for f in candidates if f.is_file() and f.suffix in (".yaml", ".yml")), None)
+    if f is None:
+        return ""
+    rename = f" once renamed {f.stem}.yaml (Hydra reads .yaml files only)" if f.suffix == ".yml" else ""
+    return (f" {f} is a recipe file; recipes are read from safetrain's folder and from the one --config-dir names: "
+            f"python -m safetrain --config-dir {f.parent} recipe={f.stem}{rename}.")
 
 
 def _searchpath() -> str:

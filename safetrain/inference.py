@@ -75,10 +75,11 @@ def _checkpoint_file(checkpoint: str) -> Path:
         raise ConfigError(f"[config] predict.checkpoint={checkpoint}: no checkpoints/best.pt in that folder. " + (
             f"It holds {len(runs)} run(s); the newest: predict.checkpoint={runs[-1].parent.parent}" if runs else
             "Point it at a run directory (or its checkpoints/best.pt)."))
-    home = next((d for d in path.parents if (d / "checkpoints" / "best.pt").is_file()), None)
-    if path.is_file() and path.suffix != ".pt" and home:
-        raise ConfigError(f"[config] predict.checkpoint={checkpoint} is a file of the run in {home}, not a "
-                          f"checkpoint: predict.checkpoint={home}")
+    if path.is_file() and path.suffix != ".pt":  # config.yaml, metrics.json, ... of a run
+        home = next((d for d in path.parents if (d / "checkpoints" / "best.pt").is_file()), None)
+        if home:
+            raise ConfigError(f"[config] predict.checkpoint={checkpoint} is a file of the run in {home}, not a "
+                              f"checkpoint: predict.checkpoint={home}")
     if not path.is_file():
         raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {path} does not exist. Point it at a run's "
                           "checkpoints/best.pt (or at the run directory).")

@@ -266,29 +266,29 @@ def _scan(files: list[Path], image_size: Optional[int], bounds: tuple[int, int]
     for f, (_, size) in good.items():
         sizes.setdefault(size, f)
     side = image_size
-    if len(sizes) > 1 and not image_size:
-        sides = [min(size) for _, size in good.values()]
-        side = auto_side(sides, bounds)
-        log.info("data.image_size not set: the images have %d sizes (shorter side %d to %d px, median %d); training "
-                 "at %dx%d, their median within %d-%d px, what this device affords (data.image_size=N sets another)",
-                 len(sizes), min(sides), max(sides), sorted(sides)[len(sides) // 2], side, side, *bounds)
     if len(sizes) > 1:
-        _warn_tiny(good, side or max(sizes)[0])
+        sides = {f: min(size) for f, (_, size) in good.items()}
+        median = sorted(sides.values())[len(sides) // 2]
+        if not image_size:
+            side = auto_side(list(sides.values()), bounds)
+            log.info("data.image_size not set: the images have %d sizes (shorter side %d to %d px, median %d); "
+                     "training at %dx%d, their median within %d-%d px, what this device affords (data.image_size=N "
+                     "sets another)", len(sizes), min(sides.values()), max(sides.values()), median, side, side, *bounds)
+        _warn_tiny(good, sides, side, median)
     return list(good), bad, channels_of({m for m, _ in good.values()}), (side, side) if side else max(sizes), \
         bool(side)
 
 
-def _warn_tiny(heads: dict, side: int) -> None:
-    """Images a quarter of the training size or less, among larger ones: thumbnails or icons saved with the photos
-    (a 4x4 file enlarged to 32x32 is a blur), worth a look."""
-    median = sorted(min(size) for _, size in heads.values())[len(heads) // 2]
-    tiny = [(f, size) for f, (_, size) in heads.items() if 4 * min(size) <= min(side, median)]
+def _warn_tiny(heads: dict, sides: dict, side: int, median: int) -> None:
+    """Images (shorter `sides`) a quarter of the training `side` or less, among larger ones: thumbnails or icons saved
+    with the photos (a 4x4 file enlarged to 32x32 is a blur), worth a look."""
+    tiny = [f for f, s in sides.items() if 4 * s <= min(side, median)]
     if tiny:
-        f, (h, w) = tiny[0]
+        f, (h, w) = tiny[0], heads[tiny[0]][1]
         log.warning("[data] %d image(s) are a quarter of the training size (%d px) or less, where the median image "
                     "has %d px (e.g. %s, %dx%d): each is enlarged %dx or more and shows little. Thumbnails or icons "
-                    "saved among the photos? Look at them, and remove those that are.", len(tiny), side, median, f, w, h,
-                    side // min(h, w))
+                    "saved among the photos? Look at them, and remove those that are.", len(tiny), side, median, f,
+                    w, h, side // min(h, w))
 
 
 def _refuse_or_skip(bad: dict, total: int, policy: str) -> dict:
