@@ -54,6 +54,11 @@ sys.exit(code)
 """
 
 
+# torchrun launches (the module's 4 runs, a NaN on one rank): the slow tier, with the other launches; the default tier
+# is at its 10 minutes on 2 cores and keeps the in-process tests of the shares and the loader below.
+LAUNCHES = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process (2 epochs); two processes (2 epochs, run directory chosen by Hydra: ${now:}); that run resumed
@@ -78,6 +83,7 @@ def runs(tmp_path_factory):
             "whole": tmp / "whole", "whole_log": whole}
 
 
+@LAUNCHES
 def test_two_processes_with_the_global_batch_train_as_one(runs):
     one = runs["one"]
     for name in ("best", "last"):  # as the two processes left them after 2 epochs (before the resume test)
@@ -93,6 +99,7 @@ def test_two_processes_with_the_global_batch_train_as_one(runs):
         assert x["train/acc"] == y["train/acc"]  # the same images, counted once over the two processes
 
 
+@LAUNCHES
 def test_validation_and_test_metrics_equal_one_process_on_an_odd_split(runs):
     one, two = runs["one"], runs["two"]
     n_val = len(json.loads((two / "splits.json").read_text())["val"])
@@ -106,6 +113,7 @@ def test_validation_and_test_metrics_equal_one_process_on_an_odd_split(runs):
     assert sum(map(sum, fb["confusion_matrix"])) == len(json.loads((two / "splits.json").read_text())["test"])
 
 
+@LAUNCHES
 def test_rank_zero_writes_one_log_and_the_checkpoint_loads(runs):
     two, log = runs["two"], runs["two_log"]
     assert log.stdout.count("[8/9] training up to 2 epochs") == 1  # rank 1 logs warnings and errors only
@@ -118,6 +126,7 @@ def test_rank_zero_writes_one_log_and_the_checkpoint_loads(runs):
     assert model(x).shape == (4, 3)
 
 
+@LAUNCHES
 def test_a_distributed_run_resumes_exactly(runs):
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
     assert runs["whole_log"].returncode == 0, runs["whole_log"].stderr[-3000:]
@@ -127,6 +136,7 @@ def test_a_distributed_run_resumes_exactly(runs):
     assert [r["val/loss"] for r in ra if "val/loss" in r] == [r["val/loss"] for r in rb if "val/loss" in r]
 
 
+@LAUNCHES
 def test_the_process_group_is_gone_before_the_interpreter_exits(runs):
     """Its gloo worker threads, left to the interpreter's teardown, abort a finished run now and then (SIGABRT)."""
     said = [ln for ln in runs["whole_log"].stdout.splitlines() if ln.startswith("threads after the command")]
@@ -135,6 +145,7 @@ def test_the_process_group_is_gone_before_the_interpreter_exits(runs):
     assert len(said) == 2 and not any("gloo" in ln for ln in said), said
 
 
+@LAUNCHES
 def test_resume_with_another_number_of_processes_is_refused(runs):
     out = run_cli(f"resume={runs['two']}", "trainer.max_epochs=4")
     assert out.returncode == 2
@@ -180,6 +191,7 @@ except TrainingStopped as e:
 """
 
 
+@LAUNCHES
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(textwrap.dedent(NAN_ON_RANK_1))
@@ -256,7 +268,7 @@ def test_evaluation_shares_cover_every_sample_once(images):
     assert torch.equal(torch.cat(shares), whole) and sum(map(len, shares)) == 37
 
 
-@pytest.mark.slow  # a torchrun launch of its own (the default tier keeps the core ones)
+@pytest.mark.slow  # a torchrun launch of its own
 def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
     out = torchrun(*SETTINGS, "data.batch_size=33", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert out.returncode != 0
@@ -265,7 +277,7 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.slow  # a torchrun launch of its own (the default tier keeps the core ones)
+@pytest.mark.slow  # a torchrun launch of its own
 def test_m12_batchnorm_checks_the_batch_of_each_process(tmp_path):
     out = torchrun(*SETTINGS, "data.batch_size=12", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert out.returncode != 0
@@ -275,7 +287,7 @@ def test_m12_batchnorm_checks_the_batch_of_each_process(tmp_path):
     assert "data.batch_size=64 or more" in said
 
 
-@pytest.mark.slow  # a torchrun launch of its own (the default tier keeps the core ones)
+@pytest.mark.slow  # a torchrun launch of its own
 def test_fine_tuning_under_torchrun_freezes_then_trains_every_layer(tmp_path):
     base = run_cli("recipe=smoke", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'base'}")
     assert base.returncode == 0, base.stderr[-2000:]
