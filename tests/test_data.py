@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -133,10 +134,17 @@ def test_split_folders_named_as_exports_name_them_are_read_and_others_beside_the
 def test_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         load_folder(str(tmp_path / "nope"), None, "auto", tmp_path, 0)
-    (tmp_path / "photos.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # what users download, given as it is
-    for read in (lambda p: load_folder(p, None, "auto", tmp_path, 0), lambda p: list_csv(p, Columns())):
-        with pytest.raises(DataError, match=r"is an archive\. Extract it first \(for example `unzip photos\.zip`"):
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:  # what users download, given as it is
+        z.writestr("photos/cat/1.jpg", b""), z.writestr("photos/labels.csv", b""), z.writestr("__MACOSX/._x", b"")
+    for read, given in ((lambda p: load_folder(p, None, "auto", tmp_path, 0), "photos/photos"),
+                        (lambda p: list_csv(p, Columns()), "photos/photos/labels.csv")):
+        with pytest.raises(DataError, match=rf"is a \.zip archive.*`unzip {tmp_path}/photos\.zip -d {tmp_path}/photos`, "
+                                            rf"then give data\.root={tmp_path}/{given}\.$"):
             read(str(tmp_path / "photos.zip"))
+    (tmp_path / "scans.tar.gz").write_bytes(b"\x1f\x8b")  # a tar is not listed (that reads it whole): no top folder
+    with pytest.raises(DataError, match=rf"`mkdir {tmp_path}/scans && tar xf {tmp_path}/scans\.tar\.gz -C "
+                                        rf"{tmp_path}/scans`, then give data\.root={tmp_path}/scans \(or the folder in"):
+        load_folder(str(tmp_path / "scans.tar.gz"), None, "auto", tmp_path, 0)
     (tmp_path / "labels.csv").write_text("path,label\n")
     with pytest.raises(DataError, match=r"is a table of labels: read it with data=csv data\.root="):
         load_folder(str(tmp_path / "labels.csv"), None, "auto", tmp_path, 0)

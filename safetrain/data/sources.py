@@ -5,6 +5,7 @@ need to know where the pixels came from.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -12,6 +13,8 @@ import logging
 import math
 import os
 import re
+import shlex
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -348,14 +351,31 @@ def _split_folders(folder: Path) -> dict[str, Path]:
     return {split: ds[0] for split, ds in found.items()}
 
 
-ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".7z", ".rar")
+ARCHIVES = {".zip": "unzip {a} -d {d}", ".tar": "mkdir {d} && tar xf {a} -C {d}", ".tar.gz": "mkdir {d} && tar xf {a} -C {d}",
+            ".tgz": "mkdir {d} && tar xf {a} -C {d}", ".tar.xz": "mkdir {d} && tar xf {a} -C {d}",
+            ".7z": "7z x {a} -o{d}", ".rar": "mkdir {d} && unrar x {a} {d}/"}
 
 
-def refuse_archive(path: Path, root: str) -> None:
-    """data.root given as the archive a dataset was downloaded as: refused with how to extract it."""
-    if path.is_file() and path.name.lower().endswith(ARCHIVES):
-        raise DataError(f"[data] data.root={root!r} is an archive. Extract it first (for example `unzip {path.name}` "
-                        f"or `tar xf {path.name}`) and point data.root at what it holds.")
+def refuse_archive(path: Path, root: str, table: bool = False) -> None:
+    """data.root given as the archive a dataset was downloaded as: refused with the command that extracts it
+    beside itself and the data.root to give then (from a zip's table of contents: its one top folder, or for
+    data=csv its one table of labels)."""
+    kind = next((k for k in sorted(ARCHIVES, key=len, reverse=True) if path.name.lower().endswith(k)), None)
+    if kind is None or not path.is_file():
+        return
+    folder = path.with_name(path.name[:-len(kind)] or "data")
+    inside: set[str] = set()
+    if kind == ".zip":
+        with contextlib.suppress(OSError, zipfile.BadZipFile):
+            names = [n for n in zipfile.ZipFile(path).namelist() if not n.startswith("__MACOSX")]
+            inside = ({n for n in names if n.lower().endswith((".csv", ".tsv"))} if table
+                      else {n.split("/")[0] for n in names if "/" in n})
+    given = folder / inside.pop() if len(inside) == 1 else folder
+    hint = "/<the table of labels in it>" if table else " (or the folder in it that holds the class folders)"
+    command = ARCHIVES[kind].format(a=shlex.quote(str(path)), d=shlex.quote(str(folder)))
+    raise DataError(f"[data] data.root={root!r} is a {kind} archive, which safetrain does not read inside. Extract "
+                    f"it first, for example `{command}`, then give data.root={given}"
+                    + (hint if given == folder else "") + ".")
 
 
 def list_folder(root: str) -> Listing:
@@ -514,7 +534,7 @@ def list_csv(root: str, columns: Columns) -> Listing:
     several labels, or none (an image showing none of them); if any row then has other than one label, the rows'
     labels are tuples of class indices: a multi-label task. Else one class index per row."""
     path = Path(root).expanduser()
-    refuse_archive(path, root)
+    refuse_archive(path, root, table=True)
     if not path.is_file():
         raise DataError(f"[data] data.root={root!r} is not a file. With data=csv, data.root is a CSV or TSV file with "
                         f"a column of image paths ({columns.path}) and one of labels ({columns.label}).")
