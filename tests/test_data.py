@@ -164,6 +164,22 @@ def test_class_folders_one_level_down_and_images_in_no_class_folder_are_named(tm
     assert len(src.parts["all"]) == 8 and "1 image(s) in" in caplog.text and "are in no class folder" in caplog.text
 
 
+def test_class_folders_grouped_in_folders_are_read_as_the_groups_and_the_log_says_so(tmp_path, caplog):
+    """animals/cat, animals/dog, vehicles/truck: torchvision's rule (a class is a top folder, read recursively)
+    trains 2 classes where the user may have meant 3; the log names the pooled subfolders and how to split them."""
+    caplog.set_level("INFO")
+    for group, names in (("animals", ("cat", "dog")), ("vehicles", ("truck",))):
+        for name in names:
+            write_images(tmp_path / "pooled" / group / name, 1, 3)
+    src = load_folder(str(tmp_path / "pooled"), None, "auto", tmp_path / "cache", 0)
+    assert src.classes == ["animals", "vehicles"] and len(src.parts["all"]) == 9
+    assert "each class is a top folder, the images of its subfolders pooled: animals/ = cat, dog; vehicles/ = truck" \
+        in caplog.text
+    caplog.clear()
+    load_folder(str(write_images(tmp_path / "flat", 2, 3)), None, "auto", tmp_path / "cache", 0)
+    assert "pooled" not in caplog.text
+
+
 def test_download_failure_gives_one_clear_error(monkeypatch, tmp_path):
     import torchvision.datasets as tvd
 

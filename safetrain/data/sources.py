@@ -222,6 +222,13 @@ def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
             raise DataError(f"[data] class folder {printable(d)} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
                             f"Remove it or put its images in it.")
         classes[d.name] = files
+    pooled = {c: sorted({f.relative_to(folder / c).parts[0] for f in fs}) for c, fs in classes.items()
+              if all(f.parent != folder / c for f in fs)}
+    if any(len(subs) > 1 for subs in pooled.values()):
+        log.info("[data] in %s each class is a top folder, the images of its subfolders pooled: %s. If the subfolders "
+                 "are the classes, move them up to %s, one folder per class.", folder, "; ".join(
+                     f"{c}/ = {', '.join(subs[:4])}{' ...' if len(subs) > 4 else ''}" for c, subs in pooled.items()),
+                 folder)
     loose = [f.name for f in folder.iterdir() if f.is_file() and not hidden(f.name)
              and f.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
