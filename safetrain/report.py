@@ -11,6 +11,7 @@ import markdown
 from matplotlib.figure import Figure
 
 from safetrain import figures as draw
+from safetrain.data.files import skipped_text
 from safetrain.findings import Finding, by_row
 from safetrain.io import write_text
 from safetrain.preflight import table
@@ -112,7 +113,7 @@ def _data_lines(facts, audit: dict) -> list[str]:
             for i, c in enumerate(facts.classes)]
     left = facts.left_out
     if left.get("skipped") or left.get("bad"):
-        out += ["", f"Left out of the folder: {left['skipped']} hidden, non-image or special entries; "
+        out += ["", f"Left out of the folder: entries that are not images ({skipped_text(left['skipped'])}); "
                 f"{len(left['bad'])} unusable files (data.bad_files=skip)" + (":" if left["bad"] else ".")]
         out += [f"- {f}: {why}" for f, why in list(left["bad"].items())[:20]]
     return out + ["", "## Audit", ""] + [f"- {k}: {v}" for k, v in audit.items()]

@@ -23,9 +23,21 @@ def test_hidden_files_macos_leftovers_and_special_files_are_skipped(tmp_path):
     (root / "class_1" / "._img_0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     os.mkfifo(root / "class_1" / "pipe.png")  # reading it would hang the run
     files, skipped = list_images(root / "class_0")
-    assert [f.name for f in files] == [f"img_{i}.png" for i in range(6)] and skipped == 2
+    assert [f.name for f in files] == [f"img_{i}.png" for i in range(6)] and skipped == {"hidden": 2}
     src = load_folder(str(root), None, "memory", tmp_path / "cache", 0)
     assert src.classes == ["class_0", "class_1"] and len(src.parts["all"]) == 12
+
+
+def test_a_class_folder_of_files_that_are_not_images_says_what_it_holds(tmp_path):
+    """Camera raw files (.dng) are skipped: the class folder that holds only them names what it found."""
+    root = write_images(tmp_path / "photos", classes=2, per_class=3)
+    (root / "raw").mkdir()
+    for i in range(3):
+        (root / "raw" / f"IMG_{i}.DNG").write_bytes(b"II*\x00")
+    (root / "raw" / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"class folder .*raw holds no images \(.jpg.*\); what it holds: 3 \.dng, "
+                                        r"1 \.txt\. Remove it, put its images in it, or convert them"):
+        load_folder(str(root), None, "memory", tmp_path / "cache", 0)
 
 
 def test_16_bit_images_are_scaled_not_clipped_and_transparency_goes_over_white():
@@ -148,12 +160,16 @@ def test_the_files_left_out_are_in_data_facts_and_the_report(tmp_path):
     root = write_images(tmp_path / "imgs", classes=2, per_class=30, size=(64, 64))
     _cut_after_header(root / "class_0" / "cut_body.jpg")
     Image.new("RGB", (64, 64)).save(root / "class_0" / ".hidden.png")
+    Image.new("RGB", (64, 64)).save(root / "class_1" / "icon.ico")  # an image format Pillow reads, but not listed
+    (root / "class_1" / "notes.txt").write_text("shot on 2026-12-08")
     cfg, _ = compose("smoke", ["data=imagefolder", f"data.root={root}", "data.bad_files=skip", "data.batch_size=8",
                                "trainer.max_epochs=1", "trainer.progress=false", "data.loader=stream"])
     run(cfg, tmp_path / "run")
     facts = json.loads((tmp_path / "run" / "data_facts.json").read_text())
-    assert facts["left_out"]["skipped"] == 1 and list(facts["left_out"]["bad"]) == ["class_0/cut_body.jpg"]
-    assert "class_0/cut_body.jpg: cannot be decoded" in (tmp_path / "run" / "report.md").read_text()
+    assert facts["left_out"]["skipped"] == {"hidden": 1, ".ico": 1, ".txt": 1}
+    assert list(facts["left_out"]["bad"]) == ["class_0/cut_body.jpg"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "class_0/cut_body.jpg: cannot be decoded" in report and "not images (1 hidden, 1 .ico, 1 .txt)" in report
 
 
 def test_a_link_to_a_missing_file_is_named_as_one(tmp_path):

@@ -12,6 +12,7 @@ import math
 import os
 import stat
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,18 +43,26 @@ def hidden(name: str) -> bool:
     return name.startswith(".") or name in SKIPPED_FOLDERS
 
 
-def list_images(folder: Path) -> tuple[list[Path], int]:
-    """(image files under `folder`, sorted; how many entries were skipped)."""
-    found, skipped = [], 0
+def list_images(folder: Path) -> tuple[list[Path], Counter]:
+    """(image files under `folder`, sorted; the entries skipped, counted by kind: 'hidden', 'not a file' or the
+    file's extension)."""
+    found, skipped = [], Counter()
     for root, dirs, files in os.walk(folder):
-        skipped += sum(hidden(d) for d in dirs)
+        skipped["hidden"] += sum(hidden(d) for d in dirs)
         dirs[:] = sorted(d for d in dirs if not hidden(d))
         for name in files:
             path = Path(root) / name
-            ok = not hidden(name) and path.suffix.lower() in IMAGE_EXTENSIONS and _regular(path)
-            found += [path] if ok else []
-            skipped += not ok
-    return sorted(found), skipped
+            kind = ("hidden" if hidden(name) else path.suffix.lower() or "no extension"
+                    if path.suffix.lower() not in IMAGE_EXTENSIONS else None if _regular(path) else "not a file")
+            found += [path] if kind is None else []
+            skipped[kind] += kind is not None
+    return sorted(found), +skipped
+
+
+def skipped_text(skipped: dict) -> str:
+    """'3 hidden, 2 .txt, 1 .ico' (most first): what a listing left out, for the log and the report."""
+    counts = Counter(skipped if isinstance(skipped, dict) else {"entries": skipped})  # an int in runs before 2026-12-08
+    return ", ".join(f"{n} {kind}" for kind, n in counts.most_common() if n) or "none"
 
 
 def printable(path) -> str:

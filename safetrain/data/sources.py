@@ -28,7 +28,7 @@ from torch import Tensor
 
 from safetrain.data.files import (AUTO_SIDE, IMAGE_EXTENSIONS, TURNED, Fit, auto_side, channels_of, fit_image, header,
                                   hidden, list_images, orientation, pixel_limit, printable, refuse_non_utf8_names,
-                                  shrink_on_load, to_array, upright)
+                                  shrink_on_load, skipped_text, to_array, upright)
 from safetrain.data.stored import DiskImages, JpegImages, choose, complete, disk_mode, reader, writers
 from safetrain.errors import DataError
 from safetrain.findings import Finding
@@ -209,18 +209,19 @@ def load_synthetic(classes: int, samples_per_class: int, channels: int, size: in
 
 
 # ---------------------------------------------------------------- image folders
-def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
+def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], Counter]:
     """{class: image files} of a folder of class folders, and how many entries were skipped (data/files.py)."""
-    classes, skipped = {}, 0
+    classes, skipped = {}, Counter()
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
         if hidden(d.name):
-            skipped += 1
+            skipped["hidden"] += 1
             continue
         files, n = list_images(d)
         skipped += n
         if not files:
-            raise DataError(f"[data] class folder {printable(d)} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
-                            f"Remove it or put its images in it.")
+            raise DataError(f"[data] class folder {printable(d)} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            f"what it holds: {skipped_text(n) if n else 'nothing'}. Remove it, put its images in it, or "
+                            "convert them to one of those formats.")
         classes[d.name] = files
     pooled = {c: sorted({f.relative_to(folder / c).parts[0] for f in fs}) for c, fs in classes.items()
               if all(f.parent != folder / c for f in fs)}
@@ -321,7 +322,7 @@ class Listing(NamedTuple):
     rows: list[tuple[str, Path, int]]  # (part: all/train/val/test, file, class index)
     classes: list[str]
     base: Path  # sample ids are file paths relative to it
-    skipped: int  # hidden, non-image or special entries left out
+    skipped: dict  # hidden, non-image or special entries left out, counted by kind (files.list_images)
     what: str  # for the log: "image folder DIR", "CSV FILE"
 
 
@@ -401,7 +402,7 @@ def list_folder(root: str) -> Listing:
     layout = layout or {"all": folder}
     listed = {part: _list_classes(d) for part, d in layout.items()}
     refuse_non_utf8_names([f for found, _ in listed.values() for fs in found.values() for f in fs], folder)
-    per_part, skipped = {p: c for p, (c, _) in listed.items()}, sum(n for _, n in listed.values())
+    per_part, skipped = {p: c for p, (c, _) in listed.items()}, sum((n for _, n in listed.values()), Counter())
     first = "train" if "train" in per_part else "all"
     classes = list(per_part[first])
     if len(classes) < 2:
@@ -593,7 +594,7 @@ def list_csv(root: str, columns: Columns) -> Listing:
                         "or leave data.split_column unset for safetrain to split.")
     index = {c: k for k, c in enumerate(classes)}
     return Listing([(s, f, tuple(index[t] for t in label) if multi else index[label]) for s, f, label in rows],
-                   classes, path.parent, 0, f"CSV {path}" + (f", {len(classes)} labels, several per image" if multi
+                   classes, path.parent, {}, f"CSV {path}" + (f", {len(classes)} labels, several per image" if multi
                                                             else ""))
 
 
@@ -626,12 +627,13 @@ def load_files(listing: Listing, image_size: Optional[int], loader: str, cache_d
                                None if images is None else images[idx], files=[listed[i][1] for i in idx],
                                digests=None if digests is None else [digests[i] for i in idx],
                                **{k: done[k].subset(idx) for k in ("small", "stored") if k in done})
-    left_out = {"skipped": listing.skipped, "bad": {os.path.relpath(f, base): why
+    left_out = {"skipped": dict(listing.skipped), "bad": {os.path.relpath(f, base): why
                                                     for f, why in unusable.items()}}
-    log.info("%s: %d images, %d classes, %s, %s; %d hidden, non-image or special entries skipped", listing.what,
+    log.info("%s: %d images, %d classes, %s, %s; entries that are not images skipped: %s", listing.what,
              sum(len(s) for s in parts.values()), len(classes), f"{channels}x{h}x{w}",
              "in-memory path" if not stream else "streaming path" if "stored" not in done else
-             f"disk-cache path ({'JPEG' if isinstance(done['stored'], JpegImages) else 'raw'})", listing.skipped)
+             f"disk-cache path ({'JPEG' if isinstance(done['stored'], JpegImages) else 'raw'})",
+             skipped_text(listing.skipped))
     return Source(classes, parts, fp, (channels, h, w), resize=fit, left_out=left_out)
 
 
