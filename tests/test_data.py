@@ -153,6 +153,20 @@ def test_folder_errors_name_the_folder(tmp_path):
         load_folder(str(tmp_path / "one"), None, "auto", tmp_path, 0)
 
 
+def test_a_test_folder_without_class_folders_is_named_as_unlabeled_with_how_to_predict_it(tmp_path, caplog):
+    """Kaggle's layout: train/<class>/ and a test/ of images with no label. It cannot be a split; the warning said
+    it was 'beside the split folders', listing test/ among them. Now: why it is not read, and the predict command."""
+    write_images(tmp_path / "train", 2, 10)
+    (tmp_path / "test").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "test" / f"{i}.png")
+    src = load_folder(str(tmp_path), None, "auto", tmp_path / "cache", 0)
+    assert len(src.parts["train"]) == 20 and "test" not in src.parts and "beside the split" not in caplog.text
+    assert (f"{tmp_path / 'test'} holds images in no class folder: without labels it is not a split, and is not "
+            f"read (the test split is carved from train/)") in caplog.text
+    assert f"mode=predict predict.checkpoint=<the run> predict.input={tmp_path / 'test'}" in caplog.text
+
+
 def test_class_folders_one_level_down_and_images_in_no_class_folder_are_named(tmp_path, caplog):
     """An archive that unpacks into photos/photos/<class>/: the message points data.root one level down; an image
     beside the class folders (in none of them) was silently not read."""

@@ -352,6 +352,13 @@ def _split_folders(folder: Path) -> dict[str, Path]:
         raise DataError(f"[data] {folder} has {' and '.join(d.name + '/' for d in twice[0])}: two folders for one "
                         "split. Merge them into one, or rename or move the other.")
     unread = [d.name for d in dirs if not any(d in ds for ds in found.values())]
+    unlabeled = [d for d in dirs if d.name in unread and d.name.lower() in SPLIT_NAMES]
+    for d in unlabeled if found else []:  # Kaggle's layout: train/<class>/ beside a test/ of images with no label
+        unread.remove(d.name)
+        log.warning("[data] %s holds images in no class folder: without labels it is not a split, and is not read "
+                    "(the %s split is carved from train/). To label it, put each image in its class's folder; to "
+                    "predict it after training: python -m safetrain mode=predict predict.checkpoint=<the run> "
+                    "predict.input=%s", printable(d), SPLIT_NAMES[d.name.lower()], printable(d))
     if found and unread:
         log.warning("[data] %s: the folders %s beside the split folders are not read (split folders: train/, val/ "
                     "or valid/ or validation/, test/). Move their images into a split, or leave them out to silence "
