@@ -1,5 +1,6 @@
 """Sources, splits, statistics and pipelines."""
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -165,6 +166,29 @@ def test_a_test_folder_without_class_folders_is_named_as_unlabeled_with_how_to_p
     assert (f"{tmp_path / 'test'} holds images in no class folder: without labels it is not a split, and is not "
             f"read (the test split is carved from train/)") in caplog.text
     assert f"mode=predict predict.checkpoint=<the run> predict.input={tmp_path / 'test'}" in caplog.text
+
+
+def test_images_labelled_by_their_names_get_the_loop_that_sorts_them_and_split_folders_are_not_classes(tmp_path):
+    """Kaggle's dogs-vs-cats: train/cat.0.jpg ... beside test1/1.jpg. Read as it was, train/ and test1/ were two
+    classes (a model taught to tell the splits apart); given train/, '0 class folders'. Now both are refused with
+    the shell loop that moves each image into its label's folder, which (run here) makes a folder safetrain reads."""
+    kaggle = tmp_path / "dogs-vs-cats"
+    for d, names in (("train", [f"{c}.{i}.jpg" for c in ("cat", "dog") for i in range(4)]), ("test1", ["1.jpg"])):
+        (kaggle / d).mkdir(parents=True)
+        for n in names:
+            Image.new("RGB", (8, 8), (200, 0, 0) if n.startswith("cat") else (0, 0, 200)).save(kaggle / d / n)
+    (kaggle / "train" / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"the class folders \['test1', 'train'\] are named like splits.*tell the "
+                                        r"splits apart.*start with a label \(cat 4, dog 4\)"):
+        load_folder(str(kaggle), None, "auto", tmp_path / "cache", 0)
+    with pytest.raises(DataError, match=r"has 0 class folder\(s\).*start with a label \(cat 4, dog 4\)") as e:
+        load_folder(str(kaggle / "train"), None, "auto", tmp_path / "cache", 0)
+    loop = re.search(r"run `(.*)`, then give data\.root=(.*)\.$", str(e.value))
+    subprocess.run(["bash", "-c", loop.group(1)], check=True)
+    src = load_folder(loop.group(2), None, "auto", tmp_path / "cache", 0)
+    assert src.classes == ["cat", "dog"] and len(src.parts["all"]) == 8
+    with pytest.raises(DataError, match=r"has 0 class folder\(s\) \[\]; a classifier needs at least 2\. Put each "):
+        load_folder(str(kaggle / "test1"), None, "auto", tmp_path / "cache", 0)  # 1.jpg: no label in its name
 
 
 def test_class_folders_one_level_down_and_images_in_no_class_folder_are_named(tmp_path, caplog):

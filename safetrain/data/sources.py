@@ -417,7 +417,13 @@ def list_folder(root: str) -> Listing:
         nested = inner is not None and len([d for d in inner.iterdir() if d.is_dir() and not hidden(d.name)]) > 1
         raise DataError(f"[M08] {layout[first]} has {len(classes)} class folder(s) {classes}; a classifier needs at "
                         "least 2. " + (f"The class folders seem to be one level down: data.root={inner}" if nested
-                                       else "Put each class's images in its own subfolder."))
+                                       else _labels_in_names(inner or layout[first])))
+    as_split = {c: SPLIT_NAMES.get(re.sub(r"\d+$", "", c.lower())) for c in classes}  # test1/: Kaggle's
+    if all(as_split.values()):
+        raise DataError(f"[data] {layout[first]}: the class folders {classes} are named like splits, and hold images, "
+                        "not class folders: trained as they are, the model would learn to tell the splits apart. A "
+                        "split folder holds one folder per class (train/cat/, train/dog/). "
+                        + _labels_in_names(layout[first] / max(classes, key=lambda c: as_split[c] == "train")))
     for part, found in per_part.items():
         extra = set(found) - set(classes)
         if extra:
@@ -425,6 +431,23 @@ def list_folder(root: str) -> Listing:
                             f"lacks. Every split must use the training split's classes.")
     rows = [(part, f, classes.index(c)) for part, found in per_part.items() for c, fs in found.items() for f in fs]
     return Listing(rows, classes, folder, skipped, f"image folder {folder}")
+
+
+def _labels_in_names(folder: Path) -> str:
+    """How to give images classes when they have none: where their names start with a label (Kaggle's
+    cat.0.jpg, dog.1.jpg), the shell loop that moves each into its label's folder."""
+    names = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS] \
+        if folder.is_dir() else []
+    stems = [re.sub(r"[._ -]*[0-9]+\.[^.]+$", "", n) for n in names]  # as the loop's sed reads them
+    labels = Counter(t for t, n in zip(stems, names) if t != n and re.search("[A-Za-z]", t))
+    if len(labels) < 2 or sum(labels.values()) < 0.9 * len(names) or len(labels) > len(names) / 4:
+        return "Put each class's images in its own subfolder."
+    ext = Counter(Path(n).suffix for n in names).most_common(1)[0][0]  # a loop over *.* would move notes.txt too
+    counts = ", ".join(f"{k} {n}" for k, n in labels.most_common(5)) + (" ..." if len(labels) > 5 else "")
+    return (f"The names of the {len(names)} images in {folder} start with a label ({counts}): to move each into its "
+            f"label's folder, run `cd {shlex.quote(str(folder))} && for f in *{ext}; do d=$(echo \"$f\" | sed -E "
+            "'s/[._ -]*[0-9]+\\.[^.]+$//'); mkdir -p \"$d\" && mv \"$f\" \"$d/\"; done`, then give data.root="
+            f"{folder}.")
 
 
 class Columns(NamedTuple):
