@@ -566,6 +566,20 @@ def _ways(first: tuple[str, ...], base: Path, windows: bool):
                 return
 
 
+def _columns_seen(table: list[dict], names: list) -> str:
+    """The settings that name a CSV's columns, filled in where its cells tell: the one column of image file names
+    (else the one whose cells are all different: ids), the one with a few repeated values, the one of train/val/test."""
+    cells = {c: [(r[c] or "").strip() for r in table] for c in names if isinstance(c, str)}
+    split = [c for c, v in cells.items() if {x.lower() for x in v} <= set(SPLIT_NAMES) and len(set(v)) > 1]
+    files = [c for c, v in cells.items() if sum(x.lower().endswith(IMAGE_EXTENSIONS) for x in v) > 0.9 * len(v)]
+    paths = files or [c for c, v in cells.items() if len(set(v)) == len(v) and all(v) and c not in split]
+    labels = [c for c, v in cells.items() if 1 < len(set(v)) <= len(v) / 2 and c not in split + paths]
+    said = [f"data.path_column={paths[0] if len(paths) == 1 else '...'}",
+            f"data.label_column={labels[0] if len(labels) == 1 else '...'}"] + [f"data.split_column={c}" for c in split[:1]]
+    return (" ".join(said) + (" (as its cells suggest)" if len(paths) == len(labels) == 1 else "")
+            + ("" if split else ", and data.split_column=... if a column holds train/val/test") + ".")
+
+
 def list_csv(root: str, columns: Columns) -> Listing:
     """A CSV or TSV file (the delimiter sniffed) of image paths (relative to the file, or absolute) and labels, and
     optionally the split of each row. Classes are the labels' names, sorted. With `columns.delimiter` a cell may hold
@@ -592,8 +606,7 @@ def list_csv(root: str, columns: Columns) -> Listing:
     wanted = [c for c in (columns.path, columns.label, columns.split) if c]
     if [c for c in wanted if c not in names]:
         raise DataError(f"[data] {path} has no column {[c for c in wanted if c not in names]}; its columns are "
-                        f"{names}. Name them with data.path_column=..., data.label_column=... (and "
-                        "data.split_column=... for a column of train/val/test).")
+                        f"{names}. Name them with " + _columns_seen(table, names))
     rows, problems = [], []
     for line, r in enumerate(table, start=2):
         file, label = (r[columns.path] or "").strip(), (r[columns.label] or "").strip()
