@@ -6,9 +6,11 @@ the job, so a bad key or value fails within seconds with a message, before any d
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -137,7 +139,7 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
         group, value = msg.split("Could not find '")[1].split("'")[0].split("/", 1)
         options = sorted(p.stem for p in (CONF_DIR / group.strip()).glob("*.yaml"))
         return ConfigError(f"[config] {group}={value}: no such option. Choose one of {options}."
-                           + did_you_mean(value, options))
+                           + ((_architecture(value) if group.strip() == "model" else "") or did_you_mean(value, options)))
     for ov in sorted(overrides, key=lambda o: -len(o.split("=", 1)[0])):  # model.dropout before model
         key = ov.split("=", 1)[0].lstrip("+~")
         if key in msg or f"'{key.split('.')[-1]}'" in msg:
@@ -151,6 +153,21 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
         return ConfigError(f"[config] recipe '{recipe}' sets '{key}', which is not a setting.{near} Remove "
                            "it from the recipe (safetrain builds objects from registry names, never from _target_).")
     return ConfigError(f"[config] {msg.splitlines()[0]}")
+
+
+def _architecture(name: str) -> str:
+    """model=resnet18: a torchvision (or, installed, timm) architecture given as safetrain's model group."""
+    import torchvision
+
+    if name.lower() in torchvision.models.list_models():
+        return (f" {name} is one of torchvision's models: model=torchvision model.arch={name.lower()} (from scratch; "
+                "add model.weights=DEFAULT for its ImageNet weights from torch's cache).")
+    if importlib.util.find_spec("timm") is not None:
+        import timm
+
+        if timm.list_models(name) or timm.list_models(name.split(".")[0]):
+            return f" {name} is one of timm's models: model=timm model.arch={name}."
+    return ""
 
 
 PLAIN = re.compile(r"[A-Za-z0-9_/\\+.$*%@?|: -]")  # what Hydra's override syntax reads in a value without quotes
@@ -251,6 +268,7 @@ def parse(argv: list[str]) -> Command:
 def main(argv: list[str] | None = None) -> int:
     command = parse(list(sys.argv[1:] if argv is None else argv))
     try:
+        refuse_flags(command.settings)
         return COMMANDS[command.kind](command)
     except SafetrainError as e:  # a refusal before any run started: its real type and its row ID
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
@@ -266,8 +284,36 @@ def main(argv: list[str] | None = None) -> int:
 def list_command(command: Command) -> int:
     from hydra._internal.utils import get_args_parser
 
-    print(list_recipes(get_args_parser().parse_args(command.settings).config_dir))
+    args = get_args_parser().parse_args(command.settings)
+    print(list_recipes(args.config_dir))
+    if args.overrides:  # settings without a recipe: data.root=photos/ alone
+        data = " data=csv" if any(o.startswith("data.root=") and o.lower().endswith((".csv", ".tsv"))
+                                  for o in args.overrides) else ""
+        print(f"\nNo recipe given (recipe=NAME). For your own images: python -m safetrain "
+              f"recipe=imagefolder{data} {' '.join(shlex.quote(o) for o in args.overrides)}", file=sys.stderr)
     return 0 if not command.settings else 2
+
+
+def refuse_flags(argv: list[str]) -> None:
+    """`--epochs 3`, `--lr=0.01`: argparse habits, which Hydra answers with its usage. Refused with the key=value
+    that says it."""
+    from hydra._internal.utils import get_args_parser
+    from safetrain.config import ConfigError, nearest_key
+
+    known = {s for a in get_args_parser()._actions for s in a.option_strings}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag not in known:
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            value = value if eq else nxt if nxt and "=" not in nxt and not nxt.startswith("-") else "..."
+            key = flag[2:].replace("-", "_")
+            near = re.search(r"'([\w.]+)'", nearest_key(key))
+            given = arg if eq else f"{flag} {value}" if value != "..." else flag
+            raise ConfigError(f"[config] `{given}`: safetrain's settings are "
+                              f"written key=value (Hydra's syntax), not as --flags: "
+                              + (f"{near.group(1)}={value}" if near else f"{key}={value}, with its group "
+                                 "(optim.lr, trainer.max_epochs, data.batch_size ...)")
+                              + ". Every key: python -m safetrain recipe=NAME --cfg job.")
 
 
 def train_command(command: Command) -> int:

@@ -199,7 +199,14 @@ def nearest_key(key: str, candidates=None) -> str:
         per_model = "; ".join(f"model={n} takes {', '.join(k for k in get_type_hints(c) if k != 'name')}"
                               for n, (c, _) in MODELS.items())
         return f" The chosen model has no such setting ({per_model})."
-    return did_you_mean(key, [k for k in (candidates or schema_keys()) if k != key], cutoff=0.5)
+    keys = [k for k in (candidates or schema_keys()) if k != key]
+    if "." not in key:  # lr=0.01, epochs=5: a setting's last name without its group
+        leaves = {k.rsplit(".", 1)[-1] for k in keys}
+        near = difflib.get_close_matches(key, leaves, n=1, cutoff=0.6)
+        full = [k for k in keys if near and k.rsplit(".", 1)[-1] == near[0] and "." in k]
+        if full:
+            return f" Did you mean {' or '.join(repr(k) for k in full[:3])}?"
+    return did_you_mean(key, keys, cutoff=0.5)
 
 
 def _merge(schema, node, where: str):

@@ -130,6 +130,30 @@ def test_cli_without_recipe_lists_recipes():
         assert name in out.stdout
 
 
+def test_settings_written_as_other_tools_take_them_get_safetrain_s_form(capsys):
+    """--flags (Hydra printed its usage), a bare setting name (lr=), a torchvision architecture as the model group
+    (model=resnet18 was told 'Did you mean resnet', safetrain's CIFAR ResNet), settings without a recipe."""
+    from safetrain.cli import main
+
+    for argv, said in ((["recipe=smoke", "--epochs", "3"], "`--epochs 3`: safetrain's settings are written key=value "
+                        "(Hydra's syntax), not as --flags: trainer.max_epochs=3."),
+                       (["recipe=smoke", "--batch-size=64"], "`--batch-size=64`: safetrain's settings are written "
+                        "key=value (Hydra's syntax), not as --flags: data.batch_size=64."),
+                       (["data.root=photos/"], "No recipe given (recipe=NAME). For your own images: python -m "
+                        "safetrain recipe=imagefolder data.root=photos/\n"),
+                       (["data.root=my labels.csv"], "recipe=imagefolder data=csv 'data.root=my labels.csv'\n")):
+        assert main(argv) == 2
+        assert said in capsys.readouterr().err, argv
+    for override, said in (("lr=0.01", "unknown setting 'lr' in `lr=0.01`. Did you mean 'optim.lr'?"),
+                           ("epochs=3", "Did you mean 'trainer.max_epochs'?"),
+                           ("model=resnet18", "resnet18 is one of torchvision's models: model=torchvision "
+                            "model.arch=resnet18 (from scratch"),
+                           ("model=cnnsmall", "Did you mean 'cnn_small'?")):
+        with pytest.raises(ConfigError) as e:
+            compose("smoke", [override])
+        assert said in str(e.value) and ("Did you mean 'resnet'" not in str(e.value)), override
+
+
 def test_user_recipe_in_own_folder_via_config_dir(tmp_path):
     (tmp_path / "mine.yaml").write_text(
         "defaults:\n  - config\n  - override data: synthetic\n  - _self_\nmodel:\n  widths: [8]\n")
