@@ -72,9 +72,13 @@ def _checkpoint_file(checkpoint: str) -> Path:
         if found:
             return found
         runs = sorted(path.glob("*/checkpoints/best.pt"), key=lambda f: f.stat().st_mtime)
+        beside = sorted(path.parent.glob("*/checkpoints/best.pt"), key=lambda f: f.stat().st_mtime)
         raise ConfigError(f"[config] predict.checkpoint={checkpoint}: no checkpoints/best.pt in that folder. " + (
             f"It holds {len(runs)} run(s); the newest: predict.checkpoint={runs[-1].parent.parent}" if runs else
-            "Point it at a run directory (or its checkpoints/best.pt)."))
+            f"It is a run that ended before its first checkpoint{_last_error(path)}. " + (
+                f"The newest run beside it with one: predict.checkpoint={beside[-1].parent.parent}" if beside
+                else "Point it at a run that trained.") if (path / ".hydra").is_dir() or any(path.glob("*.log"))
+            else "Point it at a run directory (or its checkpoints/best.pt)."))
     if path.is_file() and path.suffix != ".pt":  # config.yaml, metrics.json, ... of a run
         home = next((d for d in path.parents if (d / "checkpoints" / "best.pt").is_file()), None)
         if home:
@@ -84,6 +88,12 @@ def _checkpoint_file(checkpoint: str) -> Path:
         raise ConfigError(f"[config] predict.checkpoint={checkpoint}: {path} does not exist. Point it at a run's "
                           "checkpoints/best.pt (or at the run directory).")
     return path
+
+
+def _last_error(run: Path) -> str:
+    """' (its log ends: DataError: ...)' for a run directory whose log holds an error, else ''."""
+    lines = [ln for f in run.glob("*.log") for ln in f.read_text(errors="replace").splitlines() if "[ERROR]" in ln]
+    return f" (its log: {lines[-1].split('[ERROR] - ', 1)[-1][:200]})" if lines else ""
 
 
 def input_fit(trained: Trained) -> Fit:

@@ -190,6 +190,13 @@ def test_predict_checkpoint_given_as_users_point_at_a_run(trained):
         predict(settings("predict", checkpoint=trained, input=image))  # the folder the runs are in
     with pytest.raises(ConfigError, match=rf"a file of the run in {trained / 'run'}, not a checkpoint"):
         predict(settings("predict", checkpoint=trained / "run" / "config.yaml", input=image))
+    failed = trained / "failed"  # the newest run (`ls -t runs/x | head -1`) stopped at a data error
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / "__main__.log").write_text("[2026-12-08 01:30:00][safetrain][ERROR] - DataError: [data] no column\n")
+    with pytest.raises(ConfigError, match=r"no checkpoints/best\.pt in that folder\. It is a run that ended before its "
+                                          r"first checkpoint \(its log: DataError: \[data\] no column\)\. The newest run "
+                                          rf"beside it with one: predict\.checkpoint={trained / 'run'}$"):
+        predict(settings("predict", checkpoint=failed, input=image))
 
 
 def test_export_without_its_extra_says_how_to_install_it(trained, tmp_path, monkeypatch):
