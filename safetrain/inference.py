@@ -9,6 +9,7 @@ import csv
 import glob
 import io
 import logging
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -287,15 +288,21 @@ def labelled_files(folder: str, classes: list[str]) -> tuple[list[Path], torch.T
     """(files, labels by the training classes' order, training classes missing here) of a folder per class."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise DataError(f"[data] predict.input={folder} is not a folder. mode=evaluate needs one subfolder per class.")
+        raise DataError(f"[data] predict.input={folder} is not a folder. mode=evaluate needs one subfolder per class "
+                        "(or a CSV of paths and labels).")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not hidden(d.name))
+    if not found:
+        raise DataError(f"[data] {root} holds no class folders: mode=evaluate needs each image's label, from one "
+                        f"subfolder per class ({', '.join(classes[:4])}{' ...' if len(classes) > 4 else ''}) or a CSV "
+                        "of paths and labels. For images without labels: mode=predict "
+                        f"predict.checkpoint=... predict.input={root}")
     unknown = [c for c in found if c not in classes]
-    if unknown or not found:
+    if unknown:
         splits = sorted((c for c in unknown if c.lower() in SPLIT_NAMES),  # the test split first, then val
                         key=lambda c: ["test", "val", "train"].index(SPLIT_NAMES[c.lower()]))
         hint = (f"It holds split folders: evaluate one of them, e.g. predict.input={root / splits[0]}" if splits else
                 "Rename or remove those folders (one subfolder per training class).")
-        raise DataError(f"[data] {root} has class folders {unknown or 'none'} that the model was not trained on; its "
+        raise DataError(f"[data] {root} has class folders {unknown} that the model was not trained on; its "
                         f"classes are {classes}. {hint}")
     files, labels = [], []
     for c in found:
@@ -314,14 +321,15 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
     if trained.ckpt.get("thresholds"):
         return _evaluate_label_sets(trained, p)
     classes = trained.facts["classes"]
-    files, labels, missing = labelled_files(p.input, classes)
+    files, labels, missing = labelled_table(p.input, trained) if _is_table(p.input) else \
+        labelled_files(p.input, classes)
     if missing:
         log.warning("evaluate: no images of the training classes %s in %s; their recall is undefined (0 here)",
                     missing, p.input)
     logits, bad, changed, images = logits_of(trained, files, p, keep_images=True)
     keep = torch.tensor([i not in bad for i in range(len(files))])
-    root = Path(p.input).expanduser()
-    seen = seen_in_training(trained, ImageSet(labels[keep], [str(f.relative_to(root)) for f, k in zip(files, keep)
+    root = Path(p.input).expanduser().parent if _is_table(p.input) else Path(p.input).expanduser()
+    seen = seen_in_training(trained, ImageSet(labels[keep], [os.path.relpath(f, root) for f, k in zip(files, keep)
                                                              if k], images))
     metrics = build_metrics(len(classes), torch.device("cpu"))
     metrics.update(logits[keep], labels[keep])
@@ -347,11 +355,27 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
     return out
 
 
+def _is_table(where: str) -> bool:
+    return Path(where).suffix.lower() in (".csv", ".tsv")
+
+
+def labelled_table(where: str, trained: Trained) -> tuple[list[Path], torch.Tensor, list[str]]:
+    """labelled_files for a CSV of one label per image, in the training run's columns."""
+    files, rows = labelled_rows(where, trained)
+    several = [str(files[i]) for i in (rows.sum(1) != 1).nonzero().flatten().tolist()]
+    if several:
+        raise DataError(f"[data] {where}: {len(several)} row(s) give an image other than one label (e.g. {several[0]}); "
+                        "this model gives each image one. Keep one label a row.")
+    classes = trained.facts["classes"]
+    return files, rows.argmax(1), [c for i, c in enumerate(classes) if not rows[:, i].any()]
+
+
 def labelled_rows(where: str, trained: Trained) -> tuple[list[Path], torch.Tensor]:
     """(files, (N, C) 0/1 labels by the training labels' order) of a CSV in the training run's columns and label
     delimiter (several labels per image)."""
-    spec = trained.ckpt["data_spec"]
-    columns = Columns(spec["path_column"], spec["label_column"], None, spec.get("label_delimiter") or "|")
+    spec = trained.ckpt.get("data_spec") or {}
+    columns = Columns(spec.get("path_column", "path"), spec.get("label_column", "label"), None,
+                      spec.get("label_delimiter") or "|")
     listing = list_csv(where, columns)
     classes = trained.facts["classes"]
     unknown = sorted(set(listing.classes) - set(classes))

@@ -80,6 +80,27 @@ def test_evaluate_on_the_test_folder_gives_the_runs_own_test_metrics(trained, tm
     assert "| true \\ pred | class_0 | class_1 | class_2 |" in (out / "report.md").read_text()
 
 
+def test_evaluate_reads_a_csv_of_labels_and_says_a_folder_without_labels_is_for_predict(trained, tmp_path):
+    """A run trained from a folder (or a CSV) evaluated on a CSV of path,label: the same metrics as on the folder;
+    a folder of images in no class folder was told it 'has class folders none that the model was not trained on'."""
+    test = trained / "data" / "test"
+    table = tmp_path / "test.csv"
+    table.write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in sorted(test.rglob("*.png"))))
+    by_table, by_folder = (json.loads((evaluate(settings("evaluate", checkpoint=trained / "run", input=where,
+                                                         output=tmp_path / name)) / "metrics.json").read_text())
+                           for where, name in ((table, "t"), (test, "f")))
+    assert by_table["images"] == 60 and by_table["confusion_matrix"] == by_folder["confusion_matrix"]
+    table.write_text(f"path,label\n{next(test.rglob('*.png'))},class_0|class_1\n")
+    with pytest.raises(DataError, match=r"1 row\(s\) give an image other than one label"):
+        evaluate(settings("evaluate", checkpoint=trained / "run", input=table, output=tmp_path / "t2"))
+    loose = tmp_path / "unlabelled"
+    loose.mkdir()
+    Image.new("RGB", (12, 12)).save(loose / "1.png")
+    with pytest.raises(DataError, match=r"holds no class folders: mode=evaluate needs each image's label, from one "
+                                        r"subfolder per class \(class_0, class_1, class_2\) or a CSV.*mode=predict"):
+        evaluate(settings("evaluate", checkpoint=trained / "run", input=loose, output=tmp_path / "o"))
+
+
 def test_evaluate_names_unknown_class_folders_and_warns_about_missing_ones(trained, tmp_path, caplog):
     folder = write_images(tmp_path / "ev", classes=2, per_class=5, size=(12, 12))  # class_0, class_1 only
     evaluate(settings("evaluate", checkpoint=trained / "run", input=folder, output=tmp_path / "o1"))
