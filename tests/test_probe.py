@@ -4,6 +4,7 @@ documented exit code instead of a traceback. The cases that train take seconds e
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -109,6 +110,23 @@ def test_m25_a_class_without_validation_or_test_images_is_refused_not_scored():
         D.make_splits(_source([30, 30], {"test": [5, 0]}), 0.1, 0.1, seed=0, min_per_class=1)
     splits = D.make_splits(_source([30, 30, 3]), 0.1, 0.1, seed=0, min_per_class=1)  # 3: one in each split
     assert all(int((s.labels == 2).sum()) == 1 for s in splits.values())
+
+
+@pytest.mark.parametrize("min_per_class, fractions", [(5, (0.1, 0.1)), (5, (0.15, 0.15)), (20, (0.1, 0.1))])
+def test_m25_m08_the_number_of_images_asked_for_is_the_number_that_passes(min_per_class, fractions):
+    """The [M25] message asked for 3 images a class, after which [M08] refused the class for having 1 of its 5
+    training images: both now ask for the count that passes every check with these settings, and that count does."""
+    def split(rare):
+        return D.make_splits(_source([60, 60, rare]), *fractions, seed=0, min_per_class=min_per_class,
+                             min_eval_per_class=20)
+
+    for rare, row in ((2, "M25"), (min_per_class, "M08")):
+        with pytest.raises(DataError, match=rf"\[{row}\].*at least (\d+) images") as e:
+            split(rare)
+        asked = int(re.search(r"at least (\d+) images", str(e.value)).group(1))
+        assert int((split(asked)["train"].labels == 2).sum()) >= min_per_class
+        with pytest.raises(DataError):
+            split(asked - 1)
 
 
 def test_m07_one_image_per_class_names_the_classes_not_the_fraction():

@@ -35,8 +35,7 @@ def stratified_split(labels: Tensor, fraction: float, seed: int, minimum: int = 
     kept, carved = [], []
     for c in sorted(units):
         size = sum(len(m) for m in units[c])
-        n = max(round(size * fraction), min(minimum, size // 5), 1)
-        n = min(n, size - 1) if size >= 2 else 0
+        n = _carved(size, fraction, minimum)
         out: list[int] = []
         for m in (units[c][j] for j in torch.randperm(len(units[c]), generator=g).tolist()):
             take = len(out) < n and size - len(out) - len(m) >= 1  # a class always keeps a training sample
@@ -86,6 +85,24 @@ def iterative_split(labels: Tensor, fractions: list[float], seed: int, groups: T
         idx = [i for u in (part_of == p).nonzero().squeeze(1).tolist() for i in members[u]]
         out.append(torch.tensor(sorted(idx), dtype=torch.int64))
     return out
+
+
+def _carved(size: int, fraction: float, minimum: int) -> int:
+    """How many of a class's `size` samples a carved split takes (without copies to keep together)."""
+    return min(max(round(size * fraction), min(minimum, size // 5), 1), size - 1) if size >= 2 else 0
+
+
+def images_needed(train: int, cuts: list[tuple[float, int]]) -> int:
+    """The fewest images a class needs for `train` of them to stay in training once the carved splits, `cuts`
+    ((fraction, minimum) in the order they are carved), have taken theirs: the number the messages ask for."""
+    for n in range(train, 10 ** 7):
+        left, taken = n, []
+        for cut in cuts:
+            taken.append(_carved(left, *cut))
+            left -= taken[-1]
+        if left >= train and all(taken):  # every carved split scores the class
+            return n
+    return n
 
 
 def _stratified(labels: Tensor, fraction: float, seed: int, minimum: int, groups: Tensor | None):
@@ -155,7 +172,8 @@ def make_splits(src: Source, val_fraction: float, test_fraction: float, seed: in
     carved = [name for name in ("val", "test") if name not in src.parts]
     if near is not None and carved and all(len(splits[name]) for name in ("train", *carved)):  # (else refused below)
         splits = join_near_copies(splits, near(splits, carved))
-    _check_labels(splits, src.classes, min_per_class, set(src.parts) & {"val", "test"})
+    cuts = [(f, min_eval_per_class) for name, f in (("test", test_fraction), ("val", val_fraction)) if name in carved]
+    _check_labels(splits, src.classes, min_per_class, set(src.parts) & {"val", "test"}, cuts)
     return splits
 
 
@@ -216,9 +234,11 @@ def class_counts(splits: dict[str, ImageSet], num_classes: int) -> dict[str, lis
             torch.bincount(s.labels, minlength=num_classes).tolist() for name, s in splits.items()}
 
 
-def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int, given: set[str]) -> None:
+def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int, given: set[str],
+                  cuts: list[tuple[float, int]]) -> None:
     """Labels in range; every class scored in val and test [M25]; splits not empty [M07]; enough training images
-    per class [M08]. `given`: the splits the source itself defines (folders of the user's), not carved."""
+    per class [M08]. `given`: the splits the source itself defines (folders of the user's), not carved; `cuts`: the
+    carved ones' (fraction, minimum), which set how many images a class needs in all."""
     num_classes = len(classes)
     for name, s in splits.items():
         bad = (s.labels < 0) | (s.labels >= num_classes) if s.labels.ndim == 1 else torch.zeros(0, dtype=torch.bool)
@@ -227,8 +247,10 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
             raise DataError(f"[M08] {name} sample {s.ids[i]} has label {int(s.labels[i])}, outside "
                             f"[0, {num_classes}). Labels must be class indices 0..{num_classes - 1}.")
     counts = class_counts(splits, num_classes)
-    fix = ("Give every class at least 3 images (one each for training, validation and test; more for a trustworthy "
-           "score)", "Add images of those classes to the {}/ folder")
+    need = images_needed(min_per_class, cuts)  # what a class needs in all to pass every check below
+    carved = " and ".join(word for name, word in (("val", "validation"), ("test", "test")) if name not in given)
+    fix = (f"Give every class at least {need} images ({min_per_class} for training, data.min_samples_per_class, and "
+           f"the rest for {carved}; more for a trustworthy score)", "Add images of those classes to the {}/ folder")
     for name in ("val", "test"):  # a class no one can score would vanish from every metric and every choice [M25]
         unscored = {classes[k]: sum(c[k] for c in counts.values()) for k in range(num_classes) if counts[name][k] == 0}
         if unscored:
@@ -243,8 +265,10 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
                             "data.test_fraction so every split gets some.")
     few = {classes[k]: n for k, n in enumerate(counts["train"]) if n < min_per_class}
     if few:
+        where = (f"at least {need} images a class in all, as the split keeps some for {carved}" if cuts else
+                 f"at least {min_per_class} a class in the train/ folder")
         raise DataError(f"[M08] classes with fewer than {min_per_class} training samples: {few}. A class needs "
-                        "examples to be learned: add images, merge or remove those classes, or lower "
+                        f"examples to be learned: add images ({where}), merge or remove those classes, or lower "
                         "data.min_samples_per_class.")
 
 
