@@ -138,8 +138,8 @@ def _explain(e: Exception, recipe: str, overrides: list[str], config_dir: str | 
     if "Could not find '" in msg:  # a group option: data=cifar1
         group, value = msg.split("Could not find '")[1].split("'")[0].split("/", 1)
         options = sorted(p.stem for p in (CONF_DIR / group.strip()).glob("*.yaml"))
-        return ConfigError(f"[config] {group}={value}: no such option. Choose one of {options}."
-                           + ((_architecture(value) if group.strip() == "model" else "") or did_you_mean(value, options)))
+        hint = (_architecture(value) if group.strip() == "model" else "") or did_you_mean(value, options)
+        return ConfigError(f"[config] {group}={value}: no such option. Choose one of {options}.{hint}")
     for ov in sorted(overrides, key=lambda o: -len(o.split("=", 1)[0])):  # model.dropout before model
         key = ov.split("=", 1)[0].lstrip("+~")
         if key in msg or f"'{key.split('.')[-1]}'" in msg:

@@ -364,8 +364,8 @@ def labelled_table(where: str, trained: Trained) -> tuple[list[Path], torch.Tens
     files, rows = labelled_rows(where, trained)
     several = [str(files[i]) for i in (rows.sum(1) != 1).nonzero().flatten().tolist()]
     if several:
-        raise DataError(f"[data] {where}: {len(several)} row(s) give an image other than one label (e.g. {several[0]}); "
-                        "this model gives each image one. Keep one label a row.")
+        raise DataError(f"[data] {where}: {len(several)} row(s) give an image other than one label (e.g. "
+                        f"{several[0]}); this model gives each image one. Keep one label a row.")
     classes = trained.facts["classes"]
     return files, rows.argmax(1), [c for i, c in enumerate(classes) if not rows[:, i].any()]
 

@@ -39,15 +39,16 @@ def test_a_csv_lists_images_with_labels_and_splits_relative_to_the_file(tmp_path
 def test_csv_problems_are_named_by_line_and_column(tmp_path):
     files = _images(tmp_path, classes=2, per_class=4)
     good = [(str(f.relative_to(tmp_path)), f.parent.name) for f in files]
-    with pytest.raises(DataError, match=r"has no column \['label'\]; its columns are \['path', 'class'\]\. Name them "
-                                        r"with data\.path_column=path data\.label_column=class \(as its cells suggest\)"):
+    with pytest.raises(DataError, match=r"has no column \['label'\]; its columns are \['path', 'class'\]\. Name "
+                                        r"them with data\.path_column=path data\.label_column=class \(as its cells "
+                                        r"suggest\)"):
         list_csv(str(_table(tmp_path, good, header=("path", "class"))), Columns())
     ids = [(f"{k:04d}", "cat" if k % 2 else "dog", "train" if k % 3 else "test") for k in range(12)]  # Kaggle's ids
     with pytest.raises(DataError, match=r"Name them with data\.path_column=id data\.label_column=breed "
                                         r"data\.split_column=fold \(as its cells suggest\)\.$"):
         list_csv(str(_table(tmp_path, ids, header=("id", "breed", "fold"))), Columns())
     with pytest.raises(DataError, match=r"Name them with data\.path_column=\.\.\. data\.label_column=\.\.\., and "
-                                        r"data\.split_column=\.\.\. if a column holds"):  # two id-like columns: no guess
+                                        r"data\.split_column=\.\.\. if a column holds"):  # two id-like columns
         list_csv(str(_table(tmp_path, [(f"{k}", f"x{k}") for k in range(6)], header=("a", "b"))), Columns())
     with pytest.raises(DataError, match=r"2 rows cannot be used \(line 3: no label; line 5: split 'holdout'\).*"
                                         r"subset one of"):

@@ -139,12 +139,13 @@ def test_folder_errors_name_the_folder(tmp_path):
         z.writestr("photos/cat/1.jpg", b""), z.writestr("photos/labels.csv", b""), z.writestr("__MACOSX/._x", b"")
     for read, given in ((lambda p: load_folder(p, None, "auto", tmp_path, 0), "photos/photos"),
                         (lambda p: list_csv(p, Columns()), "photos/photos/labels.csv")):
-        with pytest.raises(DataError, match=rf"is a \.zip archive.*`unzip {tmp_path}/photos\.zip -d {tmp_path}/photos`, "
-                                            rf"then give data\.root={tmp_path}/{given}\.$"):
+        with pytest.raises(DataError, match=rf"is a \.zip archive.*`unzip {tmp_path}/photos\.zip -d "
+                                            rf"{tmp_path}/photos`, then give data\.root={tmp_path}/{given}\.$"):
             read(str(tmp_path / "photos.zip"))
     (tmp_path / "scans.tar.gz").write_bytes(b"\x1f\x8b")  # a tar is not listed (that reads it whole): no top folder
     with pytest.raises(DataError, match=rf"`mkdir {tmp_path}/scans && tar xf {tmp_path}/scans\.tar\.gz -C "
-                                        rf"{tmp_path}/scans`, then give data\.root={tmp_path}/scans \(or the folder in"):
+                                        rf"{tmp_path}/scans`, then give data\.root={tmp_path}/scans \(or the "
+                                        r"folder in"):
         load_folder(str(tmp_path / "scans.tar.gz"), None, "auto", tmp_path, 0)
     (tmp_path / "labels.csv").write_text("path,label\n")
     with pytest.raises(DataError, match=r"is a table of labels: read it with data=csv data\.root="):

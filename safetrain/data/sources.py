@@ -220,8 +220,8 @@ def _list_classes(folder: Path) -> tuple[dict[str, list[Path]], Counter]:
         skipped += n
         if not files:
             raise DataError(f"[data] class folder {printable(d)} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                            f"what it holds: {skipped_text(n) if n else 'nothing'}. Remove it, put its images in it, or "
-                            "convert them to one of those formats.")
+                            f"what it holds: {skipped_text(n) if n else 'nothing'}. Remove it, put its images in it, "
+                            "or convert them to one of those formats.")
         classes[d.name] = files
     pooled = {c: sorted({f.relative_to(folder / c).parts[0] for f in fs}) for c, fs in classes.items()
               if all(f.parent != folder / c for f in fs)}
@@ -366,9 +366,8 @@ def _split_folders(folder: Path) -> dict[str, Path]:
     return {split: ds[0] for split, ds in found.items()}
 
 
-ARCHIVES = {".zip": "unzip {a} -d {d}", ".tar": "mkdir {d} && tar xf {a} -C {d}", ".tar.gz": "mkdir {d} && tar xf {a} -C {d}",
-            ".tgz": "mkdir {d} && tar xf {a} -C {d}", ".tar.xz": "mkdir {d} && tar xf {a} -C {d}",
-            ".7z": "7z x {a} -o{d}", ".rar": "mkdir {d} && unrar x {a} {d}/"}
+ARCHIVES = {".zip": "unzip {a} -d {d}", ".7z": "7z x {a} -o{d}", ".rar": "mkdir {d} && unrar x {a} {d}/",
+            **dict.fromkeys((".tar", ".tar.gz", ".tgz", ".tar.xz"), "mkdir {d} && tar xf {a} -C {d}")}  # -> {d}/
 
 
 def refuse_archive(path: Path, root: str, table: bool = False) -> None:
@@ -575,7 +574,8 @@ def _columns_seen(table: list[dict], names: list) -> str:
     paths = files or [c for c, v in cells.items() if len(set(v)) == len(v) and all(v) and c not in split]
     labels = [c for c, v in cells.items() if 1 < len(set(v)) <= len(v) / 2 and c not in split + paths]
     said = [f"data.path_column={paths[0] if len(paths) == 1 else '...'}",
-            f"data.label_column={labels[0] if len(labels) == 1 else '...'}"] + [f"data.split_column={c}" for c in split[:1]]
+            f"data.label_column={labels[0] if len(labels) == 1 else '...'}",
+            *(f"data.split_column={c}" for c in split[:1])]
     return (" ".join(said) + (" (as its cells suggest)" if len(paths) == len(labels) == 1 else "")
             + ("" if split else ", and data.split_column=... if a column holds train/val/test") + ".")
 
