@@ -274,7 +274,6 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
     model, loss_fn, optimizer, schedule, average = (setup.trainable, setup.loss_fn, setup.optimizer, setup.schedule,
                                                     setup.average)
     model.train()
-    multilabel = isinstance(loss_fn, MultilabelLoss)  # accuracy per label at 0.5; label counts are positives
     first, seen, before, total_loss, correct, drawn = _sums_so_far(start, prec.device)
     t0, grad_norm, norms, last = time.perf_counter() - before, torch.zeros(()), {}, len(loader) - 1
     at_start = loader.state_dict() if mid else None  # the order of this epoch, for a checkpoint inside it
@@ -290,7 +289,7 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
         if average is not None:
             average.after_step()
         total_loss += loss.detach() * len(y)
-        hits, drawn = _tally(logits.detach(), y, multilabel, drawn, setup.margins, loader)
+        hits, drawn = _tally(logits.detach(), y, loss_fn, drawn, setup.margins, loader)
         correct += hits
         seen += len(y)
         if mid and step < last and (_signalled(stop) or mid[0].due(step)):  # Ctrl-C, SIGTERM: kept too
@@ -316,15 +315,16 @@ def train_epoch(setup: "Setup", loader, prec: Precision, limits: "Limits", desc:
             "images": seen}
 
 
-def _tally(logits: Tensor, y: Tensor, multilabel: bool, drawn: Optional[Tensor], margins, loader):
+def _tally(logits: Tensor, y: Tensor, loss_fn: nn.Module, drawn: Optional[Tensor], margins, loader):
     """-> (the step's correct predictions, the label counts so far with its batch's). With several labels per image a
     prediction is one label at 0.5 and a count a positive; with one, data.mix's labels count as their larger share's
-    class, and `margins` (monitors.Margins, where recorded) takes each sample's margin."""
-    if multilabel:
+    class, and `margins` (monitors.Margins, where recorded) takes each sample's margin on the logits the loss fits
+    (under logit adjustment those carry the prior: on the raw ones a 1:150 prior put every common image below 0)."""
+    if isinstance(loss_fn, MultilabelLoss):
         return ((logits > 0) == y.bool()).float().mean(1).sum(), y.sum(0) if drawn is None else drawn + y.sum(0)
     y = D.hard_labels(y)
     if margins is not None:
-        margins.add(loader.batch_ids, logits, y)
+        margins.add(loader.batch_ids, loss_fn.fitted(logits), y)
     drawn = torch.zeros(logits.shape[1], dtype=torch.long, device=y.device) if drawn is None else drawn
     return (logits.argmax(1) == y).sum(), drawn.index_add_(0, y, torch.ones_like(y))  # unlike bincount: no sync
 

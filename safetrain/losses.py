@@ -44,6 +44,10 @@ class TaskLoss(nn.CrossEntropyLoss):
     def on_epoch(self, epoch: int, max_epochs: int) -> None:
         """Losses that change during training (deferred re-weighting) change here."""
 
+    def fitted(self, logits: Tensor) -> Tensor:
+        """The logits this loss fits to the labels (the model's own here); the margin over training is taken on them."""
+        return logits
+
 
 class LogitAdjustedLoss(TaskLoss):
     """Cross-entropy on logits + tau * log(class prior) (Menon et al. 2021): training pushes the raw
@@ -60,13 +64,16 @@ class LogitAdjustedLoss(TaskLoss):
         prior = torch.tensor(counts, dtype=torch.float32).clamp_min(1)
         self.register_buffer("shift", tau * (prior / prior.sum()).log())
 
+    def fitted(self, logits: Tensor) -> Tensor:
+        return logits + self.shift
+
     @property
     def smooth_to(self) -> Tensor:
         """(C,) where label smoothing moves the target: the prior to the power tau, normalized."""
         return self.shift.softmax(0)
 
     def forward(self, logits: Tensor, y: Tensor) -> Tensor:
-        z, e = logits + self.shift, self.label_smoothing
+        z, e = self.fitted(logits), self.label_smoothing
         if not e:
             return super().forward(z, y)
         target = y.to(z.dtype) if y.is_floating_point() else nn.functional.one_hot(y, z.shape[1]).to(z.dtype)

@@ -94,6 +94,24 @@ def test_m24_logit_adjustment_with_label_smoothing_still_predicts_the_true_class
     torch.testing.assert_close(la2(logits, soft), expected)
 
 
+def test_m08_the_margin_over_training_is_taken_on_the_logits_the_loss_fits():
+    """Under logit adjustment the raw logits carry minus the log prior: a common image the loss fits well (raw margin
+    -2, adjusted +3 for a 150:1 prior) read as 'another class above its label', so the suspects were the common
+    class's images. The margin is taken on the adjusted logits now; plain cross-entropy is unchanged."""
+    from types import SimpleNamespace
+
+    from safetrain.engine import _tally
+    from safetrain.monitors import Margins
+
+    logits, y, batch = torch.tensor([[1.0, 3.0], [-1.0, 4.0]]), torch.tensor([0, 1]), SimpleNamespace(
+        batch_ids=torch.tensor([0, 1]))
+    for loss, expected in ((LogitAdjustedLoss([150, 1]), [-2 + math.log(150), 5 - math.log(150)]),
+                           (TaskLoss(), [-2.0, 5.0])):
+        margins = Margins(2, torch.device("cpu"))
+        _tally(logits, y, loss, None, margins, batch)
+        torch.testing.assert_close(margins.area(), torch.tensor(expected))
+
+
 def test_m24_class_balanced_sampler_draws_classes_evenly():
     labels = torch.tensor([0] * 900 + [1] * 100)
     s = D.ImageSet(labels, [str(i) for i in range(1000)], torch.zeros(1000, 1, 2, 2, dtype=torch.uint8))
