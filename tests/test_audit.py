@@ -95,6 +95,27 @@ def test_m08_blank_images_and_conflicting_copies_are_reported(tmp_path):
     assert "train/class_0/5.png" in text and "train/class_1/dup.png" in text
 
 
+def test_m08_a_folder_whose_images_are_mostly_in_two_class_folders_is_audited_and_told_about_several_labels(
+        tmp_path):
+    """cat/, dog/ and outdoor/ holding copies of most of them (a multi-label task filed in folders): the typical
+    distance between training images was the one to an exact copy, 0, and the audit a ZeroDivisionError traceback.
+    Now the typical distance skips exact copies, and the many conflicts point to the multi-label CSV."""
+    root = tmp_path / "imgs"
+    for k, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i, arr in enumerate(smooth_images(24, 10 + k)):
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    (root / "outdoor").mkdir()
+    for name in ("cat", "dog"):
+        for i in range(18):
+            (root / "outdoor" / f"{name}_{i}.png").write_bytes((root / name / f"{i}.png").read_bytes())
+    final, run_dir = _run(root, tmp_path)
+    assert json.loads((run_dir / "audit.json").read_text())["typical_distance"] > 0.1
+    text = " ".join(final["warnings"])
+    assert "identical images carry different labels (e.g. cat/" in text and "or the images show several classes" \
+        in text and "data=csv data.label_column=labels 'data.label_delimiter=|'" in text
+
+
 def test_near_duplicate_scores_tolerate_shift_reencoding_and_colour_but_not_other_images():
     imgs = torch.from_numpy(smooth_images(6, 0)).permute(0, 3, 1, 2).contiguous()
     shifted = torch.roll(imgs, shifts=(2, -1), dims=(2, 3))

@@ -68,6 +68,7 @@ ALIGNED = (0.25, 0.4, 0.5, 0.7)  # a copy: d1 <= 0.25 x the typical aligned dist
 # fine detail (DETAIL: a photo with several copies in train, all as close); or <= 0.5 x the 3rd candidate's and
 # <= 0.7 x the typical (judged by eye on CIFAR-10, RESULTS.md)
 DETAIL = 0.8
+MANY_CONFLICTS = 10  # identical images under two labels this often: maybe a multi-label task filed in folders
 SAME_PHOTO, SAME_COSINE = 0.2, 0.95  # two training images with different labels within SAME_PHOTO x the typical
 # distance (stage 2) are one photo filed twice (re-encoded, resized, converted: a CMYK JPEG and its RGB PNG, 0.15);
 # compared where their thumbnails agree this well. CIFAR-10's training split: its closest pair of different labels is
@@ -350,12 +351,19 @@ class Typical(NamedTuple):
 
 def typical_distance(train: ImageSet, refs: Reference, device: torch.device, sample: int = 1000,
                      seed: int = 0) -> Typical:
-    """The typical distances, measured on a seeded sample of training images."""
+    """The typical distances, measured on a seeded sample of training images, to the nearest training image that is
+    not an exact copy (a folder whose images are mostly in two class folders at once made the median 0, and every
+    distance divided by it a ZeroDivisionError); 1.0 where every candidate is a copy (nothing left to judge by)."""
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:sample]
     imgs = train.images[pick]
     _, idx = candidates(imgs, refs, device, exclude=pick)
-    return Typical(float(distances(imgs, train.images, idx).min(1).values.median()),
-                   float(aligned_distances(imgs, train.images, idx, device)[0].min(1).values.median()))
+
+    def nearest_other(d: Tensor) -> float:
+        d = d.masked_fill(d <= 1e-6, float("inf")).min(1).values
+        return float(d[d.isfinite()].median()) if d.isfinite().any() else 1.0
+
+    return Typical(nearest_other(distances(imgs, train.images, idx)),
+                   nearest_other(aligned_distances(imgs, train.images, idx, device)[0]))
 
 
 def is_copy(relative: float, ratio: float) -> bool:
@@ -445,7 +453,7 @@ def near_copies(splits: dict[str, ImageSet], carved: list[str], fingerprint: str
         if {"val", "test"} <= set(carved):  # judged by the training images' typical distance, not val's sparser one
             pairs += [{**p, "into": "val"} for p in search(splits["val"], {"test": splits["test"]}, device, typical)[0]]
         return {"pairs": pairs}
-    key = digest("near copies v4", fingerprint, *carved, *(i for s in splits.values() for i in s.ids))
+    key = digest("near copies v5", fingerprint, *carved, *(i for s in splits.values() for i in s.ids))
     return cached(cache_dir / "audit" / f"{key}.json", both, keys=("pairs",))[0]["pairs"]
 
 
@@ -523,7 +531,7 @@ def audit(splits: dict[str, ImageSet], device: torch.device = torch.device("cpu"
 def cached_audit(splits: dict[str, ImageSet], fingerprint: str, cache_dir: Path, device: torch.device,
                  joined: tuple[str, ...] = ()) -> Audit:
     """`audit`, cached by the fingerprint of the source and the split assignment."""
-    key = digest("audit v13", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
+    key = digest("audit v14", fingerprint, *joined, *(i for s in splits.values() for i in s.ids))
     stored, _ = cached(cache_dir / "audit" / f"{key}.json", lambda: asdict(audit(splits, device, joined)),
                        keys=tuple(f.name for f in fields(Audit)))
     return Audit(**stored)
@@ -542,10 +550,15 @@ def findings(a: Audit) -> list[Finding]:
                            evidence={"count": len(a.near_duplicates), "fraction": s["near_duplicate_fraction"]}))
     if a.conflicting_copies:
         ex = a.conflicting_copies[0]
+        several = len(a.conflicting_copies) >= MANY_CONFLICTS and isinstance(ex["labels"][0], int)
         out.append(Finding("M08", "conflicting copies", f"{len(a.conflicting_copies)} identical images "
                            f"carry different labels (e.g. {ex['ids'][0]} and {ex['ids'][1]}): at least one label of "
-                           "each pair is wrong.", "Fix or remove them.", "audit",
-                           evidence={"count": len(a.conflicting_copies)}))
+                           "each pair is wrong" + (", or the images show several classes at once" if several else "")
+                           + ".", "Fix or remove them." + (
+                               " If an image may carry several labels (a cat outdoors), that is a multi-label task: "
+                               "list each image once in a CSV with its labels joined (path,labels: x.jpg,cat|outdoor) "
+                               "and train with data=csv data.label_column=labels 'data.label_delimiter=|'"
+                               if several else ""), "audit", evidence={"count": len(a.conflicting_copies)}))
     conflicts = [p for p in a.kept_together if p["labels"][0] != p["labels"][1] and not p.get("aligned")
                  and p["ratio"] <= CONFLICT_RATIO]  # an aligned pair (stage 3) is too close a call to name a label
     if conflicts:
