@@ -26,6 +26,19 @@ def test_plan_that_pools_below_1x1_is_refused_with_sizes_per_stage():
         build_model({"name": "cnn", "widths": [4, 4, 4, 4], "blocks": 0}, (1, 8, 8), 2)
 
 
+def test_images_of_one_pixel_are_refused_by_fastcnn_with_the_fix_and_shifted_without_a_crash():
+    """A folder of 1x1 images (a colour each): the crop's reflect padding and fastcnn's 2x2 whitening conv failed
+    with tracebacks (padding size; max() of an empty sequence)."""
+    from safetrain.data.pipelines import batch_crop
+
+    with pytest.raises(ConfigError, match=r"\[M10\] fastcnn's first layer.*these are 1x1\. Enlarge them with "
+                                          r"data\.image_size=8\.$"):
+        build_model({"name": "fastcnn", "widths": [8, 8, 8]}, (3, 1, 1), 2)
+    x = torch.rand(4, 3, 1, 1)
+    torch.testing.assert_close(batch_crop(x, 1, torch.Generator().manual_seed(0)), x)  # a shift of one colour
+    assert build_model({"name": "fastcnn", "widths": [8, 8, 8]}, (3, 8, 8), 2)(torch.rand(2, 3, 8, 8)).shape == (2, 2)
+
+
 @pytest.mark.parametrize("act,gain", [("relu", math.sqrt(2)), ("leaky_relu", math.sqrt(2 / (1 + 0.01 ** 2))),
                                       ("prelu", math.sqrt(2 / (1 + 0.25 ** 2)))])
 def test_kaiming_init_matches_the_activation(act, gain):

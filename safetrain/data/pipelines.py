@@ -50,7 +50,7 @@ def batch_crop(x: Tensor, pad: int, g: torch.Generator, at: tuple[int, int] = (0
     """Random translation by up to `pad` pixels with reflect padding, per sample, in 2*(2*pad+1)
     masked copies instead of a Python loop over the batch (airbench's batch_crop)."""
     b, c, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect" if pad < min(h, w) else "replicate")  # 1x1 px: no reflection
     shifts = share_of(torch.randint(0, 2 * pad + 1, (2, b * at[1]), device=x.device, generator=g), at)
     rows = torch.empty((b, c, h, w + 2 * pad), device=x.device, dtype=x.dtype)
     for s in range(2 * pad + 1):

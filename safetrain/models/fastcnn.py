@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from safetrain.errors import check_range
+from safetrain.errors import ConfigError, check_range
 from safetrain.models.layers import Classifier, activation, check_widths, norm, plan_sizes
 from safetrain.models.pretrained import StartConfig
 
@@ -95,6 +95,10 @@ class FastCNN(Classifier):
     def __init__(self, in_channels: int, num_classes: int, height: int, width: int, widths: list[int],
                  whiten_kernel: int = 2, activation_name: str = "gelu", norm_name: str = "batch", dropout: float = 0.0):
         k = whiten_kernel
+        if min(height, width) < k:  # 1x1 images (a colour each): the unpadded whitening conv would leave nothing
+            raise ConfigError(f"[M10] fastcnn's first layer, a {k}x{k} whitening convolution without padding, needs "
+                              f"images of at least {k}x{k}; these are {height}x{width}. Enlarge them with "
+                              "data.image_size=8.")
         h, w = height - k + 1, width - k + 1
         pools = min(len(widths), int(math.log2(max(1, min(h, w)))))  # small images: the last stages stop halving
         sizes = plan_sizes(h, w, pools, f"model.widths={list(widths)}")
