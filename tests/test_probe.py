@@ -108,6 +108,10 @@ def test_m25_a_class_without_validation_or_test_images_is_refused_not_scored():
     assert not searched
     with pytest.raises(DataError, match=r"\[M25\].*no test images.*c1.*to the test/ folder"):
         D.make_splits(_source([30, 30], {"test": [5, 0]}), 0.1, 0.1, seed=0, min_per_class=1)
+    copies = _source([30, 30, 12])  # 12 images of c2, all one picture: kept in one split, whatever their number
+    copies.parts["all"].images[60:] = 7
+    with pytest.raises(DataError, match=r"c2 \(12 images in all, 1 distinct\).*Exact copies stay in one split"):
+        D.make_splits(copies, 0.1, 0.1, seed=0, min_per_class=1)
     splits = D.make_splits(_source([30, 30, 3]), 0.1, 0.1, seed=0, min_per_class=1)  # 3: one in each split
     assert all(int((s.labels == 2).sum()) == 1 for s in splits.values())
 

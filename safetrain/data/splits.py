@@ -234,6 +234,12 @@ def class_counts(splits: dict[str, ImageSet], num_classes: int) -> dict[str, lis
             torch.bincount(s.labels, minlength=num_classes).tolist() for name, s in splits.items()}
 
 
+def _distinct(splits: dict[str, ImageSet], k: int) -> int:
+    """How many different images (by content) carry label k, over every split."""
+    carry = {name: (s.labels == k) if s.labels.ndim == 1 else s.labels[:, k].bool() for name, s in splits.items()}
+    return len({s.digest(i) for name, s in splits.items() for i in carry[name].nonzero().flatten().tolist()})
+
+
 def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class: int, given: set[str],
                   cuts: list[tuple[float, int]]) -> None:
     """Labels in range; every class scored in val and test [M25]; splits not empty [M07]; enough training images
@@ -252,13 +258,18 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
     fix = (f"Give every class at least {need} images ({min_per_class} for training, data.min_samples_per_class, and "
            f"the rest for {carved}; more for a trustworthy score)", "Add images of those classes to the {}/ folder")
     for name in ("val", "test"):  # a class no one can score would vanish from every metric and every choice [M25]
-        unscored = {classes[k]: sum(c[k] for c in counts.values()) for k in range(num_classes) if counts[name][k] == 0}
+        unscored = {k: sum(c[k] for c in counts.values()) for k in range(num_classes) if counts[name][k] == 0}
         if unscored:
-            shown = ", ".join(f"{c} ({n} image{'s' * (n != 1)} in all)" for c, n in list(unscored.items())[:5])
+            distinct = {k: _distinct(splits, k) for k in list(unscored)[:5]}
+            shown = ", ".join(f"{classes[k]} ({n} image{'s' * (n != 1)} in all"
+                              + (f", {distinct[k]} distinct" if distinct[k] < n else "") + ")"
+                              for k, n in list(unscored.items())[:5])
+            copies = (" Exact copies stay in one split (none may be scored against its own copy): count distinct "
+                      "images." if any(distinct[k] < n for k, n in list(unscored.items())[:5]) else "")
             raise DataError(f"[M25] {len(unscored)} class(es) have no {name} images after the split: {shown}"
                             f"{' ...' if len(unscored) > 5 else ''}. They could never be scored: their recall and F1 "
                             f"would not exist, and the {'checkpoint would be chosen' if name == 'val' else 'test'} "
-                            f"blind to them. {fix[name in given].format(name)}, or remove those classes.")
+                            f"blind to them. {fix[name in given].format(name)}, or remove those classes.{copies}")
     for name, s in splits.items():
         if len(s) == 0:
             raise DataError(f"[M07] the {name} split is empty. Add images, or raise data.val_fraction / "
