@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import re
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +24,7 @@ from safetrain.io import atomic_write
 ROW = re.compile(r"\[(M\d+)\]")
 TILE = 1.25  # inches per image in a grid (120 px at 96 dpi): an 8x8 image is drawn 15x larger, pixel by pixel
 CAPTION = 0.55  # inches above each image for its caption (4 lines)
+log = logging.getLogger(__name__)
 
 
 def learning_curves(records: list[dict], selection: str, best_epoch: Optional[int]) -> Optional[Figure]:
@@ -78,8 +81,8 @@ def confusion(matrix: list[list[int]], classes: list[str], title: str = "test") 
                                      ("{:.0f}", "{:.2f}")):
         im = ax.imshow(values.numpy(), cmap="Blues", vmin=0)
         ax.set_title(name, fontsize=10)
-        ax.set_xticks(range(k), classes, rotation=90, fontsize=small)
-        ax.set_yticks(range(k), classes, fontsize=small)
+        ax.set_xticks(range(k), [tick(c) for c in classes], rotation=90, fontsize=small)
+        ax.set_yticks(range(k), [tick(c) for c in classes], fontsize=small)
         ax.set(xlabel="predicted", ylabel="true")
         if k <= 20:
             top = float(values.max()) or 1.0
@@ -101,7 +104,7 @@ def per_class(per_class: dict[str, dict], title: str = "test") -> Figure:
     for i, (key, color) in enumerate((("precision", "C0"), ("recall", "C1"), ("f1", "C2"))):
         ax.barh([j + (i - 1) * h for j in range(k)], [per_class[c][key] for c in classes], height=h, color=color,
                 label=key)
-    ax.set_yticks(range(k), classes, fontsize=max(5.0, min(9.0, 200 / max(k, 1))))
+    ax.set_yticks(range(k), [tick(c) for c in classes], fontsize=max(5.0, min(9.0, 200 / max(k, 1))))
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), title=f"{title}: precision, recall, F1 per class")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -117,7 +120,7 @@ def class_counts(counts: dict[str, list[int]], classes: list[str]) -> Figure:
     w = 0.8 / max(1, len(counts))
     for i, (split, n) in enumerate(counts.items()):
         ax.bar([j + (i - (len(counts) - 1) / 2) * w for j in range(k)], n, width=w, label=split)
-    ax.set_xticks(range(k), classes, rotation=45 if k > 6 else 0, ha="right" if k > 6 else "center",
+    ax.set_xticks(range(k), [tick(c) for c in classes], rotation=45 if k > 6 else 0, ha="right" if k > 6 else "center",
                   fontsize=max(5.0, min(9.0, 220 / max(k, 1))))
     ax.set(ylabel="images", title="images per class and split")
     ax.legend(fontsize=8)
@@ -155,9 +158,29 @@ def image_grid(images: torch.Tensor, captions: list[str], title: str, columns: i
 
 
 def png(fig: Figure) -> bytes:
+    """The figure as PNG. Characters its font cannot draw (class names in Chinese, an emoji) show as boxes: said once
+    in the log instead of a matplotlib warning per figure; other warnings pass through."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(buf, format="png", dpi=96)
+    missing = {chr(int(m.group(1))) for w in caught if (m := re.search(r"Glyph (\d+) .*missing from font", str(w.message)))}
+    for w in caught:
+        if "missing from font" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing - _UNDRAWN:
+        _UNDRAWN.update(missing)
+        log.info("figures: the font has no glyph for %s; those characters show as boxes in the figures (the report's "
+                 "tables spell them)", ", ".join(sorted(missing)))
     return buf.getvalue()
+
+
+_UNDRAWN: set[str] = set()  # characters already said to be missing from the figures' font
+
+
+def tick(name: str, most: int = 28) -> str:
+    """A class name for an axis: long ones shortened (a 100-character name collapsed the confusion matrix)."""
+    return name if len(name) <= most else name[:most - 1] + "…"
 
 
 def save(fig: Figure, path: Path) -> tuple[bytes, str]:
@@ -181,7 +204,7 @@ def pr_curves(probs: torch.Tensor, targets: torch.Tensor, classes: list[str], th
             continue
         p, r, _ = binary_precision_recall_curve(probs[:, k], y)
         line, = ax.plot(r.numpy(), p.numpy(), lw=1.2,
-                        label=f"{c} (AP {float(binary_average_precision(probs[:, k], y)):.2f})")
+                        label=f"{tick(c)} (AP {float(binary_average_precision(probs[:, k], y)):.2f})")
         hit = probs[:, k] >= thresholds[k]
         tp = float((hit & y.bool()).sum())
         ax.plot(tp / float(y.sum()), tp / max(1.0, float(hit.sum())), "o", color=line.get_color(), ms=5)
@@ -206,8 +229,8 @@ def co_occurrence(targets: torch.Tensor, classes: list[str], title: str = "train
     ax = fig.subplots()
     im = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
     small = max(4.0, min(9.0, 180 / max(k, 1)))
-    ax.set_xticks(range(k), classes, rotation=90, fontsize=small)
-    ax.set_yticks(range(k), classes, fontsize=small)
+    ax.set_xticks(range(k), [tick(c) for c in classes], rotation=90, fontsize=small)
+    ax.set_yticks(range(k), [tick(c) for c in classes], fontsize=small)
     ax.set(title=f"{title}: label co-occurrence (row i: share of images with label i that also have label j; "
                  "diagonal: share of all images)")
     if k <= 20:

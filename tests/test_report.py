@@ -53,6 +53,20 @@ def small_run(tmp_path_factory):
     return tmp / "run", final, saved
 
 
+def test_class_names_the_font_cannot_draw_are_said_once_and_long_ones_shortened(caplog, recwarn):
+    """A class named in Chinese or with an emoji: matplotlib warned 'Glyph ... missing from font' for every figure
+    (the names show as boxes); a 100-character name collapsed the confusion matrix's axes. Now one log line names the
+    characters, and tick labels are shortened."""
+    caplog.set_level("INFO")
+    F._UNDRAWN.discard("狗")  # said once a process
+    classes = ["chat noir", "狗", "x" * 100]
+    for _ in range(2):
+        F.png(F.confusion([[1, 0, 0], [0, 1, 0], [0, 0, 1]], classes))
+    assert not [w for w in recwarn if "missing from font" in str(w.message) or "collapsed" in str(w.message)]
+    assert caplog.text.count("the font has no glyph for 狗") == 1
+    assert F.tick("x" * 100) == "x" * 27 + "…" and F.tick("chat noir") == "chat noir"
+
+
 def test_the_report_has_every_figure_labelled_with_the_class_names(small_run):
     run_dir, final, figures = small_run
     html = (run_dir / "report.html").read_text()
