@@ -164,7 +164,8 @@ def png(fig: Figure) -> bytes:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fig.savefig(buf, format="png", dpi=96)
-    missing = {chr(int(m.group(1))) for w in caught if (m := re.search(r"Glyph (\d+) .*missing from font", str(w.message)))}
+    glyphs = (re.search(r"Glyph (\d+) .*missing from font", str(w.message)) for w in caught)
+    missing = {chr(int(m.group(1))) for m in glyphs if m}
     for w in caught:
         if "missing from font" not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
