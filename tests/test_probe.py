@@ -110,8 +110,14 @@ def test_m25_a_class_without_validation_or_test_images_is_refused_not_scored():
         D.make_splits(_source([30, 30], {"test": [5, 0]}), 0.1, 0.1, seed=0, min_per_class=1)
     copies = _source([30, 30, 12])  # 12 images of c2, all one picture: kept in one split, whatever their number
     copies.parts["all"].images[60:] = 7
-    with pytest.raises(DataError, match=r"c2 \(12 images in all, 1 distinct\).*Exact copies stay in one split"):
+    with pytest.raises(DataError, match=r"c2 \(12 images in all, 1 distinct\).*Copies, exact or near, stay in one"):
         D.make_splits(copies, 0.1, 0.1, seed=0, min_per_class=1)
+    def near(splits, carved):  # the audit found every val image of c2 a near-copy of a training image
+        return [{"split": "val", "id": i, "train_id": splits["train"].ids[0]}
+                for i, y in zip(splits["val"].ids, splits["val"].labels.tolist()) if y == 2]
+    with pytest.raises(DataError, match=r"c2 \(8 images in all; 1 moved from val into train beside its near-copy\)"
+                                        r".*Copies, exact or near, stay in one split"):
+        D.make_splits(_source([30, 30, 8]), 0.1, 0.1, seed=0, min_per_class=1, near=near)
     splits = D.make_splits(_source([30, 30, 3]), 0.1, 0.1, seed=0, min_per_class=1)  # 3: one in each split
     assert all(int((s.labels == 2).sum()) == 1 for s in splits.values())
 

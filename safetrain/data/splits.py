@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -261,11 +262,16 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
         unscored = {k: sum(c[k] for c in counts.values()) for k in range(num_classes) if counts[name][k] == 0}
         if unscored:
             distinct = {k: _distinct(splits, k) for k in list(unscored)[:5]}
+            joined = Counter(p["labels"][0] for p in getattr(splits["train"], "joined", None) or []
+                             if p["split"] == name and isinstance(p["labels"][0], int))
             shown = ", ".join(f"{classes[k]} ({n} image{'s' * (n != 1)} in all"
-                              + (f", {distinct[k]} distinct" if distinct[k] < n else "") + ")"
-                              for k, n in list(unscored.items())[:5])
-            copies = (" Exact copies stay in one split (none may be scored against its own copy): count distinct "
-                      "images." if any(distinct[k] < n for k, n in list(unscored.items())[:5]) else "")
+                              + (f", {distinct[k]} distinct" if distinct[k] < n else "")
+                              + (f"; {joined[k]} moved from {name} into train beside its near-copy"
+                                 if joined[k] else "")
+                              + ")" for k, n in list(unscored.items())[:5])
+            copies = (" Copies, exact or near, stay in one split (none may be scored against its own copy): count "
+                      "distinct images." if any(distinct[k] < n or joined[k] for k, n in list(unscored.items())[:5])
+                      else "")
             raise DataError(f"[M25] {len(unscored)} class(es) have no {name} images after the split: {shown}"
                             f"{' ...' if len(unscored) > 5 else ''}. They could never be scored: their recall and F1 "
                             f"would not exist, and the {'checkpoint would be chosen' if name == 'val' else 'test'} "
