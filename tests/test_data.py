@@ -1,6 +1,7 @@
 """Sources, splits, statistics and pipelines."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -190,6 +191,26 @@ def test_images_labelled_by_their_names_get_the_loop_that_sorts_them_and_split_f
     assert src.classes == ["cat", "dog"] and len(src.parts["all"]) == 8
     with pytest.raises(DataError, match=r"has 0 class folder\(s\) \[\]; a classifier needs at least 2\. Put each "):
         load_folder(str(kaggle / "test1"), None, "auto", tmp_path / "cache", 0)  # 1.jpg: no label in its name
+
+
+def test_a_folder_holding_its_table_of_labels_and_a_single_image_get_the_command_that_reads_them(tmp_path):
+    """Kaggle's dog-breed layout (labels.csv beside train/ and test/ of images named by id) given as data.root: a
+    'split-named classes' or '1 class folder' refusal without the way out; an image file given as data.root."""
+    for part in ("train", "test"):
+        (tmp_path / "breeds" / part).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "breeds" / part / f"{part}{i:032x}.jpg")
+    (tmp_path / "breeds" / "labels.csv").write_text("id,breed\n")
+    said = rf"It holds labels\.csv: to read the labels from it, data=csv data\.root={tmp_path / 'breeds' / 'labels.csv'}$"
+    with pytest.raises(DataError, match=r"named like splits.*" + said):
+        load_folder(str(tmp_path / "breeds"), None, "auto", tmp_path / "cache", 0)
+    shutil.rmtree(tmp_path / "breeds" / "test")
+    with pytest.raises(DataError, match=r"has 1 class folder\(s\) \['train'\].*" + said):
+        load_folder(str(tmp_path / "breeds"), None, "auto", tmp_path / "cache", 0)
+    one = next((tmp_path / "breeds" / "train").iterdir())
+    with pytest.raises(DataError, match=rf"is not a folder\..*mode=predict predict\.checkpoint=<the run> "
+                                        rf"predict\.input={one}$"):
+        load_folder(str(one), None, "auto", tmp_path / "cache", 0)
 
 
 def test_class_folders_one_level_down_and_images_in_no_class_folder_are_named(tmp_path, caplog):

@@ -399,8 +399,11 @@ def list_folder(root: str) -> Listing:
     if folder.is_file() and folder.suffix.lower() in (".csv", ".tsv"):
         raise DataError(f"[data] data.root={root!r} is a table of labels: read it with data=csv data.root={root}")
     if not folder.is_dir():
+        image = folder.is_file() and folder.suffix.lower() in IMAGE_EXTENSIONS
         raise DataError(f"[data] data.root={root!r} is not a folder. Point data.root at a folder with "
-                        "train/<class>/ images (and optional val/, test/), or with one folder per class.")
+                        "train/<class>/ images (and optional val/, test/), or with one folder per class."
+                        + (" To classify this one image with a trained model: python -m safetrain mode=predict "
+                           f"predict.checkpoint=<the run> predict.input={root}" if image else ""))
     layout = _split_folders(folder)
     if layout and "train" not in layout:
         raise DataError(f"[data] {folder} has {sorted(d.name for d in layout.values())} but no train/ folder. Rename "
@@ -411,18 +414,21 @@ def list_folder(root: str) -> Listing:
     per_part, skipped = {p: c for p, (c, _) in listed.items()}, sum((n for _, n in listed.values()), Counter())
     first = "train" if "train" in per_part else "all"
     classes = list(per_part[first])
+    tables = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in (".csv", ".tsv"))
+    labels = f"It holds {tables[0].name}: to read the labels from it, data=csv data.root={tables[0]}" if tables else ""
     if len(classes) < 2:
         inner = layout[first] / classes[0] if classes else None
         nested = inner is not None and len([d for d in inner.iterdir() if d.is_dir() and not hidden(d.name)]) > 1
         raise DataError(f"[M08] {layout[first]} has {len(classes)} class folder(s) {classes}; a classifier needs at "
                         "least 2. " + (f"The class folders seem to be one level down: data.root={inner}" if nested
-                                       else _labels_in_names(inner or layout[first])))
+                                       else labels or _labels_in_names(inner or layout[first])))
     as_split = {c: SPLIT_NAMES.get(re.sub(r"\d+$", "", c.lower())) for c in classes}  # test1/: Kaggle's
     if all(as_split.values()):
+        train_like = layout[first] / max(classes, key=lambda c: as_split[c] == "train")
         raise DataError(f"[data] {layout[first]}: the class folders {classes} are named like splits, and hold images, "
                         "not class folders: trained as they are, the model would learn to tell the splits apart. A "
                         "split folder holds one folder per class (train/cat/, train/dog/). "
-                        + _labels_in_names(layout[first] / max(classes, key=lambda c: as_split[c] == "train")))
+                        + (labels or _labels_in_names(train_like)))
     for part, found in per_part.items():
         extra = set(found) - set(classes)
         if extra:
