@@ -200,8 +200,9 @@ def test_a_folder_holding_its_table_of_labels_and_a_single_image_get_the_command
         (tmp_path / "breeds" / part).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (8, 8)).save(tmp_path / "breeds" / part / f"{part}{i:032x}.jpg")
-    (tmp_path / "breeds" / "labels.csv").write_text("id,breed\n")
-    said = rf"It holds labels\.csv: to read the labels from it, data=csv data\.root={tmp_path / 'breeds' / 'labels.csv'}$"
+    table = tmp_path / "breeds" / "labels.csv"
+    table.write_text("id,breed\n")
+    said = rf"It holds labels\.csv: to read the labels from it, data=csv data\.root={table}$"
     with pytest.raises(DataError, match=r"named like splits.*" + said):
         load_folder(str(tmp_path / "breeds"), None, "auto", tmp_path / "cache", 0)
     shutil.rmtree(tmp_path / "breeds" / "test")
