@@ -193,7 +193,7 @@ def test_images_labelled_by_their_names_get_the_loop_that_sorts_them_and_split_f
         load_folder(str(kaggle / "test1"), None, "auto", tmp_path / "cache", 0)  # 1.jpg: no label in its name
 
 
-def test_a_folder_holding_its_table_of_labels_and_a_single_image_get_the_command_that_reads_them(tmp_path):
+def test_a_folder_holding_its_table_of_labels_and_a_single_image_get_the_command_that_reads_them(tmp_path, caplog):
     """Kaggle's dog-breed layout (labels.csv beside train/ and test/ of images named by id) given as data.root: a
     'split-named classes' or '1 class folder' refusal without the way out; an image file given as data.root."""
     for part in ("train", "test"):
@@ -208,6 +208,17 @@ def test_a_folder_holding_its_table_of_labels_and_a_single_image_get_the_command
     shutil.rmtree(tmp_path / "breeds" / "test")
     with pytest.raises(DataError, match=r"has 1 class folder\(s\) \['train'\].*" + said):
         load_folder(str(tmp_path / "breeds"), None, "auto", tmp_path / "cache", 0)
+    (tmp_path / "breeds" / "test").mkdir()  # back, as images/: two folders that are not the labels
+    for f in sorted((tmp_path / "breeds" / "train").iterdir())[:2]:
+        f.rename(tmp_path / "breeds" / "test" / f.name)
+    (tmp_path / "breeds" / "test").rename(tmp_path / "breeds" / "images")
+    table.write_text("id,breed\n" + "".join(f"{f.stem},pug\n" for f in (tmp_path / "breeds").rglob("*.jpg")))
+    load_folder(str(tmp_path / "breeds"), None, "auto", tmp_path / "cache", 0)
+    assert f"{table} names 3 of the images in the class folders ['images', 'train']" in caplog.text
+    caplog.clear()
+    table.write_text("id,breed\n" + "".join(f"{f.stem},{f.parent.name}\n" for f in tmp_path.rglob("*.jpg")))
+    load_folder(str(tmp_path / "breeds"), None, "auto", tmp_path / "cache", 0)  # its labels are the folders'
+    assert "names 3 of the images" not in caplog.text
     one = next((tmp_path / "breeds" / "train").iterdir())
     with pytest.raises(DataError, match=rf"is not a folder\..*mode=predict predict\.checkpoint=<the run> "
                                         rf"predict\.input={one}$"):

@@ -435,7 +435,22 @@ def list_folder(root: str) -> Listing:
             raise DataError(f"[data] {layout[part]} has class folders {sorted(extra)} that {layout[first]} "
                             f"lacks. Every split must use the training split's classes.")
     rows = [(part, f, classes.index(c)) for part, found in per_part.items() for c, fs in found.items() for f in fs]
+    _table_beside(tables, {f.stem for _, f, _ in rows}, classes)
     return Listing(rows, classes, folder, skipped, f"image folder {folder}")
+
+
+def _table_beside(tables: list[Path], stems: set[str], classes: list[str]) -> None:
+    """A table beside the class folders that names their images but none of the classes (Kaggle's labels.csv beside
+    images/ of files named by id): the classes are the folders' names, which may not be the labels; warned with the
+    line that reads the table. Only its first 64 KB are read."""
+    for table in tables:
+        with open(table, encoding="utf-8", errors="replace") as f:
+            text = f.read(65536)
+        raw = {c.strip().strip('"') for line in text.splitlines() for c in re.split("[,;\t]", line)}
+        named = len({Path(c).stem for c in raw} & stems)
+        if named >= 2 and not raw & set(classes):  # a table that uses the folders' names agrees with them
+            log.warning("[data] %s names %d of the images in the class folders %s: the classes are those folders' "
+                        "names. If the table holds the labels: data=csv data.root=%s", table, named, classes[:5], table)
 
 
 def _labels_in_names(folder: Path) -> str:
