@@ -47,6 +47,28 @@ def mosaics(folder, n: int, seed: int = 0, rare: float = 1.0):
     return folder / "labels.csv"
 
 
+@pytest.mark.parametrize("weights", [None, [1.0, 49.0]])
+def test_m13_label_smoothing_with_positive_weights_keeps_an_absent_label_unlikely(weights):
+    """pos_weight (auto for several labels) with recipe=imagefolder's smoothing 0.1: the targets were pulled to 0.05
+    and 0.95, whose best predictions under a weight w are w t / (w t + 1 - t): 0.72 for an absent label with 1
+    positive in 50, on every image. The targets are now those whose best predictions are 0.05 and 0.95."""
+    from safetrain.losses import MultilabelLoss
+
+    loss = MultilabelLoss(None if weights is None else torch.tensor(weights), label_smoothing=0.1)
+    for target, best in ((0.0, 0.05), (1.0, 0.95)):
+        z = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([z], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            value = loss(z, torch.full((1, 2), target, dtype=torch.float64))
+            value.backward()
+            return value
+        opt.step(closure)
+        torch.testing.assert_close(z.detach().sigmoid(), torch.full((1, 2), best, dtype=torch.float64), atol=1e-4,
+                                   rtol=0)
+
+
 def test_a_label_delimiter_makes_several_labels_per_image_and_one_label_each_stays_multiclass(tmp_path):
     path = mosaics(tmp_path / "m", 40)
     src = load_files(list_csv(str(path), Columns(delimiter="|")), None, "memory", tmp_path / "cache", 0)
