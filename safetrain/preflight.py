@@ -114,10 +114,25 @@ def overfit_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss_fn, make_opti
             if acc == 1.0:
                 return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples memorized in "
                                f"{step} steps.", source="preflight", verdict=PASS)
+    clash = _same_input_other_label(x, y)
+    if clash:  # no model can memorize two labels for one input: the labels are the cause, not the model
+        return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples not memorized in {steps} "
+                       f"steps (accuracy {acc:.2f}); {clash} of them are identical images with different labels, "
+                       "which no model can tell apart.", "Fix those labels first (the data audit's [M08] lists the "
+                       "pairs), then run the doctor again.", "preflight", verdict=FAIL)
     return Finding("M28", "overfit one batch", f"overfit one batch: {len(y)} samples not memorized in {steps} "
                    f"steps (accuracy {acc:.2f}).", "The model cannot even learn one batch: check that labels match "
                    "the images, try optim.lr=auto, a larger model, or look for a layer that blocks the signal.",
                    "preflight", verdict=FAIL)
+
+
+def _same_input_other_label(x: Tensor, y: Tensor) -> int:
+    """How many samples of the batch share their exact input with a sample of another label (set)."""
+    labels: dict[bytes, set] = {}
+    keys = [xi.detach().cpu().numpy().tobytes() for xi in x]
+    for k, yi in zip(keys, y.tolist()):
+        labels.setdefault(k, set()).add(str(yi))
+    return sum(len(labels[k]) > 1 for k in keys)
 
 
 def table(checks: list[Finding]) -> str:

@@ -135,6 +135,20 @@ def test_m28_doctor_fails_a_model_that_cannot_learn_one_batch(tmp_path):
     assert not (tmp_path / "run").exists()  # the doctor writes nothing
 
 
+def test_m28_a_batch_with_one_image_under_two_labels_fails_for_its_labels_not_the_model():
+    """The doctor on a folder of images filed under two classes: 'the model cannot even learn one batch ... a larger
+    model' sent the user to the model; the cause is inputs no model can tell apart."""
+    from safetrain.losses import TaskLoss
+    from safetrain.preflight import overfit_one_batch
+
+    x, y = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    x[1], x[3] = x[0], x[2]  # two images, each under both labels
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    found = overfit_one_batch(net, x, y, TaskLoss(), lambda m, lr: torch.optim.Adam(m.parameters(), lr), 0.05, steps=50)
+    assert found.verdict == "fail" and "4 of them are identical images with different labels" in found.message
+    assert found.fix.startswith("Fix those labels first")
+
+
 def test_doctor_from_the_command_line_passes_a_healthy_recipe(tmp_path):
     out = run_cli("recipe=smoke", "mode=doctor", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
