@@ -106,7 +106,8 @@ def test_m25_a_class_without_validation_or_test_images_is_refused_not_scored():
     with pytest.raises(DataError, match=r"\[M25\] 2 class\(es\) have no val images"):
         D.make_splits(_source([1, 2]), 0.1, 0.1, seed=0, near=lambda splits, carved: searched.append(1) or [])
     assert not searched
-    with pytest.raises(DataError, match=r"\[M25\].*no test images.*c1.*to the test/ folder"):
+    with pytest.raises(DataError, match=r"\[M25\].*no test images.*c1.*Add test images of those classes \(the "
+                                        r"test/ folder"):
         D.make_splits(_source([30, 30], {"test": [5, 0]}), 0.1, 0.1, seed=0, min_per_class=1)
     copies = _source([30, 30, 12])  # 12 images of c2, all one picture: kept in one split, whatever their number
     copies.parts["all"].images[60:] = 7
@@ -137,6 +138,14 @@ def test_m25_m08_the_number_of_images_asked_for_is_the_number_that_passes(min_pe
         assert int((split(asked)["train"].labels == 2).sum()) >= min_per_class
         with pytest.raises(DataError):
             split(asked - 1)
+
+
+def test_m08_a_class_only_in_the_users_val_split_is_refused_for_having_no_training_images():
+    """A CSV whose split column puts every 'bird' row in val: [M25] said the class had no test images and asked for
+    test images; a class with nothing to learn from is the fault."""
+    with pytest.raises(DataError, match=r"\[M08\] 1 class\(es\) have images in val/test but none in train: c2 \(5 "
+                                        r"val\)\. A model cannot learn a class it never trains on"):
+        D.make_splits(_source([30, 30, 0], {"val": [5, 5, 5], "test": [5, 5, 0]}), 0.1, 0.1, seed=0, min_per_class=1)
 
 
 def test_m07_one_image_per_class_names_the_classes_not_the_fraction():

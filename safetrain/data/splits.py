@@ -257,7 +257,16 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
     need = images_needed(min_per_class, cuts)  # what a class needs in all to pass every check below
     carved = " and ".join(word for name, word in (("val", "validation"), ("test", "test")) if name not in given)
     fix = (f"Give every class at least {need} images ({min_per_class} for training, data.min_samples_per_class, and "
-           f"the rest for {carved}; more for a trustworthy score)", "Add images of those classes to the {}/ folder")
+           f"the rest for {carved}; more for a trustworthy score)",
+           "Add {} images of those classes (the {}/ folder, or rows of that split in the CSV)")
+    untrained = {classes[k]: {n: c[k] for n, c in counts.items() if c[k]} for k in range(num_classes)
+                 if counts["train"][k] == 0 and any(c[k] for c in counts.values())}
+    if untrained:  # a class only in the user's val/test: nothing to learn it from, its scores 0 by construction
+        shown = ", ".join(f"{c} ({', '.join(f'{n} {name}' for name, n in where.items())})"
+                          for c, where in list(untrained.items())[:5])
+        raise DataError(f"[M08] {len(untrained)} class(es) have images in val/test but none in train: {shown}. A model "
+                        "cannot learn a class it never trains on. Add training images of those classes (the train/ "
+                        "folder, or rows of that split in the CSV), or remove them from val/test.")
     for name in ("val", "test"):  # a class no one can score would vanish from every metric and every choice [M25]
         unscored = {k: sum(c[k] for c in counts.values()) for k in range(num_classes) if counts[name][k] == 0}
         if unscored:
@@ -275,7 +284,7 @@ def _check_labels(splits: dict[str, ImageSet], classes: list[str], min_per_class
             raise DataError(f"[M25] {len(unscored)} class(es) have no {name} images after the split: {shown}"
                             f"{' ...' if len(unscored) > 5 else ''}. They could never be scored: their recall and F1 "
                             f"would not exist, and the {'checkpoint would be chosen' if name == 'val' else 'test'} "
-                            f"blind to them. {fix[name in given].format(name)}, or remove those classes.{copies}")
+                            f"blind to them. {fix[name in given].format(name, name)}, or remove those classes.{copies}")
     for name, s in splits.items():
         if len(s) == 0:
             raise DataError(f"[M07] the {name} split is empty. Add images, or raise data.val_fraction / "
