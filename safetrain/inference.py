@@ -393,8 +393,14 @@ def _evaluate_label_sets(trained: Trained, p: PredictConfig) -> Path:
     checkpoint's thresholds (chosen on validation [M39]), per-label scores."""
     classes = trained.facts["classes"]
     files, labels = labelled_rows(p.input, trained)
-    logits, bad, changed = logits_of(trained, files, p)
+    absent = [c for k, c in enumerate(classes) if not labels[:, k].any()]
+    if absent:
+        log.warning("evaluate: no image of %s carries the training labels %s; their AP is undefined and their F1 "
+                    "counts any prediction of them as a mistake", p.input, absent)
+    logits, bad, changed, images = logits_of(trained, files, p, keep_images=True)
     keep = torch.tensor([i not in bad for i in range(len(files))])
+    seen = seen_in_training(trained, ImageSet(labels[keep], [os.path.relpath(f, Path(p.input).expanduser().parent)
+                                                             for f, k in zip(files, keep) if k], images))
     metrics = build_multilabel_metrics(len(classes), torch.device("cpu"), torch.tensor(trained.ckpt["thresholds"]))
     metrics.update(logits[keep], labels[keep])
     m = to_plain(metrics.compute())
@@ -404,7 +410,8 @@ def _evaluate_label_sets(trained: Trained, p: PredictConfig) -> Path:
              "loss": float(nn.functional.binary_cross_entropy_with_logits(logits[keep], labels[keep])),
              "per_class": per_label(classes, m),
              "cardinality": {"labels": m["cardinality"], "predicted": m["predicted_cardinality"]},
-             "not_decoded": {str(files[i]): why for i, why in bad.items()}, **changed}
+             "not_decoded": {str(files[i]): why for i, why in bad.items()}, "missing_labels": absent,
+             "seen_in_training": seen, **changed}
     out = Path(p.output) if p.output else trained.run_dir / "evaluations" / _stem(p.input)
     write_json(out / "metrics.json", final)
     figures = {"per_class": draw.per_class(final["per_class"], "evaluation")}
@@ -412,11 +419,13 @@ def _evaluate_label_sets(trained: Trained, p: PredictConfig) -> Path:
         "# safetrain evaluation", "", f"Checkpoint `{final['checkpoint']}` on `{final['input']}`: {final['images']} "
         f"images, several labels each.", "", f"mAP **{final['map']:.4f}**, macro-F1 {final['macro_f1']:.4f}, micro-F1 "
         f"{final['micro_f1']:.4f} at the thresholds chosen on validation; exact label sets {final['exact_match']:.4f}; "
-        f"loss {final['loss']:.4f}.", "", "## Per label", "", *per_class_table(final), "",
+        f"loss {final['loss']:.4f}.", "", _seen_line(seen), "", "## Per label", "", *per_class_table(final), "",
         *figure("per_class", "precision, recall, F1", figures)], figures, "safetrain evaluation")
     log.info("evaluated %d images of %s: mAP %.4f, macro-F1 %.4f, micro-F1 %.4f (thresholds chosen on validation)%s "
-             "-> %s", final["images"], p.input, final["map"], final["macro_f1"], final["micro_f1"],
-             f" | {len(bad)} could not be decoded" if bad else "", out)
+             "| %s -> %s", final["images"], p.input, final["map"], final["macro_f1"], final["micro_f1"],
+             f" | {len(bad)} could not be decoded" if bad else "", _seen_line(seen), out)
+    if seen.get("near_duplicates"):
+        log.warning("[M06] %s", _seen_line(seen))
     return out
 
 

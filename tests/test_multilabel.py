@@ -220,6 +220,8 @@ def test_a_multilabel_run_trains_keeps_its_thresholds_and_predicts_evaluates_and
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["map"] > 0.9 and evaluated["per_class"]["red"]["threshold"] == pytest.approx(
         ckpt["thresholds"][list(sorted(COLOURS)).index("red")])
+    seen = evaluated["seen_in_training"]  # the training CSV itself: its training images are named as seen
+    assert seen["checked"] and seen["near_duplicates"] >= 0.7 * len(truth), seen
     assert main(["mode=export", f"predict.checkpoint={tmp_path / 'run'}",
                          f"predict.output={tmp_path / 'export'}"]) == 0
     meta = json.loads((tmp_path / "export" / "model.json").read_text())
