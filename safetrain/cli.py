@@ -300,7 +300,8 @@ def refuse_flags(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
     from safetrain.config import ConfigError, nearest_key
 
-    known = {s for a in get_args_parser()._actions for s in a.option_strings}
+    known = {s for a in get_args_parser()._actions for s in a.option_strings} | {"--local-rank", "--local_rank"}
+    # (the last two: what torch.distributed.launch, torchrun's predecessor, adds to the command line)
     for i, arg in enumerate(argv):
         flag, eq, value = arg.partition("=")
         if flag.startswith("--") and flag not in known:
