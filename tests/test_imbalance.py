@@ -94,6 +94,27 @@ def test_m24_logit_adjustment_with_label_smoothing_still_predicts_the_true_class
     torch.testing.assert_close(la2(logits, soft), expected)
 
 
+@pytest.mark.parametrize("balance", ["inverse", "effective", "drw"])
+def test_m24_class_weights_with_label_smoothing_still_predict_the_true_class(balance):
+    """PyTorch's weighted cross-entropy weighs each class's share of the smoothing by that class's weight: with
+    inverse weights for 1,221:8 and smoothing 0.1 the best prediction for a clear common image was 0.89 rare. Each
+    sample is weighed by its class now, so its best prediction is the smoothed target (0.95 / 0.05), for either class;
+    a mixed target is weighed by its mix."""
+    loss = build_loss("multiclass", "auto", 0.1, balance, [1221, 8])
+    loss.on_epoch(30, 30)  # drw: its weights on
+    for true in (0, 1):
+        z = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe")
+        opt.step(lambda: (opt.zero_grad(), loss(z, torch.tensor([true])).backward(), loss(z, torch.tensor([true])))[2])
+        assert float(z.detach().softmax(1)[0, true]) == pytest.approx(0.95, abs=1e-4)
+    logits, soft = torch.randn(3, 2), torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.0, 1.0]])
+    w = soft @ loss.weight
+    expected = (-w * ((0.9 * soft + 0.05) * logits.log_softmax(1)).sum(1)).sum() / w.sum()
+    torch.testing.assert_close(loss(logits, soft), expected)
+    hard = torch.tensor([1, 0, 1])  # class indices: the same as their one-hot targets
+    torch.testing.assert_close(loss(logits, hard), loss(logits, F.one_hot(hard, 2).float()))
+
+
 def test_m08_the_margin_over_training_is_taken_on_the_logits_the_loss_fits():
     """Under logit adjustment the raw logits carry minus the log prior: a common image the loss fits well (raw margin
     -2, adjusted +3 for a 150:1 prior) read as 'another class above its label', so the suspects were the common
