@@ -58,7 +58,7 @@ def load_trained(checkpoint: str, device: str = "auto") -> Trained:
         raise ConfigError(f"[config] predict.checkpoint={checkpoint} is not a safetrain checkpoint "
                           f"({type(e).__name__}: {str(e)[:120]}). Point it at RUN_DIR/checkpoints/best.pt.") from None
     pixel_limit((ckpt.get("data_spec") or {}).get("max_image_pixels"))  # the limit the run was trained with
-    dev = resolve_device(device)
+    dev = resolve_device(device, "predict.device")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return Trained(classifier(ckpt).to(dev, memory_format=torch.channels_last), ckpt["data_facts"], ckpt, path, run_dir,
                    dev)

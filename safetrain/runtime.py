@@ -21,12 +21,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "trainer.device") -> torch.device:
+    """`setting`: the one the user gave it as (trainer.device, predict.device), for the message."""
     if name == "auto":
         return dist.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("[config] trainer.device=cuda but no CUDA device is visible. "
-                          "Use trainer.device=auto (or cpu).")
+        raise ConfigError(f"[config] {setting}=cuda but no CUDA device is visible. Use {setting}=auto (or cpu).")
     return dist.device(name)  # under torchrun: this process's GPU
 
 

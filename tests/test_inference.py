@@ -220,6 +220,14 @@ def test_predict_checkpoint_given_as_users_point_at_a_run(trained):
         predict(settings("predict", checkpoint=failed, input=image))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_predict_device_cuda_without_a_gpu_names_predict_device(trained):
+    """It said 'trainer.device=cuda but no CUDA device is visible' to a user who had typed predict.device=cuda."""
+    with pytest.raises(ConfigError, match=r"predict\.device=cuda but no CUDA device is visible\. Use "
+                                          r"predict\.device=auto"):
+        predict(settings("predict", checkpoint=trained / "run", input=trained / "data" / "test", device="cuda"))
+
+
 def test_export_without_its_extra_says_how_to_install_it(trained, tmp_path, monkeypatch):
     import importlib.util
 
