@@ -287,7 +287,9 @@ def list_command(command: Command) -> int:
     args = get_args_parser().parse_args(command.settings)
     print(list_recipes(args.config_dir))
     if args.overrides:  # settings without a recipe: data.root=photos/ alone
-        data = " data=csv" if any(o.startswith("data.root=") and o.lower().endswith((".csv", ".tsv"))
+        from safetrain.data.sources import TABLES
+
+        data = " data=csv" if any(o.startswith("data.root=") and o.lower().endswith(TABLES)
                                   for o in args.overrides) else ""
         print(f"\nNo recipe given (recipe=NAME). For your own images: python -m safetrain "
               f"recipe=imagefolder{data} {' '.join(shlex.quote(o) for o in args.overrides)}", file=sys.stderr)

@@ -24,8 +24,8 @@ from safetrain.config import AfterTrainingConfig, PredictConfig
 from safetrain.data.audit import MIN_SIDE, search
 from safetrain.data.files import (GRAY_MODES, IMAGE_EXTENSIONS, Fit, header, hidden, list_images, pixel_limit,
                                   refuse_non_utf8_names)
-from safetrain.data.sources import (SPLIT_NAMES, CheckedFiles, Columns, ImageSet, file_loader, label_sets,
-                                    label_tensor, list_csv)
+from safetrain.data.sources import (SPLIT_NAMES, TABLES, CheckedFiles, Columns, ImageSet, file_loader,
+                                    label_sets, label_tensor, list_csv)
 from safetrain.errors import ConfigError, DataError, SafetrainError
 from safetrain.io import cache_root, write_json, write_text
 from safetrain.metrics import build_metrics, build_multilabel_metrics, per_label, to_plain
@@ -328,9 +328,7 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
                     missing, p.input)
     logits, bad, changed, images = logits_of(trained, files, p, keep_images=True)
     keep = torch.tensor([i not in bad for i in range(len(files))])
-    root = Path(p.input).expanduser().parent if _is_table(p.input) else Path(p.input).expanduser()
-    seen = seen_in_training(trained, ImageSet(labels[keep], [os.path.relpath(f, root) for f, k in zip(files, keep)
-                                                             if k], images))
+    seen = _seen(trained, p.input, [f for f, k in zip(files, keep) if k], labels[keep], images)
     metrics = build_metrics(len(classes), torch.device("cpu"))
     metrics.update(logits[keep], labels[keep])
     m = to_plain(metrics.compute())
@@ -350,13 +348,11 @@ def evaluate(cfg: AfterTrainingConfig) -> Path:
     log.info("evaluated %d images of %s: acc %.4f, balanced acc %.4f, macro-F1 %.4f%s | %s -> %s", final["images"],
              p.input, final["acc"], final["balanced_acc"], final["macro_f1"],
              f" | {len(bad)} could not be decoded" if bad else "", _seen_line(seen), out)
-    if seen.get("near_duplicates"):
-        log.warning("[M06] %s", _seen_line(seen))
     return out
 
 
 def _is_table(where: str) -> bool:
-    return Path(where).suffix.lower() in (".csv", ".tsv")
+    return Path(where).suffix.lower() in TABLES
 
 
 def labelled_table(where: str, trained: Trained) -> tuple[list[Path], torch.Tensor, list[str]]:
@@ -399,8 +395,7 @@ def _evaluate_label_sets(trained: Trained, p: PredictConfig) -> Path:
                     "counts any prediction of them as a mistake", p.input, absent)
     logits, bad, changed, images = logits_of(trained, files, p, keep_images=True)
     keep = torch.tensor([i not in bad for i in range(len(files))])
-    seen = seen_in_training(trained, ImageSet(labels[keep], [os.path.relpath(f, Path(p.input).expanduser().parent)
-                                                             for f, k in zip(files, keep) if k], images))
+    seen = _seen(trained, p.input, [f for f, k in zip(files, keep) if k], labels[keep], images)
     metrics = build_multilabel_metrics(len(classes), torch.device("cpu"), torch.tensor(trained.ckpt["thresholds"]))
     metrics.update(logits[keep], labels[keep])
     m = to_plain(metrics.compute())
@@ -424,8 +419,6 @@ def _evaluate_label_sets(trained: Trained, p: PredictConfig) -> Path:
     log.info("evaluated %d images of %s: mAP %.4f, macro-F1 %.4f, micro-F1 %.4f (thresholds chosen on validation)%s "
              "| %s -> %s", final["images"], p.input, final["map"], final["macro_f1"], final["micro_f1"],
              f" | {len(bad)} could not be decoded" if bad else "", _seen_line(seen), out)
-    if seen.get("near_duplicates"):
-        log.warning("[M06] %s", _seen_line(seen))
     return out
 
 
@@ -456,6 +449,17 @@ def seen_in_training(trained: Trained, images: ImageSet) -> dict:
                                           "a copy from a look-alike"}
     pairs, _ = search(train, {"evaluation": images}, trained.device)
     return {"checked": True, "near_duplicates": len(pairs), "of": len(images), "pairs": pairs[:100]}
+
+
+def _seen(trained: Trained, where: str, files: list[Path], labels: torch.Tensor, images) -> dict:
+    """seen_in_training for an evaluation's decoded files, named relative to its folder (or its CSV's); [M06] warned
+    where some were."""
+    root = Path(where).expanduser()
+    root = root.parent if _is_table(where) else root
+    seen = seen_in_training(trained, ImageSet(labels, [os.path.relpath(f, root) for f in files], images))
+    if seen.get("near_duplicates"):
+        log.warning("[M06] %s", _seen_line(seen))
+    return seen
 
 
 def _seen_line(seen: dict) -> str:

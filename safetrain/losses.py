@@ -45,14 +45,17 @@ class TaskLoss(nn.CrossEntropyLoss):
     own weighted smoothing weighs each class's share of the smoothing by that class's weight instead, which moved the
     best prediction for a clear image of a 1:150 majority class to 0.89 for the rare one (inverse weights, e = 0.1)."""
 
+    smooth_to: Optional[Tensor] = None  # (C,) where label smoothing moves the target; None: uniform
+
     def forward(self, logits: Tensor, y: Tensor) -> Tensor:
-        if self.weight is None or not self.label_smoothing:
-            return super().forward(logits, y)
-        e = self.label_smoothing
-        target = y.to(logits.dtype) if y.is_floating_point() else nn.functional.one_hot(y, logits.shape[1]).to(
-            logits.dtype)
-        w = target @ self.weight.to(logits.dtype)  # each sample's weight
-        loss = -w * (((1 - e) * target + e / logits.shape[1]) * logits.log_softmax(1)).sum(1)
+        z, e = self.fitted(logits), self.label_smoothing
+        if not e or (self.weight is None and self.smooth_to is None):
+            return super().forward(z, y)  # PyTorch's own: uniform smoothing, every sample weighing 1
+        target = y.to(z.dtype) if y.is_floating_point() else nn.functional.one_hot(y, z.shape[1]).to(z.dtype)
+        q = 1 / z.shape[1] if self.smooth_to is None else self.smooth_to.to(z.dtype)
+        w = torch.ones(len(z), dtype=z.dtype, device=z.device) if self.weight is None else \
+            target @ self.weight.to(z.dtype)  # each sample's weight
+        loss = -w * (((1 - e) * target + e * q) * z.log_softmax(1)).sum(1)
         return {"mean": lambda: loss.sum() / w.sum(), "sum": loss.sum}.get(self.reduction, lambda: loss)()
 
     def on_epoch(self, epoch: int, max_epochs: int) -> None:
@@ -85,14 +88,6 @@ class LogitAdjustedLoss(TaskLoss):
     def smooth_to(self) -> Tensor:
         """(C,) where label smoothing moves the target: the prior to the power tau, normalized."""
         return self.shift.softmax(0)
-
-    def forward(self, logits: Tensor, y: Tensor) -> Tensor:
-        z, e = self.fitted(logits), self.label_smoothing
-        if not e:
-            return super().forward(z, y)
-        target = y.to(z.dtype) if y.is_floating_point() else nn.functional.one_hot(y, z.shape[1]).to(z.dtype)
-        loss = -(((1 - e) * target + e * self.smooth_to.to(z.dtype)) * z.log_softmax(1)).sum(1)
-        return {"mean": loss.mean, "sum": loss.sum}.get(self.reduction, lambda: loss)()
 
 
 class DeferredReweightedLoss(TaskLoss):
@@ -224,7 +219,8 @@ def chance_losses(loss_fn: nn.Module, counts: Tensor, images: int = 0) -> tuple[
     per_class.reduction = "none"
     classes = torch.arange(C, device=counts.device)
     uniform = (n * per_class(torch.zeros(C, C, device=counts.device), classes).double().cpu()).sum() / z
-    q = getattr(loss_fn, "smooth_to", torch.full((C,), 1 / C)).detach().double().cpu()  # where smoothing moves it
+    q = getattr(loss_fn, "smooth_to", None)  # where smoothing moves the target (None: uniform)
+    q = (torch.full((C,), 1 / C) if q is None else q).detach().double().cpu()
     m = (1 - e) * w * n + e * q * z  # each sample weighted by its class, its smoothing share too
     blind = -(m * (m / m.sum()).log()).nan_to_num().sum() / z  # 0 * log 0 = 0
     return float(uniform), float(blind)

@@ -333,6 +333,7 @@ def load_folder(root: str, image_size: Optional[int], loader: str, cache_dir: Pa
                       num_workers, bad_files, resize, auto_side, disk_cache)
 
 
+TABLES = (".csv", ".tsv")  # what data=csv reads: a data.root or predict.input with these is a table of labels
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
                "test": "test", "testing": "test"}  # a split column's values and split folders' names (any case);
 # valid/: Roboflow's exports, validation/: Kaggle's
@@ -382,7 +383,7 @@ def refuse_archive(path: Path, root: str, table: bool = False) -> None:
     if kind == ".zip":
         with contextlib.suppress(OSError, zipfile.BadZipFile):
             names = [n for n in zipfile.ZipFile(path).namelist() if not n.startswith("__MACOSX")]
-            inside = ({n for n in names if n.lower().endswith((".csv", ".tsv"))} if table
+            inside = ({n for n in names if n.lower().endswith(TABLES)} if table
                       else {n.split("/")[0] for n in names if "/" in n})
     given = folder / inside.pop() if len(inside) == 1 else folder
     hint = "/<the table of labels in it>" if table else " (or the folder in it that holds the class folders)"
@@ -396,7 +397,7 @@ def list_folder(root: str) -> Listing:
     """A folder of class folders (`train/`, `val/`, `test/` above them where the user split the data)."""
     folder = Path(root).expanduser()
     refuse_archive(folder, root)
-    if folder.is_file() and folder.suffix.lower() in (".csv", ".tsv"):
+    if folder.is_file() and folder.suffix.lower() in TABLES:
         raise DataError(f"[data] data.root={root!r} is a table of labels: read it with data=csv data.root={root}")
     if not folder.is_dir():
         image = folder.is_file() and folder.suffix.lower() in IMAGE_EXTENSIONS
@@ -414,7 +415,7 @@ def list_folder(root: str) -> Listing:
     per_part, skipped = {p: c for p, (c, _) in listed.items()}, sum((n for _, n in listed.values()), Counter())
     first = "train" if "train" in per_part else "all"
     classes = list(per_part[first])
-    tables = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in (".csv", ".tsv"))
+    tables = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in TABLES)
     labels = f"It holds {tables[0].name}: to read the labels from it, data=csv data.root={tables[0]}" if tables else ""
     if len(classes) < 2:
         inner = layout[first] / classes[0] if classes else None

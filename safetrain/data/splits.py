@@ -96,14 +96,15 @@ def _carved(size: int, fraction: float, minimum: int) -> int:
 def images_needed(train: int, cuts: list[tuple[float, int]]) -> int:
     """The fewest images a class needs for `train` of them to stay in training once the carved splits, `cuts`
     ((fraction, minimum) in the order they are carved), have taken theirs: the number the messages ask for."""
-    for n in range(train, 10 ** 7):
+    n = train
+    while True:  # each carved split takes at most a share of the class: adding images ends it
         left, taken = n, []
         for cut in cuts:
             taken.append(_carved(left, *cut))
             left -= taken[-1]
         if left >= train and all(taken):  # every carved split scores the class
             return n
-    return n
+        n += 1
 
 
 def _stratified(labels: Tensor, fraction: float, seed: int, minimum: int, groups: Tensor | None):
